@@ -1,0 +1,181 @@
+"""Find each decoder layer's attention output projection and the head geometry feeding it.
+
+The concatenation of all heads' outputs z (before W_O) is exactly the input of that projection, so
+LoFiT acts on the projection's input, whatever the architecture calls the module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# model_type -> suffix of the attention output projection's qualified name.
+OUTPUT_PROJECTION_SUFFIXES: dict[str, str] = {
+    "llama": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "mixtral": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "qwen2_moe": "self_attn.o_proj",
+    "qwen3": "self_attn.o_proj",
+    "qwen3_moe": "self_attn.o_proj",
+    "gemma": "self_attn.o_proj",
+    "gemma2": "self_attn.o_proj",
+    "gemma3_text": "self_attn.o_proj",
+    "phi3": "self_attn.o_proj",
+    "olmo": "self_attn.o_proj",
+    "olmo2": "self_attn.o_proj",
+    "granite": "self_attn.o_proj",
+    "cohere": "self_attn.o_proj",
+    "stablelm": "self_attn.o_proj",
+    "starcoder2": "self_attn.o_proj",
+    "smollm3": "self_attn.o_proj",
+    "phi": "self_attn.dense",
+    "gpt2": "attn.c_proj",
+    "gpt_bigcode": "attn.c_proj",
+    "gpt_neox": "attention.dense",
+    "gptj": "attn.out_proj",
+    "opt": "self_attn.out_proj",
+    "falcon": "self_attention.dense",
+    "bloom": "self_attention.dense",
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The attention output projection could not be found; the message says what to pass."""
+
+
+@dataclass(frozen=True)
+class OutputProjectionSite:
+    """One decoder layer's attention output projection."""
+
+    layer: int
+    name: str  # qualified module name inside the model
+    num_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    """Head layout shared by every adapted layer."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    sites: tuple[OutputProjectionSite, ...]
+
+    @property
+    def total_heads(self) -> int:
+        return self.num_layers * self.num_heads
+
+    @property
+    def target_suffix(self) -> str:
+        return self.sites[0].name.rsplit(".", 2)[-2] + "." + self.sites[0].name.rsplit(".", 1)[-1]
+
+
+def projection_in_features(module: nn.Module) -> int:
+    """Input width of a Linear or of GPT-2's transposed Conv1D (weight [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0])
+    in_features = getattr(module, "in_features", None)
+    if isinstance(in_features, int):
+        return in_features
+    raise UnsupportedArchitectureError(
+        f"module {type(module).__name__} is neither nn.Linear nor Conv1D; LoFiT cannot read its input width"
+    )
+
+
+def text_config(config: object) -> object:
+    """The config that describes the decoder (multimodal configs nest it)."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def _config_head_counts(config: object) -> tuple[int, int | None]:
+    num_heads = None
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            num_heads = value
+            break
+    if num_heads is None:
+        raise UnsupportedArchitectureError(
+            "the model config has no num_attention_heads/n_head; LoFiT cannot tell the head count"
+        )
+    head_dim = getattr(config, "head_dim", None)
+    return num_heads, head_dim if isinstance(head_dim, int) and head_dim > 0 else None
+
+
+def _layer_index(name: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", name)
+    if not numbers:
+        raise UnsupportedArchitectureError(f"cannot read a layer index from module name {name!r}")
+    return int(numbers[-1])
+
+
+def find_output_projections(model: nn.Module, target_modules: list[str] | None = None) -> HeadGeometry:
+    """Locate the attention output projection of every decoder layer.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...                   num_key_value_heads=2, vocab_size=64)
+    >>> find_output_projections(LlamaForCausalLM(cfg)).sites[1].name
+    'model.layers.1.self_attn.o_proj'
+    """
+    config = text_config(getattr(model, "config", None))
+    model_type = str(getattr(config, "model_type", "unknown"))
+    if target_modules is None:
+        suffix = OUTPUT_PROJECTION_SUFFIXES.get(model_type)
+        if suffix is None:
+            candidates = [
+                name
+                for name, module in model.named_modules()
+                if re.search(r"(attn|attention)\.(o_proj|out_proj|dense|c_proj)$", name)
+            ][:3]
+            hint = f" Candidates found in this model: {candidates}." if candidates else ""
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} has no known attention output projection; pass "
+                f"target_modules=['<suffix>'] (e.g. target_modules=['self_attn.o_proj']) naming the module "
+                f"whose input is the concatenated head outputs.{hint}"
+            )
+        targets = [suffix]
+    else:
+        targets = list(target_modules)
+
+    num_heads, head_dim = _config_head_counts(config)
+    sites: list[OutputProjectionSite] = []
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        base = getattr(module, "base_layer", None)
+        in_features = projection_in_features(base if base is not None else module)
+        dim = head_dim if head_dim is not None else in_features // num_heads
+        if num_heads * dim != in_features:
+            raise UnsupportedArchitectureError(
+                f"{name}: num_attention_heads ({num_heads}) x head_dim ({dim}) = {num_heads * dim} does not "
+                f"match the projection's {in_features} input features; check target_modules or the config's head_dim"
+            )
+        sites.append(OutputProjectionSite(_layer_index(name + "."), name, num_heads, dim))
+    if not sites:
+        raise UnsupportedArchitectureError(
+            f"no module of this {model_type!r} model matches target_modules={targets}; pass the suffix of the "
+            "attention output projection's name (for example 'self_attn.o_proj')"
+        )
+    sites.sort(key=lambda s: s.layer)
+    layers = [s.layer for s in sites]
+    if layers != list(range(len(sites))):
+        raise UnsupportedArchitectureError(
+            f"target_modules={targets} matched layers {layers}; expected exactly one module per decoder layer"
+        )
+    return HeadGeometry(model_type, len(sites), num_heads, sites[0].head_dim, tuple(sites))
+
+
+def projection_weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The projection's weight as [out_features, in_features] (transposing GPT-2's Conv1D)."""
+    weight = module.weight
+    return weight.t() if type(module).__name__ == "Conv1D" else weight

@@ -1,0 +1,120 @@
+"""The per-layer adapter: a wrapper around the attention output projection that edits its input.
+
+For the heads it adapts, each head's slice z of the projection input becomes (1 + A) ⊙ z + v. The
+per-head vectors are stored only for the selected heads ([K, head_dim]) and scattered into one dense
+[num_heads * head_dim] vector per forward, so the edit is a single broadcast multiply-add over the
+activations: no Python loop over heads, and untouched heads see exactly x * 1 + 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class HeadVectors(nn.Module):
+    """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32."""
+
+    heads: torch.Tensor
+
+    def __init__(
+        self,
+        heads: list[int],
+        num_heads: int,
+        head_dim: int,
+        use_scale: bool,
+        use_offset: bool,
+        init_std: float,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.register_buffer("heads", torch.tensor(heads, dtype=torch.long, device=device))
+        shape = (len(heads), head_dim)
+        self.scale = self._init_vector(shape, init_std, device) if use_scale else None
+        self.offset = self._init_vector(shape, init_std, device) if use_offset else None
+
+    @staticmethod
+    def _init_vector(shape: tuple[int, int], std: float, device: torch.device | None) -> nn.Parameter:
+        values = torch.zeros(shape, dtype=torch.float32, device=device)
+        if std > 0:
+            values.normal_(0.0, std)
+        return nn.Parameter(values)
+
+    def dense_scale(self) -> torch.Tensor | None:
+        """The factor 1 + A for every input feature ([num_heads * head_dim], ones on untouched heads)."""
+        if self.scale is None:
+            return None
+        ones = torch.ones(self.num_heads, self.head_dim, dtype=torch.float32, device=self.scale.device)
+        return ones.index_copy(0, self.heads, 1.0 + self.scale).flatten()
+
+    def dense_offset(self) -> torch.Tensor | None:
+        """v for every input feature ([num_heads * head_dim], zeros on untouched heads)."""
+        if self.offset is None:
+            return None
+        zeros = torch.zeros(self.num_heads, self.head_dim, dtype=torch.float32, device=self.offset.device)
+        return zeros.index_copy(0, self.heads, self.offset).flatten()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        offset = self.dense_offset()
+        scale = self.dense_scale()
+        if scale is None:
+            assert offset is not None
+            return hidden + offset.to(hidden.dtype)
+        # 1 + A is computed and applied in fp32: in bf16, 1 + 1e-3 rounds to 1.
+        scaled = hidden.float() * scale
+        if offset is not None:
+            scaled = scaled + offset
+        return scaled.to(hidden.dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HeadVectors:  # type: ignore[override]
+        # Keep the vectors in fp32 when the whole model is cast to bf16/fp16 (`model.half()`): stash the
+        # exact values and restore them, moved to wherever `fn` sent the cast copy.
+        stash = {name: p.data for name, p in self.named_parameters(recurse=False)}
+        super()._apply(fn, recurse)
+        for name, param in self.named_parameters(recurse=False):
+            if param.dtype != torch.float32 and param.dtype.is_floating_point:
+                param.data = stash[name].to(device=param.device, dtype=torch.float32)
+        return self
+
+
+class LofitProjection(nn.Module):
+    """Wraps an attention output projection; applies the active adapter's head vectors to its input."""
+
+    def __init__(self, base_layer: nn.Module, layer_index: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.lofit_adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapter_disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def active_vectors(self) -> HeadVectors | None:
+        if (
+            self.adapter_disabled
+            or self.active_adapter is None
+            or self.active_adapter not in self.lofit_adapters
+        ):
+            return None
+        vectors = self.lofit_adapters[self.active_adapter]
+        assert isinstance(vectors, HeadVectors)
+        return vectors
+
+    def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        vectors = self.active_vectors()
+        if vectors is not None:
+            hidden = vectors(hidden)
+        return self.base_layer(hidden, *args, **kwargs)
