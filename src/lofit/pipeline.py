@@ -1,0 +1,145 @@
+"""`lofit run`: select heads -> train offsets -> evaluate base and adapted model -> write artefacts."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .atomic import atomic_write_json
+
+
+@dataclass
+class RunOptions:
+    """Everything `lofit run` needs; `None` means the task's default."""
+
+    task: str
+    out: Path
+    model: str = "smollm2-135m"
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    data_dir: str | None = None
+    fold: int = 0
+    k: float | None = None
+    select_method: str = "lofit"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr_select: float | None = None
+    lr_train: float | None = None
+    l1: float | None = None
+    beta: float | None = None
+    seed: int = 42
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    max_length: int | None = None
+    precision: str = "fp32"
+    eval_batch_size: int = 8
+    progress: bool = True
+
+
+def parse_k(value: str | float | int) -> float | int:
+    """`--k 27` (heads) or `--k 0.1` (fraction of all heads)."""
+    number = float(value)
+    if number.is_integer() and number >= 1:
+        return int(number)
+    return number
+
+
+def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) -> dict[str, Any]:
+    """Keyword arguments for select_heads (step "select") or train_offsets (step "train")."""
+    lr = options.lr_select if step == "select" else options.lr_train
+    kwargs: dict[str, Any] = {
+        "epochs": options.epochs if options.epochs is not None else defaults.get("epochs", 5),
+        "batch_size": options.batch_size if options.batch_size is not None else defaults.get("batch_size", 8),
+        "lr": lr if lr is not None else defaults.get(f"lr_{step}"),
+        "seed": options.seed,
+        "precision": options.precision,
+        "progress": options.progress,
+    }
+    if step == "select":
+        kwargs["l1"] = options.l1 if options.l1 is not None else defaults.get("l1")
+    beta = options.beta if options.beta is not None else defaults.get("beta")
+    if beta is not None:
+        kwargs["beta"] = beta
+    if options.max_length is not None:
+        kwargs["max_length"] = options.max_length
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    return {
+        "lofit": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def run(options: RunOptions) -> dict[str, Any]:
+    """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}."""
+    from .evaluation import evaluate
+    from .report import write_report
+    from .steps import default_k, evaluation_kwargs, load, prepare_data, run_selection, run_training
+
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(options)
+    model, tokenizer, load_seconds = load(options)
+    timings: dict[str, float] = {"load_model_s": load_seconds}
+
+    start = time.perf_counter()
+    selection = run_selection(options, data, model, tokenizer)
+    timings["select_heads_s"] = time.perf_counter() - start
+    k = default_k(options, data)
+    heads = selection.top(k)
+
+    start = time.perf_counter()
+    lofit_model = run_training(options, data, model, tokenizer, heads)
+    timings["train_offsets_s"] = time.perf_counter() - start
+
+    eval_kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
+    lofit_model.eval()
+    start = time.perf_counter()
+    with lofit_model.disable_adapter():
+        base_metrics = evaluate(lofit_model, tokenizer, data.task.eval_task, data.test, **eval_kwargs)
+    timings["eval_base_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lofit_metrics = evaluate(lofit_model, tokenizer, data.task.eval_task, data.test, **eval_kwargs)
+    timings["eval_lofit_s"] = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {
+        "task": data.task.name,
+        "eval_task": data.task.eval_task,
+        "model": options.model,
+        "base": base_metrics,
+        "lofit": lofit_metrics,
+        "heads": [[layer, head] for layer, layer_heads in heads.items() for head in layer_heads],
+        "num_heads_selected": sum(len(h) for h in heads.values()),
+        "total_heads": lofit_model.geometry.total_heads,
+        "trainable_params": sum(p.numel() for p in lofit_model.adapter_parameters()),
+        "counts": {"train": len(data.train), "val": len(data.val or []), "test": len(data.test)},
+        "settings": {
+            "select": training_kwargs(options, data.task.defaults, "select")
+            | {"method": options.select_method},
+            "train": training_kwargs(options, data.task.defaults, "train"),
+            "k": k,
+            "fold": options.fold if data.task.name == "truthfulqa" else None,
+        },
+        "timings": timings,
+        "environment": environment(),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    write_report(out, metrics)
+    return metrics
