@@ -147,14 +147,14 @@ def validate_record(record: Any, kind: str, where: Where) -> Record:
         if name not in record or record[name] is None:
             raise where.error(
                 name,
-                f"missing required field for a {kind!r} record",
-                f"add '{name}' (a {kind!r} record needs {field_list(kind)})",
+                "missing required field",
+                f"add '{name}' ({kind!r} records need the fields {field_list(kind)})",
             )
         clean[name] = _check_value(record[name], name, ftype, where)
     if kind == "mc":
         n = len(clean["choices"])
         if n < 2:
-            raise where.error("choices", f"has {n} choice; a multiple-choice record needs at least 2", None)
+            raise where.error("choices", "has only 1 choice", "give at least two choices")
         if not 0 <= clean["answer"] < n:
             raise where.error(
                 "answer",
@@ -180,7 +180,8 @@ def _check_value(value: Any, name: str, ftype: str, where: Where) -> Any:
                 f'write it as a JSON array, e.g. ["first", "second"]{_csv_hint(where)}',
             )
         if not items:
-            raise where.error(name, "is an empty list", "give at least one entry")
+            need = "at least two choices" if name == "choices" else "at least one entry"
+            raise where.error(name, "is an empty list", f"give {need}")
         for i, item in enumerate(items):
             if not isinstance(item, str):
                 raise where.error(name, f"entry {i} must be a string, got {_describe(item)}", None)
