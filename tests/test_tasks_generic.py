@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lofit.tasks import DataError, Task, convert_records, detect_kind, load_records, load_task
+from lofit.tasks.multiple_choice import STYLES, load_llm_adapters, parse_instruction
 
 SFT = [
     {"prompt": "Q: capital of France? A:", "completion": " Paris"},
@@ -237,3 +238,42 @@ def test_task_validates_its_settings() -> None:
         Task("x", "sft", "exact_match", [], [], [], [], extraction="regex")  # type: ignore[arg-type]
     task = Task("x", "sft", "exact_match", [], [], [], [])
     assert task.max_new_tokens == 16 and task.summary() == "x: sft training 0/0, exact_match val 0 test 0"
+
+
+# --- LLM-Adapters instruction parsing (synthetic rows; the real files are checked in test_tasks_benchmarks) --
+
+
+@pytest.mark.parametrize("benchmark", ["arc_easy", "openbookqa", "piqa", "winogrande"])
+def test_llm_adapters_parse_round_trip(tmp_path: Path, benchmark: str) -> None:
+    style = STYLES[benchmark]
+    question, choices = "Why is the sky\n\nblue?", ["light scatters ", "paint", "the sea: it reflects"]
+    text = style.render(question, choices)
+    assert parse_instruction(text, style) == (question, choices)
+    assert parse_instruction(text.replace("3: ", "4: "), style) is None
+    key = style.label.lower()
+    rows = [
+        {"instruction": text, "input": "", "output": f"the correct answer is {key}3", "answer": f"{key}3"}
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert load_llm_adapters(path, benchmark) == [{"question": question, "choices": choices, "answer": 2}]
+    rows[0]["output"] = f"the correct answer is {key}1"
+    with pytest.raises(DataError, match=r"rows\.jsonl, line 1, field 'output': .* disagrees with answer"):
+        load_llm_adapters(write_jsonl(path, rows), benchmark)
+
+
+def test_arc_instruction_literal() -> None:
+    text = (
+        "Please choose the correct answer to the question: Which factor will most likely cause a person to "
+        "develop a fever?\n\nAnswer1: a leg muscle relaxing after exercise Answer2: a bacterial population in "
+        "the bloodstream Answer3: several viral particles on the skin Answer4: carbohydrates being digested in "
+        "the stomach\n\nAnswer format: answer1/answer2/answer3/answer4"
+    )
+    assert parse_instruction(text, STYLES["arc_easy"]) == (
+        "Which factor will most likely cause a person to develop a fever?",
+        [
+            "a leg muscle relaxing after exercise",
+            "a bacterial population in the bloodstream",
+            "several viral particles on the skin",
+            "carbohydrates being digested in the stomach",
+        ],
+    )

@@ -142,6 +142,8 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _csv_rows(text: str, source: str) -> list[RawRow]:
+    # The csv module refuses cells over 128 KiB by default; long prompts (stories, few-shot) are normal.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     rows = []

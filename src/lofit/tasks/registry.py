@@ -52,7 +52,7 @@ def load_task(
     """Load a task by name; `fold` is TruthfulQA's (0/1), `seed` picks CLUTRR's 300 training stories.
 
     >>> task = load_task("mquake")            # doctest: +SKIP
-    >>> task.train[0]["prompt"][:17], task.eval_task
+    >>> task.train[0]["prompt"][:17], task.eval_task  # doctest: +SKIP
     ('Q: Imagine that T', 'exact_match')
     """
     if name in GENERIC_TASKS:
@@ -63,7 +63,7 @@ def load_task(
         check_fold(fold)
     files = {"train": train_file, "val": val_file, "test": test_file}
     if all(f is not None for f in files.values()):
-        base = None  # every split given: the built-in data is not needed
+        base = _builtin_shell(name)  # every split given: the built-in data is not needed
     elif name == "truthfulqa":
         base = load_truthfulqa(data_dir, fold)
     elif name == "mquake":
@@ -72,8 +72,6 @@ def load_task(
         base = load_clutrr(data_dir, seed)
     else:
         base = load_mc_benchmark(name, data_dir)
-    if base is None:
-        base = _builtin_shell(name)
     return _override(base, files)
 
 
