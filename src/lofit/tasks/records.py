@@ -1,0 +1,238 @@
+"""The record formats every part of lofit exchanges, and their validation.
+
+Training records
+    "sft"            {"prompt": str, "completion": str}
+    "dpo"            {"prompt": str, "chosen": str, "rejected": str}
+Evaluation records
+    "truthfulqa_mc"  {"question": str, "best_answer": str, "correct_answers": [str], "incorrect_answers": [str]}
+    "mc"             {"question": str, "choices": [str], "answer": int}   (answer = 0-based index into choices)
+    "exact_match"    {"prompt": str, "answers": [str]}
+
+Validation returns a new dict holding exactly these fields (extra input fields are dropped). Every problem
+raises `DataError` naming the source, the line (or record number) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+from .errors import DataError
+
+RecordKind = Literal["sft", "dpo", "truthfulqa_mc", "mc", "exact_match"]
+TRAINING_KINDS: tuple[RecordKind, ...] = ("sft", "dpo")
+EVAL_KINDS: tuple[RecordKind, ...] = ("truthfulqa_mc", "mc", "exact_match")
+RECORD_KINDS: tuple[RecordKind, ...] = TRAINING_KINDS + EVAL_KINDS
+
+
+class SFTRecord(TypedDict):
+    prompt: str
+    completion: str
+
+
+class DPORecord(TypedDict):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class TruthfulQARecord(TypedDict):
+    question: str
+    best_answer: str
+    correct_answers: list[str]
+    incorrect_answers: list[str]
+
+
+class MCRecord(TypedDict):
+    question: str
+    choices: list[str]
+    answer: int
+
+
+class ExactMatchRecord(TypedDict):
+    prompt: str
+    answers: list[str]
+
+
+Record = dict[str, Any]
+
+# Field type per kind: "text" may be empty, "nonempty" may not, "list" is a non-empty list of non-empty
+# strings, "index" an int. Prompts may be empty (an unconditional completion is legitimate); answers not.
+FIELDS: dict[str, dict[str, str]] = {
+    "sft": {"prompt": "text", "completion": "nonempty"},
+    "dpo": {"prompt": "text", "chosen": "nonempty", "rejected": "nonempty"},
+    "truthfulqa_mc": {
+        "question": "nonempty",
+        "best_answer": "nonempty",
+        "correct_answers": "list",
+        "incorrect_answers": "list",
+    },
+    "mc": {"question": "nonempty", "choices": "list", "answer": "index"},
+    "exact_match": {"prompt": "nonempty", "answers": "list"},
+}
+
+_INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a record came from, for error messages: a file and 1-based line, or a record number."""
+
+    source: str
+    line: int | None
+    label: str = "line"
+    text_cells: bool = False  # values are raw CSV cell strings (lists and ints still to be parsed)
+
+    def error(self, field: str | None, problem: str, fix: str | None = None) -> DataError:
+        return DataError(self.source, self.line, field, problem, fix, line_label=self.label)
+
+
+def field_list(kind: str) -> str:
+    return ", ".join(f"'{name}'" for name in FIELDS[kind])
+
+
+def detect_kind(record: Mapping[str, Any]) -> RecordKind | None:
+    """Guess the record kind from the field names present (None when nothing matches)."""
+    keys = set(record)
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "dpo"
+    if {"question", "best_answer"} <= keys:
+        return "truthfulqa_mc"
+    if {"question", "choices"} <= keys:
+        return "mc"
+    if {"prompt", "answers"} <= keys:
+        return "exact_match"
+    if {"prompt", "completion"} <= keys:
+        return "sft"
+    return None
+
+
+def require_kind(kind: str, where: Where | None = None) -> RecordKind:
+    if kind not in RECORD_KINDS:
+        problem = f"unknown record format {kind!r}"
+        fix = f"use one of {', '.join(RECORD_KINDS)}"
+        if where is None:
+            raise DataError(None, None, None, problem, fix)
+        raise where.error(None, problem, fix)
+    return kind
+
+
+def detect_or_fail(record: Mapping[str, Any], where: Where) -> RecordKind:
+    kind = detect_kind(record)
+    if kind is None:
+        present = ", ".join(repr(k) for k in record) or "none"
+        formats = "; ".join(f"{k}: {field_list(k)}" for k in RECORD_KINDS)
+        raise where.error(
+            None,
+            f"cannot tell the record format from its fields (found {present})",
+            f"give every record the fields of one format ({formats})",
+        )
+    return kind
+
+
+def validate_record(record: Any, kind: str, where: Where) -> Record:
+    """Check one record against `kind` and return a clean copy with only that kind's fields."""
+    kind = require_kind(kind, where)
+    if not isinstance(record, Mapping):
+        raise where.error(
+            None,
+            f"expected a JSON object with fields {field_list(kind)}, got {_describe(record)}",
+            "write each record as an object such as " + _example(kind),
+        )
+    clean: Record = {}
+    for name, ftype in FIELDS[kind].items():
+        if name not in record or record[name] is None:
+            raise where.error(
+                name,
+                "missing required field",
+                f"add '{name}' ({kind!r} records need the fields {field_list(kind)})",
+            )
+        clean[name] = _check_value(record[name], name, ftype, where)
+    if kind == "mc":
+        n = len(clean["choices"])
+        if n < 2:
+            raise where.error("choices", "has only 1 choice", "give at least two choices")
+        if not 0 <= clean["answer"] < n:
+            raise where.error(
+                "answer",
+                f"{clean['answer']} is out of range for {n} choices",
+                f"set 'answer' to the 0-based index of the correct choice (0 to {n - 1})",
+            )
+    return clean
+
+
+def _check_value(value: Any, name: str, ftype: str, where: Where) -> Any:
+    if ftype in ("text", "nonempty"):
+        if not isinstance(value, str):
+            raise where.error(name, f"must be a string, got {_describe(value)}", "write the value as text")
+        if ftype == "nonempty" and not value.strip():
+            raise where.error(name, "is empty", "give a non-empty value")
+        return value
+    if ftype == "list":
+        items = _parse_list(value, name, where) if where.text_cells and isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise where.error(
+                name,
+                f"must be a list of strings, got {_describe(value)}",
+                f'write it as a JSON array, e.g. ["first", "second"]{_csv_hint(where)}',
+            )
+        if not items:
+            need = "at least two choices" if name == "choices" else "at least one entry"
+            raise where.error(name, "is an empty list", f"give {need}")
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise where.error(name, f"entry {i} must be a string, got {_describe(item)}", None)
+            if not item.strip():
+                raise where.error(name, f"entry {i} is empty", "remove it or give its text")
+        return list(items)
+    # "index"
+    if where.text_cells and isinstance(value, str) and _INT_TEXT.match(value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise where.error(
+            name,
+            f"must be an integer, got {_describe(value)}",
+            "give the 0-based index of the correct choice",
+        )
+    return value
+
+
+def _parse_list(cell: str, name: str, where: Where) -> Any:
+    """A CSV list cell: a JSON array, or entries separated by ";" (surrounding spaces stripped)."""
+    text = cell.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise where.error(
+                name, f"starts with '[' but is not a valid JSON array ({exc.msg})", "fix the JSON array"
+            ) from None
+    if not text:
+        return []
+    return [part.strip() for part in text.split(";")]
+
+
+def _csv_hint(where: Where) -> str:
+    return ', or in CSV as "first; second"' if where.text_cells else ""
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, list, dict)) else repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _example(kind: str) -> str:
+    examples = {
+        "sft": '{"prompt": "Q: 2+2? A:", "completion": " 4"}',
+        "dpo": '{"prompt": "Q: ... A:", "chosen": "...", "rejected": "..."}',
+        "truthfulqa_mc": '{"question": "...", "best_answer": "...", "correct_answers": ["..."], '
+        '"incorrect_answers": ["..."]}',
+        "mc": '{"question": "...", "choices": ["a", "b"], "answer": 0}',
+        "exact_match": '{"prompt": "...", "answers": ["..."]}',
+    }
+    return examples[kind]

@@ -1,0 +1,86 @@
+"""`Task`: one benchmark's records for every split, its objective, evaluation protocol and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .records import Record
+
+Objective = Literal["sft", "dpo"]
+EvalTask = Literal["truthfulqa_mc", "mc", "exact_match"]
+Extraction = Literal["mquake", "clutrr"]
+
+GENERATION_MAX_NEW_TOKENS = 16  # LoFiT's evaluate_mquake / evaluate_clutrr: greedy, 16 new tokens
+
+# Per-task hyperparameters from METHOD.md §2/§5 (the authors' Llama-2-7B settings): `l1` = λ of the
+# head-selection step, `lr_select` / `lr_train` = learning rates of step 1 / step 2, `k` = fraction of
+# all heads kept. The authors' scripts keep 32 of Llama-2-7B's 1,024 heads (48 of 13B's 1,600), about
+# 3%, for these three tasks. Small models may want other values; tune them on `val`, never on `test`.
+_COMMON: dict[str, float | int] = {"lr_select": 5e-3, "lr_train": 1e-2, "epochs": 5, "batch_size": 8}
+PAPER_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "truthfulqa": {**_COMMON, "l1": 5e-4, "k": 0.03, "beta": 0.5},
+    "mquake": {**_COMMON, "l1": 1e-3, "k": 0.03},
+    "clutrr": {**_COMMON, "l1": 5e-3, "lr_select": 5e-4, "k": 0.03},
+}
+# Generic tasks: the middle of the paper's λ range and 10% of heads, the paper's "best balance".
+GENERIC_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "sft": {**_COMMON, "l1": 1e-3, "k": 0.1},
+    "dpo": {**_COMMON, "l1": 5e-4, "k": 0.1, "beta": 0.5},
+}
+
+
+def paper_defaults(name: str) -> dict[str, float | int]:
+    return dict(PAPER_DEFAULTS[name])
+
+
+def generic_defaults(objective: str) -> dict[str, float | int]:
+    return dict(GENERIC_DEFAULTS[objective])
+
+
+@dataclass
+class Task:
+    """Everything a run needs to know about one task.
+
+    - `train`, `val`: training records ("sft" or "dpo" format, per `objective`).
+    - `val_eval`, `test`: evaluation records in the `eval_task` format ("truthfulqa_mc", "mc" or
+      "exact_match"); `val_eval` is the validation split for model selection (may be empty).
+    - `extraction`: how to read the answer out of generated text for "exact_match" tasks: "mquake"
+      (text after the last "A:" up to the first newline, lower-cased) or "clutrr" (text up to the first
+      ".", stripped, lower-cased); None = the evaluator's plain exact match.
+    - `max_new_tokens`: greedy generation length for "exact_match" (16, as LoFiT), else None.
+    - `defaults`: per-task hyperparameters (l1, lr_select, lr_train, epochs, batch_size, k, beta for DPO).
+    - `sources`: where each split came from; `info`: extra facts (fold, seed, sampled ids, ...).
+    """
+
+    name: str
+    objective: Objective
+    eval_task: EvalTask
+    train: list[Record]
+    val: list[Record]
+    val_eval: list[Record]
+    test: list[Record]
+    extraction: Extraction | None = None
+    max_new_tokens: int | None = None
+    defaults: dict[str, float | int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"Task.objective must be 'sft' or 'dpo', got {self.objective!r}")
+        if self.eval_task not in ("truthfulqa_mc", "mc", "exact_match"):
+            raise ValueError(
+                f"Task.eval_task must be truthfulqa_mc, mc or exact_match, got {self.eval_task!r}"
+            )
+        if self.extraction not in (None, "mquake", "clutrr"):
+            raise ValueError(f"Task.extraction must be None, 'mquake' or 'clutrr', got {self.extraction!r}")
+        if self.eval_task == "exact_match" and self.max_new_tokens is None:
+            self.max_new_tokens = GENERATION_MAX_NEW_TOKENS
+
+    def summary(self) -> str:
+        """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc test 409"."""
+        return (
+            f"{self.name}: {self.objective} training {len(self.train)}/{len(self.val)}, "
+            f"{self.eval_task} val {len(self.val_eval)} test {len(self.test)}"
+        )
