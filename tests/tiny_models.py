@@ -19,12 +19,20 @@ from transformers import (
 )
 
 VOCAB = 128
+# Special-token ids of `tiny_tokenizer()`, written into every config so generate() stops and pads inside the vocab.
+UNK_ID, PAD_ID, EOS_ID = 0, 1, 2
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt"]
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
+    tokens = dict(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        **tokens,
     )
     if model_type == "llama":
         return LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=128)
@@ -43,9 +51,9 @@ def tiny_config(model_type: str) -> PretrainedConfig:
             **common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=64
         )
     if model_type == "phi3":
-        return Phi3Config(**common, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+        return Phi3Config(**common, num_key_value_heads=2, max_position_embeddings=128)
     if model_type == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128)
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128, **tokens)
     if model_type == "gpt_neox":
         return GPTNeoXConfig(**common, max_position_embeddings=128)
     if model_type == "opt":
@@ -57,6 +65,7 @@ def tiny_config(model_type: str) -> PretrainedConfig:
             num_attention_heads=4,
             max_position_embeddings=128,
             word_embed_proj_dim=32,
+            **tokens,
         )
     raise ValueError(model_type)
 
@@ -83,3 +92,56 @@ def tiny_tokenizer():  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", padding_side="right"
     )
+
+
+# ---------------------------------------------------------------------------------------- oracle
+# Written from the architectures' source, independently of lofit.heads: the attention output projection
+# of each tiny model and the width of one head's slice of its input.
+OUTPUT_PROJECTION = {
+    "llama": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "qwen3": "self_attn.o_proj",
+    "gemma": "self_attn.o_proj",
+    "gemma2": "self_attn.o_proj",
+    "phi3": "self_attn.o_proj",
+    "gpt2": "attn.c_proj",
+    "gpt_neox": "attention.dense",
+    "opt": "self_attn.out_proj",
+}
+HEAD_DIM = {"qwen3": 12, "gemma": 16, "gemma2": 16}  # others: hidden 32 / 4 heads = 8
+
+
+def head_dim_of(model_type: str) -> int:
+    return HEAD_DIM.get(model_type, 8)
+
+
+def oracle_logits(
+    model_type: str,
+    seed: int,
+    head_params: dict[tuple[int, int], dict[str, torch.Tensor]],
+    input_ids: torch.Tensor,
+    suffix: str | None = None,
+) -> torch.Tensor:
+    """Logits of a fresh, unwrapped base model whose projection inputs are edited head by head by hand."""
+    base = tiny_model(model_type, seed)
+    suffix = suffix or OUTPUT_PROJECTION[model_type]
+    projections = [m for name, m in base.named_modules() if name.endswith(suffix)]
+    assert len(projections) == base.config.num_hidden_layers
+    d = head_dim_of(model_type)
+
+    def edit(layer: int):  # type: ignore[no-untyped-def]
+        def hook(module, args):  # type: ignore[no-untyped-def]
+            z = args[0].clone()
+            for (lay, head), entry in head_params.items():
+                if lay == layer:
+                    cols = slice(head * d, (head + 1) * d)
+                    z[..., cols] = (1 + entry["scale"]) * z[..., cols] + entry["offset"]
+            return (z, *args[1:])
+
+        return hook
+
+    for layer, projection in enumerate(projections):
+        projection.register_forward_pre_hook(edit(layer))
+    with torch.no_grad():
+        return base(input_ids=input_ids).logits

@@ -5,10 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -19,6 +26,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -43,3 +51,40 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], None
     """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], replace_existing: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path` to fill; publish it only if the block succeeds.
+
+    A new `path` appears in one rename. If `path` exists already, its files are replaced one by one
+    (each atomically), or, with `replace_existing=False`, the existing directory is kept and the new
+    one discarded (another process built it first). On failure the temporary directory is deleted.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; choose another output path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        yield tmp
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for file in files:
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        try:
+            os.rename(tmp, target)  # fails if target exists (and is not an empty directory)
+            return
+        except OSError:
+            if not target.is_dir():
+                raise
+        if replace_existing:
+            for file in files:
+                destination = target / file.relative_to(tmp)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, destination)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -81,7 +81,7 @@ def projection_in_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     if type(module).__name__ == "Conv1D":
-        return int(module.weight.shape[0])
+        return int(module_tensor(module, "weight").shape[0])
     in_features = getattr(module, "in_features", None)
     if isinstance(in_features, int):
         return in_features
@@ -175,7 +175,15 @@ def find_output_projections(model: nn.Module, target_modules: list[str] | None =
     return HeadGeometry(model_type, len(sites), num_heads, sites[0].head_dim, tuple(sites))
 
 
+def module_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>` (a weight or bias), typed as a tensor."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is {type(value).__name__}, not a tensor")
+    return value
+
+
 def projection_weight_matrix(module: nn.Module) -> torch.Tensor:
     """The projection's weight as [out_features, in_features] (transposing GPT-2's Conv1D)."""
-    weight = module.weight
+    weight = module_tensor(module, "weight")
     return weight.t() if type(module).__name__ == "Conv1D" else weight

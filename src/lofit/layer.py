@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .heads import module_tensor
+
 
 class HeadVectors(nn.Module):
     """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32."""
@@ -70,7 +72,7 @@ class HeadVectors(nn.Module):
             scaled = scaled + offset
         return scaled.to(hidden.dtype)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HeadVectors:  # type: ignore[override]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HeadVectors:
         # Keep the vectors in fp32 when the whole model is cast to bf16/fp16 (`model.half()`): stash the
         # exact values and restore them, moved to wherever `fn` sent the cast copy.
         stash = {name: p.data for name, p in self.named_parameters(recurse=False)}
@@ -96,11 +98,11 @@ class LofitProjection(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return module_tensor(self.base_layer, "weight")
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return None if self.base_layer.bias is None else module_tensor(self.base_layer, "bias")
 
     def active_vectors(self) -> HeadVectors | None:
         if (

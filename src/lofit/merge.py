@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .heads import text_config
+from .atomic import atomic_directory
+from .heads import module_tensor, text_config
 from .layer import HeadVectors, LofitProjection
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class MergeError(ValueError):
 def fold_into_projection(projection: nn.Module, vectors: HeadVectors) -> None:
     """Fold one layer's scale and offset into `projection` (nn.Linear or GPT-2 Conv1D) in place."""
     is_conv1d = type(projection).__name__ == "Conv1D"
-    weight = projection.weight
+    weight = module_tensor(projection, "weight")
     if not weight.dtype.is_floating_point:
         raise MergeError(
             f"{type(projection).__name__} has {weight.dtype} (quantised) weights; scales cannot be folded into "
@@ -51,7 +52,8 @@ def fold_into_projection(projection: nn.Module, vectors: HeadVectors) -> None:
                     torch.zeros(bias_delta.shape[0], dtype=weight.dtype, device=weight.device),
                     requires_grad=False,
                 )
-            projection.bias.copy_((projection.bias.float() + bias_delta).to(projection.bias.dtype))
+            bias = module_tensor(projection, "bias")
+            bias.copy_((bias.float() + bias_delta).to(bias.dtype))
 
 
 def unwrap_projections(model: LofitModel) -> nn.Module:
@@ -67,70 +69,122 @@ def unwrap_projections(model: LofitModel) -> nn.Module:
 
 def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
     vectors_by_layer = model.adapter_vectors(adapter_name)
+    bias_created = False
     for projection in model.projections():
         vectors = vectors_by_layer.get(projection.layer_index)
         if vectors is not None:
+            bias_created |= vectors.offset is not None and projection.base_layer.bias is None
             fold_into_projection(projection.base_layer, vectors)
-    if any(vectors.offset is not None for vectors in vectors_by_layer.values()):
-        _enable_output_bias_in_config(model.base_model)
-    return unwrap_projections(model)
+    base = unwrap_projections(model)
+    if bias_created:
+        _switch_on_biases(base)
+    return base
 
 
-def _enable_output_bias_in_config(base: nn.Module) -> None:
-    # Records in the config that the attention layers now carry biases, where the architecture has such a
-    # switch (Llama family: attention_bias), so that save_pretrained + from_pretrained round-trips.
+# Config switches that give the attention output projection a bias (Llama family, GPT-NeoX: attention_bias;
+# OPT: enable_bias). Architectures without one (Mistral, Qwen2, Phi-3: o_proj is hard-wired bias-free)
+# cannot express a merged offset in a plain checkpoint.
+BIAS_SWITCHES = ("attention_bias", "enable_bias")
+
+
+def _switch_on_biases(base: nn.Module) -> None:
+    """Turn on the config's bias switch and give every module it governs an exact zero bias.
+
+    Then the config describes the merged model, and save_pretrained + from_pretrained round-trips.
+    """
     config = text_config(getattr(base, "config", None))
-    if hasattr(config, "attention_bias") and not config.attention_bias:
-        config.attention_bias = True
-        _add_missing_attention_biases(base)
-
-
-def _add_missing_attention_biases(base: nn.Module) -> None:
-    """With attention_bias=True, q/k/v (and o) projections expect biases: add exact zeros where absent."""
-    for name, module in base.named_modules():
-        if (
-            isinstance(module, nn.Linear)
-            and module.bias is None
-            and name.rsplit(".", 1)[-1]
-            in (
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-            )
-        ):
+    switch = next((flag for flag in BIAS_SWITCHES if getattr(config, flag, None) is False), None)
+    if switch is None:
+        return
+    setattr(config, switch, True)
+    try:
+        skeleton = _skeleton(base)
+    except MergeError:
+        setattr(config, switch, False)  # cannot tell what the switch governs; export will explain
+        return
+    present = {name for name, _ in base.named_parameters()}
+    for name, _ in skeleton.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "bias" or name in present:
+            continue
+        module = base.get_submodule(module_name)
+        if isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(
                 torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
                 requires_grad=False,
             )
 
 
-def check_exportable(merged: nn.Module) -> None:
-    """Raise MergeError unless a fresh model of this config has every parameter the merged one has.
-
-    That is the condition for `AutoModelForCausalLM.from_pretrained` (without lofit) to load the export.
-    """
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A parameter-free (meta) model built from `model`'s config, as plain transformers would build it."""
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(merged.config)  # type: ignore[union-attr]
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config)
-    expected = {name for name, _ in fresh.named_parameters()}
-    missing = sorted(name for name, _ in merged.named_parameters() if name not in expected)
-    if missing:
+    config = getattr(model, "config", None)
+    if config is None:
         raise MergeError(
-            f"the merged model has parameters {missing[:3]}{' ...' if len(missing) > 3 else ''} that a plain "
+            f"{type(model).__name__} has no Hugging Face config; only transformers models can be exported"
+        )
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    except (ValueError, KeyError, TypeError) as error:
+        raise MergeError(
+            f"AutoModelForCausalLM cannot build a {type(model).__name__} from its config ({error}); the merged "
+            "model cannot be exported as a plain transformers checkpoint"
+        ) from None
+
+
+def check_exportable(merged: nn.Module) -> None:
+    """Raise MergeError unless a fresh model of this config has exactly the merged model's parameters.
+
+    That is the condition for `AutoModelForCausalLM.from_pretrained` (without lofit) to load the export
+    with nothing dropped and nothing left randomly initialised.
+    """
+    fresh = _skeleton(merged)
+    expected = {name: tuple(p.shape) for name, p in fresh.named_parameters()}
+    actual = {name: tuple(p.shape) for name, p in merged.named_parameters()}
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise MergeError(
+            f"the merged model has parameters {extra[:3]}{' ...' if len(extra) > 3 else ''} that a plain "
             f"{type(merged).__name__} built from its config does not have: this architecture's config cannot "
             "switch on an attention output bias, so the offsets cannot be exported as a plain transformers "
-            "checkpoint. Serve the unmerged adapter (LofitModel.from_pretrained) instead"
+            "checkpoint. Serve the unmerged adapter (LofitModel.from_pretrained) instead, or train scales only"
+        )
+    missing = sorted(set(expected) - set(actual))
+    mismatched = sorted(n for n in set(actual) & set(expected) if actual[n] != expected[n])
+    if missing or mismatched:
+        raise MergeError(
+            f"a plain {type(merged).__name__} built from the merged model's config has parameters "
+            f"{(missing or mismatched)[:3]} that the merged model lacks or shapes differently; transformers "
+            "would initialise them randomly on load, so the export is refused"
         )
 
 
 def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: object | None = None) -> Path:
-    """Save a merged model (from `merge_and_unload`) as a checkpoint that plain transformers loads."""
+    """Save a merged model (from `merge_and_unload`) as a checkpoint that plain transformers loads.
+
+    The files are written into a temporary directory and moved into `path` only once all are complete.
+    """
     check_exportable(merged)
     directory = Path(path)
-    merged.save_pretrained(str(directory), safe_serialization=True)  # type: ignore[operator]
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
+    with atomic_directory(directory) as tmp:
+        merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
     return directory
+
+
+def merge_adapter_checkpoint(
+    base: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | str | None = None
+) -> Path:
+    """Load `base` (see `load_model`), fold the adapter saved in `adapter_dir` into it, export to `out_dir`.
+
+    The result (weights, config, tokenizer) loads with plain `AutoModelForCausalLM.from_pretrained`.
+    """
+    from .loading import load_model
+    from .model import LofitModel
+
+    model, tokenizer = load_model(base, dtype=dtype)
+    merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return export_merged(merged, out_dir, tokenizer)

@@ -47,6 +47,27 @@ class LofitModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
 
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Enable activation checkpointing on the base model, with gradients able to reach the adapter.
+
+        With a frozen base and reentrant checkpointing, a checkpointed block whose inputs do not require
+        grad returns outputs without a graph, so the adapter vectors inside it would get no gradient: the
+        embedding outputs are made to require grad (as PEFT does). Older transformers versions do not do
+        that themselves.
+        """
+        base = self.base_model
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if callable(enable):  # transformers >= 5 (gradient_checkpointing_enable is its deprecated alias)
+            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )  # type: ignore[operator]
+        if not getattr(base, "_require_grads_hooks", None) and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()  # type: ignore[operator]
+
     def _wrap_projections(self) -> None:
         for site in self.geometry.sites:
             module = self.base_model.get_submodule(site.name)
@@ -110,7 +131,7 @@ class LofitModel(nn.Module):
                 config.use_scale,
                 config.use_offset,
                 config.init_std,
-                device=projection.base_layer.weight.device,
+                device=projection.weight.device,
             )
         self.lofit_config[adapter_name] = config
         if len(self.lofit_config) == 1:

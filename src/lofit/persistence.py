@@ -30,6 +30,7 @@ FORMAT_NAME = "lofit-adapter"
 FORMAT_VERSION = 1
 FINGERPRINT_SAMPLES = 8
 FINGERPRINT_RTOL = 0.02
+DTYPE_RTOL = 2**-7  # twice bf16's rounding error
 
 
 class AdapterLoadError(ValueError):
@@ -54,10 +55,13 @@ def projection_fingerprint(weight: torch.Tensor) -> list[float] | None:
 def base_model_identity(model: nn.Module, geometry: HeadGeometry) -> dict[str, Any]:
     config = text_config(getattr(model, "config", None))
     fingerprints = []
+    bias_fingerprints = []
     for site in geometry.sites:
         module = model.get_submodule(site.name)
         module = getattr(module, "base_layer", module)
         fingerprints.append(projection_fingerprint(projection_weight_matrix(module)))
+        bias = getattr(module, "bias", None)
+        bias_fingerprints.append(None if bias is None else projection_fingerprint(bias))
     return {
         "model_type": geometry.model_type,
         "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
@@ -67,6 +71,8 @@ def base_model_identity(model: nn.Module, geometry: HeadGeometry) -> dict[str, A
         "num_heads": geometry.num_heads,
         "head_dim": geometry.head_dim,
         "projection_fingerprint": fingerprints,
+        # None = no bias. A merged offset adds or changes the bias without touching the weight.
+        "projection_bias_fingerprint": bias_fingerprints,
     }
 
 
@@ -79,18 +85,32 @@ def check_same_base(saved: dict[str, Any], current: dict[str, Any], source: Path
                 f"({saved.get('name_or_path') or 'unnamed'}) with {key}={saved.get(key)}, but the base model "
                 f"given has {key}={current.get(key)}; load the adapter onto the base model it was trained on"
             )
+    mismatch = (
+        f"{source}: the base model's attention output %s in layer %d differ from those this adapter was "
+        f"trained on ({saved.get('name_or_path') or 'unnamed'}); it is a different (or already merged or "
+        "fine-tuned) model. Load the adapter onto its original base model"
+    )
     for layer, (old, new) in enumerate(
         zip(saved.get("projection_fingerprint") or [], current["projection_fingerprint"], strict=False)
     ):
-        if old is None or new is None:
-            continue  # quantised weights cannot be compared value by value
-        tolerance = FINGERPRINT_RTOL * max(abs(old[0]), 1e-12)
-        if any(abs(a - b) > tolerance for a, b in zip(old, new, strict=True)):
-            raise BaseModelMismatchError(
-                f"{source}: the base model's attention output weights in layer {layer} differ from those this "
-                f"adapter was trained on ({saved.get('name_or_path') or 'unnamed'}); it is a different "
-                "(or already merged/fine-tuned) model. Load the adapter onto its original base model"
-            )
+        if old is not None and new is not None and not _close(old, new):  # None: quantised, not comparable
+            raise BaseModelMismatchError(mismatch % ("weights", layer))
+    saved_biases = saved.get("projection_bias_fingerprint")
+    if isinstance(saved_biases, list):  # absent in files from lofit versions before it was recorded
+        for layer, (old, new) in enumerate(
+            zip(saved_biases, current["projection_bias_fingerprint"], strict=False)
+        ):
+            if (old is None) != (new is None) or (old is not None and not _close(old, new)):
+                raise BaseModelMismatchError(mismatch % ("biases", layer))
+
+
+def _close(old: list[float], new: list[float]) -> bool:
+    # Absolute slack relative to the spread, plus relative slack for bf16/fp16 rounding of large values,
+    # so the same model loaded in another dtype still matches while any other model does not.
+    spread = FINGERPRINT_RTOL * max(abs(old[0]), 1e-12)
+    return len(old) == len(new) and all(
+        abs(a - b) <= spread + DTYPE_RTOL * abs(a) for a, b in zip(old, new, strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------------- save
