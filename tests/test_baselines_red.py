@@ -157,3 +157,18 @@ def test_errors_name_the_fix() -> None:
         get_red_model(wrapped.base_model)
     with pytest.raises(ValueError, match="expected shape"):
         wrapped.set_red_params({0: {"scale": torch.zeros(3)}})
+
+
+def test_generate_passes_through() -> None:
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    base_tokens = tiny_model("llama").generate(IDS[:1], **kwargs)
+    model = get_red_model(tiny_model("llama"))
+    assert torch.equal(model.generate(IDS[:1], **kwargs), base_tokens)
+    model.set_red_params(_random_params(model, seed=6))
+    oracle = tiny_model("llama")
+    for layer, name in find_red_sites(oracle, model.red_config):
+        p = model.get_red_params()[layer]
+        oracle.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, s=p["scale"], b=p["bias"]: out * (1 + s) + b
+        )
+    assert torch.equal(model.generate(IDS[:1], **kwargs), oracle.generate(IDS[:1], **kwargs))
