@@ -1,0 +1,174 @@
+"""RED: identity at init, a raw-hook oracle, gradients, merge, save/load, on every tiny architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lofit.baselines import RedModel, RedProjection, get_red_model, trainable_parameters
+from lofit.baselines.red import RedConfigError, find_red_sites
+from lofit.persistence import AdapterLoadError, BaseModelMismatchError
+from tiny_models import ARCHITECTURES, tiny_model
+
+IDS = torch.tensor([[5, 17, 33, 40, 2, 90, 61, 7], [12, 3, 3, 100, 45, 9, 27, 88]])
+HIDDEN, LAYERS = 32, 3
+
+
+def _random_params(model: RedModel, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        layer: {
+            "scale": 0.3 * torch.randn(HIDDEN, generator=generator),
+            "bias": 0.3 * torch.randn(HIDDEN, generator=generator),
+        }
+        for layer in range(LAYERS)
+    }
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_identity_at_init(model_type: str) -> None:
+    base_logits = _logits(tiny_model(model_type))
+    model = get_red_model(tiny_model(model_type))
+    assert torch.equal(_logits(model), base_logits)  # bit-exact at init
+    model.set_red_params(_random_params(model))
+    with model.disable_adapter():
+        assert torch.equal(_logits(model), base_logits)
+
+
+@pytest.mark.parametrize("site", ["attention", "mlp"])
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_oracle_and_merge(model_type: str, site: str) -> None:
+    model = get_red_model(tiny_model(model_type), site=site)
+    params = _random_params(model)
+    model.set_red_params(params)
+    # Oracle: a fresh base model, a hand-written forward hook on each edited module's output.
+    oracle = tiny_model(model_type)
+    base_logits = _logits(oracle)
+    for layer, name in find_red_sites(oracle, model.red_config):
+        s, b = params[layer]["scale"], params[layer]["bias"]
+        oracle.get_submodule(name).register_forward_hook(lambda _m, _a, out, s=s, b=b: out * (1 + s) + b)
+    got = _logits(model)
+    assert (got - _logits(oracle)).abs().max().item() < 1e-5
+    assert (got - base_logits).abs().max().item() > 1e-2
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, RedProjection) for m in merged.modules())
+    assert (_logits(merged) - got).abs().max().item() < 1e-5
+
+
+def test_sites_and_parameter_count() -> None:
+    model = get_red_model(tiny_model("llama"))
+    assert model.site_names == [f"model.layers.{i}.self_attn.o_proj" for i in range(LAYERS)]
+    assert model.count_parameters()[0] == 2 * HIDDEN * LAYERS
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == 2 * LAYERS and all(
+        name.rsplit(".", 1)[-1] in ("red_scale", "red_bias") for name in names
+    )
+    assert get_red_model(tiny_model("gpt2"), site="mlp").site_names[0] == "transformer.h.0.mlp.c_proj"
+    assert get_red_model(tiny_model("opt"), site="mlp").site_names[0] == "model.decoder.layers.0.fc2"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_only_red_parameters_get_gradients(model_type: str) -> None:
+    model = get_red_model(tiny_model(model_type))
+    model.set_red_params(_random_params(model))
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    red = {id(p) for p in model.red_parameters()}
+    assert {id(p) for p in trainable_parameters(model)} == red
+    for name, param in model.named_parameters():
+        if id(param) in red:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_merged_llama_round_trips_through_from_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = get_red_model(tiny_model("llama"))
+    model.set_red_params(_random_params(model, seed=4))
+    unmerged = _logits(model)
+    merged = model.merge_and_unload()
+    assert merged.config.attention_bias is True
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert (_logits(reloaded) - unmerged).abs().max().item() < 1e-5
+
+
+def test_unload_restores_base() -> None:
+    base_logits = _logits(tiny_model("gpt2"))
+    model = get_red_model(tiny_model("gpt2"))
+    model.set_red_params(_random_params(model))
+    assert torch.equal(_logits(model.unload()), base_logits)
+
+
+def test_save_and_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = get_red_model(tiny_model("qwen3"), site="mlp")
+    model.set_red_params(_random_params(model, seed=5))
+    want = _logits(model)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["red_config.json", "red_model.safetensors"]
+    loaded = RedModel.from_pretrained(tiny_model("qwen3"), tmp_path)
+    assert loaded.red_config.site == "mlp"
+    assert torch.equal(_logits(loaded), want)
+    assert trainable_parameters(loaded) == []
+    trainable = RedModel.from_pretrained(tiny_model("qwen3"), tmp_path, is_trainable=True)
+    assert len(trainable_parameters(trainable)) == 2 * LAYERS
+    with pytest.raises(BaseModelMismatchError, match="differ"):
+        RedModel.from_pretrained(tiny_model("qwen3", seed=1), tmp_path)
+    with pytest.raises(BaseModelMismatchError, match="model_type"):
+        RedModel.from_pretrained(tiny_model("llama"), tmp_path)
+    document = json.loads((tmp_path / "red_config.json").read_text())
+    document["format"] = "something-else"
+    (tmp_path / "red_config.json").write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="not a RED adapter"):
+        RedModel.from_pretrained(tiny_model("qwen3"), tmp_path)
+
+
+def test_bf16_keeps_red_vectors_in_fp32() -> None:
+    model = get_red_model(tiny_model("llama"))
+    model.set_red_params({0: {"scale": torch.full((HIDDEN,), 1e-3)}})
+    model.to(torch.bfloat16)
+    projection = model.projections()[0]
+    assert (
+        projection.red_scale.dtype == torch.float32 and projection.base_layer.weight.dtype == torch.bfloat16
+    )
+    assert projection.red_scale[0].item() == pytest.approx(1e-3)
+    assert _logits(model).dtype == torch.bfloat16
+
+
+def test_errors_name_the_fix() -> None:
+    with pytest.raises(RedConfigError, match="site must be one of"):
+        get_red_model(tiny_model("llama"), site="ffn")
+    with pytest.raises(RedConfigError, match="expected exactly one module per decoder layer"):
+        get_red_model(tiny_model("llama"), target_modules=["nothing_here"])
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(RedConfigError, match="pass target_modules"):
+        get_red_model(model)
+    wrapped = get_red_model(tiny_model("llama"))
+    with pytest.raises(RedConfigError, match="already carries RED"):
+        get_red_model(wrapped.base_model)
+    with pytest.raises(ValueError, match="expected shape"):
+        wrapped.set_red_params({0: {"scale": torch.zeros(3)}})
+
+
+def test_generate_passes_through() -> None:
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    base_tokens = tiny_model("llama").generate(IDS[:1], **kwargs)
+    model = get_red_model(tiny_model("llama"))
+    assert torch.equal(model.generate(IDS[:1], **kwargs), base_tokens)
+    model.set_red_params(_random_params(model, seed=6))
+    oracle = tiny_model("llama")
+    for layer, name in find_red_sites(oracle, model.red_config):
+        p = model.get_red_params()[layer]
+        oracle.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, s=p["scale"], b=p["bias"]: out * (1 + s) + b
+        )
+    assert torch.equal(model.generate(IDS[:1], **kwargs), oracle.generate(IDS[:1], **kwargs))
