@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.objectives import (
@@ -20,6 +20,7 @@ from lofit.objectives import (
     dpo_losses,
     mean_loss,
 )
+from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 SFT_RECORDS = [
     {"prompt": "Q: 2+3 A:", "completion": " 5"},
@@ -53,7 +54,7 @@ def special_tokenizer(template: str):  # type: ignore[no-untyped-def]
 class MergingTokenizer:
     """Greedy longest-match over a vocabulary with multi-character tokens (so BPE-like merges happen)."""
 
-    vocab = {"<pad>": 0, "</s>": 1, "a": 2, " ": 3, "b": 4, " b": 5, "c": 6}
+    vocab: ClassVar[dict[str, int]] = {"<pad>": 0, "</s>": 1, "a": 2, " ": 3, "b": 4, " b": 5, "c": 6}
     eos_token_id, pad_token_id = 1, 0
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
@@ -210,7 +211,9 @@ def test_sft_loss_equals_hand_computation(arch: str) -> None:
     out = objective.loss(TokenScorer(model), examples, "cpu")
     assert out.units == count
     assert float(out.loss_sum.detach()) / out.units == pytest.approx(expected, rel=1e-5)
-    assert mean_loss(objective, TokenScorer(model), examples, 2, "cpu")["loss"] == pytest.approx(expected, rel=1e-5)
+    assert mean_loss(objective, TokenScorer(model), examples, 2, "cpu")["loss"] == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_dpo_losses_formula() -> None:
@@ -255,4 +258,6 @@ def test_dpo_loss_is_log2_when_policy_equals_reference() -> None:
     examples = objective.encode(DPO_RECORDS)
     scorer = TokenScorer(model)
     objective.prepare(scorer, examples, batch_size=4, device="cpu")
-    assert float(objective.loss(scorer, examples, "cpu").loss_sum) / 2 == pytest.approx(math.log(2), abs=1e-6)
+    assert float(objective.loss(scorer, examples, "cpu").loss_sum.detach()) / 2 == pytest.approx(
+        math.log(2), abs=1e-6
+    )

@@ -18,7 +18,7 @@ STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 
 @dataclass
 class ProbeFit:
-    """Fitted probes for P heads: logits = ((x − mean) / std) · weight + bias."""
+    """Fitted probes for P heads: logits = ((x − mean) / std) · weight + bias (fp32)."""
 
     weight: torch.Tensor  # [P, d]
     bias: torch.Tensor  # [P]
@@ -51,7 +51,7 @@ def _objective(
 
 
 def fit_logistic_probes(
-    x: torch.Tensor, labels: torch.Tensor, *, l2: float = 1.0, max_iter: int = 50, tol: float = 1e-6
+    x: torch.Tensor, labels: torch.Tensor, *, l2: float = 1.0, max_iter: int = 50, tol: float = 1e-8
 ) -> ProbeFit:
     """Fit one logistic regression per head on features x [N, P, d] with binary labels [N]."""
     if x.dim() != 3 or labels.shape != (x.shape[0],):
@@ -63,38 +63,43 @@ def fit_logistic_probes(
         raise ValueError(f"probe labels must contain both classes 0 and 1, got {sorted(classes)}")
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}")
-    x = x.float()
+    # float64: the summed log-loss is O(N), so float32 cannot see the last Newton steps' improvement.
+    x = x.double()
     num_examples, num_probes, dim = x.shape
     mean = x.mean(0)
     std = x.std(0, unbiased=False)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant features stay 0 after centring
     standardized = ((x - mean) / std).permute(1, 0, 2)  # [P, N, d]
     design = torch.cat([standardized, standardized.new_ones(num_probes, num_examples, 1)], dim=-1)
-    target = labels.float().to(x.device)[None, :]
-    penalty = torch.full((dim + 1,), float(l2), device=x.device)
-    penalty[-1] = 1e-8  # the bias is (practically) unpenalised, as in sklearn
+    target = labels.to(device=x.device, dtype=x.dtype)[None, :]
+    penalty = torch.full((dim + 1,), float(l2), device=x.device, dtype=x.dtype)
+    penalty[-1] = 1e-10  # the bias is (practically) unpenalised, as in sklearn
     w = x.new_zeros(num_probes, dim + 1)
     loss = _objective(design, target, w, penalty)
     iteration = 0
     for iteration in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        z = torch.bmm(design, w.unsqueeze(-1)).squeeze(-1)
-        p = torch.sigmoid(z)
+        p = torch.sigmoid(torch.bmm(design, w.unsqueeze(-1)).squeeze(-1))
         grad = torch.bmm(design.transpose(1, 2), (p - target).unsqueeze(-1)).squeeze(-1) + penalty * w
+        if float(grad.abs().max()) < tol:
+            break
         hessian = torch.bmm(design.transpose(1, 2), design * (p * (1 - p)).unsqueeze(-1))
         hessian = hessian + torch.diag_embed(penalty.expand(num_probes, -1))
         step = torch.linalg.solve(hessian, grad)
-        best_w, best_loss = w, loss
-        for size in STEP_SIZES:  # per-head line search: keep whichever step size lowers the loss most
+        # Per-head backtracking: the largest step size that does not raise that head's loss.
+        accepted = torch.zeros(num_probes, dtype=torch.bool, device=x.device)
+        new_w, new_loss = w.clone(), loss.clone()
+        for size in STEP_SIZES:
             candidate = w - size * step
             candidate_loss = _objective(design, target, candidate, penalty)
-            better = candidate_loss < best_loss
-            best_w = torch.where(better[:, None], candidate, best_w)
-            best_loss = torch.where(better, candidate_loss, best_loss)
-        change = float((best_w - w).abs().max())
-        w, loss = best_w, best_loss
-        if change < tol:
+            take = ~accepted & (candidate_loss <= loss)
+            new_w = torch.where(take[:, None], candidate, new_w)
+            new_loss = torch.where(take, candidate_loss, new_loss)
+            accepted |= take
+        w, loss = new_w, new_loss
+        if not bool(accepted.any()):
             break
-    return ProbeFit(w[:, :dim], w[:, dim], mean, std, iteration)
+    w = w.float()
+    return ProbeFit(w[:, :dim], w[:, dim], mean.float(), std.float(), iteration)
 
 
 @dataclass
