@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lofit import LofitConfig, get_lofit_model
+from lofit.activations import text_head_activations
+from lofit.heads import find_output_projections
 from lofit.layer import LofitProjection
 from lofit.probe import fit_logistic_probes, probe_head_scores
 from lofit.selection import HeadSelection, SelectionFileError, rank_heads, select_heads
@@ -133,6 +136,7 @@ def test_top_k_counts_and_fractions() -> None:
     small = selection_of(3, 4)  # 12 heads
     assert small.count(0.1) == 1 and small.count(0.125) == 2 and small.count(0.01) == 1  # round half up, >= 1
     assert small.top_heads(3) == small.ranking[:3]
+    assert small.count(np.int64(4)) == 4 and small.count(np.float32(0.5)) == 6
 
 
 @pytest.mark.parametrize("k", [0, -1, 101, 0.0, 1.5, -0.1, float("nan"), True, "3"])
@@ -205,6 +209,37 @@ def test_random_selection_is_seeded() -> None:
 
 
 # ------------------------------------------------------------------------------------ probe
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_head_activations_are_the_projection_input_at_the_last_token(arch: str) -> None:
+    base = tiny_model(arch)
+    tok = tiny_tokenizer()
+    texts = ["Q: a A: b", "short", "a much longer text than the others"]
+    geometry = find_output_projections(base)
+    reference = []
+    for text in texts:  # one unpadded forward per text, recording each layer's whole projection input
+        inputs: dict[int, torch.Tensor] = {}
+        handles = [
+            base.get_submodule(site.name).register_forward_pre_hook(
+                lambda _m, args, layer=site.layer, store=inputs: store.__setitem__(
+                    layer, args[0][0, -1].clone()
+                )
+            )
+            for site in geometry.sites
+        ]
+        with torch.no_grad():
+            base(input_ids=torch.tensor([tok(text)["input_ids"]]))
+        for handle in handles:
+            handle.remove()
+        reference.append(torch.stack([inputs[layer].view(4, -1) for layer in range(3)]))
+    activations = text_head_activations(base, tok, texts, batch_size=2)
+    assert activations.shape == (3, 3, 4, geometry.head_dim)
+    assert torch.allclose(activations, torch.stack(reference), atol=1e-5)
+    wrapped = get_lofit_model(base, LofitConfig(heads={1: [0, 1]}, init_std=0.5))
+    edited = text_head_activations(wrapped, tok, texts)
+    assert torch.allclose(edited[:, :2], activations[:, :2], atol=1e-5)  # z is read before the layer's edit
+    assert not torch.allclose(edited[:, 2], activations[:, 2], atol=1e-3)  # later layers see the offsets
+
+
 def lbfgs_logistic(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Independent solve of sklearn's objective (C=1): Σ log-loss + ½‖w‖², bias unpenalised, by L-BFGS."""
     w = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)

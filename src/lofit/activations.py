@@ -53,13 +53,16 @@ def head_activations(
 
     def hook_for(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
-            captured[layer] = args[0][rows, cols].detach().float().cpu()
+            hidden = args[0]
+            captured[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].detach().float().cpu()
 
         return hook
 
+    sites = [causal_lm.get_submodule(site.name) for site in geometry.sites]
+    body = _decoder_body(causal_lm, sites)  # skipping the LM head saves the [B, T, vocab] logits
     handles = [
-        causal_lm.get_submodule(site.name).register_forward_pre_hook(hook_for(site.layer))
-        for site in geometry.sites
+        module.register_forward_pre_hook(hook_for(site.layer))
+        for module, site in zip(sites, geometry.sites, strict=True)
     ]
     results = []
     was_training = causal_lm.training
@@ -77,7 +80,7 @@ def head_activations(
                 rows = torch.arange(len(chunk), device=device)
                 cols = torch.tensor(list(positions[start : start + batch_size]), device=device)
                 captured.clear()
-                causal_lm(
+                body(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
                 )
                 stacked = torch.stack([captured[layer] for layer in range(geometry.num_layers)], dim=1)
@@ -89,6 +92,19 @@ def head_activations(
             handle.remove()
         causal_lm.train(was_training)
     return torch.cat(results)
+
+
+def _decoder_body(causal_lm: nn.Module, sites: list[nn.Module]) -> nn.Module:
+    """The decoder body (without LM head) if it contains every hooked module, else the whole model."""
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    try:
+        body = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return causal_lm
+    if not isinstance(body, nn.Module):
+        return causal_lm
+    inside = {id(m) for m in body.modules()}
+    return body if all(id(m) in inside for m in sites) else causal_lm
 
 
 def text_head_activations(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,14 +89,16 @@ class HeadSelection:
     def count(self, k: int | float) -> int:
         """Number of heads that `k` asks for: an int count, or a float fraction in (0, 1] of all heads."""
         total = self.total_heads
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
             raise TypeError(f"k must be an int (number of heads) or a float in (0, 1], got {k!r}")
-        if isinstance(k, int):
+        if isinstance(k, numbers.Integral):
+            k = int(k)
             if not 1 <= k <= total:
                 raise ValueError(
                     f"k={k} heads is out of range; this model has {total} heads (use 1..{total})"
                 )
             return k
+        k = float(k)
         if not (math.isfinite(k) and 0 < k <= 1):
             raise ValueError(f"k={k} as a fraction of all heads must be in (0, 1]; for a count pass an int")
         return max(1, math.floor(k * total + 0.5))

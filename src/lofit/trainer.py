@@ -29,6 +29,7 @@ from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_mean
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
+LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
 
 
 class NonFiniteLossError(RuntimeError):
@@ -123,7 +124,7 @@ class TrainingHistory:
         records = [{"kind": "step", **r} for r in self.steps] + [
             {"kind": "val", **r} for r in self.validation
         ]
-        records.sort(key=lambda r: (r["step"], r["kind"] == "step"))
+        records.sort(key=lambda r: (r["step"], r["kind"] == "val"))  # a step, then the validation after it
         return "".join(json.dumps(r) + "\n" for r in records)
 
     def plot(self, path: str | Path, title: str | None = None) -> None:
@@ -247,7 +248,7 @@ def train_adapter(
     model.eval()
     generator = torch.Generator().manual_seed(config.seed)
     lengths = [e.num_tokens for e in train_examples]
-    started = time.perf_counter()
+    started = last_write = time.perf_counter()
     tokens_seen = 0
 
     def validate(epoch: int, step: int) -> None:
@@ -334,6 +335,9 @@ def train_adapter(
                 if world == 1:  # metric sums are per process; report them only where they are complete
                     record.update({k: v / max(total_units, 1) for k, v in metric_sums.items()})
                 history.steps.append(record)
+                if output_dir is not None and time.perf_counter() - last_write > LOG_EVERY_S:
+                    atomic_write_text(output_dir / LOG_NAME, history.to_jsonl())
+                    last_write = time.perf_counter()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             validate(epoch, step)
