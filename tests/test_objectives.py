@@ -124,6 +124,13 @@ def test_truncation_drops_prompt_from_the_left_and_keeps_bos() -> None:
     assert list(plain.input_ids) == char_ids(tiny_tokenizer(), "3abc") and plain.response_start == 1
 
 
+def test_encoding_warns_about_truncated_sequences() -> None:
+    objective = SFTObjective(tiny_tokenizer(), max_length=13)
+    with pytest.warns(UserWarning, match="2 of 3 sequences exceed max_length=13"):
+        examples = objective.encode(SFT_RECORDS)
+    assert [len(e.sequences[0].input_ids) for e in examples] == [12, 13, 13]
+
+
 def test_collate_pads_right_and_lists_scored_positions() -> None:
     tok = tiny_tokenizer()
     objective = SFTObjective(tok)

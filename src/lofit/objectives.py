@@ -357,12 +357,26 @@ class Objective:
     """Encodes records and computes a batch's summed loss; `units` is what the batch mean divides by."""
 
     name = ""
+    metric_names: tuple[str, ...] = ()  # extra per-unit metrics that `loss` sums
 
     def __init__(self, tokenizer: Any, max_length: int | None = None) -> None:
         self.encoder = SequenceEncoder(tokenizer, max_length)
         self.pad_token_id = pad_token_id(tokenizer)
 
     def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
+        """Tokenise every record (warning once if any sequence had to be cut to max_length)."""
+        before = self.encoder.num_truncated
+        examples = [Example(i, self.encode_record(record)) for i, record in enumerate(records)]
+        truncated = self.encoder.num_truncated - before
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {sum(len(e.sequences) for e in examples)} sequences exceed "
+                f"max_length={self.encoder.max_length} tokens and were truncated (prompt cut from the left)",
+                stacklevel=2,
+            )
+        return examples
+
+    def encode_record(self, record: Mapping[str, str]) -> tuple[EncodedSequence, ...]:
         raise NotImplementedError
 
     def units(self, example: Example) -> int:
@@ -383,10 +397,8 @@ class SFTObjective(Objective):
 
     name = "sft"
 
-    def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
-        return [
-            Example(i, (self.encoder.encode(r["prompt"], r["completion"]),)) for i, r in enumerate(records)
-        ]
+    def encode_record(self, record: Mapping[str, str]) -> tuple[EncodedSequence, ...]:
+        return (self.encoder.encode(record["prompt"], record["completion"]),)
 
     def units(self, example: Example) -> int:
         return example.sequences[0].num_targets
@@ -401,6 +413,7 @@ class DPOObjective(Objective):
     """Sigmoid DPO against the frozen base model, averaged over pairs."""
 
     name = "dpo"
+    metric_names = ("reward_margin", "reward_accuracy")
 
     def __init__(self, tokenizer: Any, max_length: int | None = None, beta: float = 0.5) -> None:
         super().__init__(tokenizer, max_length)
@@ -408,17 +421,12 @@ class DPOObjective(Objective):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta = float(beta)
 
-    def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
-        return [
-            Example(
-                i,
-                (
-                    self.encoder.encode(r["prompt"], r["chosen"]),
-                    self.encoder.encode(r["prompt"], r["rejected"]),
-                ),
-            )
-            for i, r in enumerate(records)
-        ]
+    def encode_record(self, record: Mapping[str, str]) -> tuple[EncodedSequence, ...]:
+        prompt = record["prompt"]
+        return (
+            self.encoder.encode(prompt, record["chosen"]),
+            self.encoder.encode(prompt, record["rejected"]),
+        )
 
     def units(self, example: Example) -> int:
         return 1
@@ -472,7 +480,8 @@ def loss_sums(
 ) -> dict[str, float]:
     """{"loss": summed loss, "units": its count, metric sums...} over `examples`, without gradients."""
     objective.prepare(scorer, examples, batch_size, device)
-    sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
+    # Every key is present even for an empty shard, so processes can all-reduce the same vector.
+    sums: dict[str, float] = {"loss": 0.0, "units": 0.0, **dict.fromkeys(objective.metric_names, 0.0)}
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             out = objective.loss(scorer, examples[start : start + batch_size], device)

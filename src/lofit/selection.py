@@ -29,6 +29,11 @@ from .objectives import as_records, make_objective
 from .trainer import TrainingConfig, seed_everything, train_adapter
 
 METHODS = ("lofit", "random", "probe")
+SCORE_MEANING = {
+    "lofit": "L2 norm of the head's scale A after L1-regularised training",
+    "probe": "validation accuracy of the head's logistic-regression probe (ties: lower validation loss)",
+    "random": "uniform random number (seeded)",
+}
 FORMAT_NAME = "lofit-head-selection"
 FORMAT_VERSION = 1
 
@@ -217,6 +222,7 @@ def select_heads(
         "num_train": len(records),
         "num_val": len(val_records or []),
         "model_type": geometry.model_type,
+        "score": SCORE_MEANING[method],
         "settings": {k: v for k, v in vars(config).items() if k not in ("output_dir", "progress")},
     }
     if method == "random":
