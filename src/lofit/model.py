@@ -30,7 +30,11 @@ class LofitModel(nn.Module):
         self.lofit_config: dict[str, LofitConfig] = {}
         self.active_adapter: str = adapter_name
         self._wrap_projections()
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self.unload()  # a bad config must not leave the caller's model wrapped
+            raise
 
     # ----------------------------------------------------------------------------------- plumbing
     def __getattr__(self, name: str) -> Any:

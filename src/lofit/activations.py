@@ -1,0 +1,125 @@
+"""Per-head activations: each head's z (its slice of the attention output projection's input).
+
+Used by probe-based head selection and by the ITI baseline. A forward pre-hook on every layer's output
+projection keeps only the requested token positions, so memory is [N, layers, heads, head_dim]. On a
+`LofitModel` the hook sits on the wrapper, so it records z before any LoFiT edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import HeadGeometry, find_output_projections
+from .model import LofitModel
+from .objectives import pad_token_id, tokenize_text
+
+
+def head_activations(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[int] | None = None,
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    target_modules: list[str] | None = None,
+) -> torch.Tensor:
+    """z of every head at one position per sequence (default: its last token): fp32 [N, L, H, d] on CPU.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    >>> head_activations(base, [[1, 2, 3], [4, 5]]).shape
+    torch.Size([2, 2, 4, 8])
+    """
+    if positions is None:
+        positions = [len(s) - 1 for s in sequences]
+    if len(positions) != len(sequences):
+        raise ValueError(f"got {len(positions)} positions for {len(sequences)} sequences")
+    for index, (sequence, position) in enumerate(zip(sequences, positions, strict=True)):
+        if not sequence or not 0 <= position < len(sequence):
+            raise ValueError(f"sequence {index}: position {position} is outside its {len(sequence)} tokens")
+    causal_lm = model.base_model if isinstance(model, LofitModel) else model
+    geometry: HeadGeometry = (
+        model.geometry if isinstance(model, LofitModel) else find_output_projections(model, target_modules)
+    )
+    device = causal_lm.get_input_embeddings().weight.device  # type: ignore[operator]
+    captured: dict[int, torch.Tensor] = {}
+    rows = torch.empty(0, dtype=torch.long)
+    cols = torch.empty(0, dtype=torch.long)
+
+    def hook_for(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
+            hidden = args[0]
+            captured[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].detach().float().cpu()
+
+        return hook
+
+    sites = [causal_lm.get_submodule(site.name) for site in geometry.sites]
+    body = _decoder_body(causal_lm, sites)  # skipping the LM head saves the [B, T, vocab] logits
+    handles = [
+        module.register_forward_pre_hook(hook_for(site.layer))
+        for module, site in zip(sites, geometry.sites, strict=True)
+    ]
+    results = []
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start : start + batch_size]
+                width = max(len(s) for s in chunk)
+                input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, sequence in enumerate(chunk):
+                    input_ids[row, : len(sequence)] = torch.tensor(list(sequence))
+                    attention_mask[row, : len(sequence)] = 1
+                rows = torch.arange(len(chunk), device=device)
+                cols = torch.tensor(list(positions[start : start + batch_size]), device=device)
+                captured.clear()
+                body(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                )
+                stacked = torch.stack([captured[layer] for layer in range(geometry.num_layers)], dim=1)
+                results.append(
+                    stacked.view(len(chunk), geometry.num_layers, geometry.num_heads, geometry.head_dim)
+                )
+    finally:
+        for handle in handles:
+            handle.remove()
+        causal_lm.train(was_training)
+    return torch.cat(results)
+
+
+def _decoder_body(causal_lm: nn.Module, sites: list[nn.Module]) -> nn.Module:
+    """The decoder body (without LM head) if it contains every hooked module, else the whole model."""
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    try:
+        body = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return causal_lm
+    if not isinstance(body, nn.Module):
+        return causal_lm
+    inside = {id(m) for m in body.modules()}
+    return body if all(id(m) in inside for m in sites) else causal_lm
+
+
+def text_head_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """z of every head at the last token of each text: [N, L, H, d] (texts longer than max_length keep their end)."""
+    sequences = []
+    for text in texts:
+        ids = tokenize_text(tokenizer, text)
+        if not ids:
+            raise ValueError(f"text {text!r} produced no tokens")
+        sequences.append(ids[-max_length:] if max_length else ids)
+    return head_activations(model, sequences, batch_size=batch_size, pad_token_id=pad_token_id(tokenizer))

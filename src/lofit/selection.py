@@ -1,0 +1,402 @@
+"""Step 1 of LoFiT: rank every attention head (`select_heads`) and keep the ranking (`HeadSelection`).
+
+Methods: "lofit" trains a scale A on every head with an L1 penalty and ranks by ‖A‖₂; "probe" ranks by
+the validation accuracy of ITI-style per-head linear probes; "random" is a seeded random ranking. The
+base model is handed back exactly as it came (weights bit-identical, same requires_grad, mode, device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_json
+from .config import HeadMap, LofitConfig
+from .heads import HeadGeometry, find_output_projections
+from .layer import LofitProjection
+from .model import LofitModel, get_lofit_model
+from .objectives import as_records, make_objective
+from .trainer import TrainingConfig, seed_everything, train_adapter
+
+METHODS = ("lofit", "random", "probe")
+SCORE_MEANING = {
+    "lofit": "L2 norm of the head's scale A after L1-regularised training",
+    "probe": "validation accuracy of the head's logistic-regression probe (ties: lower validation loss)",
+    "random": "uniform random number (seeded)",
+}
+FORMAT_NAME = "lofit-head-selection"
+FORMAT_VERSION = 1
+
+
+class SelectionFileError(ValueError):
+    """A saved head selection cannot be read; the message names the file and the field."""
+
+
+# ------------------------------------------------------------------------------ HeadSelection
+@dataclass
+class HeadSelection:
+    """Scores of every head ([layers, heads]) and the full ranking, best first.
+
+    >>> sel = HeadSelection(torch.tensor([[0.1, 0.9], [0.5, 0.2]]), [(0, 1), (1, 0), (1, 1), (0, 0)], "lofit")
+    >>> sel.top(2)
+    {0: [1], 1: [0]}
+    """
+
+    scores: torch.Tensor
+    ranking: list[tuple[int, int]]
+    method: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
+        if self.scores.dim() != 2 or self.scores.numel() == 0:
+            raise ValueError(
+                f"scores must be a non-empty [layers, heads] matrix, got shape {tuple(self.scores.shape)}"
+            )
+        if not torch.isfinite(self.scores).all():
+            raise ValueError("scores contain NaN or inf values")
+        ranking = []
+        for entry in self.ranking:
+            if len(entry) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in entry):
+                raise ValueError(f"ranking entries must be (layer, head) integer pairs, got {entry!r}")
+            ranking.append((int(entry[0]), int(entry[1])))
+        expected = {(layer, head) for layer in range(self.num_layers) for head in range(self.num_heads)}
+        if len(ranking) != len(expected) or set(ranking) != expected:
+            raise ValueError(
+                f"ranking must list each of the {len(expected)} heads of a {self.num_layers}x{self.num_heads} "
+                f"model exactly once; got {len(ranking)} entries ({len(set(ranking) & expected)} valid, distinct)"
+            )
+        self.ranking = ranking
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def total_heads(self) -> int:
+        return self.num_layers * self.num_heads
+
+    def count(self, k: int | float) -> int:
+        """Number of heads that `k` asks for: an int count, or a float fraction in (0, 1] of all heads."""
+        total = self.total_heads
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            raise TypeError(f"k must be an int (number of heads) or a float in (0, 1], got {k!r}")
+        if isinstance(k, numbers.Integral):
+            k = int(k)
+            if not 1 <= k <= total:
+                raise ValueError(
+                    f"k={k} heads is out of range; this model has {total} heads (use 1..{total})"
+                )
+            return k
+        k = float(k)
+        if not (math.isfinite(k) and 0 < k <= 1):
+            raise ValueError(f"k={k} as a fraction of all heads must be in (0, 1]; for a count pass an int")
+        return max(1, math.floor(k * total + 0.5))
+
+    def top_heads(self, k: int | float) -> list[tuple[int, int]]:
+        """The best `k` heads as (layer, head) pairs, best first."""
+        return self.ranking[: self.count(k)]
+
+    def top(self, k: int | float) -> HeadMap:
+        """The best `k` heads as {layer: [heads]} (layers and heads sorted), ready for `train_offsets`."""
+        heads: HeadMap = {}
+        for layer, head in self.top_heads(k):
+            heads.setdefault(layer, []).append(head)
+        return {layer: sorted(heads[layer]) for layer in sorted(heads)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "scores": self.scores.tolist(),
+            "ranking": [list(entry) for entry in self.ranking],
+            "metadata": self.metadata,
+            "history": self.history,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the selection as JSON (atomically)."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HeadSelection:
+        """Read a selection written by `save`, checking every field."""
+        path = Path(path)
+        if not path.is_file():
+            raise SelectionFileError(f"{path}: no such head-selection file (write one with `lofit select`)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SelectionFileError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise SelectionFileError(
+                f"{path}: not a head-selection file (its 'format' is not {FORMAT_NAME!r})"
+            )
+        if data.get("version") != FORMAT_VERSION:
+            raise SelectionFileError(
+                f"{path}: head-selection format version {data.get('version')!r} is not supported "
+                f"(this lofit reads version {FORMAT_VERSION})"
+            )
+        for key in ("method", "scores", "ranking"):
+            if key not in data:
+                raise SelectionFileError(f"{path}: missing field {key!r}")
+        try:
+            scores = torch.tensor(data["scores"], dtype=torch.float32)
+            ranking = [tuple(entry) for entry in data["ranking"]]
+            selection = cls(
+                scores, ranking, str(data["method"]), data.get("metadata") or {}, data.get("history")
+            )
+        except (TypeError, ValueError) as error:
+            raise SelectionFileError(f"{path}: {error}") from None
+        for key in ("num_layers", "num_heads"):
+            if key in data and data[key] != getattr(selection, key):
+                raise SelectionFileError(f"{path}: {key}={data[key]} does not match the scores' shape")
+        return selection
+
+    def plot(
+        self, path: str | os.PathLike[str], k: int | float | None = None, title: str | None = None
+    ) -> None:
+        """Layers x heads heatmap of the scores (PNG); with `k`, the selected heads are boxed."""
+        from .plotting import plot_head_scores
+
+        selected = self.top(k) if k is not None else None
+        plot_head_scores(self.scores, Path(path), selected, title or f"head scores ({self.method})")
+
+
+def rank_heads(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """Every (layer, head), by score descending; ties by `tiebreak` ascending, then by position."""
+    num_heads = scores.shape[1]
+    flat = scores.flatten().tolist()
+    second = tiebreak.flatten().tolist() if tiebreak is not None else [0.0] * len(flat)
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], second[i], i))
+    return [(i // num_heads, i % num_heads) for i in order]
+
+
+# ------------------------------------------------------------------------------ select_heads
+def select_heads(
+    base_model: nn.Module,
+    tokenizer: Any,
+    train_data: Any,
+    method: str = "lofit",
+    objective: str = "sft",
+    **train_kwargs: Any,
+) -> HeadSelection:
+    """Rank every attention head of `base_model` for the task in `train_data`.
+
+    Keyword arguments: `val_data` and the `TrainingConfig` fields (epochs=5, batch_size=8, lr=5e-3,
+    l1=5e-4, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio, precision,
+    init_std=1e-3, output_dir, progress, ...); `probe_l2` (1.0) for method "probe". Methods "random" and
+    "probe" accept the training options and ignore those they do not use.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    val_data = train_kwargs.pop("val_data", None)
+    probe_l2 = float(train_kwargs.pop("probe_l2", 1.0))
+    config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", lr=5e-3, l1=5e-4)
+    check_plain_model(base_model, "select_heads")
+    records = as_records(train_data, objective, "train_data")
+    val_records = (
+        as_records(val_data, objective, "val_data") if val_data is not None and len(val_data) else None
+    )
+    geometry = find_output_projections(base_model)
+    metadata: dict[str, Any] = {
+        "objective": objective,
+        "num_train": len(records),
+        "num_val": len(val_records or []),
+        "model_type": geometry.model_type,
+        "score": SCORE_MEANING[method],
+        "settings": {k: v for k, v in vars(config).items() if k not in ("output_dir", "progress")},
+    }
+    if method == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
+        return HeadSelection(scores, rank_heads(scores), method, metadata)
+    if method == "probe":
+        return _select_by_probe(
+            base_model, tokenizer, records, val_records, objective, config, probe_l2, metadata
+        )
+    scores, history = _select_by_lofit(base_model, tokenizer, records, val_records, objective, config)
+    return HeadSelection(scores, rank_heads(scores), method, metadata, history)
+
+
+def check_plain_model(model: nn.Module, owner: str) -> None:
+    if isinstance(model, LofitModel) or any(isinstance(m, LofitProjection) for m in model.modules()):
+        raise TypeError(
+            f"{owner}() needs the plain base model, but this one carries LoFiT adapters; pass the model "
+            "from LofitModel.unload() (or merge_and_unload()) instead"
+        )
+
+
+@dataclass
+class BaseModelState:
+    """requires_grad flags, train/eval mode and device of a model, to hand it back as it came."""
+
+    flags: list[tuple[nn.Parameter, bool]]
+    training: bool
+    devices: set[torch.device]
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> BaseModelState:
+        params = list(model.parameters())
+        return cls([(p, p.requires_grad) for p in params], model.training, {p.device for p in params})
+
+    def restore(self, model: nn.Module) -> None:
+        for param, flag in self.flags:
+            param.requires_grad_(flag)
+        model.train(self.training)
+        if len(self.devices) == 1:
+            device = next(iter(self.devices))
+            if next(model.parameters()).device != device:
+                model.to(device)
+
+
+@contextlib.contextmanager
+def preserved_base_model(model: nn.Module) -> Iterator[None]:
+    """Restore requires_grad flags, train/eval mode and device of `model` when the block ends."""
+    state = BaseModelState.capture(model)
+    try:
+        yield
+    finally:
+        state.restore(model)
+
+
+def _select_by_lofit(
+    base_model: nn.Module,
+    tokenizer: Any,
+    records: list[dict[str, str]],
+    val_records: list[dict[str, str]] | None,
+    objective: str,
+    config: TrainingConfig,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    task = make_objective(objective, tokenizer, config.max_length, config.beta)
+    train_examples = task.encode(records)
+    val_examples = task.encode(val_records) if val_records else None
+    with preserved_base_model(base_model):
+        seed_everything(config.seed)
+        model = get_lofit_model(
+            base_model, LofitConfig(heads=None, use_scale=True, use_offset=False, init_std=config.init_std)
+        )
+        try:
+            scales = model.adapter_parameters(kind="scale")
+            l1 = config.l1
+
+            def penalty() -> torch.Tensor:  # λ Σ|A| over every element of every head's scale
+                return l1 * torch.stack([scale.abs().sum() for scale in scales]).sum()
+
+            history = train_adapter(
+                model,
+                task,
+                train_examples,
+                config,
+                val_examples=val_examples,
+                regularizer=penalty if l1 > 0 else None,
+                description="select heads",
+            )
+            scores = _scale_norms(model, model.geometry)
+        finally:
+            model.unload()
+    return scores, history.to_dict()
+
+
+def _scale_norms(model: LofitModel, geometry: HeadGeometry) -> torch.Tensor:
+    scores = torch.zeros(geometry.num_layers, geometry.num_heads)
+    for layer, vectors in model.adapter_vectors().items():
+        assert vectors.scale is not None
+        scores[layer, vectors.heads.cpu()] = vectors.scale.detach().float().norm(dim=-1).cpu()
+    return scores
+
+
+# ------------------------------------------------------------------------------------- probe
+def _select_by_probe(
+    base_model: nn.Module,
+    tokenizer: Any,
+    records: list[dict[str, str]],
+    val_records: list[dict[str, str]] | None,
+    objective: str,
+    config: TrainingConfig,
+    l2: float,
+    metadata: dict[str, Any],
+) -> HeadSelection:
+    from .activations import text_head_activations
+    from .probe import probe_head_scores
+
+    if val_records is None:
+        if len(records) < 2:
+            raise ValueError(
+                "probe selection needs at least 2 train records (or val_data) to score the probes"
+            )
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        num_val = min(len(records) - 1, max(1, math.floor(0.2 * len(records) + 0.5)))
+        val_records = [records[i] for i in sorted(order[:num_val])]
+        records = [records[i] for i in sorted(order[num_val:])]
+        metadata["probe_validation"] = f"seeded 20% of train_data ({num_val} records)"
+    positives, negatives = probe_texts(records + val_records, objective, config.seed)
+    split = len(records)
+
+    def activations(texts: Sequence[str]) -> torch.Tensor:
+        return text_head_activations(
+            base_model,
+            tokenizer,
+            texts,
+            batch_size=config.validation_batch_size,
+            max_length=config.max_length,
+        )
+
+    def labelled(pos: Sequence[str], neg: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = activations([*pos, *neg])
+        return x, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long()
+
+    train_x, train_y = labelled(positives[:split], negatives[:split])
+    val_x, val_y = labelled(positives[split:], negatives[split:])
+    result = probe_head_scores(train_x, train_y, val_x, val_y, l2=l2)
+    metadata["probe"] = {
+        "l2": l2,
+        "num_train_examples": len(train_y),
+        "num_val_examples": len(val_y),
+        "negatives": "rejected responses" if objective == "dpo" else "another record's completion (seeded)",
+        "val_loss": result.val_loss.tolist(),
+        "train_accuracy": result.train_accuracy.tolist(),
+    }
+    return HeadSelection(
+        result.val_accuracy, rank_heads(result.val_accuracy, result.val_loss), "probe", metadata
+    )
+
+
+def probe_texts(records: Sequence[dict[str, str]], objective: str, seed: int) -> tuple[list[str], list[str]]:
+    """(true, false) texts per record: DPO prompt + chosen / rejected; SFT prompt + its completion /
+    prompt + a different record's completion (a seeded pick), the ITI-style contrast for generic SFT."""
+    if objective == "dpo":
+        return [r["prompt"] + r["chosen"] for r in records], [r["prompt"] + r["rejected"] for r in records]
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    negatives: list[str] = [""] * len(records)
+    for position, index in enumerate(order):
+        own = records[index]["completion"]
+        for shift in range(1, len(records)):
+            other = records[order[(position + shift) % len(records)]]["completion"]
+            if other != own:
+                negatives[index] = records[index]["prompt"] + other
+                break
+        else:
+            raise ValueError(
+                "probe selection with SFT records needs at least two different completions (the probe "
+                "contrasts a record's own completion with another record's)"
+            )
+    return [r["prompt"] + r["completion"] for r in records], negatives

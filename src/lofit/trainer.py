@@ -1,0 +1,379 @@
+"""The one training loop, on `accelerate`, used by head selection and offset tuning.
+
+`batch_size` is the number of records per optimizer step over all processes together; `grad_accum`
+splits each process's share into that many micro-batches. Every micro-batch's summed loss is divided by
+the global batch's unit count (scored tokens for SFT, pairs for DPO), so the update does not depend on
+how the batch is split: grad_accum and the number of GPUs are pure memory/speed knobs. The adapter's
+gradients are tiny, so they are averaged across processes with one all-reduce per step instead of
+wrapping the (frozen) base model in DistributedDataParallel. `accelerate launch` runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_text
+from .model import LofitModel
+from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_means
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+LOG_NAME = "train_log.jsonl"
+CURVE_NAME = "loss_curve.png"
+LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the message says what to change."""
+
+
+@dataclass
+class TrainingConfig:
+    """Training options understood by `select_heads` and `train_offsets` (defaults: METHOD.md §5)."""
+
+    epochs: int = field(default=5, metadata={"help": "passes over the training records"})
+    batch_size: int = field(default=8, metadata={"help": "records per optimizer step (all processes)"})
+    lr: float = field(default=1e-2, metadata={"help": "peak AdamW learning rate"})
+    l1: float = field(default=0.0, metadata={"help": "λ of the L1 penalty on the scales (selection)"})
+    beta: float = field(default=0.5, metadata={"help": "DPO temperature β"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0.01)"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
+    seed: int = field(default=42, metadata={"help": "seed of the adapter init and the data order"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps with linear warm-up"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (mixed, via accelerate)"})
+    init_std: float = field(default=1e-3, metadata={"help": "std of the N(0, σ) adapter init"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch records of similar length"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "validation batch (default 2x)"})
+    output_dir: str | None = field(default=None, metadata={"help": "write train_log.jsonl, loss_curve.png"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+
+    def __post_init__(self) -> None:
+        positive_ints = ("epochs", "batch_size", "grad_accum", "seed")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+        for name in ("lr", "l1", "weight_decay", "max_grad_norm", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        for name in ("max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any], *, owner: str, **defaults: Any) -> TrainingConfig:
+        """Build from user keyword arguments over `defaults`; unknown names raise a TypeError listing the known."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"{owner}() got unknown training option(s) {unknown}; known options: {known}")
+        return cls(**{**defaults, **kwargs})
+
+    @property
+    def validation_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+
+@dataclass
+class TrainingHistory:
+    """What a run did: one record per optimizer step, one per validation, and the settings."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def losses(self) -> list[float]:
+        return [record["loss"] for record in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingHistory:
+        return cls(
+            list(data.get("steps", [])),
+            list(data.get("validation", [])),
+            dict(data.get("settings", {})),
+            dict(data.get("summary", {})),
+        )
+
+    def to_jsonl(self) -> str:
+        records = [{"kind": "step", **r} for r in self.steps] + [
+            {"kind": "val", **r} for r in self.validation
+        ]
+        records.sort(key=lambda r: (r["step"], r["kind"] == "val"))  # a step, then the validation after it
+        return "".join(json.dumps(r) + "\n" for r in records)
+
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        from .plotting import plot_loss_curve
+
+        plot_loss_curve(self, path, title=title)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def make_accelerator(precision: str) -> Any:
+    """An Accelerator with this mixed precision (re-creating accelerate's process-wide state if needed)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = PRECISIONS[precision]
+    try:
+        return Accelerator(mixed_precision=mixed)
+    except ValueError as error:
+        # accelerate keeps one process-wide state; selection in fp32 then tuning in bf16 must still work.
+        if "already been initialized" not in str(error):
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(mixed_precision=mixed)
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def place_model(model: LofitModel, device: torch.device) -> torch.device:
+    """Move the model to `device` unless it is spread over several devices; return the input device."""
+    device_map = getattr(model.base_model, "hf_device_map", None)
+    spread = isinstance(device_map, dict) and len(set(device_map.values())) > 1
+    if not spread and next(model.parameters()).device != device:
+        model.to(device)
+    embeddings = model.base_model.get_input_embeddings()  # type: ignore[operator]
+    return embeddings.weight.device if embeddings is not None else device
+
+
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, group_by_length: bool
+) -> list[list[int]]:
+    """Shuffled record indices cut into batches; optionally sorted by length within chunks of 50 batches."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunk = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to 1, then linear decay to 0 at `total_steps` (as transformers' linear schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def split_micro_batches(examples: list[Example], parts: int) -> list[list[Example]]:
+    size = max(1, math.ceil(len(examples) / parts))
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train_adapter(
+    model: LofitModel,
+    objective: Objective,
+    train_examples: Sequence[Example],
+    config: TrainingConfig,
+    *,
+    val_examples: Sequence[Example] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    description: str = "training",
+) -> TrainingHistory:
+    """Train the active adapter's trainable vectors of `model` in place; return the history.
+
+    The loss of a step is the objective's batch mean plus `regularizer()` (e.g. λ·Σ|A|). The base model
+    runs in eval mode (no dropout), so the reference pass, validation and training see the same network.
+    """
+    accelerator = make_accelerator(config.precision)
+    device = place_model(model, accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    params = [p for p in model.adapter_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable adapter parameters; was it built with get_lofit_model?")
+    scorer = TokenScorer(model)
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.AdamW(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+        )
+    )
+    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, linear_schedule(total_steps, warmup_steps)
+    )
+    history = TrainingHistory(
+        settings={
+            **dataclasses.asdict(config),
+            "objective": objective.name,
+            "num_train": len(train_examples),
+            "num_val": len(val_examples or []),
+            "total_steps": total_steps,
+            "warmup_steps": warmup_steps,
+            "num_processes": world,
+            "trainable_params": sum(p.numel() for p in params),
+        }
+    )
+    output_dir = Path(config.output_dir) if config.output_dir and accelerator.is_main_process else None
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    lengths = [e.num_tokens for e in train_examples]
+    started = last_write = time.perf_counter()
+    tokens_seen = 0
+
+    def validate(epoch: int, step: int) -> None:
+        if not val_examples:
+            return
+        with accelerator.autocast():
+            sums = loss_sums(
+                objective, scorer, list(val_examples)[rank::world], config.validation_batch_size, device
+            )
+        if world > 1:
+            keys = sorted(sums)
+            reduced = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=device), "sum")
+            sums = dict(zip(keys, reduced.tolist(), strict=True))
+        means = sums_to_means(sums)
+        history.validation.append({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in means.items()}})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps, desc=description, disable=not (config.progress and accelerator.is_main_process)
+    )
+    step = 0
+    try:
+        with accelerator.autocast():
+            objective.prepare(scorer, train_examples, config.validation_batch_size, device)
+        validate(0, 0)
+        for epoch in range(1, config.epochs + 1):
+            for batch_indices in epoch_batches(lengths, config.batch_size, generator, config.group_by_length):
+                step_started = time.perf_counter()
+                examples = [train_examples[i] for i in batch_indices]
+                total_units = sum(objective.units(e) for e in examples)
+                lr = scheduler.get_last_lr()[0]
+                totals = torch.zeros(2, dtype=torch.float64)  # task-loss sum, its unit count
+                metric_sums: dict[str, float] = {}
+                for micro in split_micro_batches(examples[rank::world], config.grad_accum):
+                    with accelerator.autocast():
+                        out = objective.loss(scorer, micro, device)
+                    value = float(out.loss_sum.detach())
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(
+                            f"{description}: the loss became {value} at step {step + 1} (epoch {epoch}); "
+                            f"training stopped. Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' "
+                            "instead of 'fp16', or check the model and data"
+                        )
+                    accelerator.backward(out.loss_sum * (world / total_units))
+                    totals += torch.tensor([value, out.units], dtype=torch.float64)
+                    for key, metric in out.metric_sums.items():
+                        metric_sums[key] = metric_sums.get(key, 0.0) + metric
+                penalty = 0.0
+                if regularizer is not None:
+                    term = regularizer()
+                    accelerator.backward(term)
+                    penalty = float(term.detach())
+                if world > 1:
+                    _all_reduce_gradients(accelerator, params)
+                    totals = accelerator.reduce(totals.to(device), "sum").cpu()
+                grad_norm = _clip(accelerator, params, config.max_grad_norm)
+                if not math.isfinite(grad_norm) and config.precision != "fp16":
+                    raise NonFiniteLossError(
+                        f"{description}: the gradient norm became {grad_norm} at step {step + 1} (epoch "
+                        f"{epoch}); training stopped. Lower lr (now {config.lr:g}) or use precision 'fp32'"
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens = sum(e.num_tokens for e in examples)
+                tokens_seen += tokens
+                seconds = time.perf_counter() - step_started
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(totals[0] / max(float(totals[1]), 1.0)),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / max(seconds, 1e-9),
+                    "step_s": seconds,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+                if regularizer is not None:
+                    record["penalty"] = penalty
+                    record["total_loss"] = record["loss"] + penalty
+                if world == 1:  # metric sums are per process; report them only where they are complete
+                    record.update({k: v / max(total_units, 1) for k, v in metric_sums.items()})
+                history.steps.append(record)
+                if output_dir is not None and time.perf_counter() - last_write > LOG_EVERY_S:
+                    atomic_write_text(output_dir / LOG_NAME, history.to_jsonl())
+                    last_write = time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            validate(epoch, step)
+            if output_dir is not None:
+                atomic_write_text(output_dir / LOG_NAME, history.to_jsonl())
+    finally:
+        bar.close()
+        model.train(was_training)
+        elapsed = time.perf_counter() - started
+        history.summary = {
+            "steps": step,
+            "elapsed_s": elapsed,
+            "tokens": tokens_seen,
+            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "logits": scorer.mode,
+            "device": str(device),
+        }
+        if output_dir is not None:
+            atomic_write_text(output_dir / LOG_NAME, history.to_jsonl())
+    if output_dir is not None and history.steps:
+        history.plot(output_dir / CURVE_NAME, title=description)
+    return history
+
+
+def _all_reduce_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "mean")
+    offset = 0
+    for param in params:
+        param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+        offset += param.numel()
+
+
+def _clip(accelerator: Any, params: list[nn.Parameter], max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()
+    grads = [p.grad.flatten() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
