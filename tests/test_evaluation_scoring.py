@@ -65,31 +65,49 @@ def test_scores_equal_an_independent_oracle():
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_fast_equals_naive_on_truthfulqa_records(model_type):
+    """batch_size 2: one question at a time, options chunked; 16: questions packed (gemma2's window forbids)."""
     model, tokenizer = adapted(model_type), tiny_tokenizer()
     kwargs = {"instruction": INSTRUCTION, "primer": PRIMER, "progress": False, "return_details": True}
     naive = evaluate(model, tokenizer, "truthfulqa_mc", TQA_RECORDS, scorer="naive", **kwargs)
-    fast = evaluate(model, tokenizer, "truthfulqa_mc", TQA_RECORDS, scorer="fast", batch_size=2, **kwargs)
-    for a, b in zip(naive[1], fast[1], strict=True):
-        got = [b["score_best"], *b["scores_true"], *b["scores_false"]]
-        want = [a["score_best"], *a["scores_true"], *a["scores_false"]]
-        assert got == pytest.approx(want, abs=1e-4)
-    assert fast[0] == pytest.approx(naive[0], abs=1e-6)
+    for batch_size in (2, 16):
+        fast = evaluate(
+            model, tokenizer, "truthfulqa_mc", TQA_RECORDS, scorer="fast", batch_size=batch_size, **kwargs
+        )
+        for a, b in zip(naive[1], fast[1], strict=True):
+            got = [b["score_best"], *b["scores_true"], *b["scores_false"]]
+            want = [a["score_best"], *a["scores_true"], *a["scores_false"]]
+            assert got == pytest.approx(want, abs=1e-4)
+        assert fast[0] == pytest.approx(naive[0], abs=1e-6)
+
+
+def test_questions_are_packed_into_few_forward_passes():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    evaluate(
+        model, tokenizer, "truthfulqa_mc", TQA_RECORDS, instruction=INSTRUCTION, primer=PRIMER, progress=False
+    )
+    # The prefix once, then the three questions' shared parts together, then all 11 distinct answers in one batch.
+    assert shapes == [1, 3, 11]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_fast_equals_naive_without_a_shared_prefix_and_with_truncation(model_type, batch_size):
-    """Requests with different starts (no global prefix), options sharing a first token, max_length cuts."""
+    """Requests with different starts (no global prefix), options sharing a first token, max_length cuts,
+    and a single request (everything shared is the global prefix)."""
     model, tokenizer = adapted(model_type), tiny_tokenizer()
     requests = [
         ScoringRequest("The cat sat on the", [" mat", " matter", " hat", " m"]),
         ScoringRequest("A dog", [" barks.", " b", " barked loudly"]),
         ScoringRequest("Z", ["zz", "z"]),
     ]
-    for max_length in (None, 16):
+    for subset, max_length in [(requests, None), (requests, 16), (requests[1:2], None), (requests[2:], None)]:
         kwargs = {"progress": False, "max_length": max_length}
-        naive = score_continuations(model, tokenizer, requests, scorer="naive", **kwargs)
-        fast = score_continuations(model, tokenizer, requests, scorer="fast", batch_size=batch_size, **kwargs)
+        naive = score_continuations(model, tokenizer, subset, scorer="naive", **kwargs)
+        fast = score_continuations(model, tokenizer, subset, scorer="fast", batch_size=batch_size, **kwargs)
         for a, b in zip(naive, fast, strict=True):
             assert b == pytest.approx(a, abs=1e-4)
 

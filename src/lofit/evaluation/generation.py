@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .runtime import device_of, encode, inference
+from .runtime import device_of, encode_batch, inference
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def generate_greedy(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-    encoded = [encode(tokenizer, prompt) for prompt in prompts]
+    encoded = encode_batch(tokenizer, list(prompts))
     if max_length is not None:
         encoded = [ids[-max_length:] for ids in encoded]
     if any(not ids for ids in encoded):

@@ -35,12 +35,23 @@ def inference(model: nn.Module) -> Iterator[None]:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with the special tokens the tokenizer puts *in front* (BOS), none appended.
+    """Token ids of `text` with the special tokens the tokenizer puts *in front* (BOS), none appended."""
+    return encode_batch(tokenizer, [text])[0]
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`encode` for many texts at once (one batched tokenizer call each way).
 
     A tokenizer that appends EOS would otherwise make every scored continuation end in EOS.
     """
-    full: list[int] = tokenizer(text)["input_ids"]
-    bare: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not texts:
+        return []
+    fulls: list[list[int]] = tokenizer(texts)["input_ids"]
+    bares: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [_drop_appended(full, bare) for full, bare in zip(fulls, bares, strict=True)]
+
+
+def _drop_appended(full: list[int], bare: list[int]) -> list[int]:
     if len(full) > len(bare):
         for start in range(len(full) - len(bare) + 1):
             if full[start : start + len(bare)] == bare:
@@ -66,9 +77,11 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def forward(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+def forward(
+    model: nn.Module, input_ids: torch.Tensor, cache: Any = None, **extra: Any
+) -> tuple[torch.Tensor, Any]:
     """Run `model` on `input_ids` continuing `cache` (None: from scratch); return (logits, the updated cache)."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True, **extra}
     if cache is not None:
         kwargs[cache_kwarg(model)] = cache
     output = model(**kwargs)
@@ -76,3 +89,11 @@ def forward(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tup
     if new_cache is None:
         new_cache = getattr(output, "past_key_values", None)
     return output.logits, new_cache
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's attention window if its config declares one (None: full attention everywhere)."""
+    config: Any = causal_lm(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "sliding_window", None)
+    return window if isinstance(window, int) else None

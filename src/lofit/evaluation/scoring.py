@@ -1,12 +1,14 @@
 """Log-probability scoring of continuations: score(c | x) = Σ log p(token | everything before it) over c's tokens.
 
-Two scorers compute the same numbers:
-- "naive": one forward pass per (context, continuation) from scratch — the reference.
-- "fast": the longest token prefix shared by *all* requests (e.g. TruthfulQA's instruction + 6-shot
-  primer) is run once per call and its KV cache reused; per request, the part shared by its
-  continuations (the question) is run once more on top of it; then all continuations of the request
-  are scored in one batched pass from that cache (right-padded; causal attention never lets a real
-  token see the padding, so no attention mask is needed).
+Two scorers compute the same numbers (fp32: within ~1e-4):
+- "naive": one forward pass per (context, continuation), from scratch — the reference.
+- "fast": (1) the longest token prefix shared by *all* requests (TruthfulQA: instruction + 6-shot
+  primer + "\n\nQ:") runs once per call and its KV cache is reused by everything after; (2) the part
+  each request's continuations share (its question) runs once per request, several requests per
+  forward pass, right-padded; (3) all continuations of those requests run in batched passes, each row
+  continuing its request's cache row, with an attention mask hiding step 2's padding and explicit
+  position ids. Right padding at the end of a row needs no mask: causal attention never lets a real
+  token see it.
 
 The answer boundary is found robustly: tokenise the context and context + continuation; the scored
 tokens are those past their longest common prefix (normally exactly the context's tokens).
@@ -14,7 +16,8 @@ tokens are those past their longest common prefix (normally exactly the context'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .kv_cache import fork_cache
-from .runtime import common_prefix_length, device_of, encode, forward, inference
+from .kv_cache import fork_cache, select_cache_rows
+from .runtime import common_prefix_length, device_of, encode_batch, forward, inference, sliding_window
 
 Scorer = Literal["fast", "naive"]
 
@@ -61,7 +64,7 @@ def score_continuations(
         raise ValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokenized = [_tokenize(tokenizer, request, index, max_length) for index, request in enumerate(requests)]
+    tokenized = _tokenize_all(tokenizer, requests, max_length)
     bar = tqdm(total=len(tokenized), desc=f"scoring ({scorer})", disable=not progress, leave=False)
     with inference(model):
         if scorer == "naive":
@@ -72,13 +75,26 @@ def score_continuations(
     return scores
 
 
-def _tokenize(tokenizer: Any, request: ScoringRequest, index: int, max_length: int | None) -> _Tokenized:
-    if not request.continuations:
-        raise ValueError(f"scoring request {index} has no continuations")
-    context_ids = encode(tokenizer, request.context)
+def _tokenize_all(
+    tokenizer: Any, requests: Sequence[ScoringRequest], max_length: int | None
+) -> list[_Tokenized]:
+    texts: list[str] = []
+    for index, request in enumerate(requests):
+        if not request.continuations:
+            raise ValueError(f"scoring request {index} has no continuations")
+        texts.append(request.context)
+        texts.extend(request.context + continuation for continuation in request.continuations)
+    encoded = iter(encode_batch(tokenizer, texts))
+    return [_boundaries(request, index, encoded, max_length) for index, request in enumerate(requests)]
+
+
+def _boundaries(
+    request: ScoringRequest, index: int, encoded: Iterator[list[int]], max_length: int | None
+) -> _Tokenized:
+    context_ids = next(encoded)
     sequences, boundaries = [], []
     for continuation in request.continuations:
-        ids = encode(tokenizer, request.context + continuation)
+        ids = next(encoded)
         boundary = common_prefix_length([context_ids, ids])
         if boundary == len(ids):
             raise ValueError(f"request {index}: continuation {continuation!r} adds no tokens to its context")
@@ -123,61 +139,127 @@ def _score_fast(
     everything = [ids for item in tokenized for ids in item.sequences]
     # The global prefix stops before the first continuation token of any sequence.
     global_length = min(common_prefix_length(everything), min(min(item.boundaries) for item in tokenized))
-    global_cache, global_last = None, None
+    prefix = _Prefix(global_length, None, None)
     if global_length > 0:
-        logits, global_cache = forward(model, torch.tensor([everything[0][:global_length]], device=device))
-        global_last = logits[0, -1:]  # predicts token `global_length`
-    return [
-        _score_request(model, item, global_length, global_cache, global_last, batch_size, bar)
-        for item in tokenized
-    ]
-
-
-def _score_request(
-    model: nn.Module,
-    item: _Tokenized,
-    global_length: int,
-    global_cache: Any,
-    global_last: torch.Tensor | None,
-    batch_size: int,
-    bar: Any,
-) -> list[float]:
-    device = device_of(model)
-    sequences = item.sequences
-    # Shared part of this request; every continuation keeps at least one token for the batched pass.
-    shared_length = min(common_prefix_length(sequences), min(len(ids) for ids in sequences) - 1)
-    cache = global_cache
-    # shared_logits[k] are the logits at position `first_position + k`.
-    pieces = [] if global_last is None else [global_last]
-    first_position = global_length - 1 if global_last is not None else global_length
-    if shared_length > global_length:
-        start = None if global_cache is None else fork_cache(global_cache, 1)
-        shared_ids = torch.tensor([sequences[0][global_length:shared_length]], device=device)
-        logits, cache = forward(model, shared_ids, start)
-        pieces.append(logits[0])
-    shared_logits = torch.cat(pieces) if pieces else None
-
-    scores: list[float] = []
-    for begin in range(0, len(sequences), batch_size):
-        chunk = range(begin, min(begin + batch_size, len(sequences)))
-        suffixes = [sequences[j][shared_length:] for j in chunk]
-        width = max(len(s) for s in suffixes)
-        padded = torch.tensor([s + [s[-1]] * (width - len(s)) for s in suffixes], device=device)
-        start = None if cache is None else fork_cache(cache, len(chunk))
-        suffix_logits, _ = forward(model, padded, start)
-        for row, j in enumerate(chunk):
-            ids, boundary = sequences[j], item.boundaries[j]
-            # Logits at position p predict token p + 1; positions < shared_length come from the shared passes.
-            rows = []
-            if boundary - 1 < shared_length:
-                assert shared_logits is not None
-                rows.append(shared_logits[boundary - 1 - first_position : shared_length - first_position])
-            rows.append(
-                suffix_logits[
-                    row, max(boundary - 1, shared_length) - shared_length : len(ids) - 1 - shared_length
-                ]
-            )
-            targets = torch.tensor(ids[boundary:], device=device)
-            scores.append(_target_logprobs(torch.cat(rows), targets).sum().item())
-    bar.update(1)
+        logits, cache = forward(model, torch.tensor([everything[0][:global_length]], device=device))
+        prefix = _Prefix(global_length, cache, logits[0, -1:])
+    # Packing requests pads their shared parts in the middle of a row; a sliding window would count the
+    # padding as distance, so models with a window shorter than that run one request at a time.
+    window = sliding_window(model)
+    longest = max(len(ids) for ids in everything)
+    pack_size = batch_size if window is None or 2 * longest < window else 1
+    scores: list[list[float]] = []
+    for pack in _packs(tokenized, pack_size):
+        scores.extend(_score_pack(model, pack, prefix, batch_size))
+        bar.update(len(pack))
     return scores
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    length: int  # tokens shared by every sequence of the call
+    cache: Any  # their KV cache (batch 1), None when length == 0
+    last_logits: torch.Tensor | None  # [1, vocab] at position length - 1
+
+
+def _packs(tokenized: list[_Tokenized], size: int) -> list[list[_Tokenized]]:
+    """Consecutive requests in groups of `size`."""
+    return [tokenized[i : i + size] for i in range(0, len(tokenized), size)]
+
+
+def _score_pack(
+    model: nn.Module, pack: list[_Tokenized], prefix: _Prefix, batch_size: int
+) -> list[list[float]]:
+    """Score up to `batch_size` requests: one pass over their shared parts, then batched continuation passes.
+
+    Step 2 runs each request's shared part (e.g. its question) after the global prefix, right-padded to a
+    common width. Step 3 runs the continuations on top, `batch_size` rows at a time, each row starting
+    from its request's cache row; an attention mask hides the step-2 padding and explicit position ids
+    skip it.
+    """
+    device = device_of(model)
+    start = prefix.length
+    # Each request's shared part; every continuation keeps at least one token for step 3.
+    shared = [
+        min(common_prefix_length(it.sequences), min(len(ids) for ids in it.sequences) - 1) for it in pack
+    ]
+    width2 = max(shared) - start
+    logits2, cache2 = None, prefix.cache
+    if width2 > 0:
+        rows2 = [it.sequences[0][start:end] for it, end in zip(pack, shared, strict=True)]
+        ids2 = torch.tensor([r + [0] * (width2 - len(r)) for r in rows2], device=device)
+        logits2, cache2 = forward(
+            model, ids2, None if prefix.cache is None else fork_cache(prefix.cache, len(pack))
+        )
+
+    rows3 = [(r, j) for r, it in enumerate(pack) for j in range(len(it.sequences))]
+    results = [[0.0] * len(it.sequences) for it in pack]
+    for begin in range(0, len(rows3), batch_size):
+        chunk = rows3[begin : begin + batch_size]
+        suffixes = [pack[r].sequences[j][shared[r] :] for r, j in chunk]
+        width3 = max(len(s) for s in suffixes)
+        ids3 = torch.tensor([s + [0] * (width3 - len(s)) for s in suffixes], device=device)
+        request_rows = torch.tensor([r for r, _ in chunk], device=device)
+        if width2 > 0 and all(shared[r] == start + width2 for r, _ in chunk):  # no step-2 padding to hide
+            logits3, _ = forward(model, ids3, select_cache_rows(cache2, request_rows))
+        elif width2 > 0:
+            mask = torch.ones(len(chunk), start + width2 + width3, dtype=torch.long)  # built on the host
+            for row, (r, _) in enumerate(chunk):
+                mask[row, shared[r] : start + width2] = 0
+            positions = torch.tensor([[shared[r] + t for t in range(width3)] for r, _ in chunk])
+            logits3, _ = forward(
+                model,
+                ids3,
+                select_cache_rows(cache2, request_rows),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+            )
+        else:  # no step 2: the continuations follow the global prefix directly
+            logits3, _ = forward(model, ids3, None if cache2 is None else fork_cache(cache2, len(chunk)))
+        sums = _chunk_scores(pack, chunk, shared, prefix, logits2, logits3)
+        for (r, j), value in zip(chunk, sums, strict=True):
+            results[r][j] = value
+    return results
+
+
+def _chunk_scores(
+    pack: list[_Tokenized],
+    chunk: list[tuple[int, int]],
+    shared: list[int],
+    prefix: _Prefix,
+    logits2: torch.Tensor | None,
+    logits3: torch.Tensor,
+) -> list[float]:
+    """Σ log p over each chunk row's continuation tokens, gathering every needed logit row in one go per source.
+
+    The logits at position p predict token p + 1; position p lives in the global prefix's last row
+    (p = prefix.length - 1), in step 2 (p < the request's shared length) or in step 3.
+    """
+    start = prefix.length
+    sources: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {
+        name: ([], [], [], []) for name in ("prefix", "step2", "step3")
+    }
+    for row, (r, j) in enumerate(chunk):
+        ids, boundary = pack[r].sequences[j], pack[r].boundaries[j]
+        for p in range(boundary - 1, len(ids) - 1):
+            if p == start - 1:
+                name, batch, position = "prefix", 0, 0
+            elif p < shared[r]:
+                name, batch, position = "step2", r, p - start
+            else:
+                name, batch, position = "step3", row, p - shared[r]
+            for column, value in zip(sources[name], (batch, position, ids[p + 1], row), strict=True):
+                column.append(value)
+    tables = {"prefix": prefix.last_logits, "step2": logits2, "step3": logits3}
+    sums = torch.zeros(len(chunk), dtype=torch.float32, device=logits3.device)
+    for name, (batches, positions, tokens, rows) in sources.items():
+        if not rows:
+            continue
+        table = tables[name]
+        assert table is not None
+        if table.dim() == 2:  # the prefix's [1, vocab] row
+            table = table[:, None, :]
+        index = functools.partial(torch.tensor, device=logits3.device)
+        selected = table[index(batches), index(positions)]
+        sums.index_add_(0, index(rows), _target_logprobs(selected, index(tokens)))
+    return sums.tolist()
