@@ -27,16 +27,44 @@ def test_parse_k_int_and_fraction() -> None:
 
 def test_run_parser_has_api_options() -> None:
     args = build_parser().parse_args(
-        ["run", "--task", "truthfulqa", "--out", "d", "--k", "0.03", "--select-method", "random", "--epochs", "2",
-         "--batch-size", "4", "--lr-select", "1e-3", "--lr-train", "1e-2", "--l1", "1e-3", "--seed", "1",
-         "--max-train", "10", "--max-test", "5", "--fold", "1"]
+        [
+            "run",
+            "--task",
+            "truthfulqa",
+            "--out",
+            "d",
+            "--k",
+            "0.03",
+            "--select-method",
+            "random",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr-select",
+            "1e-3",
+            "--lr-train",
+            "1e-2",
+            "--l1",
+            "1e-3",
+            "--seed",
+            "1",
+            "--max-train",
+            "10",
+            "--max-test",
+            "5",
+            "--fold",
+            "1",
+        ]
     )
     assert (args.k, args.select_method, args.epochs, args.fold, args.max_test) == (0.03, "random", 2, 1, 5)
 
 
 def test_missing_training_file_is_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.jsonl"
-    code, err = run_cli(["run", "--task", "sft", "--train", str(missing), "--out", str(tmp_path / "o")], capsys)
+    code, err = run_cli(
+        ["run", "--task", "sft", "--train", str(missing), "--out", str(tmp_path / "o")], capsys
+    )
     assert code == 2
     assert "nope.jsonl" in err and "Traceback" not in err
 
@@ -47,7 +75,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, capsys: pytest.Capt
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps({"prompt": "a", "answers": ["b"]}) + "\n")
     code, err = run_cli(
-        ["run", "--task", "sft", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "o")], capsys
+        ["run", "--task", "sft", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "o")],
+        capsys,
     )
     assert code == 2
     assert "train.jsonl" in err and "line 2" in err and "Traceback" not in err
@@ -66,5 +95,98 @@ def test_unknown_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_console_script_version() -> None:
-    result = subprocess.run([sys.executable, "-m", "lofit", "--version"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "lofit", "--version"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and result.stdout.startswith("lofit ")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_run_generic_mc_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    questions = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(12)]
+    train = _write_jsonl(tmp_path / "train.jsonl", questions[:8])
+    test = _write_jsonl(tmp_path / "test.jsonl", questions[8:])
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            "--task",
+            "mc",
+            "--model",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--k",
+            "3",
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["base"]) >= {"accuracy"} and set(metrics["lofit"]) >= {"accuracy"}
+    assert len(metrics["heads"]) == 3 and metrics["trainable_params"] == 3 * 8
+    for name in (
+        "heads.json",
+        "heads.png",
+        "report.md",
+        "adapter/lofit_config.json",
+        "adapter/lofit_model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    assert "| accuracy |" in (out / "report.md").read_text()
+
+
+def test_run_generic_dpo_then_eval_and_merge(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = [{"prompt": f"Q: {i}+1? A:", "chosen": f" {i + 1}", "rejected": f" {i + 2}"} for i in range(10)]
+    train = _write_jsonl(tmp_path / "train.jsonl", pairs[:6])
+    test = _write_jsonl(tmp_path / "test.jsonl", pairs[6:])
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_model_dir), "--train", str(train), "--test", str(test)]
+    code = main(
+        ["run", "--task", "dpo", *args, "--out", str(out), "--epochs", "1", "--k", "2", "--no-progress"]
+    )
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    code = main(["eval", "--task", "dpo", *args, "--adapter", str(out / "adapter"), "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == pytest.approx(metrics["lofit"]["accuracy"])
+    code = main(
+        [
+            "merge",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            str(out / "adapter"),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert code == 0 and (tmp_path / "m" / "config.json").is_file()

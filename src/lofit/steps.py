@@ -100,7 +100,7 @@ def run_training(
 
 
 def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, **data.task.eval_options}
     if data.task.extraction is not None:
         kwargs["extraction"] = data.task.extraction
     if data.task.eval_task == "exact_match" and data.task.max_new_tokens is not None:

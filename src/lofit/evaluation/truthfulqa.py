@@ -25,16 +25,13 @@ FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers")
 
 
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """`data_dir`, else $LOFIT_DATA_DIR, else the nearest `shared/data` above the cwd or this package."""
-    if data_dir is not None:
-        return Path(data_dir)
-    if os.environ.get("LOFIT_DATA_DIR"):
-        return Path(os.environ["LOFIT_DATA_DIR"])
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            if (folder / "shared" / "data").is_dir():
-                return folder / "shared" / "data"
-    return None
+    """The data root holding `truthfulqa/` (lofit.tasks' search order), or None when there is none."""
+    from ..tasks import DataError, resolve_data_dir
+
+    try:
+        return resolve_data_dir(None if data_dir is None else Path(data_dir), "truthfulqa")
+    except DataError:
+        return Path(data_dir) if data_dir is not None else None
 
 
 def load_prompt_parts(data_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:

@@ -25,9 +25,7 @@ from .datadir import benchmark_dir, find_split_file
 from .errors import DataError
 from .readers import RawRow, read_rows
 from .records import Record, validate_record
-from .task import Task, generic_defaults
-
-MC_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+from .task import MC_PROMPT_TEMPLATE, Task, generic_defaults
 
 
 def mc_prompt(question: str) -> str:

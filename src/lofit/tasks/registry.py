@@ -107,6 +107,7 @@ def _generic_task(name: str, train_file: FileArg, val_file: FileArg, test_file: 
         raise DataError(None, None, None, f"the {name!r} task reads your own files", f"pass {flag}")
     eval_task: str = "mc" if objective == "dpo" else "exact_match"
     test: list[Record] = []
+    eval_options: dict[str, str] = {}
     if test_file is not None:
         test_kind, records = load_records_with_kind(test_file)
         if name in ("mc", "exact_match"):
@@ -114,6 +115,8 @@ def _generic_task(name: str, train_file: FileArg, val_file: FileArg, test_file: 
         else:  # training-format test files are scored in the matching evaluation format
             eval_task = {"sft": "exact_match", "dpo": "mc"}.get(test_kind, test_kind)
         test = convert_records(records, test_kind, eval_task, describe_source(test_file))
+        if test_kind == "dpo":  # the prompt is scored verbatim, the answers appended without a separator
+            eval_options = {"prompt_template": "{question}", "choice_template": "{choice}"}
     train = _load_as(train_file, objective) if train_file is not None else []
     val, val_eval = _load_val(val_file, objective, eval_task) if val_file is not None else ([], [])
     sources = {k: str(v) for k, v in (("train", train_file), ("val", val_file), ("test", test_file)) if v}
@@ -127,6 +130,7 @@ def _generic_task(name: str, train_file: FileArg, val_file: FileArg, test_file: 
         test=test,
         defaults=generic_defaults(objective),
         sources=sources,
+        eval_options=eval_options,
     )
 
 

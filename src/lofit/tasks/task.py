@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from .records import Record
 
+MC_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+
 Objective = Literal["sft", "dpo"]
 EvalTask = Literal["truthfulqa_mc", "mc", "exact_match"]
 Extraction = Literal["mquake", "clutrr"]
@@ -51,6 +53,7 @@ class Task:
     - `max_new_tokens`: greedy generation length for "exact_match" (16, as LoFiT), else None.
     - `defaults`: per-task hyperparameters (l1, lr_select, lr_train, epochs, batch_size, k, beta for DPO).
     - `sources`: where each split came from; `info`: extra facts (fold, seed, sampled ids, ...).
+    - `eval_options`: keyword arguments for `lofit.evaluation.evaluate` (the "mc" prompt templates).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Task:
     defaults: dict[str, float | int] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    eval_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in ("sft", "dpo"):
@@ -77,6 +81,9 @@ class Task:
             raise ValueError(f"Task.extraction must be None, 'mquake' or 'clutrr', got {self.extraction!r}")
         if self.eval_task == "exact_match" and self.max_new_tokens is None:
             self.max_new_tokens = GENERATION_MAX_NEW_TOKENS
+        if self.eval_task == "mc" and not self.eval_options:
+            # Score options exactly as SFT training on "mc" records presents them (mc_to_sft).
+            self.eval_options = {"prompt_template": MC_PROMPT_TEMPLATE, "choice_template": " {choice}"}
 
     def summary(self) -> str:
         """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc test 409"."""
