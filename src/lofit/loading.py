@@ -188,10 +188,20 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = dict(model_kwargs or {})
+    # safetensors only: a pickled pytorch_model.bin can run arbitrary code when loaded.
+    kwargs: dict[str, Any] = {"use_safetensors": True, **(model_kwargs or {})}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if "safetensors" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"{path} has no safetensors weights (model.safetensors); lofit never loads pickled weights such as "
+            "pytorch_model.bin. Convert the checkpoint once in a trusted environment with "
+            "`model.save_pretrained(directory)` (safetensors by default) and pass that directory"
+        ) from None
     return model, tokenizer
 
 
@@ -279,7 +289,7 @@ def load_model(
             directory = bundled_checkpoint(name, cache_dir)
             try:
                 model, tokenizer = _from_pretrained(str(directory), dtype, model_kwargs)
-            except (OSError, ValueError, SafetensorError) as error:
+            except (OSError, ValueError, SafetensorError, ModelLoadError) as error:
                 raise ModelLoadError(
                     f"the cached copy of {name!r} in {directory} cannot be loaded ({error}); delete that "
                     "directory and it is rebuilt from the GGUF file"
@@ -301,6 +311,11 @@ def load_model(
             )
         else:
             model, tokenizer = _from_pretrained(source, dtype, model_kwargs)
+    except SafetensorError as error:
+        raise ModelLoadError(
+            f"cannot load model {source!r}: a .safetensors weights file is corrupt or truncated ({error}); "
+            "download or save the model again"
+        ) from None
     except OSError as error:
         raise ModelLoadError(
             f"cannot load model {source!r}: {str(error).rstrip('.')}. Pass a local model directory, a "

@@ -52,7 +52,9 @@ def load(options: RunOptions) -> tuple[nn.Module, Any, float]:
     from .loading import load_model
 
     start = time.perf_counter()
-    model, tokenizer = load_model(options.model)
+    model, tokenizer = load_model(
+        options.model, device_map=options.device_map, quantization=options.quantization
+    )
     return model, tokenizer, time.perf_counter() - start
 
 
@@ -60,9 +62,22 @@ def default_k(options: RunOptions, data: PreparedData) -> float | int:
     return options.k if options.k is not None else data.task.defaults.get("k", 0.1)
 
 
+def check_k(k: float | int, model: nn.Module) -> None:
+    """Fail on a k this model cannot take before training, not after it."""
+    import torch
+
+    from .heads import find_output_projections
+    from .selection import HeadSelection, rank_heads
+
+    geometry = find_output_projections(model)
+    scores = torch.zeros(geometry.num_layers, geometry.num_heads)
+    HeadSelection(scores, rank_heads(scores), "check").count(k)
+
+
 def run_selection(options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: Any) -> Any:
     from .selection import select_heads
 
+    check_k(default_k(options, data), model)
     out = Path(options.out)
     selection = select_heads(
         model,
