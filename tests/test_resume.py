@@ -129,7 +129,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(  # type: ignore[no-u
     assert resumed.training_history.settings["resumed_from_step"] == resumed_from
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # stale temporaries removed
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000006"]  # the final one
-    assert sorted(p.name for p in (checkpoints / "step-00000006").iterdir()) == sorted([TENSORS_NAME, STATE_NAME])
+    assert sorted(p.name for p in (checkpoints / "step-00000006").iterdir()) == sorted(
+        [TENSORS_NAME, STATE_NAME]
+    )
 
 
 def interrupt_after(monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]

@@ -106,10 +106,18 @@ def run(options: RunOptions) -> dict[str, Any]:
     """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}."""
     from .evaluation import evaluate
     from .report import write_report
-    from .steps import default_k, evaluation_kwargs, load, prepare_data, run_selection, run_training
+    from .steps import (
+        check_output_dir,
+        default_k,
+        evaluation_kwargs,
+        load,
+        prepare_data,
+        run_selection,
+        run_training,
+    )
 
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     data = prepare_data(options)
     model, tokenizer, load_seconds = load(options)
     timings: dict[str, float] = {"load_model_s": load_seconds}
