@@ -249,6 +249,13 @@ def train_adapter(
     accelerator = make_accelerator(config.precision)
     device = place_model(model, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if getattr(accelerator.distributed_type, "value", None) in ("FSDP", "DEEPSPEED"):
+        logger.warning(
+            "lofit trains data-parallel and does not shard the frozen base model: under this %s launch every "
+            "process still holds the whole model. For a model that does not fit one GPU, use "
+            "device_map='auto' or quantization='4bit' in one process",
+            accelerator.distributed_type,
+        )
     params = [p for p in model.adapter_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable adapter parameters; was it built with get_lofit_model?")
