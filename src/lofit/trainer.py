@@ -190,10 +190,16 @@ def seed_everything(seed: int) -> None:
 
 
 def place_model(model: LofitModel, device: torch.device) -> torch.device:
-    """Move the model to `device` unless it is spread over several devices; return the input device."""
-    device_map = getattr(model.base_model, "hf_device_map", None)
-    spread = isinstance(device_map, dict) and len(set(device_map.values())) > 1
-    if not spread and next(model.parameters()).device != device:
+    """Move the model to `device` unless it is placed already (a device map or bitsandbytes quantisation,
+    whose models refuse `.to`); return the device its inputs go to."""
+    placed = isinstance(getattr(model.base_model, "hf_device_map", None), dict) or getattr(
+        model.base_model, "is_quantized", False
+    )
+    current = next(model.parameters()).device
+    same = current.type == device.type and (
+        None in (current.index, device.index) or current.index == device.index
+    )
+    if not placed and not same:
         model.to(device)
     embeddings = model.base_model.get_input_embeddings()  # type: ignore[operator]
     return embeddings.weight.device if embeddings is not None else device
