@@ -165,7 +165,7 @@ def test_save_is_atomic_and_refuses_bad_input(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(persistence, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "a")
-    assert list((tmp_path / "a").iterdir()) == []  # no partial or temporary file left
+    assert list(tmp_path.iterdir()) == []  # no adapter directory, partial or temporary file left
     monkeypatch.undo()
 
     (tmp_path / "file").write_text("x")

@@ -19,9 +19,25 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def naming_os_errors(target: Path) -> Iterator[None]:
+    """Give an OSError that names no file (ENOSPC from a write, say) the output path being written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise type(error)(error.errno, f"cannot write {target}: {error.strerror or error}") from error
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it."""
     target = Path(path)
+    with naming_os_errors(target):
+        yield from _atomic_path(target)
+
+
+def _atomic_path(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -64,6 +80,11 @@ def atomic_directory(path: str | os.PathLike[str], replace_existing: bool = True
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory; choose another output path")
+    with naming_os_errors(target):
+        yield from _atomic_directory(target, replace_existing)
+
+
+def _atomic_directory(target: Path, replace_existing: bool) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

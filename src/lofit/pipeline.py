@@ -43,11 +43,22 @@ class RunOptions:
     precision: str = "fp32"
     eval_batch_size: int = 8
     progress: bool = True
+    checkpoint_every: int = 0
+    resume: bool = False
+    device_map: str | None = None
+    quantization: str | None = None
 
 
 def parse_k(value: str | float | int) -> float | int:
     """`--k 27` (heads) or `--k 0.1` (fraction of all heads)."""
+    import argparse
+    import math
+
     number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(
+            f"--k {value}: give a number of heads (1, 2, ...) or a fraction of all heads in (0, 1]"
+        )
     if number.is_integer() and number >= 1:
         return int(number)
     return number
@@ -71,6 +82,10 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
         kwargs["beta"] = beta
     if options.max_length is not None:
         kwargs["max_length"] = options.max_length
+    if options.checkpoint_every:
+        kwargs["checkpoint_every"] = options.checkpoint_every
+    if options.resume:
+        kwargs["resume"] = True
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
@@ -91,10 +106,18 @@ def run(options: RunOptions) -> dict[str, Any]:
     """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}."""
     from .evaluation import evaluate
     from .report import write_report
-    from .steps import default_k, evaluation_kwargs, load, prepare_data, run_selection, run_training
+    from .steps import (
+        check_output_dir,
+        default_k,
+        evaluation_kwargs,
+        load,
+        prepare_data,
+        run_selection,
+        run_training,
+    )
 
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     data = prepare_data(options)
     model, tokenizer, load_seconds = load(options)
     timings: dict[str, float] = {"load_model_s": load_seconds}

@@ -52,7 +52,9 @@ def load(options: RunOptions) -> tuple[nn.Module, Any, float]:
     from .loading import load_model
 
     start = time.perf_counter()
-    model, tokenizer = load_model(options.model)
+    model, tokenizer = load_model(
+        options.model, device_map=options.device_map, quantization=options.quantization
+    )
     return model, tokenizer, time.perf_counter() - start
 
 
@@ -60,9 +62,22 @@ def default_k(options: RunOptions, data: PreparedData) -> float | int:
     return options.k if options.k is not None else data.task.defaults.get("k", 0.1)
 
 
+def check_k(k: float | int, model: nn.Module) -> None:
+    """Fail on a k this model cannot take before training, not after it."""
+    import torch
+
+    from .heads import find_output_projections
+    from .selection import HeadSelection, rank_heads
+
+    geometry = find_output_projections(model)
+    scores = torch.zeros(geometry.num_layers, geometry.num_heads)
+    HeadSelection(scores, rank_heads(scores), "check").count(k)
+
+
 def run_selection(options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: Any) -> Any:
     from .selection import select_heads
 
+    check_k(default_k(options, data), model)
     out = Path(options.out)
     selection = select_heads(
         model,
@@ -108,7 +123,22 @@ def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> di
     return kwargs
 
 
+def check_output_dir(out: Path) -> None:
+    """Fail at once, not after training, when the output directory cannot be written."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise OSError(
+            error.errno, f"cannot write to the output directory {out}: {error.strerror}; choose another --out"
+        ) from None
+
+
 def select_step(options: RunOptions) -> Any:
+    check_output_dir(Path(options.out))
     data = prepare_data(options)
     model, tokenizer, _ = load(options)
     return run_selection(options, data, model, tokenizer)
@@ -117,10 +147,20 @@ def select_step(options: RunOptions) -> Any:
 def train_step(options: RunOptions, heads_file: Path) -> Any:
     from .selection import HeadSelection
 
+    check_output_dir(Path(options.out))
     selection = HeadSelection.load(heads_file)
     data = prepare_data(options)
     heads = selection.top(default_k(options, data))
     model, tokenizer, _ = load(options)
+    from .heads import find_output_projections
+
+    geometry = find_output_projections(model)
+    if (selection.num_layers, selection.num_heads) != (geometry.num_layers, geometry.num_heads):
+        raise ValueError(
+            f"{heads_file}: this head selection is for a model with {selection.num_layers} layers x "
+            f"{selection.num_heads} heads, but {options.model} has {geometry.num_layers} x {geometry.num_heads}; "
+            "select heads on this model first (lofit select)"
+        )
     return run_training(options, data, model, tokenizer, heads)
 
 

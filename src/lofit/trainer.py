@@ -6,12 +6,17 @@ the global batch's unit count (scored tokens for SFT, pairs for DPO), so the upd
 how the batch is split: grad_accum and the number of GPUs are pure memory/speed knobs. The adapter's
 gradients are tiny, so they are averaged across processes with one all-reduce per step instead of
 wrapping the (frozen) base model in DistributedDataParallel. `accelerate launch` runs it unchanged.
+
+With `checkpoint_every` the loop saves its whole state (see `lofit.checkpoint`) every N optimizer steps
+and at each epoch end; `resume=True` continues from the latest checkpoint exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_text
+from .checkpoint import LoopPosition, latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import LofitModel
 from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_means
 
@@ -30,6 +36,15 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
 LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
+CHECKPOINT_SUBDIR = "checkpoints"
+# Options that decide the trained values: a checkpoint resumes only a run that agrees on all of them.
+# grad_accum and the number of processes are left out on purpose (they do not change the result).
+RESULT_OPTIONS = (
+    "epochs", "batch_size", "lr", "l1", "beta", "weight_decay", "max_length", "seed",
+    "warmup_ratio", "max_grad_norm", "precision", "init_std", "group_by_length",
+)  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,13 +72,21 @@ class TrainingConfig:
     eval_batch_size: int | None = field(default=None, metadata={"help": "validation batch (default 2x)"})
     output_dir: str | None = field(default=None, metadata={"help": "write train_log.jsonl, loss_curve.png"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "save a checkpoint every N steps and at each epoch end (0 = off)"}
+    )
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "where checkpoints go (default: output_dir/checkpoints)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint, if any"})
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "batch_size", "grad_accum", "seed")
+        positive_ints = ("epochs", "batch_size", "grad_accum", "seed", "checkpoint_every")
         for name in positive_ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+            least = 0 if name in ("seed", "checkpoint_every") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("lr", "l1", "weight_decay", "max_grad_norm", "init_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -81,6 +104,10 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if (self.checkpoint_every or self.resume) and self.checkpoints_path is None:
+            raise ValueError(
+                "checkpoint_every and resume need output_dir or checkpoint_dir to keep checkpoints in"
+            )
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any], *, owner: str, **defaults: Any) -> TrainingConfig:
@@ -94,6 +121,12 @@ class TrainingConfig:
     @property
     def validation_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
+
+    @property
+    def checkpoints_path(self) -> Path | None:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        return Path(self.output_dir) / CHECKPOINT_SUBDIR if self.output_dir else None
 
 
 @dataclass
@@ -157,10 +190,16 @@ def seed_everything(seed: int) -> None:
 
 
 def place_model(model: LofitModel, device: torch.device) -> torch.device:
-    """Move the model to `device` unless it is spread over several devices; return the input device."""
-    device_map = getattr(model.base_model, "hf_device_map", None)
-    spread = isinstance(device_map, dict) and len(set(device_map.values())) > 1
-    if not spread and next(model.parameters()).device != device:
+    """Move the model to `device` unless it is placed already (a device map or bitsandbytes quantisation,
+    whose models refuse `.to`); return the device its inputs go to."""
+    placed = isinstance(getattr(model.base_model, "hf_device_map", None), dict) or getattr(
+        model.base_model, "is_quantized", False
+    )
+    current = next(model.parameters()).device
+    same = current.type == device.type and (
+        None in (current.index, device.index) or current.index == device.index
+    )
+    if not placed and not same:
         model.to(device)
     embeddings = model.base_model.get_input_embeddings()  # type: ignore[operator]
     return embeddings.weight.device if embeddings is not None else device
@@ -216,9 +255,17 @@ def train_adapter(
     accelerator = make_accelerator(config.precision)
     device = place_model(model, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if getattr(accelerator.distributed_type, "value", None) in ("FSDP", "DEEPSPEED"):
+        logger.warning(
+            "lofit trains data-parallel and does not shard the frozen base model: under this %s launch every "
+            "process still holds the whole model. For a model that does not fit one GPU, use "
+            "device_map='auto' or quantization='4bit' in one process",
+            accelerator.distributed_type,
+        )
     params = [p for p in model.adapter_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable adapter parameters; was it built with get_lofit_model?")
+    check_sequence_lengths(model, train_examples, val_examples)
     scorer = TokenScorer(model)
     optimizer = accelerator.prepare_optimizer(
         torch.optim.AdamW(
@@ -248,8 +295,61 @@ def train_adapter(
     model.eval()
     generator = torch.Generator().manual_seed(config.seed)
     lengths = [e.num_tokens for e in train_examples]
-    started = last_write = time.perf_counter()
-    tokens_seen = 0
+
+    # Checkpoints: only the main process writes; every process reads the same one to resume.
+    checkpoint_root = config.checkpoints_path
+    identity = run_identity(config, objective, description, model, train_examples, params)
+    position = LoopPosition(step=0, epoch=1, batch=0, generator_state=generator.get_state())
+    last_checkpoint: Path | None = None
+    found = latest_checkpoint(checkpoint_root) if checkpoint_root is not None else None
+    if config.resume and found is not None:
+        checkpoint = load_checkpoint(found)
+        position = checkpoint.restore(identity, params, optimizer.optimizer, scheduler)
+        generator.set_state(position.generator_state)
+        restored = TrainingHistory.from_dict(checkpoint.history)
+        history.steps, history.validation = restored.steps, restored.validation
+        history.settings["resumed_from_step"] = position.step
+        last_checkpoint = found
+        logger.info("%s: resuming from %s (step %d)", description, found, position.step)
+    elif config.resume:
+        logger.warning(
+            "%s: resume asked for, but %s holds no checkpoint; starting afresh", description, checkpoint_root
+        )
+    elif found is not None and config.checkpoint_every:
+        raise ValueError(
+            f"{checkpoint_root} holds checkpoints of an earlier run (latest: {found.name}); pass resume=True "
+            "(--resume) to continue it, or delete that directory to start afresh"
+        )
+    started = last_write = time.perf_counter() - position.elapsed_s
+    tokens_seen = position.tokens_seen
+
+    def checkpoint_now(epoch: int, batch: int, epoch_generator_state: torch.Tensor) -> None:
+        nonlocal last_checkpoint
+        if checkpoint_root is None or not accelerator.is_main_process:
+            return
+        here = LoopPosition(
+            step, epoch, batch, epoch_generator_state, tokens_seen, time.perf_counter() - started
+        )
+        last_checkpoint = save_checkpoint(
+            checkpoint_root,
+            here,
+            params=params,
+            optimizer=optimizer.optimizer,
+            scheduler=scheduler,
+            identity=identity,
+            history=history.to_dict(),
+        )
+
+    def stop(what: str, value: float, epoch: int, advice: str) -> NonFiniteLossError:
+        kept = (
+            f" The last good checkpoint ({last_checkpoint.name}) is kept in {last_checkpoint.parent}."
+            if last_checkpoint is not None
+            else ""
+        )
+        return NonFiniteLossError(
+            f"{description}: the {what} became {value} at step {step + 1} (epoch {epoch}); training "
+            f"stopped. {advice}.{kept}"
+        )
 
     def validate(epoch: int, step: int) -> None:
         if not val_examples:
@@ -268,15 +368,24 @@ def train_adapter(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=total_steps, desc=description, disable=not (config.progress and accelerator.is_main_process)
+        total=total_steps,
+        initial=position.step,
+        desc=description,
+        disable=not (config.progress and accelerator.is_main_process),
     )
-    step = 0
+    step = position.step
     try:
         with accelerator.autocast():
             objective.prepare(scorer, train_examples, config.validation_batch_size, device)
-        validate(0, 0)
-        for epoch in range(1, config.epochs + 1):
-            for batch_indices in epoch_batches(lengths, config.batch_size, generator, config.group_by_length):
+        if step == 0:
+            validate(0, 0)
+        for epoch in range(position.epoch, config.epochs + 1):
+            epoch_generator_state = generator.get_state()
+            batches = epoch_batches(lengths, config.batch_size, generator, config.group_by_length)
+            skip = position.batch if epoch == position.epoch else 0
+            for batch_number, batch_indices in enumerate(batches):
+                if batch_number < skip:
+                    continue  # done before the checkpoint this run resumed from
                 step_started = time.perf_counter()
                 examples = [train_examples[i] for i in batch_indices]
                 total_units = sum(objective.units(e) for e in examples)
@@ -288,10 +397,12 @@ def train_adapter(
                         out = objective.loss(scorer, micro, device)
                     value = float(out.loss_sum.detach())
                     if not math.isfinite(value):
-                        raise NonFiniteLossError(
-                            f"{description}: the loss became {value} at step {step + 1} (epoch {epoch}); "
-                            f"training stopped. Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' "
-                            "instead of 'fp16', or check the model and data"
+                        raise stop(
+                            "loss",
+                            value,
+                            epoch,
+                            f"Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' instead of 'fp16', "
+                            "or check the model and data",
                         )
                     accelerator.backward(out.loss_sum * (world / total_units))
                     totals += torch.tensor([value, out.units], dtype=torch.float64)
@@ -307,9 +418,11 @@ def train_adapter(
                     totals = accelerator.reduce(totals.to(device), "sum").cpu()
                 grad_norm = _clip(accelerator, params, config.max_grad_norm)
                 if not math.isfinite(grad_norm) and config.precision != "fp16":
-                    raise NonFiniteLossError(
-                        f"{description}: the gradient norm became {grad_norm} at step {step + 1} (epoch "
-                        f"{epoch}); training stopped. Lower lr (now {config.lr:g}) or use precision 'fp32'"
+                    raise stop(
+                        "gradient norm",
+                        grad_norm,
+                        epoch,
+                        f"Lower lr (now {config.lr:g}) or use precision 'fp32'",
                     )
                 optimizer.step()
                 scheduler.step()
@@ -340,9 +453,15 @@ def train_adapter(
                     last_write = time.perf_counter()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                # The epoch's last step is saved after its validation, by the epoch-end checkpoint.
+                mid_epoch = batch_number + 1 < len(batches)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and mid_epoch:
+                    checkpoint_now(epoch, batch_number + 1, epoch_generator_state)
             validate(epoch, step)
             if output_dir is not None:
                 atomic_write_text(output_dir / LOG_NAME, history.to_jsonl())
+            if config.checkpoint_every:
+                checkpoint_now(epoch + 1, 0, generator.get_state())
     finally:
         bar.close()
         model.train(was_training)
@@ -360,6 +479,57 @@ def train_adapter(
     if output_dir is not None and history.steps:
         history.plot(output_dir / CURVE_NAME, title=description)
     return history
+
+
+def run_identity(
+    config: TrainingConfig,
+    objective: Objective,
+    description: str,
+    model: LofitModel,
+    examples: Sequence[Example],
+    params: Sequence[nn.Parameter],
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by this run: options, data, heads, shapes."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for sequence in example.sequences:
+            digest.update(json.dumps([sequence.response_start, *sequence.input_ids]).encode())
+    return {
+        "description": description,
+        "objective": objective.name,
+        **{name: getattr(config, name) for name in RESULT_OPTIONS},
+        "num_train": len(examples),
+        "train_data_sha256": digest.hexdigest(),
+        "heads": {str(layer): heads for layer, heads in model.selected_heads().items()},
+        "parameter_shapes": [list(p.shape) for p in params],
+    }
+
+
+def check_sequence_lengths(
+    model: LofitModel, train_examples: Sequence[Example], val_examples: Sequence[Example] | None
+) -> None:
+    """Refuse sequences longer than the model's position limit (a clear error instead of an index error
+    deep inside the model, or silently wrong positions)."""
+    config = getattr(model.base_model, "config", None)
+    limit = next(
+        (
+            value
+            for key in ("max_position_embeddings", "n_positions")
+            if isinstance(value := getattr(config, key, None), int) and value > 0
+        ),
+        None,
+    )
+    if limit is None:
+        return
+    for name, examples in (("train", train_examples), ("validation", val_examples or [])):
+        for example in examples:
+            longest = max(len(s.input_ids) for s in example.sequences)
+            if longest > limit:
+                raise ValueError(
+                    f"{name} record {example.index} is {longest} tokens long, more than the {limit} positions "
+                    f"this model accepts; pass max_length (--max-length) <= {limit} to truncate prompts from "
+                    "the left, or shorten the record"
+                )
 
 
 def _all_reduce_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
