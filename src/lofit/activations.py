@@ -26,8 +26,11 @@ def head_activations(
     batch_size: int = 16,
     pad_token_id: int = 0,
     target_modules: list[str] | None = None,
+    after_adapter: bool = False,
 ) -> torch.Tensor:
     """z of every head at one position per sequence (default: its last token): fp32 [N, L, H, d] on CPU.
+
+    On a LofitModel, z is read before the active adapter's edit unless `after_adapter` is True.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -60,9 +63,10 @@ def head_activations(
 
     sites = [causal_lm.get_submodule(site.name) for site in geometry.sites]
     body = _decoder_body(causal_lm, sites)  # skipping the LM head saves the [B, T, vocab] logits
+    hooked = [getattr(m, "base_layer", m) if after_adapter else m for m in sites]
     handles = [
         module.register_forward_pre_hook(hook_for(site.layer))
-        for module, site in zip(sites, geometry.sites, strict=True)
+        for module, site in zip(hooked, geometry.sites, strict=True)
     ]
     results = []
     was_training = causal_lm.training
@@ -114,6 +118,8 @@ def text_head_activations(
     *,
     batch_size: int = 16,
     max_length: int | None = None,
+    target_modules: list[str] | None = None,
+    after_adapter: bool = False,
 ) -> torch.Tensor:
     """z of every head at the last token of each text: [N, L, H, d] (texts longer than max_length keep their end)."""
     sequences = []
@@ -122,4 +128,11 @@ def text_head_activations(
         if not ids:
             raise ValueError(f"text {text!r} produced no tokens")
         sequences.append(ids[-max_length:] if max_length else ids)
-    return head_activations(model, sequences, batch_size=batch_size, pad_token_id=pad_token_id(tokenizer))
+    return head_activations(
+        model,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id(tokenizer),
+        target_modules=target_modules,
+        after_adapter=after_adapter,
+    )

@@ -22,7 +22,6 @@ from torch import nn
 
 from ..config import HeadMap, LofitConfig
 from ..heads import find_output_projections
-from ..layer import LofitProjection
 from ..model import LofitModel, get_lofit_model
 
 HeadOffsets = dict[tuple[int, int], torch.Tensor]
@@ -180,51 +179,15 @@ def head_activations_at_last_token(
 ) -> torch.Tensor:
     """Every head's output z at each text's last token, as float32 [N, layers, heads, head_dim] on CPU.
 
-    Read from the input of each attention output projection (after any active LoFiT adapter); texts
-    are right-padded, so each one's last token is found from the attention mask.
+    Read after any active LoFiT adapter (ITI shifts what the model actually computes).
     """
+    from ..activations import text_head_activations
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    geometry = find_output_projections(model, target_modules)
-    shape = (geometry.num_layers, geometry.num_heads, geometry.head_dim)
     if not texts:
-        return torch.zeros((0, *shape))
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for site in geometry.sites:
-        module = model.get_submodule(site.name)
-        if isinstance(module, LofitProjection):
-            module = module.base_layer
-
-        def capture(_module: nn.Module, args: tuple[Any, ...], layer: int = site.layer) -> None:
-            captured[layer] = args[0]
-
-        handles.append(module.register_forward_pre_hook(capture))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # dropout would make the activations random
-    chunks = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(
-                    list(texts[start : start + batch_size]),
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="right",
-                )
-                mask = batch["attention_mask"]
-                lengths = mask.sum(1)
-                if (lengths == 0).any():
-                    empty = start + int((lengths == 0).nonzero()[0])
-                    raise ValueError(f"texts[{empty}] tokenizes to no tokens; remove it or give it text")
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device))
-                rows = torch.arange(mask.shape[0], device=device)
-                last = (lengths - 1).to(device)
-                per_layer = [captured[layer][rows, last] for layer in range(geometry.num_layers)]
-                chunks.append(torch.stack(per_layer, 1).float().cpu().reshape(-1, *shape))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return torch.cat(chunks)
+        geometry = find_output_projections(model, target_modules)
+        return torch.zeros((0, geometry.num_layers, geometry.num_heads, geometry.head_dim))
+    return text_head_activations(
+        model, tokenizer, texts, batch_size=batch_size, target_modules=target_modules, after_adapter=True
+    )
