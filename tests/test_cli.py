@@ -190,3 +190,24 @@ def test_run_generic_dpo_then_eval_and_merge(
         ]
     )
     assert code == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_auto_precision_resolves_to_a_concrete_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import io
+
+    from lofit import trainer
+    from lofit.trainer import TrainingConfig
+
+    assert TrainingConfig(precision="auto").precision in {"bf16", "fp32"}
+    real_open = builtins.open
+    for flags, expected in (("fpu avx512_bf16 sse", "bf16"), ("fpu sse avx2", "fp32")):
+        monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(
+            builtins,
+            "open",
+            lambda path, *a, _flags=flags, **k: (
+                io.StringIO(f"flags\t: {_flags}\n") if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+            ),
+        )
+        assert trainer.fastest_precision() == expected

@@ -22,7 +22,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model", default="smollm2-135m", help="Hugging Face id, local path, or smollm2-135m (bundled)"
     )
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="training precision"
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="training precision; auto = bf16 autocast where the hardware runs it fast (GPUs, CPUs with "
+        "avx512_bf16/AMX), else fp32. Evaluation always runs in the model's own dtype",
     )
     parser.add_argument(
         "--device-map", help="'auto' spreads a model too big for one GPU over all visible GPUs (one process)"

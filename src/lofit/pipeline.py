@@ -40,7 +40,7 @@ class RunOptions:
     max_val: int | None = None
     max_test: int | None = None
     max_length: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     eval_batch_size: int = 8
     progress: bool = True
     checkpoint_every: int = 0
@@ -64,6 +64,12 @@ def parse_k(value: str | float | int) -> float | int:
     return number
 
 
+def resolved_precision(precision: str) -> str:
+    from .trainer import fastest_precision
+
+    return fastest_precision() if precision == "auto" else precision
+
+
 def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) -> dict[str, Any]:
     """Keyword arguments for select_heads (step "select") or train_offsets (step "train")."""
     lr = options.lr_select if step == "select" else options.lr_train
@@ -72,7 +78,7 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
         "batch_size": options.batch_size if options.batch_size is not None else defaults.get("batch_size", 8),
         "lr": lr if lr is not None else defaults.get(f"lr_{step}"),
         "seed": options.seed,
-        "precision": options.precision,
+        "precision": resolved_precision(options.precision),
         "progress": options.progress,
     }
     if step == "select":
