@@ -204,6 +204,17 @@ class TokenBatch:
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(*(t.to(device) for t in self._tensors()))
 
+    def first_sequence(self) -> TokenBatch:
+        """The batch cut down to its first sequence (and that sequence's scored positions)."""
+        keep = self.sequence_index == 0
+        return TokenBatch(
+            self.input_ids[:1],
+            self.attention_mask[:1],
+            self.sequence_index[keep],
+            self.positions[keep],
+            self.targets[keep],
+        )
+
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.input_ids, self.attention_mask, self.sequence_index, self.positions, self.targets)
 
@@ -298,6 +309,7 @@ class TokenScorer:
         return outputs.logits[batch.sequence_index, batch.positions]
 
     def _gathered_matches_full(self, batch: TokenBatch) -> bool:
+        batch = batch.first_sequence()  # one sequence shows whether the LM head is a plain projection; cheap
         was_training = self.causal_lm.training
         self.causal_lm.eval()  # dropout would make the two passes differ
         try:
