@@ -1,0 +1,300 @@
+"""benchmarks/results/speed_<target>.json and speed.md (one section per target measured so far)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lofit.atomic import atomic_write_json, atomic_write_text
+
+TARGET_ORDER = ("cpu", "gpu", "tiny")
+NOISE_FLOOR = 0.02  # "within noise" band for inference ratios: max(this, the A/A control's deviation)
+
+GROUP_NOTES = {
+    "backward_stop": (
+        "Backward stops at the lowest adapted layer",
+        "autograd never enters layers below the lowest adapted head (base frozen, nothing below needs a "
+        "gradient); forcing the embedding output to require grad shows what that saves",
+    ),
+    "scored_logits": (
+        "LM head only at scored positions",
+        "TokenScorer 'gathered' runs the decoder body, gathers the positions whose next token is scored "
+        "and applies the output embedding there only ('full' = the model's own logits at every position)",
+    ),
+    "dpo_reference": (
+        "Cached DPO reference log-probs",
+        "the frozen base model's log-probs are computed once before training instead of a second "
+        "(no-grad) forward every step",
+    ),
+    "length_grouping": (
+        "Length-grouped batching",
+        "records sorted by length within chunks of 50 batches, batches shuffled (trainer "
+        "group_by_length); throughput counts real tokens only",
+    ),
+    "head_op": (
+        "Vectorised head op",
+        "one broadcast multiply-add over the whole projection input (per-head vectors scattered into a "
+        "dense [heads*head_dim] vector) instead of a Python loop over heads",
+    ),
+    "precision": ("bf16 autocast", "bf16 autocast (AMX/avx512_bf16) against plain fp32"),
+    "compile": ("torch.compile", "every decoder layer compiled with torch.compile (inductor)"),
+    "checkpointing": (
+        "Gradient checkpointing",
+        "'layers' = non-reentrant checkpoint per decoder layer, backward still stops at the lowest adapted "
+        "layer; 'hf' = transformers' gradient_checkpointing_enable(), which also makes the embedding "
+        "output require grad",
+    ),
+}
+
+
+def mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def ratio_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def write_results(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = report["target"]["name"]
+    json_path = out_dir / f"speed_{name}.json"
+    atomic_write_json(json_path, report)
+    reports = {}
+    for target in TARGET_ORDER:
+        path = out_dir / f"speed_{target}.json"
+        if path.exists():
+            reports[target] = json.loads(path.read_text())
+    md_path = out_dir / "speed.md"
+    atomic_write_text(md_path, render(reports))
+    return [json_path, md_path]
+
+
+# ------------------------------------------------------------------------------------ checks
+def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    main = report["main"]
+    lora = main.get("lora")
+    rows: list[dict[str, Any]] = []
+
+    def speed(name: str) -> float | None:
+        return main[name]["tokens_per_s"] / lora["tokens_per_s"] if lora and name in main else None
+
+    def memory(name: str) -> float | None:
+        if not lora or name not in main or not main[name]["peak_bytes"] or not lora["peak_bytes"]:
+            return None
+        return main[name]["peak_bytes"] / lora["peak_bytes"]
+
+    upper_speed, upper_memory = speed("lofit_offsets_upper"), memory("lofit_offsets_upper")
+    rows.append(
+        {
+            "criterion": "offsets, heads in the upper half: tokens/s vs LoRA ≥ 1.5×, peak memory ≤ 0.8×",
+            "measured": f"{ratio_text(upper_speed)} speed, {ratio_text(upper_memory)} memory",
+            "met": upper_speed is not None
+            and upper_speed >= 1.5
+            and (upper_memory is None or upper_memory <= 0.8),
+        }
+    )
+    spread = speed("lofit_offsets_spread")
+    rows.append(
+        {
+            "criterion": "offsets, heads spread down to layer 0: tokens/s vs LoRA ≥ 1.1×",
+            "measured": f"{ratio_text(spread)} speed, {ratio_text(memory('lofit_offsets_spread'))} memory",
+            "met": spread is not None and spread >= 1.1,
+        }
+    )
+    if "lofit_offsets_selected" in main:
+        rows.append(
+            {
+                "criterion": "offsets on the heads select_heads picks for TruthfulQA (reported)",
+                "measured": f"{ratio_text(speed('lofit_offsets_selected'))} speed, "
+                f"{ratio_text(memory('lofit_offsets_selected'))} memory",
+                "met": None,
+            }
+        )
+    step1 = speed("lofit_step1")
+    rows.append(
+        {
+            "criterion": "step 1 (scales on all heads): tokens/s vs LoRA ≥ 1.0×",
+            "measured": f"{ratio_text(step1)} speed, {ratio_text(memory('lofit_step1'))} memory",
+            "met": step1 is not None and step1 >= 1.0,
+        }
+    )
+    inference = report.get("inference")
+    if inference:
+        for workload in inference["workloads"]:
+            vs = workload["speed_vs_base"]
+            noise = max(NOISE_FLOOR, abs(vs["base_again"] - 1))
+            rows.append(
+                {
+                    "criterion": f"{workload['workload']}: merged at base speed (within noise)",
+                    "measured": f"{ratio_text(vs['merged'])} of base (A/A control {vs['base_again']:.3f}×, "
+                    f"band ±{noise:.3f})",
+                    "met": vs["merged"] >= 1 - noise,
+                }
+            )
+            rows.append(
+                {
+                    "criterion": f"{workload['workload']}: unmerged overhead ≤ 3%",
+                    "measured": f"{100 * (1 - vs['unmerged']):+.1f}% overhead",
+                    "met": 1 - vs["unmerged"] <= 0.03,
+                }
+            )
+    evaluation = report.get("eval")
+    if evaluation and "speedup" in evaluation:
+        rows.append(
+            {
+                "criterion": "TruthfulQA MC evaluation: fast scorer ≥ 3× the naive per-option scorer",
+                "measured": f"{evaluation['speedup']:.2f}× on {evaluation['questions']} questions",
+                "met": evaluation["speedup"] >= 3,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ render
+def render(reports: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "# Speed and memory: LoFiT vs PEFT LoRA vs full fine-tuning",
+        "",
+        "Written by `benchmarks/speed.py` (one section per target; rerun a target to refresh its section).",
+        "Every method runs the same step on the same batches: the SFT loss through one `TokenScorer`",
+        "(LM head at scored positions only), the target's autocast, backward, clip 1.0, AdamW, as",
+        "`lofit.trainer.train_adapter` does; the model is in eval mode as in the trainer (LoRA dropout off;",
+        "'LoRA, dropout' is peft's train-mode LoRA for reference). Methods are timed interleaved (A B C, then",
+        "C B A, ...) after untimed warm-up steps; tokens/s is the median over all timed steps (range in",
+        "brackets). Ratios are to PEFT LoRA r8 q,v measured in the same run.",
+        "",
+    ]
+    for name, report in reports.items():
+        lines += render_target(name, report)
+    return "\n".join(lines) + "\n"
+
+
+def render_target(name: str, report: dict[str, Any]) -> list[str]:
+    target, machine, info = report["target"], report["machine"], report["info"]
+    lines = [
+        f"## Target `{name}`: {target['model']} on {target['device']}",
+        "",
+        f"- command: `{report['command']}`",
+        f"- date: {report['date']}; total run time {report.get('elapsed_s', 0):.0f} s",
+        f"- machine: {machine.get('gpu') or machine['cpu']} (CPU: {machine['cpu']}, {machine.get('cpu_count')} "
+        f"logical CPUs, torch threads {machine['cpu_threads']}; load average at start "
+        f"{machine.get('load_average_at_start')}, at end {machine.get('load_average_at_end')}); {machine['platform']}",
+        f"- versions: python {machine['python']}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, peft {machine['peft']}" + (f", CUDA {machine['cuda']}" if "cuda" in machine else ""),
+        f"- model weights {target['weight_dtype']}, autocast {target['autocast']}; batch {target['batch_size']} × "
+        f"{target['seq_len']} tokens ({info.get('tokens_per_batch')} real tokens), "
+        f"{100 * info.get('scored_fraction', 0):.1f}% of the tokens scored",
+        f"- rounds × steps: {report['settings']['rounds']} × {report['settings']['steps']} timed steps per "
+        f"method after {report['settings']['warmup']} warm-up step(s)",
+        f"- K = {info.get('k')} of {info.get('total_heads')} heads per offset set; selected heads: "
+        f"{info.get('selected_heads_source')}",
+    ]
+    for set_name, described in info.get("head_sets", {}).items():
+        lines.append(
+            f"  - {set_name}: {described['count']} heads in {described['layers']} layers, layers "
+            f"{described['lowest_layer']}–{described['highest_layer']}"
+        )
+    lines += ["", "### Training step and forward", ""]
+    lines += main_table(report)
+    lines += ["", "### Targets", "", "| criterion | measured | met |", "| --- | --- | --- |"]
+    for row in checks(report):
+        met = "reported" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        lines.append(f"| {row['criterion']} | {row['measured']} | {met} |")
+    if report.get("ablations"):
+        lines += ["", "### Optimisations, each on its own", ""]
+        lines += ablation_tables(report)
+    if report.get("inference"):
+        lines += ["", "### Inference", ""]
+        lines += inference_table(report)
+    if report.get("eval"):
+        lines += ["", "### TruthfulQA MC evaluation", ""]
+        lines += eval_lines(report["eval"])
+    for key, value in info.items():
+        if key.endswith("_error"):
+            lines.append(f"- {key}: {value}")
+    lines.append("")
+    return lines
+
+
+def main_table(report: dict[str, Any]) -> list[str]:
+    main = report["main"]
+    lora = main.get("lora", {})
+    cpu = report["target"]["device"] == "cpu"
+    memory_header = "peak RSS" if cpu else "peak allocated"
+    lines = [
+        f"| method | tokens/s (range) | × LoRA speed | {memory_header} | × LoRA memory | "
+        + ("step increment (peak − setup) |" if cpu else "above weights |"),
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in main.values():
+        speed = row["tokens_per_s"] / lora["tokens_per_s"] if lora else None
+        memory = (
+            row["peak_bytes"] / lora["peak_bytes"]
+            if lora and row.get("peak_bytes") and lora.get("peak_bytes")
+            else None
+        )
+        increment = (
+            row["peak_bytes"] - row["base_bytes"] if row.get("peak_bytes") and row.get("base_bytes") else None
+        )
+        lines.append(
+            f"| {row['label']} | {row['tokens_per_s']:,.0f} ({row['tokens_per_s_min']:,.0f}–"
+            f"{row['tokens_per_s_max']:,.0f}) | {ratio_text(speed)} | {mib(row.get('peak_bytes'))} | "
+            f"{ratio_text(memory)} | {mib(increment)} |"
+        )
+    how = next((r["memory_how"] for r in main.values() if r.get("memory_how")), "")
+    if how:
+        lines += ["", f"Memory: {how}."]
+    return lines
+
+
+def ablation_tables(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for group, rows in report["ablations"].items():
+        title, note = GROUP_NOTES.get(group, (group, ""))
+        lines += [f"**{title}** — {note}.", ""]
+        lines += ["| variant | tokens/s (range) | speed vs first | padding | memory |", "| --- | --- | --- | --- | --- |"]
+        values = list(rows.values())
+        reference = values[0]["tokens_per_s"]
+        for row in values:
+            lines.append(
+                f"| {row['label']} | {row['tokens_per_s']:,.0f} ({row['tokens_per_s_min']:,.0f}–"
+                f"{row['tokens_per_s_max']:,.0f}) | {row['tokens_per_s'] / reference:.2f}× | "
+                f"{100 * row['padding_fraction']:.0f}% | {mib(row.get('peak_bytes'))} |"
+            )
+        lines.append("")
+    return lines
+
+
+def inference_table(report: dict[str, Any]) -> list[str]:
+    inference = report["inference"]
+    lines = [
+        f"Adapter: offsets `{inference['adapter']}`, weights {inference['dtype']}. Merged vs unmerged max |Δlogit| "
+        f"{inference['checks']['merged_vs_unmerged_max_abs_logit_diff']:.3g} (adapter vs base "
+        f"{inference['checks']['adapter_vs_base_max_abs_logit_diff']:.3g}).",
+        "",
+        "| workload | base tok/s | unmerged | merged | base again (A/A) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for workload in inference["workloads"]:
+        tps, vs = workload["tokens_per_s"], workload["speed_vs_base"]
+        lines.append(
+            f"| {workload['workload']} ({workload['tokens_per_call']} tokens/call) | {tps['base']:,.0f} | "
+            f"{tps['unmerged']:,.0f} ({vs['unmerged']:.3f}×) | {tps['merged']:,.0f} ({vs['merged']:.3f}×) | "
+            f"{tps['base_again']:,.0f} ({vs['base_again']:.3f}×) |"
+        )
+    lines += ["", "Ratios: median over repetitions of base time / variant time within the same repetition."]
+    return lines
+
+
+def eval_lines(evaluation: dict[str, Any]) -> list[str]:
+    if "speedup" not in evaluation:
+        return [f"Not measured: {evaluation.get('skipped')}"]
+    seconds = evaluation["seconds"]
+    return [
+        f"{evaluation['questions']} fold-0 test questions: fast scorer {min(seconds['fast']):.1f} s, naive "
+        f"per-option scorer {min(seconds['naive']):.1f} s (best of {len(seconds['fast'])}): "
+        f"**{evaluation['speedup']:.2f}×**; largest metric difference {evaluation['max_metric_diff']:.2g}.",
+    ]
