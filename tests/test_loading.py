@@ -123,12 +123,12 @@ def test_failed_or_wrong_build_leaves_no_cache(
     def failing(gguf: Path):  # type: ignore[no-untyped-def]
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", failing)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        load_model("smollm2-135m")
+    with monkeypatch.context() as patch:  # undoing only this patch keeps fake_bundle's isolated cache dir
+        patch.setattr(loading, "_dequantize_gguf", failing)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            load_model("smollm2-135m")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
-    monkeypatch.undo()
     spec = loading.BUNDLED_MODELS["smollm2-135m"]
     wrong = BundledModel(spec.package, spec.distribution, spec.gguf_file, {"num_hidden_layers": 30})
     monkeypatch.setitem(loading.BUNDLED_MODELS, "smollm2-135m", wrong)

@@ -1,0 +1,48 @@
+"""Turn a generation into a prediction and match it against gold answers (LoFiT's `utils/evaluate.py` rules).
+
+LoFiT decodes prompt + new tokens together (`batch_decode(outputs, skip_special_tokens=True)`) and
+extracts from that text:
+- "mquake": text after the last "A:", up to the first "\\n", lower-cased; correct iff equal to a gold
+  answer lower-cased. The authors do not strip whitespace; `matches(..., stripped=True)` is the variant
+  that strips both sides.
+- "clutrr": text after the first "'s\\n" (the end of LoFiT's CLUTRR prompt) up to the next one, then up
+  to the first ".", stripped, lower-cased; equal to a gold answer lower-cased. Prompts without "'s\\n"
+  use the generated text alone.
+- None: the generated text alone (new tokens only), compared exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+Extraction = Literal["mquake", "clutrr"] | None
+EXTRACTIONS = ("mquake", "clutrr", None)
+CLUTRR_ANSWER_MARK = "'s\n"
+
+
+def extract(full_text: str, completion: str, extraction: Extraction) -> str:
+    """The prediction for one generation; `full_text` = prompt + completion decoded together."""
+    if extraction == "mquake":
+        return full_text.split("A:")[-1].split("\n")[0].lower()
+    if extraction == "clutrr":
+        tail = full_text.split(CLUTRR_ANSWER_MARK)[1] if CLUTRR_ANSWER_MARK in full_text else completion
+        return tail.split(".")[0].strip().lower()
+    if extraction is None:
+        return completion
+    raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+
+
+def matches(
+    prediction: str, answers: Sequence[str], extraction: Extraction, *, stripped: bool = False
+) -> bool:
+    """Whether `prediction` equals one of `answers` (lower-cased for mquake/clutrr; both stripped if asked)."""
+    golds = [a.lower() for a in answers] if extraction in ("mquake", "clutrr") else list(answers)
+    if stripped:
+        return prediction.strip() in {g.strip() for g in golds}
+    return prediction in golds
+
+
+def strips_already(extraction: Extraction) -> bool:
+    """True where the rule strips the prediction itself, so a stripped variant would add nothing."""
+    return extraction == "clutrr"

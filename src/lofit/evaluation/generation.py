@@ -1,0 +1,84 @@
+"""Greedy batched generation with left padding.
+
+Prompts are tokenised one by one (BOS as the tokenizer adds it), sorted by length so batches pad
+little, left-padded with an attention mask (pad token = the tokenizer's pad, else its EOS), and
+decoded back in the input order. Generation stops at `max_new_tokens` or at the tokenizer's EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .runtime import device_of, encode_batch, inference
+
+
+@dataclass(frozen=True)
+class Generation:
+    completion: str  # the new tokens decoded alone (special tokens skipped)
+    full_text: str  # prompt + new tokens decoded together, as LoFiT's evaluation decodes them
+    new_token_ids: list[int]  # up to and including EOS when one was generated
+
+
+def generate_greedy(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> list[Generation]:
+    """Greedy continuations of `prompts`; `max_length` keeps only the last tokens of longer prompts."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    encoded = encode_batch(tokenizer, list(prompts))
+    if max_length is not None:
+        encoded = [ids[-max_length:] for ids in encoded]
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = device_of(model)
+    results: list[Generation | None] = [None] * len(encoded)
+    bar = tqdm(total=len(encoded), desc="generating", disable=not progress, leave=False)
+    with inference(model):
+        for begin in range(0, len(order), batch_size):
+            batch = order[begin : begin + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.tensor(
+                [[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device
+            )
+            attention_mask = torch.tensor(
+                [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device
+            )
+            output = model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+            for row, i in enumerate(batch):
+                new = output[row, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos) + 1]
+                results[i] = Generation(
+                    completion=tokenizer.decode(new, skip_special_tokens=True),
+                    full_text=tokenizer.decode(encoded[i] + new, skip_special_tokens=True),
+                    new_token_ids=new,
+                )
+            bar.update(len(batch))
+    bar.close()
+    return [r for r in results if r is not None]

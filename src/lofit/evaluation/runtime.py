@@ -1,0 +1,99 @@
+"""Plumbing shared by the scorers and the generator: devices, eval mode, tokenisation, forward calls."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM behind `model` (a `LofitModel` wraps one; its forward passes through)."""
+    from ..model import LofitModel
+
+    return model.base_model if isinstance(model, LofitModel) else model
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the block; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with the special tokens the tokenizer puts *in front* (BOS), none appended."""
+    return encode_batch(tokenizer, [text])[0]
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`encode` for many texts at once (one batched tokenizer call each way).
+
+    A tokenizer that appends EOS would otherwise make every scored continuation end in EOS.
+    """
+    if not texts:
+        return []
+    fulls: list[list[int]] = tokenizer(texts)["input_ids"]
+    bares: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [_drop_appended(full, bare) for full, bare in zip(fulls, bares, strict=True)]
+
+
+def _drop_appended(full: list[int], bare: list[int]) -> list[int]:
+    if len(full) > len(bare):
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[: start + len(bare)]
+    return full
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    if not sequences:
+        return 0
+    first, length = sequences[0], min(len(s) for s in sequences)
+    for i in range(length):
+        token = first[i]
+        if any(s[i] != token for s in sequences):
+            return i
+    return length
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    parameters = inspect.signature(type(causal_lm(model)).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def forward(
+    model: nn.Module, input_ids: torch.Tensor, cache: Any = None, **extra: Any
+) -> tuple[torch.Tensor, Any]:
+    """Run `model` on `input_ids` continuing `cache` (None: from scratch); return (logits, the updated cache)."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True, **extra}
+    if cache is not None:
+        kwargs[cache_kwarg(model)] = cache
+    output = model(**kwargs)
+    new_cache = getattr(output, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(output, "past_key_values", None)
+    return output.logits, new_cache
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's attention window if its config declares one (None: full attention everywhere)."""
+    config: Any = causal_lm(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "sliding_window", None)
+    return window if isinstance(window, int) else None

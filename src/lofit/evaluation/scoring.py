@@ -1,0 +1,265 @@
+"""Log-probability scoring of continuations: score(c | x) = Σ log p(token | everything before it) over c's tokens.
+
+Two scorers compute the same numbers (fp32: within ~1e-4):
+- "naive": one forward pass per (context, continuation), from scratch — the reference.
+- "fast": (1) the longest token prefix shared by *all* requests (TruthfulQA: instruction + 6-shot
+  primer + "\n\nQ:") runs once per call and its KV cache is reused by everything after; (2) the part
+  each request's continuations share (its question) runs once per request, several requests per
+  forward pass, right-padded; (3) all continuations of those requests run in batched passes, each row
+  continuing its request's cache row, with an attention mask hiding step 2's padding and explicit
+  position ids. Right padding at the end of a row needs no mask: causal attention never lets a real
+  token see it.
+
+The answer boundary is found robustly: tokenise the context and context + continuation; the scored
+tokens are those past their longest common prefix (normally exactly the context's tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .kv_cache import fork_cache, select_cache_rows
+from .runtime import common_prefix_length, device_of, encode_batch, forward, inference, sliding_window
+
+Scorer = Literal["fast", "naive"]
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """One context and the continuations to score after it (the text scored is `context + continuation`)."""
+
+    context: str
+    continuations: Sequence[str]
+
+
+@dataclass(frozen=True)
+class _Tokenized:
+    sequences: list[list[int]]  # context + continuation, one per continuation
+    boundaries: list[int]  # index of each sequence's first continuation token
+
+
+def score_continuations(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[ScoringRequest],
+    *,
+    scorer: Scorer = "fast",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Summed log-probabilities, `result[i][j]` for `requests[i].continuations[j]` (fp32 log-softmax).
+
+    `max_length` drops the oldest context tokens of longer sequences (the continuation is kept).
+    `batch_size` caps how many continuations go through one batched forward pass ("fast" only).
+    """
+    if scorer not in ("fast", "naive"):
+        raise ValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenized = _tokenize_all(tokenizer, requests, max_length)
+    bar = tqdm(total=len(tokenized), desc=f"scoring ({scorer})", disable=not progress, leave=False)
+    with inference(model):
+        if scorer == "naive":
+            scores = _score_naive(model, tokenized, bar)
+        else:
+            scores = _score_fast(model, tokenized, batch_size, bar)
+    bar.close()
+    return scores
+
+
+def _tokenize_all(
+    tokenizer: Any, requests: Sequence[ScoringRequest], max_length: int | None
+) -> list[_Tokenized]:
+    texts: list[str] = []
+    for index, request in enumerate(requests):
+        if not request.continuations:
+            raise ValueError(f"scoring request {index} has no continuations")
+        texts.append(request.context)
+        texts.extend(request.context + continuation for continuation in request.continuations)
+    encoded = iter(encode_batch(tokenizer, texts))
+    return [_boundaries(request, index, encoded, max_length) for index, request in enumerate(requests)]
+
+
+def _boundaries(
+    request: ScoringRequest, index: int, encoded: Iterator[list[int]], max_length: int | None
+) -> _Tokenized:
+    context_ids = next(encoded)
+    sequences, boundaries = [], []
+    for continuation in request.continuations:
+        ids = next(encoded)
+        boundary = common_prefix_length([context_ids, ids])
+        if boundary == len(ids):
+            raise ValueError(f"request {index}: continuation {continuation!r} adds no tokens to its context")
+        if max_length is not None and len(ids) > max_length:
+            cut = len(ids) - max_length
+            ids, boundary = ids[cut:], boundary - cut
+        if boundary < 1:
+            raise ValueError(
+                f"request {index}: the continuation {continuation!r} needs at least one context token before "
+                f"it (context {request.context[:60]!r}, max_length={max_length}); give a non-empty context "
+                "or raise max_length"
+            )
+        sequences.append(ids)
+        boundaries.append(boundary)
+    return _Tokenized(sequences, boundaries)
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of `logits` [n, vocab], in fp32."""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def _score_naive(model: nn.Module, tokenized: list[_Tokenized], bar: Any) -> list[list[float]]:
+    device = device_of(model)
+    results = []
+    for item in tokenized:
+        scores = []
+        for ids, boundary in zip(item.sequences, item.boundaries, strict=True):
+            input_ids = torch.tensor([ids], device=device)
+            logits = model(input_ids=input_ids, use_cache=False).logits[0]
+            scores.append(_target_logprobs(logits[boundary - 1 : -1], input_ids[0, boundary:]).sum().item())
+        results.append(scores)
+        bar.update(1)
+    return results
+
+
+def _score_fast(
+    model: nn.Module, tokenized: list[_Tokenized], batch_size: int, bar: Any
+) -> list[list[float]]:
+    device = device_of(model)
+    everything = [ids for item in tokenized for ids in item.sequences]
+    # The global prefix stops before the first continuation token of any sequence.
+    global_length = min(common_prefix_length(everything), min(min(item.boundaries) for item in tokenized))
+    prefix = _Prefix(global_length, None, None)
+    if global_length > 0:
+        logits, cache = forward(model, torch.tensor([everything[0][:global_length]], device=device))
+        prefix = _Prefix(global_length, cache, logits[0, -1:])
+    # Packing requests pads their shared parts in the middle of a row; a sliding window would count the
+    # padding as distance, so models with a window shorter than that run one request at a time.
+    window = sliding_window(model)
+    longest = max(len(ids) for ids in everything)
+    pack_size = batch_size if window is None or 2 * longest < window else 1
+    scores: list[list[float]] = []
+    for pack in _packs(tokenized, pack_size):
+        scores.extend(_score_pack(model, pack, prefix, batch_size))
+        bar.update(len(pack))
+    return scores
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    length: int  # tokens shared by every sequence of the call
+    cache: Any  # their KV cache (batch 1), None when length == 0
+    last_logits: torch.Tensor | None  # [1, vocab] at position length - 1
+
+
+def _packs(tokenized: list[_Tokenized], size: int) -> list[list[_Tokenized]]:
+    """Consecutive requests in groups of `size`."""
+    return [tokenized[i : i + size] for i in range(0, len(tokenized), size)]
+
+
+def _score_pack(
+    model: nn.Module, pack: list[_Tokenized], prefix: _Prefix, batch_size: int
+) -> list[list[float]]:
+    """Score up to `batch_size` requests: one pass over their shared parts, then batched continuation passes.
+
+    Step 2 runs each request's shared part (e.g. its question) after the global prefix, right-padded to a
+    common width. Step 3 runs the continuations on top, `batch_size` rows at a time, each row starting
+    from its request's cache row; an attention mask hides the step-2 padding and explicit position ids
+    skip it.
+    """
+    device = device_of(model)
+    start = prefix.length
+    # Each request's shared part; every continuation keeps at least one token for step 3.
+    shared = [
+        min(common_prefix_length(it.sequences), min(len(ids) for ids in it.sequences) - 1) for it in pack
+    ]
+    width2 = max(shared) - start
+    logits2, cache2 = None, prefix.cache
+    if width2 > 0:
+        rows2 = [it.sequences[0][start:end] for it, end in zip(pack, shared, strict=True)]
+        ids2 = torch.tensor([r + [0] * (width2 - len(r)) for r in rows2], device=device)
+        logits2, cache2 = forward(
+            model, ids2, None if prefix.cache is None else fork_cache(prefix.cache, len(pack))
+        )
+
+    rows3 = [(r, j) for r, it in enumerate(pack) for j in range(len(it.sequences))]
+    results = [[0.0] * len(it.sequences) for it in pack]
+    for begin in range(0, len(rows3), batch_size):
+        chunk = rows3[begin : begin + batch_size]
+        suffixes = [pack[r].sequences[j][shared[r] :] for r, j in chunk]
+        width3 = max(len(s) for s in suffixes)
+        ids3 = torch.tensor([s + [0] * (width3 - len(s)) for s in suffixes], device=device)
+        request_rows = torch.tensor([r for r, _ in chunk], device=device)
+        if width2 > 0 and all(shared[r] == start + width2 for r, _ in chunk):  # no step-2 padding to hide
+            logits3, _ = forward(model, ids3, select_cache_rows(cache2, request_rows))
+        elif width2 > 0:
+            mask = torch.ones(len(chunk), start + width2 + width3, dtype=torch.long)  # built on the host
+            for row, (r, _) in enumerate(chunk):
+                mask[row, shared[r] : start + width2] = 0
+            positions = torch.tensor([[shared[r] + t for t in range(width3)] for r, _ in chunk])
+            logits3, _ = forward(
+                model,
+                ids3,
+                select_cache_rows(cache2, request_rows),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+            )
+        else:  # no step 2: the continuations follow the global prefix directly
+            logits3, _ = forward(model, ids3, None if cache2 is None else fork_cache(cache2, len(chunk)))
+        sums = _chunk_scores(pack, chunk, shared, prefix, logits2, logits3)
+        for (r, j), value in zip(chunk, sums, strict=True):
+            results[r][j] = value
+    return results
+
+
+def _chunk_scores(
+    pack: list[_Tokenized],
+    chunk: list[tuple[int, int]],
+    shared: list[int],
+    prefix: _Prefix,
+    logits2: torch.Tensor | None,
+    logits3: torch.Tensor,
+) -> list[float]:
+    """Σ log p over each chunk row's continuation tokens, gathering every needed logit row in one go per source.
+
+    The logits at position p predict token p + 1; position p lives in the global prefix's last row
+    (p = prefix.length - 1), in step 2 (p < the request's shared length) or in step 3.
+    """
+    start = prefix.length
+    sources: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {
+        name: ([], [], [], []) for name in ("prefix", "step2", "step3")
+    }
+    for row, (r, j) in enumerate(chunk):
+        ids, boundary = pack[r].sequences[j], pack[r].boundaries[j]
+        for p in range(boundary - 1, len(ids) - 1):
+            if p == start - 1:
+                name, batch, position = "prefix", 0, 0
+            elif p < shared[r]:
+                name, batch, position = "step2", r, p - start
+            else:
+                name, batch, position = "step3", row, p - shared[r]
+            for column, value in zip(sources[name], (batch, position, ids[p + 1], row), strict=True):
+                column.append(value)
+    tables = {"prefix": prefix.last_logits, "step2": logits2, "step3": logits3}
+    sums = torch.zeros(len(chunk), dtype=torch.float32, device=logits3.device)
+    for name, (batches, positions, tokens, rows) in sources.items():
+        if not rows:
+            continue
+        table = tables[name]
+        assert table is not None
+        if table.dim() == 2:  # the prefix's [1, vocab] row
+            table = table[:, None, :]
+        index = functools.partial(torch.tensor, device=logits3.device)
+        selected = table[index(batches), index(positions)]
+        sums.index_add_(0, index(rows), _target_logprobs(selected, index(tokens)))
+    return sums.tolist()
