@@ -32,24 +32,33 @@ VARIANTS = ("base", "unmerged", "merged", "base_again")
 class InferenceResult:
     workload: str
     tokens: int  # per call
+    clock: str = "wall"  # primary clock: "wall" or "cpu" (process CPU time), as in `Timing`
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
 
-    def tokens_per_s(self, variant: str) -> float:
-        return self.tokens / statistics.median(self.seconds[variant])
+    def times(self, variant: str, clock: str | None = None) -> list[float]:
+        return (self.cpu_seconds if (clock or self.clock) == "cpu" else self.seconds)[variant]
 
-    def ratio(self, variant: str) -> float:
-        """Median over repetitions of variant time / base time of the same repetition, as a speed ratio."""
-        return statistics.median(
-            b / v for b, v in zip(self.seconds["base"], self.seconds[variant], strict=True)
-        )
+    def tokens_per_s(self, variant: str, clock: str | None = None) -> float:
+        return self.tokens / statistics.median(self.times(variant, clock))
+
+    def ratio(self, variant: str, clock: str | None = None) -> float:
+        """Median over repetitions of base time / variant time within the repetition (a speed ratio)."""
+        pairs = zip(self.times("base", clock), self.times(variant, clock), strict=True)
+        return statistics.median(b / v for b, v in pairs)
 
     def to_dict(self) -> dict[str, Any]:
+        other = "wall" if self.clock == "cpu" else "cpu"
         return {
             "workload": self.workload,
             "tokens_per_call": self.tokens,
+            "clock": self.clock,
             "tokens_per_s": {v: self.tokens_per_s(v) for v in self.seconds},
             "speed_vs_base": {v: self.ratio(v) for v in self.seconds if v != "base"},
+            f"tokens_per_s_{other}": {v: self.tokens_per_s(v, other) for v in self.seconds},
+            f"speed_vs_base_{other}": {v: self.ratio(v, other) for v in self.seconds if v != "base"},
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
         }
 
 
@@ -111,6 +120,7 @@ def measure_inference(
     device: torch.device,
     repeats: int,
     log: Callable[[str], None] = print,
+    clock: str = "wall",
 ) -> tuple[list[InferenceResult], dict[str, float]]:
     """Interleaved timings of every workload and model; also the merged-vs-unmerged logit gap."""
     rows = [list(s.input_ids) for e in batch for s in e.sequences]
@@ -135,21 +145,24 @@ def measure_inference(
     mask = attention_mask.bool()
     checks = {
         "merged_vs_unmerged_max_abs_logit_diff": float((merged - reference)[mask].abs().max()),
+        "merged_vs_unmerged_mean_abs_logit_diff": float((merged - reference)[mask].abs().mean()),
         "adapter_vs_base_max_abs_logit_diff": float((reference - base)[mask].abs().max()),
+        "adapter_vs_base_mean_abs_logit_diff": float((reference - base)[mask].abs().mean()),
     }
     results = []
     for workload, (calls, tokens) in workloads.items():
-        result = InferenceResult(workload, tokens, {v: [] for v in VARIANTS})
+        result = InferenceResult(workload, tokens, clock, {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS})
         for name in VARIANTS:  # warm-up
             calls[name]()
         for repeat in range(repeats):
             order = VARIANTS if repeat % 2 == 0 else tuple(reversed(VARIANTS))
             for name in order:
                 synchronize(device)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 calls[name]()
                 synchronize(device)
                 result.seconds[name].append(time.perf_counter() - started)
+                result.cpu_seconds[name].append(time.process_time() - cpu_started)
         log(
             f"  inference {workload}: "
             + ", ".join(f"{v} {result.tokens_per_s(v):.0f} tok/s" for v in VARIANTS)

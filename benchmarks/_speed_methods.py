@@ -208,6 +208,10 @@ class Bench:
             for param in params:
                 param.requires_grad_(False)
                 param.grad = None
+            for projection in projections:
+                projection.adapter_disabled = True
+            if self.peft is not None:
+                self.peft.base_model.disable_adapter_layers()
             self.model.eval()
 
     @contextlib.contextmanager

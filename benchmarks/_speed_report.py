@@ -6,47 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from _speed_timing import paired_ratio
 from lofit.atomic import atomic_write_json, atomic_write_text
 
 TARGET_ORDER = ("cpu", "gpu", "tiny")
 NOISE_FLOOR = 0.02  # "within noise" band for inference ratios: max(this, the A/A control's deviation)
 
-GROUP_NOTES = {
-    "backward_stop": (
-        "Backward stops at the lowest adapted layer",
-        "autograd never enters layers below the lowest adapted head (base frozen, nothing below needs a "
-        "gradient); forcing the embedding output to require grad shows what that saves",
-    ),
-    "scored_logits": (
-        "LM head only at scored positions",
-        "TokenScorer 'gathered' runs the decoder body, gathers the positions whose next token is scored "
-        "and applies the output embedding there only ('full' = the model's own logits at every position)",
-    ),
-    "dpo_reference": (
-        "Cached DPO reference log-probs",
-        "the frozen base model's log-probs are computed once before training instead of a second "
-        "(no-grad) forward every step",
-    ),
-    "length_grouping": (
-        "Length-grouped batching",
-        "records sorted by length within chunks of 50 batches, batches shuffled (trainer "
-        "group_by_length); throughput counts real tokens only",
-    ),
-    "head_op": (
-        "Vectorised head op",
-        "one broadcast multiply-add over the whole projection input (per-head vectors scattered into a "
-        "dense [heads*head_dim] vector) instead of a Python loop over heads",
-    ),
-    "precision": ("bf16 autocast", "bf16 autocast (AMX/avx512_bf16) against plain fp32"),
-    "compile": ("torch.compile", "every decoder layer compiled with torch.compile (inductor)"),
-    "checkpointing": (
-        "Gradient checkpointing",
-        "'layers' = non-reentrant checkpoint per decoder layer, backward still stops at the lowest adapted "
-        "layer; 'hf' = transformers' gradient_checkpointing_enable(), which also makes the embedding "
-        "output require grad",
-    ),
-}
 
+def other_clock(row: dict[str, Any]) -> str:
+    return "wall" if row["clock"] == "cpu" else "cpu"
 
 def mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:,.0f} MiB"
@@ -79,7 +47,7 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def speed(name: str) -> float | None:
-        return main[name]["tokens_per_s"] / lora["tokens_per_s"] if lora and name in main else None
+        return paired_ratio(main[name], lora) if lora and name in main else None
 
     def memory(name: str) -> float | None:
         if not lora or name not in main or not main[name]["peak_bytes"] or not lora["peak_bytes"]:
@@ -188,10 +156,23 @@ def render_target(name: str, report: dict[str, Any]) -> list[str]:
         f"{target['seq_len']} tokens ({info.get('tokens_per_batch')} real tokens), "
         f"{100 * info.get('scored_fraction', 0):.1f}% of the tokens scored",
         f"- rounds × steps: {report['settings']['rounds']} × {report['settings']['steps']} timed steps per "
-        f"method after {report['settings']['warmup']} warm-up step(s)",
+        f"method after {report['settings']['warmup']} warm-up step(s); primary clock: "
+        f"{report['settings'].get('clock', 'wall')}"
+        + (
+            " (process CPU time of the single-threaded benchmark: the machine is shared, and CPU time "
+            "leaves out the time other processes hold the core; wall-clock numbers are shown beside)"
+            if report["settings"].get("clock") == "cpu"
+            else ""
+        ),
         f"- K = {info.get('k')} of {info.get('total_heads')} heads per offset set; selected heads: "
         f"{info.get('selected_heads_source')}",
     ]
+    if "dpo_random_epoch_padding_fraction" in info:
+        lines.append(
+            f"- TruthfulQA DPO training set ({info['dpo_pairs']} pairs, batch {target['batch_size']}): padding "
+            f"over a whole epoch {100 * info['dpo_random_epoch_padding_fraction']:.0f}% with random batches, "
+            f"{100 * info['dpo_grouped_epoch_padding_fraction']:.0f}% length-grouped"
+        )
     for set_name, described in info.get("head_sets", {}).items():
         lines.append(
             f"  - {set_name}: {described['count']} heads in {described['layers']} layers, layers "
@@ -221,16 +202,17 @@ def render_target(name: str, report: dict[str, Any]) -> list[str]:
 
 def main_table(report: dict[str, Any]) -> list[str]:
     main = report["main"]
-    lora = main.get("lora", {})
+    lora = main.get("lora")
+    first = next(iter(main.values()))
+    clock, second = first["clock"], other_clock(first)
     cpu = report["target"]["device"] == "cpu"
     memory_header = "peak RSS" if cpu else "peak allocated"
     lines = [
-        f"| method | tokens/s (range) | × LoRA speed | {memory_header} | × LoRA memory | "
-        + ("step increment (peak − setup) |" if cpu else "above weights |"),
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| method | tokens/s, {clock} clock (range) | × LoRA | tokens/s, {second} clock | × LoRA | "
+        f"{memory_header} | × LoRA | " + ("peak − RSS after setup |" if cpu else "peak − allocated before |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in main.values():
-        speed = row["tokens_per_s"] / lora["tokens_per_s"] if lora else None
         memory = (
             row["peak_bytes"] / lora["peak_bytes"]
             if lora and row.get("peak_bytes") and lora.get("peak_bytes")
@@ -241,28 +223,40 @@ def main_table(report: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"| {row['label']} | {row['tokens_per_s']:,.0f} ({row['tokens_per_s_min']:,.0f}–"
-            f"{row['tokens_per_s_max']:,.0f}) | {ratio_text(speed)} | {mib(row.get('peak_bytes'))} | "
+            f"{row['tokens_per_s_max']:,.0f}) | {ratio_text(paired_ratio(row, lora) if lora else None)} | "
+            f"{row[f'tokens_per_s_{second}']:,.0f} | "
+            f"{ratio_text(paired_ratio(row, lora, second) if lora else None)} | {mib(row.get('peak_bytes'))} | "
             f"{ratio_text(memory)} | {mib(increment)} |"
         )
+    lines += [
+        "",
+        "× LoRA: median over rounds of (this method's tokens/s / LoRA's in the same round).",
+    ]
     how = next((r["memory_how"] for r in main.values() if r.get("memory_how")), "")
     if how:
-        lines += ["", f"Memory: {how}."]
+        lines.append(f"Memory: {how}.")
     return lines
 
 
 def ablation_tables(report: dict[str, Any]) -> list[str]:
+    """One table per optimisation: each (with it, without it) pair, timed interleaved in one set."""
     lines: list[str] = []
-    for group, rows in report["ablations"].items():
-        title, note = GROUP_NOTES.get(group, (group, ""))
-        lines += [f"**{title}** — {note}.", ""]
-        lines += ["| variant | tokens/s (range) | speed vs first | padding | memory |", "| --- | --- | --- | --- | --- |"]
-        values = list(rows.values())
-        reference = values[0]["tokens_per_s"]
-        for row in values:
+    for view in report.get("optimisations", []):
+        rows = report["ablations"][view["timed_in"]]
+        first = next(iter(rows.values()))
+        lines += [f"**{view['title']}** — {view['note']}.", ""]
+        lines += [
+            f"| with | tokens/s ({first['clock']}) | without | tokens/s | speed-up ({first['clock']} / "
+            f"{other_clock(first)} clock) | memory with / without | padding with / without |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for with_name, without_name in view["pairs"]:
+            on, off = rows[with_name], rows[without_name]
             lines.append(
-                f"| {row['label']} | {row['tokens_per_s']:,.0f} ({row['tokens_per_s_min']:,.0f}–"
-                f"{row['tokens_per_s_max']:,.0f}) | {row['tokens_per_s'] / reference:.2f}× | "
-                f"{100 * row['padding_fraction']:.0f}% | {mib(row.get('peak_bytes'))} |"
+                f"| {on['label']} | {on['tokens_per_s']:,.0f} | {off['label']} | {off['tokens_per_s']:,.0f} | "
+                f"**{paired_ratio(on, off):.2f}×** / {paired_ratio(on, off, other_clock(on)):.2f}× | "
+                f"{mib(on.get('peak_bytes'))} / {mib(off.get('peak_bytes'))} | "
+                f"{100 * on['padding_fraction']:.0f}% / {100 * off['padding_fraction']:.0f}% |"
             )
         lines.append("")
     return lines
@@ -273,19 +267,32 @@ def inference_table(report: dict[str, Any]) -> list[str]:
     lines = [
         f"Adapter: offsets `{inference['adapter']}`, weights {inference['dtype']}. Merged vs unmerged max |Δlogit| "
         f"{inference['checks']['merged_vs_unmerged_max_abs_logit_diff']:.3g} (adapter vs base "
-        f"{inference['checks']['adapter_vs_base_max_abs_logit_diff']:.3g}).",
+        f"{inference['checks']['adapter_vs_base_max_abs_logit_diff']:.3g}; mean |Δlogit| merged vs unmerged "
+        f"{inference['checks'].get('merged_vs_unmerged_mean_abs_logit_diff', float('nan')):.3g}, adapter vs base "
+        f"{inference['checks'].get('adapter_vs_base_mean_abs_logit_diff', float('nan')):.3g}).",
         "",
-        "| workload | base tok/s | unmerged | merged | base again (A/A) |",
-        "| --- | --- | --- | --- | --- |",
+        "| workload | clock | base tok/s | unmerged | merged | base again (A/A) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for workload in inference["workloads"]:
-        tps, vs = workload["tokens_per_s"], workload["speed_vs_base"]
-        lines.append(
-            f"| {workload['workload']} ({workload['tokens_per_call']} tokens/call) | {tps['base']:,.0f} | "
-            f"{tps['unmerged']:,.0f} ({vs['unmerged']:.3f}×) | {tps['merged']:,.0f} ({vs['merged']:.3f}×) | "
-            f"{tps['base_again']:,.0f} ({vs['base_again']:.3f}×) |"
-        )
-    lines += ["", "Ratios: median over repetitions of base time / variant time within the same repetition."]
+        clock = workload.get("clock", "wall")
+        other = "wall" if clock == "cpu" else "cpu"
+        for name, tps, vs in (
+            (clock, workload["tokens_per_s"], workload["speed_vs_base"]),
+            (other, workload.get(f"tokens_per_s_{other}"), workload.get(f"speed_vs_base_{other}")),
+        ):
+            if tps is None:
+                continue
+            lines.append(
+                f"| {workload['workload']} ({workload['tokens_per_call']} tokens/call) | {name} | {tps['base']:,.1f} | "
+                f"{tps['unmerged']:,.1f} ({vs['unmerged']:.3f}×) | {tps['merged']:,.1f} ({vs['merged']:.3f}×) | "
+                f"{tps['base_again']:,.1f} ({vs['base_again']:.3f}×) |"
+            )
+    lines += [
+        "",
+        "Ratios: median over repetitions of base time / variant time within the same repetition (the "
+        "variants run interleaved: base, unmerged, merged, base again, then reversed).",
+    ]
     return lines
 
 

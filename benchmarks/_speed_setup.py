@@ -76,6 +76,8 @@ TARGETS: dict[str, Target] = {
         scored_fraction=0.0,
         full_finetune=True,
         train_attention="eager",
+        gen_prompt=32,
+        gen_new=16,
     ),
     "gpu": Target(
         "gpu",

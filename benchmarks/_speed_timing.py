@@ -24,54 +24,85 @@ from _speed_methods import Bench, Method
 from lofit.objectives import Example
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @dataclass
 class Timing:
-    """Timed steps of one method: seconds and real (non-pad) tokens per step, and memory."""
+    """Timed steps of one method: wall and process-CPU seconds, real (non-pad) tokens, round of each step.
+
+    `clock` picks the primary measure: "wall" (GPU; any idle machine) or "cpu" (process CPU time: on a
+    shared CPU machine it excludes the time other processes hold our core; single-threaded here).
+    """
 
     method: Method
+    clock: str = "wall"
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     padded_tokens: list[int] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
     peak_bytes: int | None = None  # CUDA max allocated over the timed steps / peak RSS of a probe
-    base_bytes: int | None = None  # allocated before the step (CUDA) / RSS after loading (CPU probe)
+    base_bytes: int | None = None  # allocated before the step (CUDA) / RSS after setup (CPU probe)
     memory_how: str = ""
     losses: list[float] = field(default_factory=list)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return statistics.median(t / s for t, s in zip(self.tokens, self.seconds, strict=True))
+    def times(self, clock: str | None = None) -> list[float]:
+        return self.cpu_seconds if (clock or self.clock) == "cpu" else self.seconds
 
-    @property
-    def aggregate_tokens_per_s(self) -> float:
-        return sum(self.tokens) / sum(self.seconds)
+    def rates(self, clock: str | None = None) -> list[float]:
+        return [t / s for t, s in zip(self.tokens, self.times(clock), strict=True)]
 
-    @property
-    def spread(self) -> tuple[float, float]:
-        """(lowest, highest) per-step tokens/s: how noisy the measurement was."""
-        rates = [t / s for t, s in zip(self.tokens, self.seconds, strict=True)]
-        return min(rates), max(rates)
+    def tokens_per_s(self, clock: str | None = None) -> float:
+        """Median over the timed steps of tokens / seconds."""
+        return statistics.median(self.rates(clock))
 
     @property
     def padding_fraction(self) -> float:
         return 1.0 - sum(self.tokens) / max(sum(self.padded_tokens), 1)
 
     def to_dict(self) -> dict[str, Any]:
-        low, high = self.spread
-        return {
+        result: dict[str, Any] = {
             "name": self.method.name,
             "label": self.method.label,
-            "tokens_per_s": self.tokens_per_s,
-            "aggregate_tokens_per_s": self.aggregate_tokens_per_s,
-            "tokens_per_s_min": low,
-            "tokens_per_s_max": high,
+            "clock": self.clock,
             "steps_timed": len(self.seconds),
-            "step_s_median": statistics.median(self.seconds),
             "padding_fraction": self.padding_fraction,
             "peak_bytes": self.peak_bytes,
             "base_bytes": self.base_bytes,
             "memory_how": self.memory_how,
             "final_loss": self.losses[-1] if self.losses else None,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "tokens": self.tokens,
+            "rounds": self.rounds,
         }
+        for clock in CLOCKS:
+            rates = self.rates(clock)
+            suffix = "" if clock == self.clock else f"_{clock}"
+            result[f"tokens_per_s{suffix}"] = statistics.median(rates)
+            result[f"tokens_per_s_min{suffix}"] = min(rates)
+            result[f"tokens_per_s_max{suffix}"] = max(rates)
+        return result
+
+
+def round_rates(row: dict[str, Any], clock: str) -> dict[int, float]:
+    """Tokens per second of each round (its steps together) of a `Timing.to_dict()` row."""
+    times = row["cpu_seconds"] if clock == "cpu" else row["seconds"]
+    tokens: dict[int, float] = {}
+    seconds: dict[int, float] = {}
+    for r, t, s in zip(row["rounds"], row["tokens"], times, strict=True):
+        tokens[r] = tokens.get(r, 0) + t
+        seconds[r] = seconds.get(r, 0.0) + s
+    return {r: tokens[r] / seconds[r] for r in tokens}
+
+
+def paired_ratio(a: dict[str, Any], b: dict[str, Any], clock: str | None = None) -> float:
+    """Median over shared rounds of a's / b's tokens/s within the round: drift cancels in the pairs."""
+    clock = clock or a["clock"]
+    rates_a, rates_b = round_rates(a, clock), round_rates(b, clock)
+    shared = sorted(set(rates_a) & set(rates_b))
+    return statistics.median(rates_a[r] / rates_b[r] for r in shared)
 
 
 def synchronize(device: torch.device) -> None:
@@ -92,9 +123,10 @@ def time_interleaved(
     steps: int,
     warmup: int,
     log: Callable[[str], None] = print,
+    clock: str = "wall",
 ) -> dict[str, Timing]:
     """Time every method's steps, interleaved; CUDA peak memory per method when on a GPU."""
-    timings = {m.name: Timing(m) for m in methods}
+    timings = {m.name: Timing(m, clock) for m in methods}
     cuda = bench.device.type == "cuda"
     for method in methods:  # warm-up (kernel selection, allocator, optimizer state, compile)
         batches = bench.data[method.data]
@@ -119,10 +151,12 @@ def time_interleaved(
                 for i in range(steps):
                     examples = batches[(round_index * steps + i) % len(batches)]
                     synchronize(bench.device)
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                     timing.losses.append(step(examples))
                     synchronize(bench.device)
                     timing.seconds.append(time.perf_counter() - started)
+                    timing.cpu_seconds.append(time.process_time() - cpu_started)
+                    timing.rounds.append(round_index)
                     real, padded = batch_tokens(examples)
                     timing.tokens.append(real)
                     timing.padded_tokens.append(padded)
@@ -131,7 +165,7 @@ def time_interleaved(
                     timing.memory_how = "CUDA max allocated over the first round's timed steps"
         log(
             f"  round {round_index + 1}/{rounds}: "
-            + ", ".join(f"{m.name} {timings[m.name].tokens_per_s:.0f}" for m in methods)
+            + ", ".join(f"{m.name} {timings[m.name].tokens_per_s():.0f}" for m in methods)
         )
     return timings
 

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _speed_setup as setup
+from _speed_ablations import MEMORY_VARIANTS, Optimisation, ablation_sets
 from _speed_methods import Bench, Method, main_methods
 from _speed_timing import Timing, peak_rss_bytes, probe_memory_subprocess, rss_bytes, time_interleaved
 
@@ -54,9 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation-rounds", type=int, default=None, help="rounds of each optimisation")
     parser.add_argument("--inference-repeats", type=int, default=None)
     parser.add_argument("--heads-file", type=Path, default=None, help="heads.json/HeadSelection for 'selected'")
-    parser.add_argument("--select-records", type=int, default=64, help="TruthfulQA pairs for select_heads")
-    parser.add_argument("--eval-questions", type=int, default=30, help="TruthfulQA MC questions, fast vs naive")
-    parser.add_argument("--skip", default="", help="comma list of: selection,ablations,memory,inference,eval,compile")
+    parser.add_argument("--select-records", type=int, default=32, help="TruthfulQA pairs for select_heads")
+    parser.add_argument("--eval-questions", type=int, default=20, help="TruthfulQA MC questions, fast vs naive")
+    parser.add_argument("--skip", default="", help="comma list of: selection,ablations,memory,inference,eval")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--data-dir", type=Path, default=None, help="benchmark data root (default: lofit's)")
     parser.add_argument("--layers", type=int, default=None, help="override the random model's layer count")
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (cpu/tiny default 1: see the notes)"
+    )
+    parser.add_argument(
+        "--memory-jobs", type=int, default=2, help="memory probes run this many at a time (peak RSS is per process)"
     )
     parser.add_argument("--memory-probe", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -88,8 +93,8 @@ def resolve_target(args: argparse.Namespace) -> setup.Target:
 
 
 DEFAULTS = {  # rounds, steps, warmup, ablation rounds, inference repeats
-    "cpu": (3, 2, 1, 2, 5),
-    "gpu": (3, 5, 2, 2, 5),
+    "cpu": (5, 1, 1, 2, 5),
+    "gpu": (4, 3, 2, 2, 5),
     "tiny": (2, 1, 1, 1, 2),
 }
 
@@ -130,88 +135,48 @@ def head_sets_for(
     return sets
 
 
-def build_data(bench: Bench, target: setup.Target, tokenizer: Any, args: argparse.Namespace, n_batches: int) -> None:
+def build_data(
+    bench: Bench,
+    target: setup.Target,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    n_batches: int,
+    dpo: bool = True,
+) -> dict[str, Any]:
+    """The SFT batches; on the bundled model also TruthfulQA DPO batches, in random and length-grouped
+    order (the first `n_batches` of each, reference log-probs cached). Returns facts for the report."""
     examples = setup.sft_examples(target, tokenizer, n_batches * target.batch_size, args.data_dir)
     bench.data["sft"] = setup.batches_of(examples, target.batch_size)
-    if target.model != "smollm2-135m":
-        return
+    if target.model != "smollm2-135m" or not dpo:
+        return {}
     from lofit.tasks import load_task
     from lofit.trainer import epoch_batches
 
     task = load_task("truthfulqa", fold=0, data_dir=args.data_dir)
-    dpo = bench.objectives["dpo"]
-    pairs = dpo.encode(task.train)
-    lengths = [e.num_tokens for e in pairs]
+    pairs = bench.objectives["dpo"].encode(task.train)
+    lengths = [len(s.input_ids) for e in pairs for s in e.sequences]
     size = target.batch_size
+    facts: dict[str, Any] = {"dpo_pairs": len(pairs)}
     for name, grouped in (("dpo_random", False), ("dpo_grouped", True)):
-        order = epoch_batches(lengths, size, torch.Generator().manual_seed(0), grouped)
-        bench.data[name] = [[pairs[i] for i in batch] for batch in order if len(batch) == size]
-    bench.data["dpo"] = bench.data["dpo_random"][:n_batches]
-    bench.cache_references("dpo")
-
-
-def ablation_groups(methods: dict[str, Method], target: setup.Target, args: argparse.Namespace) -> dict[str, list[Method]]:
-    """Each optimisation against the same configuration without it (one knob changed)."""
-    upper = methods["lofit_offsets_upper"]
-    spread = methods["lofit_offsets_spread"]
-    step1 = methods["lofit_step1"]
-    groups: dict[str, list[Method]] = {
-        "backward_stop": [
-            upper,
-            upper.with_changes("upper_grads_to_layer0", "offsets upper, backward forced to layer 0", input_grads=True),
-        ],
-        "scored_logits": [
-            upper,
-            upper.with_changes("upper_full_logits", "offsets upper, LM head at every position", scorer_mode="full"),
-        ],
-        "head_op": [
-            step1,
-            step1.with_changes("step1_head_loop", "step 1, per-head Python loop", head_op="loop"),
-            spread,
-            spread.with_changes("spread_head_loop", "offsets spread, per-head Python loop", head_op="loop"),
-        ],
-        "checkpointing": [
-            upper,
-            upper.with_changes("upper_ckpt_layers", "offsets upper, checkpointing (non-reentrant)", checkpointing="layers"),
-            upper.with_changes("upper_ckpt_hf", "offsets upper, checkpointing (HF enable)", checkpointing="hf"),
-        ],
-    }
-    if "dpo" in methods_data(methods, target):
-        dpo = upper.with_changes("upper_dpo_cached", "offsets upper, DPO, cached reference", data="dpo", objective="dpo")
-        groups["dpo_reference"] = [
-            dpo,
-            dpo.with_changes("upper_dpo_recompute", "offsets upper, DPO, reference every step", reference="recompute"),
-        ]
-        groups["length_grouping"] = [
-            dpo.with_changes("upper_dpo_random_batches", "offsets upper, DPO, random batches", data="dpo_random"),
-            dpo.with_changes("upper_dpo_grouped_batches", "offsets upper, DPO, length-grouped", data="dpo_grouped"),
-        ]
-    if target.autocast is not None and target.device == "cpu":
-        groups["precision"] = [
-            methods["base_forward"],
-            methods["base_forward"].with_changes("base_forward_fp32", "base forward, fp32", precision="fp32"),
-            upper,
-            upper.with_changes("upper_fp32", "offsets upper, fp32", precision="fp32"),
-        ]
-    if "compile" not in args.skip:
-        groups["compile"] = [upper, upper.with_changes("upper_compiled", "offsets upper, torch.compile", compile=True)]
-    return groups
-
-
-def methods_data(methods: dict[str, Method], target: setup.Target) -> set[str]:
-    return {"sft", "dpo"} if target.model == "smollm2-135m" else {"sft"}
-
-
-MEMORY_ABLATIONS = ("upper_full_logits", "upper_grads_to_layer0", "upper_ckpt_layers", "upper_ckpt_hf")
+        order = epoch_batches([e.num_tokens for e in pairs], size, torch.Generator().manual_seed(0), grouped)
+        real = sum(lengths)
+        padded = sum(2 * len(b) * max(lengths[2 * i + j] for i in b for j in (0, 1)) for b in order)
+        facts[f"{name}_epoch_padding_fraction"] = 1 - real / padded
+        bench.data[name] = [[pairs[i] for i in batch] for batch in order if len(batch) == size][:n_batches]
+        bench.cache_references(name)
+    return facts
 
 
 def cpu_memory(
     args: argparse.Namespace, methods: list[Method], head_sets: dict[str, Any]
 ) -> dict[str, tuple[int, int, str]]:
     """name -> (peak RSS, RSS after setup, how) of each method, each in a fresh process."""
+    from concurrent.futures import ThreadPoolExecutor
+
     memory = {}
     how = "peak RSS (VmHWM) of a fresh process over 2 steps, high-water mark reset after setup"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.memory_jobs) as pool:
+        specs = []
         for method in methods:
             spec = Path(tmp) / f"{method.name}.json"
             spec.write_text(
@@ -228,7 +193,13 @@ def cpu_memory(
                     }
                 )
             )
-            result = probe_memory_subprocess([str(Path(__file__).resolve()), "--memory-probe", str(spec)])
+            specs.append((method, spec))
+        futures = [
+            (method, pool.submit(probe_memory_subprocess, [str(Path(__file__).resolve()), "--memory-probe", str(spec)]))
+            for method, spec in specs
+        ]
+        for method, future in futures:
+            result = future.result()
             memory[method.name] = (result["peak_rss"], result["rss_after_setup"], how)
             log(
                 f"  memory {method.name}: peak {result['peak_rss'] / 2**20:.0f} MiB "
@@ -250,7 +221,7 @@ def run_memory_probe(spec_path: Path) -> None:
     model, tokenizer = setup.build_model(target)
     head_sets = {k: {int(l): h for l, h in v.items()} for k, v in spec["head_sets"].items()}
     bench = Bench.build(model, tokenizer, head_sets, target.autocast, attention=target.train_attention)
-    build_data(bench, target, tokenizer, args, n_batches=2)
+    build_data(bench, target, tokenizer, args, n_batches=2, dpo=method.objective == "dpo")
     with bench.active(method) as params:
         step = bench.step_fn(method, params)
         batches = bench.data[method.data]
@@ -271,8 +242,8 @@ def vm_hwm_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM")
 
 
-def eval_speed(model: Any, tokenizer: Any, args: argparse.Namespace, target: setup.Target) -> dict[str, Any]:
-    """TruthfulQA MC on the first fold-0 test questions: scorer 'fast' vs 'naive', interleaved."""
+def eval_speed(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """TruthfulQA MC on the first fold-0 test questions: scorer 'fast' vs 'naive' (fast, naive, fast)."""
     try:
         from lofit.evaluation import evaluate
     except ImportError as error:
@@ -282,14 +253,13 @@ def eval_speed(model: Any, tokenizer: Any, args: argparse.Namespace, target: set
     records = load_task("truthfulqa", fold=0, data_dir=args.data_dir).test[: args.eval_questions]
     timings: dict[str, list[float]] = {"fast": [], "naive": []}
     metrics: dict[str, Any] = {}
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if target.autocast else torch.autocast("cpu", enabled=False)
-    for repeat in range(2):
-        for scorer in ("fast", "naive") if repeat == 0 else ("naive", "fast"):
-            started = time.perf_counter()
-            with context:
-                metrics[scorer] = evaluate(model, tokenizer, "truthfulqa_mc", records, scorer=scorer)
-            timings[scorer].append(time.perf_counter() - started)
-            log(f"  eval {scorer}: {timings[scorer][-1]:.1f} s {metrics[scorer]}")
+    for scorer in ("fast", "naive", "fast"):
+        started = time.perf_counter()
+        metrics[scorer] = evaluate(
+            model, tokenizer, "truthfulqa_mc", records, scorer=scorer, progress=False, data_dir=args.data_dir
+        )
+        timings[scorer].append(time.perf_counter() - started)
+        log(f"  eval {scorer}: {timings[scorer][-1]:.1f} s {metrics[scorer]}")
     fast, naive = min(timings["fast"]), min(timings["naive"])
     return {
         "questions": len(records),
@@ -360,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("model ready")
     head_sets = head_sets_for(args, target, model, tokenizer, report["info"])
     bench = Bench.build(model, tokenizer, head_sets, target.autocast, attention=target.train_attention)
-    build_data(bench, target, tokenizer, args, n_batches=max(2, steps * 2))
+    report["info"].update(build_data(bench, target, tokenizer, args, n_batches=max(4, steps * 2)))
     report["info"]["scored_fraction"] = sum(
         s.num_targets for b in bench.data["sft"] for e in b for s in e.sequences
     ) / sum(e.num_tokens for b in bench.data["sft"] for e in b)
@@ -368,27 +338,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     methods = main_methods(head_sets, target.full_finetune, lora_dropout_variant=True)
     log("main comparison: " + ", ".join(m.name for m in methods))
-    timings = time_interleaved(bench, methods, rounds, steps, warmup, log)
+    clock = "cpu" if target.device == "cpu" else "wall"
+    report["settings"]["clock"] = clock
+    timings = time_interleaved(bench, methods, rounds, steps, warmup, log, clock)
     by_name = {m.name: m for m in methods}
 
-    groups: dict[str, list[Method]] = {}
     ablations: dict[str, dict[str, Timing]] = {}
+    views: list[Optimisation] = []
+    sets: dict[str, list[Method]] = {}
     if "ablations" not in args.skip:
-        groups = ablation_groups(by_name, target, args)
-        for group, members in groups.items():
-            log(f"optimisation: {group}")
-            group_warmup = max(warmup, 2) if group == "compile" else warmup
-            group_steps = 1 if group == "precision" else steps
+        sets, views = ablation_sets(
+            by_name,
+            target.train_attention,
+            cpu_bf16=target.device == "cpu" and target.autocast == target.weight_dtype == torch.bfloat16,
+            dpo="dpo_random" in bench.data,
+            compile_=args.compile,
+        )
+        for set_name, members in sets.items():
+            log(f"optimisations, set {set_name!r}: " + ", ".join(m.name for m in members))
+            if set_name == "fp32":  # fp32 steps are ~8x slower on CPU: one untimed-warm-up-free pass
+                set_rounds, set_steps, set_warmup = 1, 1, 0
+            else:
+                set_rounds, set_steps = ablation_rounds, 1
+                set_warmup = max(warmup, 2) if set_name == "compile" else warmup
             try:
-                ablations[group] = time_interleaved(bench, members, ablation_rounds, group_steps, group_warmup, log)
+                ablations[set_name] = time_interleaved(
+                    bench, members, set_rounds, set_steps, set_warmup, log, clock
+                )
             except Exception as error:  # e.g. torch.compile without a working compiler: report, go on
-                log(f"  {group} failed: {type(error).__name__}: {error}")
-                report["info"][f"{group}_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+                log(f"  set {set_name} failed: {type(error).__name__}: {error}")
+                report["info"][f"{set_name}_error"] = f"{type(error).__name__}: {str(error)[:500]}"
 
     if target.device == "cpu" and "memory" not in args.skip:
         log("memory (one fresh process per configuration)")
-        extra = [m for ms in groups.values() for m in ms if m.name in MEMORY_ABLATIONS]
-        memory = cpu_memory(args, methods + extra, head_sets)
+        probed = [m for m in methods if m.name != "lora_again"]
+        probed += [m for ms in sets.values() for m in ms if m.name in MEMORY_VARIANTS]
+        memory = cpu_memory(args, probed, head_sets)
         for table in (timings, *ablations.values()):
             for name, timing in table.items():
                 if name in memory:
@@ -396,11 +381,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report["main"] = {name: t.to_dict() for name, t in timings.items()}
     report["ablations"] = {g: {n: t.to_dict() for n, t in ts.items()} for g, ts in ablations.items()}
+    report["optimisations"] = [dataclasses.asdict(v) for v in views if v.timed_in in ablations]
 
     if "eval" not in args.skip and target.model == "smollm2-135m":
         log("TruthfulQA MC evaluation speed")
-        with bench.active(by_name["base_forward"]):
-            report["eval"] = eval_speed(bench.lofit, tokenizer, args, target)
+        with bench.active(Method("eval", "evaluation", kind="forward", attention="sdpa")):
+            report["eval"] = eval_speed(bench.lofit, tokenizer, args)
 
     if "inference" not in args.skip:
         from _speed_inference import inference_models, measure_inference
@@ -419,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench.device,
             repeats,
             log,
+            clock,
         )
         report["inference"] = {
             "adapter": adapter,
