@@ -22,7 +22,7 @@ class Optimisation:
     pairs: tuple[tuple[str, str], ...]
 
 
-MEMORY_VARIANTS = (
+MEMORY_VARIANTS = (  # the variants whose point is (also) memory; CPU probes cost ~15 s each
     "upper_grads_to_layer0",
     "upper_full_logits",
     "upper_fp32_weights",
@@ -43,19 +43,31 @@ def ablation_sets(
     sets: dict[str, list[Method]] = {
         "upper": [
             upper,
-            upper.with_changes("upper_grads_to_layer0", "offsets upper, backward forced to layer 0", input_grads=True),
-            upper.with_changes("upper_full_logits", "offsets upper, LM head at every position", scorer_mode="full"),
             upper.with_changes(
-                f"upper_{other_attention}", f"offsets upper, {other_attention} attention", attention=other_attention
+                "upper_grads_to_layer0", "offsets upper, backward forced to layer 0", input_grads=True
+            ),
+            upper.with_changes(
+                "upper_full_logits", "offsets upper, LM head at every position", scorer_mode="full"
+            ),
+            upper.with_changes(
+                f"upper_{other_attention}",
+                f"offsets upper, {other_attention} attention",
+                attention=other_attention,
             ),
             forward,
             forward.with_changes(
-                f"base_forward_{other_attention}", f"base forward, {other_attention} attention", attention=other_attention
+                f"base_forward_{other_attention}",
+                f"base forward, {other_attention} attention",
+                attention=other_attention,
             ),
             upper.with_changes(
-                "upper_ckpt_layers", "offsets upper, checkpointing per layer (non-reentrant)", checkpointing="layers"
+                "upper_ckpt_layers",
+                "offsets upper, checkpointing per layer (non-reentrant)",
+                checkpointing="layers",
             ),
-            upper.with_changes("upper_ckpt_hf", "offsets upper, checkpointing via HF enable", checkpointing="hf"),
+            upper.with_changes(
+                "upper_ckpt_hf", "offsets upper, checkpointing via HF enable", checkpointing="hf"
+            ),
         ],
         "head_op": [
             step1,
@@ -87,7 +99,10 @@ def ablation_sets(
             f"the training steps use the {train_attention} attention implementation; the variant uses "
             f"{other_attention} (inference and evaluation keep sdpa)",
             "upper",
-            (("lofit_offsets_upper", f"upper_{other_attention}"), ("base_forward", f"base_forward_{other_attention}")),
+            (
+                ("lofit_offsets_upper", f"upper_{other_attention}"),
+                ("base_forward", f"base_forward_{other_attention}"),
+            ),
         ),
         Optimisation(
             "head_op",
@@ -140,12 +155,19 @@ def ablation_sets(
         )
     if dpo:
         cached = upper.with_changes(
-            "upper_dpo", "offsets upper, DPO, cached reference, random batches", data="dpo_random", objective="dpo"
+            "upper_dpo",
+            "offsets upper, DPO, cached reference, random batches",
+            data="dpo_random",
+            objective="dpo",
         )
         sets["dpo"] = [
             cached,
-            cached.with_changes("upper_dpo_recompute", "offsets upper, DPO, reference every step", reference="recompute"),
-            cached.with_changes("upper_dpo_grouped", "offsets upper, DPO, length-grouped batches", data="dpo_grouped"),
+            cached.with_changes(
+                "upper_dpo_recompute", "offsets upper, DPO, reference every step", reference="recompute"
+            ),
+            cached.with_changes(
+                "upper_dpo_grouped", "offsets upper, DPO, length-grouped batches", data="dpo_grouped"
+            ),
         ]
         views += [
             Optimisation(
@@ -166,7 +188,10 @@ def ablation_sets(
             ),
         ]
     if compile_:
-        sets["compile"] = [upper, upper.with_changes("upper_compiled", "offsets upper, torch.compile", compile=True)]
+        sets["compile"] = [
+            upper,
+            upper.with_changes("upper_compiled", "offsets upper, torch.compile", compile=True),
+        ]
         views.append(
             Optimisation(
                 "compile",

@@ -2,7 +2,8 @@
 
 Three models in the inference dtype: the plain base model, a copy wrapped with the offset adapter
 (unmerged), and a copy of that folded into its weights (`merge_and_unload`). They run interleaved
-with a second pass of the base model (an A/A control: how much two identical models differ by noise).
+with a second pass of the base model (an A/A control: how much two identical models differ by noise),
+in rotated orders so that each runs in each position equally often.
 Workloads: scoring (one no-grad forward over the training batch, logits at every position) and greedy
 generation with the KV cache (fixed number of new tokens).
 """
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-
 from _speed_methods import Bench
 from _speed_timing import synchronize
+from torch import nn
+
 from lofit.config import LofitConfig
 from lofit.model import get_lofit_model
 from lofit.objectives import Example
@@ -151,11 +152,17 @@ def measure_inference(
     }
     results = []
     for workload, (calls, tokens) in workloads.items():
-        result = InferenceResult(workload, tokens, clock, {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS})
+        result = InferenceResult(
+            workload, tokens, clock, {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
+        )
         for name in VARIANTS:  # warm-up
             calls[name]()
-        for repeat in range(repeats):
-            order = VARIANTS if repeat % 2 == 0 else tuple(reversed(VARIANTS))
+        # Rotations: every variant runs in every position (and after every other) equally often.
+        count = repeats if workload == "score" else max(len(VARIANTS), repeats // 2)
+        count = len(VARIANTS) * -(-count // len(VARIANTS))
+        for repeat in range(count):
+            shift = repeat % len(VARIANTS)
+            order = VARIANTS[shift:] + VARIANTS[:shift]
             for name in order:
                 synchronize(device)
                 started, cpu_started = time.perf_counter(), time.process_time()

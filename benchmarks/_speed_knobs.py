@@ -93,11 +93,11 @@ def head_op(kind: str) -> Iterator[None]:
     if kind != "loop":
         raise ValueError(f"head_op must be 'vectorised' or 'loop', got {kind!r}")
     saved = HeadVectors.forward
-    HeadVectors.forward = loop_head_forward  # type: ignore[method-assign]
+    HeadVectors.forward = loop_head_forward
     try:
         yield
     finally:
-        HeadVectors.forward = saved  # type: ignore[method-assign]
+        HeadVectors.forward = saved
 
 
 @contextlib.contextmanager

@@ -15,14 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import _speed_knobs as knobs
 import torch
 from torch import nn
 
 from lofit.config import HeadMap, LofitConfig
 from lofit.model import LofitModel, get_lofit_model
 from lofit.objectives import DPOObjective, Example, Objective, SFTObjective, TokenScorer
-
-import _speed_knobs as knobs
 
 STEP1_L1 = 5e-4  # λ of step 1 (TruthfulQA's); only its cost matters here
 
@@ -57,11 +56,15 @@ class Method:
         return replace(self, name=name, label=label, **changes)
 
 
-def main_methods(head_sets: dict[str, HeadMap], full_finetune: bool, lora_dropout_variant: bool) -> list[Method]:
+def main_methods(
+    head_sets: dict[str, HeadMap], full_finetune: bool, lora_dropout_variant: bool
+) -> list[Method]:
     """Base forward, LoFiT step 1, step 2 per head set, PEFT LoRA (and with dropout), full fine-tuning."""
     methods = [
         Method("base_forward", "base model forward (no grad)", kind="forward"),
-        Method("lofit_step1", "LoFiT step 1: scales on all heads", lofit_adapter="step1", l1=STEP1_L1, lr=5e-3),
+        Method(
+            "lofit_step1", "LoFiT step 1: scales on all heads", lofit_adapter="step1", l1=STEP1_L1, lr=5e-3
+        ),
     ]
     for name, heads in head_sets.items():
         count = sum(len(h) for h in heads.values())
@@ -74,10 +77,18 @@ def main_methods(head_sets: dict[str, HeadMap], full_finetune: bool, lora_dropou
             )
         )
     methods.append(Method("lora", "PEFT LoRA r8 q,v (eval mode, as the trainer)", lora=True, lr=1e-4))
-    methods.append(Method("lora_again", "PEFT LoRA again (A/A control: run-to-run noise)", lora=True, lr=1e-4))
+    methods.append(
+        Method("lora_again", "PEFT LoRA again (A/A control: run-to-run noise)", lora=True, lr=1e-4)
+    )
     if lora_dropout_variant:
         methods.append(
-            Method("lora_dropout", "PEFT LoRA r8 q,v (train mode, dropout 0.1)", lora=True, train_mode=True, lr=1e-4)
+            Method(
+                "lora_dropout",
+                "PEFT LoRA r8 q,v (train mode, dropout 0.1)",
+                lora=True,
+                train_mode=True,
+                lr=1e-4,
+            )
         )
     if full_finetune:
         methods.append(Method("full_ft", "full fine-tuning (all weights)", full=True, lr=1e-5))
@@ -125,7 +136,14 @@ class Bench:
             "dpo_recompute": RecomputingDPO(tokenizer),
         }
         return cls(
-            model, lofit, peft_model, objectives, TokenScorer(lofit, scorer_mode), device, autocast_dtype, attention
+            model,
+            lofit,
+            peft_model,
+            objectives,
+            TokenScorer(lofit, scorer_mode),
+            device,
+            autocast_dtype,
+            attention,
         )
 
     def objective_for(self, method: Method) -> Objective:

@@ -21,7 +21,6 @@ from lofit.config import HeadMap
 from lofit.objectives import EncodedSequence, Example
 
 
-
 @dataclass(frozen=True)
 class Target:
     """One benchmark target: model, precision and batch shape."""
@@ -91,7 +90,7 @@ TARGETS: dict[str, Target] = {
         llama=LLAMA2_7B,
         gen_batch=8,
         gen_prompt=512,
-        gen_new=64,
+        gen_new=32,
     ),
     "tiny": Target(
         "tiny",
@@ -131,18 +130,19 @@ def random_llama(sizes: dict[str, int], dtype: torch.dtype, device: str, seed: i
     """A llama with random weights built from a config, initialised directly on `device` in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **sizes,
+    options: dict[str, Any] = dict(
+        sizes,
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
     )
+    config = LlamaConfig(**options)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate in bf16 at once: a 7B fp32 copy would not fit beside
+    torch.set_default_dtype(dtype)  # allocate in bf16 directly: no 27 GB fp32 7B model to build and cast
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config)
@@ -174,7 +174,9 @@ def truthfulqa_sft_records(data_root: Path | None, count: int, seed: int = 0) ->
     return records
 
 
-def sft_examples(target: Target, tokenizer: Any, count: int, data_root: Path | None, seed: int = 0) -> list[Example]:
+def sft_examples(
+    target: Target, tokenizer: Any, count: int, data_root: Path | None, seed: int = 0
+) -> list[Example]:
     """`count` SFT examples of exactly `target.seq_len` tokens (real text on the bundled model)."""
     if target.model == "smollm2-135m":
         import warnings
@@ -189,10 +191,14 @@ def sft_examples(target: Target, tokenizer: Any, count: int, data_root: Path | N
         if short:
             raise RuntimeError(f"{len(short)} TruthfulQA-like sequences are shorter than {target.seq_len}")
         return examples
-    return random_examples(count, target.seq_len, int(target.llama["vocab_size"]), target.scored_fraction, seed)
+    return random_examples(
+        count, target.seq_len, int(target.llama["vocab_size"]), target.scored_fraction, seed
+    )
 
 
-def random_examples(count: int, length: int, vocab: int, scored_fraction: float, seed: int = 0) -> list[Example]:
+def random_examples(
+    count: int, length: int, vocab: int, scored_fraction: float, seed: int = 0
+) -> list[Example]:
     """Random-token SFT examples whose last `scored_fraction` of tokens are scored."""
     generator = torch.Generator().manual_seed(seed)
     start = max(1, length - max(1, round(scored_fraction * length)))
@@ -254,7 +260,13 @@ def describe_heads(heads: HeadMap) -> dict[str, Any]:
 
 
 def select_truthfulqa_heads(
-    model: nn.Module, tokenizer: Any, k: int, records: int, out_path: Path, precision: str, data_root: Path | None
+    model: nn.Module,
+    tokenizer: Any,
+    k: int,
+    records: int,
+    out_path: Path,
+    precision: str,
+    data_root: Path | None,
 ) -> HeadMap:
     """Run `select_heads` (LoFiT, DPO) on the first `records` TruthfulQA fold-0 training pairs, 1 epoch."""
     import lofit

@@ -47,28 +47,46 @@ def log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------ options
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", choices=sorted(setup.TARGETS), default="cpu")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 3, gpu 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per method")
     parser.add_argument("--ablation-rounds", type=int, default=None, help="rounds of each optimisation")
     parser.add_argument("--inference-repeats", type=int, default=None)
-    parser.add_argument("--heads-file", type=Path, default=None, help="heads.json/HeadSelection for 'selected'")
+    parser.add_argument(
+        "--heads-file", type=Path, default=None, help="heads.json/HeadSelection for 'selected'"
+    )
     parser.add_argument("--select-records", type=int, default=32, help="TruthfulQA pairs for select_heads")
-    parser.add_argument("--eval-questions", type=int, default=20, help="TruthfulQA MC questions, fast vs naive")
+    parser.add_argument(
+        "--eval-questions", type=int, default=20, help="TruthfulQA MC questions, fast vs naive"
+    )
     parser.add_argument("--skip", default="", help="comma list of: selection,ablations,memory,inference,eval")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--data-dir", type=Path, default=None, help="benchmark data root (default: lofit's)")
     parser.add_argument("--layers", type=int, default=None, help="override the random model's layer count")
+    parser.add_argument(
+        "--model-shape", choices=["7b", "tiny"], default=None, help="random-model sizes (gpu: 7b, tiny: tiny)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="override the target's device (e.g. cpu for a dry run)"
+    )
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (cpu/tiny default 1: see the notes)"
     )
     parser.add_argument(
-        "--memory-jobs", type=int, default=2, help="memory probes run this many at a time (peak RSS is per process)"
+        "--memory-jobs",
+        type=int,
+        default=2,
+        help="memory probes run this many at a time (peak RSS is per process)",
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite speed.md from the speed_*.json files in --out"
     )
     parser.add_argument("--memory-probe", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -77,24 +95,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def set_threads(args: argparse.Namespace) -> None:
     """CPU targets default to 1 thread: on a shared 2-core machine, 2 OpenMP threads stall at every
     barrier whenever another process holds a core (measured 4-10x slower than 1 thread under load)."""
-    if args.threads is None and args.target in ("cpu", "tiny"):
+    device = args.device or setup.TARGETS[args.target].device
+    if args.threads is None and device == "cpu":
         args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
 
 def resolve_target(args: argparse.Namespace) -> setup.Target:
-    target = setup.TARGETS[args.target].with_overrides(batch_size=args.batch_size, seq_len=args.seq_len)
+    target = setup.TARGETS[args.target].with_overrides(
+        batch_size=args.batch_size, seq_len=args.seq_len, device=args.device
+    )
+    if (args.layers is not None or args.model_shape is not None) and target.model != "random-llama":
+        raise SystemExit("--layers and --model-shape apply only to random-model targets (gpu, tiny)")
+    if args.model_shape is not None:
+        shape = setup.LLAMA2_7B if args.model_shape == "7b" else setup.TINY_LLAMA
+        target = dataclasses.replace(target, llama=dict(shape))
     if args.layers is not None:
-        if target.model != "random-llama":
-            raise SystemExit("--layers applies only to random-model targets (gpu, tiny)")
         target = dataclasses.replace(target, llama={**target.llama, "num_hidden_layers": args.layers})
     return target
 
 
 DEFAULTS = {  # rounds, steps, warmup, ablation rounds, inference repeats
-    "cpu": (5, 1, 1, 2, 5),
-    "gpu": (4, 3, 2, 2, 5),
+    "cpu": (5, 1, 1, 2, 8),
+    "gpu": (4, 3, 2, 2, 8),
     "tiny": (2, 1, 1, 1, 2),
 }
 
@@ -128,7 +152,9 @@ def head_sets_for(
         info["selection_seconds"] = time.perf_counter() - started
         log(f"selected heads in {info['selection_seconds']:.0f} s")
     else:
-        info["selected_heads_source"] = "none (random-weight model; pass --heads-file to add a 'selected' set)"
+        info["selected_heads_source"] = (
+            "none (random-weight model; pass --heads-file to add a 'selected' set)"
+        )
     info["k"] = k
     info["total_heads"] = geometry.num_layers * geometry.num_heads
     info["head_sets"] = {name: {**setup.describe_heads(h), "heads": h} for name, h in sets.items()}
@@ -174,7 +200,11 @@ def cpu_memory(
     from concurrent.futures import ThreadPoolExecutor
 
     memory = {}
-    how = "peak RSS (VmHWM) of a fresh process over 2 steps, high-water mark reset after setup"
+    how = (
+        "peak RSS (VmHWM) of a fresh process over 2 steps, its high-water mark reset after setup; glibc "
+        "malloc with a fixed 64 KiB mmap threshold, so freed tensors leave RSS at once and the peak follows "
+        "live tensor memory (repeat runs agree to the MiB)"
+    )
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.memory_jobs) as pool:
         specs = []
         for method in methods:
@@ -184,18 +214,27 @@ def cpu_memory(
                     {
                         "target": args.target,
                         "threads": args.threads,
+                        "device": args.device,
+                        "model_shape": args.model_shape,
                         "data_dir": None if args.data_dir is None else str(args.data_dir),
                         "layers": args.layers,
                         "seq_len": args.seq_len,
                         "batch_size": args.batch_size,
-                        "head_sets": {k: {str(l): h for l, h in v.items()} for k, v in head_sets.items()},
+                        "head_sets": {
+                            k: {str(layer): h for layer, h in v.items()} for k, v in head_sets.items()
+                        },
                         "method": dataclasses.asdict(method),
                     }
                 )
             )
             specs.append((method, spec))
         futures = [
-            (method, pool.submit(probe_memory_subprocess, [str(Path(__file__).resolve()), "--memory-probe", str(spec)]))
+            (
+                method,
+                pool.submit(
+                    probe_memory_subprocess, [str(Path(__file__).resolve()), "--memory-probe", str(spec)]
+                ),
+            )
             for method, spec in specs
         ]
         for method, future in futures:
@@ -212,14 +251,14 @@ def run_memory_probe(spec_path: Path) -> None:
     """Child process: set up like the parent, reset the RSS high-water mark, run 2 steps, print JSON."""
     spec = json.loads(spec_path.read_text())
     args = parse_args(["--target", spec["target"]])
-    args.threads = spec["threads"]
+    args.threads, args.device, args.model_shape = spec["threads"], spec["device"], spec["model_shape"]
     set_threads(args)
     args.data_dir = None if spec["data_dir"] is None else Path(spec["data_dir"])
     args.layers, args.seq_len, args.batch_size = spec["layers"], spec["seq_len"], spec["batch_size"]
     target = resolve_target(args)
     method = Method(**spec["method"])
     model, tokenizer = setup.build_model(target)
-    head_sets = {k: {int(l): h for l, h in v.items()} for k, v in spec["head_sets"].items()}
+    head_sets = {k: {int(layer): h for layer, h in v.items()} for k, v in spec["head_sets"].items()}
     bench = Bench.build(model, tokenizer, head_sets, target.autocast, attention=target.train_attention)
     build_data(bench, target, tokenizer, args, n_batches=2, dpo=method.objective == "dpo")
     with bench.active(method) as params:
@@ -306,6 +345,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_probe is not None:
         run_memory_probe(args.memory_probe)
         return {}
+    if args.render:
+        from _speed_report import render_results
+
+        log(f"wrote {render_results(args.out)}")
+        return {}
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     target = resolve_target(args)
     rounds, steps, warmup, ablation_rounds, repeats = DEFAULTS[target.name]
@@ -316,16 +360,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.inference_repeats or repeats
     if target.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--target gpu needs a CUDA device; use --target cpu or tiny here")
-    command = "PYTHONPATH=src python benchmarks/speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "PYTHONPATH=src python benchmarks/speed.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     report: dict[str, Any] = {
-        "target": dataclasses.asdict(target) | {"weight_dtype": str(target.weight_dtype), "autocast": str(target.autocast)},
+        "target": dataclasses.asdict(target)
+        | {"weight_dtype": str(target.weight_dtype), "autocast": str(target.autocast)},
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(target),
         "settings": {"rounds": rounds, "steps": steps, "warmup": warmup, "ablation_rounds": ablation_rounds},
         "info": {},
     }
-    log(f"target {target.name}: {target.model} on {target.device}, batch {target.batch_size} x {target.seq_len}")
+    log(
+        f"target {target.name}: {target.model} on {target.device}, batch {target.batch_size} x {target.seq_len}"
+    )
     model, tokenizer = setup.build_model(target)
     log("model ready")
     head_sets = head_sets_for(args, target, model, tokenizer, report["info"])
@@ -371,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if target.device == "cpu" and "memory" not in args.skip:
         log("memory (one fresh process per configuration)")
-        probed = [m for m in methods if m.name != "lora_again"]
+        probed = [m for m in methods if m.name not in ("lora_again", "lora_dropout")]
         probed += [m for ms in sets.values() for m in ms if m.name in MEMORY_VARIANTS]
         memory = cpu_memory(args, probed, head_sets)
         for table in (timings, *ablations.values()):

@@ -19,6 +19,7 @@ from _speed_ablations import ablation_sets  # noqa: E402
 from _speed_inference import inference_models, measure_inference  # noqa: E402
 from _speed_methods import Bench, Method, main_methods  # noqa: E402
 from _speed_timing import batch_tokens, time_interleaved  # noqa: E402
+
 from lofit.objectives import EncodedSequence, Example  # noqa: E402
 
 TINY = setup.TARGETS["tiny"]
@@ -326,9 +327,14 @@ def test_speed_script_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     import speed
 
     report = speed.main(["--target", "tiny", "--out", str(tmp_path), "--skip", "memory", "--rounds", "1"])
-    assert {"base_forward", "lofit_step1", "lofit_offsets_upper", "lofit_offsets_spread", "lora", "full_ft"} <= set(
-        report["main"]
-    )
+    assert {
+        "base_forward",
+        "lofit_step1",
+        "lofit_offsets_upper",
+        "lofit_offsets_spread",
+        "lora",
+        "full_ft",
+    } <= set(report["main"])
     assert report["inference"]["checks"]["merged_vs_unmerged_max_abs_logit_diff"] < 1e-4
     text = (tmp_path / "speed.md").read_text()
     assert "## Target `tiny`" in text and "| criterion | measured | met |" in text
