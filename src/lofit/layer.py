@@ -38,6 +38,8 @@ class HeadVectors(nn.Module):
         shape = (len(heads), head_dim)
         self.scale = self._init_vector(shape, init_std, device) if use_scale else None
         self.offset = self._init_vector(shape, init_std, device) if use_offset else None
+        # Without autograd (inference) the dense vectors are built once and reused until a vector changes.
+        self._dense_cache: tuple[tuple[object, ...], torch.Tensor | None, torch.Tensor | None] | None = None
 
     @staticmethod
     def _init_vector(shape: tuple[int, int], std: float, device: torch.device | None) -> nn.Parameter:
@@ -60,9 +62,26 @@ class HeadVectors(nn.Module):
         zeros = torch.zeros(self.num_heads, self.head_dim, dtype=torch.float32, device=self.offset.device)
         return zeros.index_copy(0, self.heads, self.offset).flatten()
 
+    def _cached_dense(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(offset, scale) as `forward` uses them, rebuilt only when a vector is changed or moved.
+
+        In-place updates (optimizer steps, `set_head_params`, `load_state_dict`) bump a tensor's version
+        counter and `.data` replacement changes its storage, so both are part of the key.
+        """
+        tensors = [t for t in (self.heads, self.scale, self.offset) if t is not None]
+        key = (hidden.dtype, hidden.device, *((t.data_ptr(), t._version) for t in tensors))
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            offset, scale = self.dense_offset(), self.dense_scale()
+            if offset is not None and scale is None:
+                offset = offset.to(hidden.dtype)
+            self._dense_cache = (key, offset, scale)
+        return self._dense_cache[1], self._dense_cache[2]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        offset = self.dense_offset()
-        scale = self.dense_scale()
+        if torch.is_grad_enabled():
+            offset, scale = self.dense_offset(), self.dense_scale()
+        else:
+            offset, scale = self._cached_dense(hidden)
         if scale is None:
             assert offset is not None
             return hidden + offset.to(hidden.dtype)
