@@ -130,7 +130,11 @@ def render_markdown(results: dict[str, Any], tasks: Sequence[str], heatmap_dir: 
         cells = _fold0(units, suffix, tasks, prefix)
         found = [units[f"{prefix}/{n}/f0{suffix}"] for n in tasks if f"{prefix}/{n}/f0{suffix}" in units]
         params = sorted({str(u.get("trainable_params")) for u in found})
-        walls = ", ".join(f"{n}: {units[f'{prefix}/{n}/f0{suffix}']['wall_s']:.0f}" for n in tasks if f"{prefix}/{n}/f0{suffix}" in units)
+        walls = ", ".join(
+            f"{n}: {units[f'{prefix}/{n}/f0{suffix}']['wall_s']:.0f}"
+            for n in tasks
+            if f"{prefix}/{n}/f0{suffix}" in units
+        )
         rows.append([label, *cells, "/".join(params) or NOT_RUN, walls or NOT_RUN])
     out += [
         "## Table 3: LoFiT vs LoRA vs RED (test, %, fold 0)",
@@ -145,7 +149,12 @@ def render_markdown(results: dict[str, Any], tasks: Sequence[str], heatmap_dir: 
     out += _stability(units, tasks, k_small, k_large, heatmap_dir)
     # OOD
     rows = []
-    for method, label in (("base", "base model"), ("iti", "ITI (TruthfulQA)"), ("lofit", f"LoFiT {k_large:.0%} (TruthfulQA)"), ("lora", "LoRA (TruthfulQA)")):
+    for method, label in (
+        ("base", "base model"),
+        ("iti", "ITI (TruthfulQA)"),
+        ("lofit", f"LoFiT {k_large:.0%} (TruthfulQA)"),
+        ("lora", "LoRA (TruthfulQA)"),
+    ):
         unit = units.get(f"ood/{method}")
         if unit and "test" in unit:
             rows.append([label, *(pct(unit["test"][b]["accuracy"]) for b in OOD_TITLES)])
@@ -200,7 +209,9 @@ def _stability(
     heatmap_dir.mkdir(parents=True, exist_ok=True)
     for name, selection in selections.items():
         path = heatmap_dir / f"{name}.png"
-        selection.plot(path, k=k_small, title=f"{TASK_TITLES[name]}: LoFiT head scores ‖A‖₂ (boxed: top {k_small:.0%})")
+        selection.plot(
+            path, k=k_small, title=f"{TASK_TITLES[name]}: LoFiT head scores ‖A‖₂ (boxed: top {k_small:.0%})"
+        )
         out.append(f"![{name}]({heatmap_dir.name}/{path.name})")
     out.append("")
     return out
@@ -210,7 +221,9 @@ def _choices(units: dict[str, Any]) -> list[str]:
     out = ["## Hyperparameter choices (validation only)", ""]
     for unit_id, unit in sorted(units.items()):
         if unit_id.startswith("select/"):
-            out.append(f"- `{unit_id}`: λ = {unit['l1']}, lr = {unit['lr']} (paper defaults), wall {unit['wall_s']} s")
+            out.append(
+                f"- `{unit_id}`: λ = {unit['l1']}, lr = {unit['lr']} (paper defaults), wall {unit['wall_s']} s"
+            )
         elif "search" in unit and "alpha" in unit:
             grid = ", ".join(f"α={r['alpha']}: val {100 * r['val_score']:.1f}" for r in unit["search"])
             out.append(f"- `{unit_id}`: K = {unit['k']}, chose α = {unit['alpha']} ({grid})")

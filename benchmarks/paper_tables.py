@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class Harness:
         return unit in self.results["units"]
 
     def get(self, unit: str) -> dict[str, Any] | None:
-        return self.results["units"].get(unit)  # type: ignore[no-any-return]
+        return self.results["units"].get(unit)
 
     def over_budget(self) -> bool:
         return time.time() > self.deadline
@@ -259,7 +260,9 @@ def activations_and_labels(h: Harness, name: str, fold: int, model: nn.Module, t
     task = h.task(name, fold)
     train, val = h.split(name, fold, "train"), h.split(name, fold, "val")
     positives, negatives = probe_texts(train + val, task.objective, h.settings.sample_seed)
-    acts = head_activations_at_last_token(model, tok, positives + negatives, batch_size=h.settings.eval_batch_size)
+    acts = head_activations_at_last_token(
+        model, tok, positives + negatives, batch_size=h.settings.eval_batch_size
+    )
     labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).long()
     is_train = torch.tensor([i < len(train) for i in range(len(positives))] * 2)
     return {"acts": acts, "labels": labels, "is_train": is_train}
@@ -280,7 +283,7 @@ def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
     directions = mass_mean_directions(acts["acts"], acts["labels"])
     heads = selection.top(h.settings.iti_k)
     wrapped = None
-    search = []
+    search: list[dict[str, Any]] = []
     for alpha in h.settings.iti_alphas:
         offsets = iti_offsets(directions.directions, directions.sigmas, heads, alpha)
         wrapped = apply_iti(wrapped if wrapped is not None else model, offsets)
@@ -304,7 +307,9 @@ def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
     }
 
 
-def heads_for(h: Harness, name: str, fold: int, source: str, k: float, seed: int = 42) -> dict[int, list[int]]:
+def heads_for(
+    h: Harness, name: str, fold: int, source: str, k: float, seed: int = 42
+) -> dict[int, list[int]]:
     """Top-k heads from LoFiT selection (`source`="lofit" or another task's name), probe or random."""
     if source == "random":
         model, tok = h.base()
@@ -413,7 +418,8 @@ def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any,
     train = objective.encode(h.split(name, fold, "train"))
     val = objective.encode(h.split(name, fold, "val"))
     seed_everything(config.seed)
-    return train_adapter(expose_for_trainer(model), objective, train, config, val_examples=val, description="baseline")  # type: ignore[arg-type]
+    trainee: Any = expose_for_trainer(model)  # duck-typed: train_adapter is annotated for LofitModel
+    return train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
 
 
 def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, Any]:
@@ -452,7 +458,9 @@ def unit_ood(h: Harness, method: str) -> dict[str, Any]:
     elif method == "lofit":
         path = h.work_dir / f"lofit_truthfulqa0_{h.settings.k_large}.pt"
         saved = torch.load(path)
-        model = get_lofit_model(base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0))
+        model = get_lofit_model(
+            base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
+        )
         load_state(model, saved["state"])
         source = str(path)
     elif method == "lora":
@@ -465,7 +473,9 @@ def unit_ood(h: Harness, method: str) -> dict[str, Any]:
     for bench in OOD_SETS:
         records = sample(load_mc_split(bench, "test"), h.settings.max_ood, h.settings.sample_seed)
         with h.autocast(), torch.no_grad():
-            metrics = evaluate(model, tok, "mc", records, batch_size=h.settings.eval_batch_size, progress=False)
+            metrics = evaluate(
+                model, tok, "mc", records, batch_size=h.settings.eval_batch_size, progress=False
+            )
         scores[bench] = metrics
     return {"method": method, "test": scores, "adapter": source}
 
@@ -481,46 +491,52 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------ plan
-def plan(h: Harness, tasks: Sequence[str], folds: Sequence[int], stages: Sequence[str]) -> list[tuple[str, Callable[[], None]]]:
+def plan(
+    h: Harness, tasks: Sequence[str], folds: Sequence[int], stages: Sequence[str]
+) -> list[tuple[str, Callable[[], Any]]]:
     """(unit id, runner) in priority order."""
     s = h.settings
-    steps: list[tuple[str, Callable[[], None]]] = []
+    steps: list[tuple[str, Callable[[], Any]]] = []
 
-    def add(unit: str, fn: Callable[[], dict[str, Any]]) -> None:
-        steps.append((unit, lambda: None if h.run(unit, fn) else None))
+    def add(unit: str, fn: Callable[..., dict[str, Any]], *args: Any) -> None:
+        steps.append((unit, functools.partial(h.run, unit, functools.partial(fn, h, *args))))
 
     def table1(fold: int) -> None:
         names = [n for n in tasks if fold == 0 or n == "truthfulqa"]
         for name in names:  # method by method over the tasks: the cheapest complete rows first
-            add(f"zero_shot/{name}/f{fold}", lambda n=name, f=fold: unit_zero_shot(h, n, f))
+            add(f"zero_shot/{name}/f{fold}", unit_zero_shot, name, fold)
         for name in names:
-            add(f"select/{name}/f{fold}/s42", lambda n=name, f=fold: unit_select(h, n, f, 42))
+            add(f"select/{name}/f{fold}/s42", unit_select, name, fold, 42)
         for k in (s.k_large, s.k_small):
             for name in names:
-                add(f"lofit/{name}/f{fold}/k{k}/lofit", lambda n=name, f=fold, k=k: unit_lofit(h, n, f, k))
+                add(f"lofit/{name}/f{fold}/k{k}/lofit", unit_lofit, name, fold, k)
         for name in names:
-            add(f"iti/{name}/f{fold}", lambda n=name, f=fold: unit_iti(h, n, f))
+            add(f"iti/{name}/f{fold}", unit_iti, name, fold)
 
     if "table1" in stages:
         table1(0)
     if "table3" in stages:
         for name in tasks:
             for method in ("lora", "red"):
-                add(f"{method}/{name}/f0", lambda n=name, m=method: unit_peft_like(h, n, 0, m))
+                add(f"{method}/{name}/f0", unit_peft_like, name, 0, method)
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])
             for source in sources:
                 add(
                     f"lofit/{name}/f0/k{s.k_small}/{source}",
-                    lambda n=name, src=source: unit_lofit(h, n, 0, s.k_small, src),
+                    unit_lofit,
+                    name,
+                    0,
+                    s.k_small,
+                    source,
                 )
     if "stability" in stages:
         for name in tasks:
-            add(f"select/{name}/f0/s{SEEDS[1]}", lambda n=name: unit_select(h, n, 0, SEEDS[1]))
+            add(f"select/{name}/f0/s{SEEDS[1]}", unit_select, name, 0, SEEDS[1])
     if "ood" in stages and "truthfulqa" in tasks:
         for method in ("base", "iti", "lofit", "lora"):
-            add(f"ood/{method}", lambda m=method: unit_ood(h, m))
+            add(f"ood/{method}", unit_ood, method)
     if "table1" in stages and 1 in folds and "truthfulqa" in tasks:
         table1(1)
     return steps
@@ -553,9 +569,13 @@ def environment() -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few examples per task (smoke test)")
-    parser.add_argument("--model", default=None, help="bundled name or local directory (default smollm2-135m)")
+    parser.add_argument(
+        "--model", default=None, help="bundled name or local directory (default smollm2-135m)"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1], choices=[0, 1])
     parser.add_argument(
