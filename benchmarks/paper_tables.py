@@ -75,17 +75,35 @@ class Settings:
     batch_size: int = 8
     k_small: float = 0.03
     k_large: float = 0.10
-    lofit_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
-    lora_lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-3])
-    red_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
+    # One value each by default: on this shared 2-core CPU a second training run per method does not
+    # fit the budget (see the results file). Pass --lofit-lrs etc. to search a grid on validation loss.
+    lofit_lrs: list[float] = field(default_factory=lambda: [5e-2])
+    lora_lrs: list[float] = field(default_factory=lambda: [5e-3])
+    red_lrs: list[float] = field(default_factory=lambda: [5e-2])
     iti_alphas: list[float] = field(default_factory=lambda: [5.0, 15.0])
     iti_k: float = 0.03
     precision: str = "bf16"
     eval_batch_size: int = 16
     sample_seed: int = 0
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    def key(self, unit: str | None = None) -> str:
+        """Hash of the fields `unit` depends on (all fields for most units)."""
+        return settings_key(asdict(self), unit)
+
+
+# Units that depend on only some settings keep their cached result when the others change.
+EVAL_FIELDS = ("model", "max_test", "precision", "eval_batch_size", "sample_seed")
+UNIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "zero_shot": EVAL_FIELDS,
+    "select": ("model", "max_train", "max_val", "epochs", "batch_size", "precision", "sample_seed"),
+    "iti": (*EVAL_FIELDS, "max_train", "max_val", "iti_alphas", "iti_k"),
+}
+
+
+def settings_key(values: dict[str, Any], unit: str | None = None) -> str:
+    fields = UNIT_FIELDS.get((unit or "").split("/")[0])
+    chosen = {k: values[k] for k in fields} if fields else values
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = {
@@ -126,12 +144,20 @@ class Harness:
 
     # ------------------------------------------------------------------------ bookkeeping
     def _load_results(self) -> dict[str, Any]:
-        if self.results_path.is_file():
-            data = json.loads(self.results_path.read_text(encoding="utf-8"))
-            if data.get("settings_key") == self.settings.key():
-                return data
-            print(f"[paper] settings changed: starting a fresh {self.results_path.name}", flush=True)
-        return {"settings_key": self.settings.key(), "settings": asdict(self.settings), "units": {}}
+        fresh: dict[str, Any] = {"settings": asdict(self.settings), "units": {}, "runs": []}
+        if not self.results_path.is_file():
+            return fresh
+        data = json.loads(self.results_path.read_text(encoding="utf-8"))
+        old_settings = data.get("settings", {})
+        for unit, result in data.get("units", {}).items():
+            key = result.get("settings_key") or settings_key(old_settings, unit)
+            if key == self.settings.key(unit):
+                result["settings_key"] = key
+                fresh["units"][unit] = result
+            else:
+                print(f"[paper] settings changed: dropping cached {unit}", flush=True)
+        fresh["runs"] = data.get("runs", [])
+        return fresh
 
     def save(self) -> None:
         atomic_write_json(self.results_path, self.results)
@@ -157,6 +183,7 @@ class Harness:
         result = fn()
         result["wall_s"] = round(time.perf_counter() - started, 1)
         result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        result["settings_key"] = self.settings.key(unit)
         self.results["units"][unit] = result
         self.save()
         print(f"[paper] done {unit} in {result['wall_s']}s: {summary_line(result)}", flush=True)
@@ -587,6 +614,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("max_train", "max_val", "max_test", "max_ood", "epochs"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    for name in ("lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs="+", default=None)
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for paper_tables.*")
     parser.add_argument("--work-dir", type=Path, default=None, help="trained adapters for the OOD units")
@@ -595,7 +624,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for name in ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model"):
+    names = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model")
+    for name in (*names, "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return Settings(**values)
