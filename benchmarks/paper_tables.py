@@ -617,6 +617,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs="+", default=None)
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
+    parser.add_argument(
+        "--render-only", action="store_true", help="write the tables from the results JSON, run nothing"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for paper_tables.*")
     parser.add_argument("--work-dir", type=Path, default=None, help="trained adapters for the OOD units")
     return parser.parse_args(argv)
@@ -641,6 +644,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = args.budget_minutes
     deadline = time.time() + budget * 60 if budget is not None else float("inf")
     harness = Harness(settings, args.out / f"{stem}.json", work_dir, deadline)
+    heatmap_dir = args.out / ("heatmaps_quick" if args.quick else "heatmaps")
+    if args.render_only:  # leaves the JSON alone (a run may be writing it)
+        text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick)
+        atomic_write_text(args.out / f"{stem}.md", text)
+        return 0
     command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = harness.results.setdefault("runs", [])
     runs.append({"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()})
@@ -659,7 +667,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs[-1]["wall_s"] = round(time.time() - harness.started, 1)
     runs[-1]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     harness.save()
-    heatmap_dir = args.out / ("heatmaps_quick" if args.quick else "heatmaps")
     text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick)
     atomic_write_text(args.out / f"{stem}.md", text)
     print(f"[paper] wrote {args.out / (stem + '.md')} and {harness.results_path}", flush=True)
