@@ -209,9 +209,7 @@ def _stability(
     heatmap_dir.mkdir(parents=True, exist_ok=True)
     for name, selection in selections.items():
         path = heatmap_dir / f"{name}.png"
-        selection.plot(
-            path, k=k_small, title=f"{TASK_TITLES[name]}: LoFiT head scores ‖A‖₂ (boxed: top {k_small:.0%})"
-        )
+        selection.plot(path, k=k_small, title=f"{TASK_TITLES[name]}: LoFiT head scores ‖A‖₂")
         out.append(f"![{name}]({heatmap_dir.name}/{path.name})")
     out.append("")
     return out
@@ -229,5 +227,7 @@ def _choices(units: dict[str, Any]) -> list[str]:
             out.append(f"- `{unit_id}`: K = {unit['k']}, chose α = {unit['alpha']} ({grid})")
         elif "search" in unit:
             grid = ", ".join(f"lr={r['lr']:g}: val loss {r['val_loss']:.4f}" for r in unit["search"])
-            out.append(f"- `{unit_id}`: chose lr = {unit['lr']:g} ({grid})")
+            how = "chose" if len(unit["search"]) > 1 else "fixed a priori (one-value grid, no search)"
+            source = f"; {unit['lr_from']}" if unit.get("lr_from", "searched here") != "searched here" else ""
+            out.append(f"- `{unit_id}`: {how} lr = {unit['lr']:g} ({grid}{source})")
     return out
