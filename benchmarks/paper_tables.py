@@ -543,8 +543,8 @@ def plan(
     if "table1" in stages:
         table1(0)
     if "table3" in stages:
-        for name in tasks:
-            for method in ("lora", "red"):
+        for method in ("lora", "red"):  # LoRA on every task first: it is the main comparison
+            for name in tasks:
                 add(f"{method}/{name}/f0", unit_peft_like, name, 0, method)
     if "table2" in stages:
         for name in tasks:
