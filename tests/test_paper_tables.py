@@ -1,0 +1,99 @@
+"""Smoke test of benchmarks/paper_tables.py --quick on a tiny random Llama (the CI run of issue #7)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent.parent / "shared" / "data"
+
+
+def load_script():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_tables"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_is_seeded_subset() -> None:
+    script = load_script()
+    records = list(range(100))
+    a, b = script.sample(records, 10, 0), script.sample(records, 10, 0)
+    assert a == b and len(a) == 10 and a == sorted(a) and set(a) <= set(records)
+    assert script.sample(records, 0, 0) == records and script.sample(records[:5], 10, 0) == records[:5]
+
+
+def test_jaccard_matches_hand_count() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _paper_render import jaccard
+
+    from lofit.selection import HeadSelection, rank_heads
+
+    a = torch.tensor([[4.0, 3.0], [2.0, 1.0]])  # top 2: (0,0), (0,1)
+    b = torch.tensor([[4.0, 1.0], [3.0, 2.0]])  # top 2: (0,0), (1,0)
+    sa, sb = HeadSelection(a, rank_heads(a), "lofit"), HeadSelection(b, rank_heads(b), "lofit")
+    assert jaccard(sa, sb, 2) == pytest.approx(1 / 3)
+    assert jaccard(sa, sa, 2) == 1.0
+
+
+@pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
+def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", 0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    script = load_script()
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--folds", "0"]
+    argv += ["--max-train", "4", "--max-val", "2", "--max-test", "2", "--max-ood", "2"]
+    assert script.main(argv) == 0
+    results = json.loads((out / "paper_tables_quick.json").read_text())
+    units = results["units"]
+    for unit in (
+        "zero_shot/truthfulqa/f0",
+        "lofit/mquake/f0/k0.1/lofit",
+        "iti/clutrr/f0",
+        "lora/truthfulqa/f0",
+        "red/mquake/f0",
+        "lofit/clutrr/f0/k0.03/random",
+        "lofit/truthfulqa/f0/k0.03/mquake",
+        "select/clutrr/f0/s12450",
+        "ood/lora",
+    ):
+        assert unit in units and "error" not in units[unit], unit
+    assert (
+        units["lora/truthfulqa/f0"]["trainable_params"]
+        > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
+    )
+    text = (out / "paper_tables_quick.md").read_text()
+    for title in ("Table 1", "Table 2", "Table 3", "Stability", "Out-of-domain", "Hyperparameter choices"):
+        assert title in text
+    assert "not run (budget)" not in text
+    assert (out / "heatmaps_quick" / "truthfulqa.png").is_file()
+    # resumable: a second run finds every unit cached and changes none of them
+    assert script.main(argv) == 0
+    again = json.loads((out / "paper_tables_quick.json").read_text())["units"]
+    assert again == units
+
+
+@pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
+def test_budget_zero_runs_nothing_and_marks_cells(tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", 0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    script = load_script()
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--budget-minutes", "0"]
+    assert script.main(argv) == 0
+    assert json.loads((out / "paper_tables_quick.json").read_text())["units"] == {}
+    assert "not run (budget)" in (out / "paper_tables_quick.md").read_text()
