@@ -26,7 +26,15 @@ from lofit.config import LofitConfig
 from lofit.model import get_lofit_model
 from lofit.objectives import Example
 
-VARIANTS = ("base", "unmerged", "merged", "base_again")
+VARIANTS = ("base", "unmerged", "merged", "merged_lean", "base_again", "base_trainable")
+LABELS = {
+    "base": "base model (frozen weights)",
+    "unmerged": "LofitModel, adapter unmerged",
+    "merged": "merge_and_unload()",
+    "merged_lean": "merged, zero q/k/v biases dropped",
+    "base_again": "base again (A/A control)",
+    "base_trainable": "base, weights requires_grad=True",
+}
 
 
 @dataclass
@@ -64,7 +72,14 @@ class InferenceResult:
 
 
 def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """Tear the bench down into base / unmerged / merged models (the bench is unusable afterwards)."""
+    """Tear the bench down into the inference variants (the bench is unusable afterwards).
+
+    base: the plain model, weights frozen like the others; unmerged: a copy wrapped with the adapter;
+    merged: a copy of that after `merge_and_unload()` (which, to keep the config exportable, gives
+    q/k/v/o of every layer a bias, zero except o_proj's); merged_lean: the same without the zero q/k/v
+    biases; base_again: the base object again (A/A control); base_trainable: the base object with
+    requires_grad=True on its weights, as `from_pretrained` returns it (see `TrainableWeights`).
+    """
     heads = bench.lofit.selected_heads(adapter_name)
     params = bench.lofit.get_head_params(adapter_name)
     bench.optimizers.clear()
@@ -84,7 +99,53 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
     unmerged.eval()
     merged = copy.deepcopy(unmerged).merge_and_unload()
     merged.eval()
-    return {"base": base, "unmerged": unmerged, "merged": merged, "base_again": base}
+    lean = copy.deepcopy(merged)
+    for name, module in lean.named_modules():
+        bias = getattr(module, "bias", None)
+        zero = bias is not None and torch.count_nonzero(bias) == 0
+        if isinstance(module, nn.Linear) and zero and not name.endswith("o_proj"):
+            module.bias = None  # type: ignore[assignment]
+    return {
+        "base": base,
+        "unmerged": unmerged,
+        "merged": merged,
+        "merged_lean": lean,
+        "base_again": base,
+        "base_trainable": TrainableWeights(base),
+    }
+
+
+class TrainableWeights(nn.Module):
+    """Runs `model` with requires_grad=True on its weights (restored after each call).
+
+    On CPU, torch.matmul does not fold a non-contiguous [batch, 1, hidden] input times a weight that
+    needs no grad into one matrix product: it expands the weight per batch row and copies it. HF
+    generate hits this at the LM head of every prefill (`lm_head(hidden[:, -1:, :])`), so a frozen
+    model (LofitModel, merged, or any with requires_grad=False) generates slower than the same
+    model as `from_pretrained` returns it. This variant measures that gap.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _flagged(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        params = list(self.model.parameters())
+        saved = [p.requires_grad for p in params]
+        for param in params:
+            param.requires_grad_(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for param, flag in zip(params, saved, strict=True):
+                param.requires_grad_(flag)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._flagged(self.model, *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        generate: Callable[..., Any] = getattr(self.model, "generate")  # noqa: B009 (nn.Module typing)
+        return self._flagged(generate, *args, **kwargs)
 
 
 def score_call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Callable[[], Any]:
@@ -143,9 +204,11 @@ def measure_inference(
         reference = models["unmerged"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
         merged = models["merged"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
         base = models["base"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        lean = models["merged_lean"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
     mask = attention_mask.bool()
     checks = {
         "merged_vs_unmerged_max_abs_logit_diff": float((merged - reference)[mask].abs().max()),
+        "lean_vs_merged_max_abs_logit_diff": float((lean - merged)[mask].abs().max()),
         "merged_vs_unmerged_mean_abs_logit_diff": float((merged - reference)[mask].abs().mean()),
         "adapter_vs_base_max_abs_logit_diff": float((reference - base)[mask].abs().max()),
         "adapter_vs_base_mean_abs_logit_diff": float((reference - base)[mask].abs().mean()),
@@ -158,7 +221,7 @@ def measure_inference(
         for name in VARIANTS:  # warm-up
             calls[name]()
         # Rotations: every variant runs in every position (and after every other) equally often.
-        count = repeats if workload == "score" else max(len(VARIANTS), repeats // 2)
+        count = repeats if workload == "score" else max(1, repeats // 2)
         count = len(VARIANTS) * -(-count // len(VARIANTS))
         for repeat in range(count):
             shift = repeat % len(VARIANTS)

@@ -75,6 +75,7 @@ TARGETS: dict[str, Target] = {
         scored_fraction=0.0,
         full_finetune=True,
         train_attention="eager",
+        gen_batch=4,
         gen_prompt=32,
         gen_new=16,
     ),

@@ -117,8 +117,8 @@ def resolve_target(args: argparse.Namespace) -> setup.Target:
 
 
 DEFAULTS = {  # rounds, steps, warmup, ablation rounds, inference repeats
-    "cpu": (5, 1, 1, 2, 8),
-    "gpu": (4, 3, 2, 2, 8),
+    "cpu": (5, 1, 1, 2, 6),
+    "gpu": (4, 3, 2, 2, 6),
     "tiny": (2, 1, 1, 1, 2),
 }
 
@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["settings"]["clock"] = clock
     timings = time_interleaved(bench, methods, rounds, steps, warmup, log, clock)
     by_name = {m.name: m for m in methods}
+    report["main"] = {name: t.to_dict() for name, t in timings.items()}
+    save(report, args.out)  # after every phase: a run cut short (e.g. a device time limit) keeps its results
 
     ablations: dict[str, dict[str, Timing]] = {}
     views: list[Optimisation] = []
@@ -431,11 +433,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["main"] = {name: t.to_dict() for name, t in timings.items()}
     report["ablations"] = {g: {n: t.to_dict() for n, t in ts.items()} for g, ts in ablations.items()}
     report["optimisations"] = [dataclasses.asdict(v) for v in views if v.timed_in in ablations]
+    save(report, args.out)
 
     if "eval" not in args.skip and target.model == "smollm2-135m":
         log("TruthfulQA MC evaluation speed")
         with bench.active(Method("eval", "evaluation", kind="forward", attention="sdpa")):
             report["eval"] = eval_speed(bench.lofit, tokenizer, args)
+        save(report, args.out)
 
     if "inference" not in args.skip:
         from _speed_inference import inference_models, measure_inference
@@ -443,33 +447,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("inference: base vs unmerged vs merged")
         adapter = "offsets_selected" if "selected" in head_sets else "offsets_spread"
         dtype = torch.bfloat16 if target.autocast == torch.bfloat16 else target.weight_dtype
-        models = inference_models(bench, adapter, dtype)
-        results, checks = measure_inference(
-            models,
-            bench.data["sft"][0],
-            target.gen_batch,
-            target.gen_prompt,
-            target.gen_new,
-            int(bench.objectives["sft"].pad_token_id),
-            bench.device,
-            repeats,
-            log,
-            clock,
-        )
-        report["inference"] = {
-            "adapter": adapter,
-            "dtype": str(dtype),
-            "checks": checks,
-            "workloads": [r.to_dict() for r in results],
-        }
+        try:
+            models = inference_models(bench, adapter, dtype)
+            results, checks = measure_inference(
+                models,
+                bench.data["sft"][0],
+                target.gen_batch,
+                target.gen_prompt,
+                target.gen_new,
+                int(bench.objectives["sft"].pad_token_id),
+                bench.device,
+                repeats,
+                log,
+                clock,
+            )
+            report["inference"] = {
+                "adapter": adapter,
+                "dtype": str(dtype),
+                "checks": checks,
+                "workloads": [r.to_dict() for r in results],
+            }
+        except Exception as error:  # e.g. out of GPU memory for the model copies: keep the rest
+            log(f"  inference failed: {type(error).__name__}: {error}")
+            report["info"]["inference_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+
+    paths = save(report, args.out)
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return report
+
+
+def save(report: dict[str, Any], out: Path) -> list[Path]:
+    from _speed_report import write_results
 
     report["elapsed_s"] = time.perf_counter() - STARTED
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    from _speed_report import write_results
-
-    paths = write_results(report, args.out)
-    log("wrote " + ", ".join(str(p) for p in paths))
-    return report
+    return write_results(report, out)
 
 
 if __name__ == "__main__":

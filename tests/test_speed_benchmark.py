@@ -273,10 +273,23 @@ def test_inference_models_merge_exactly() -> None:
         models, bench.data["sft"][0], 2, 8, 3, 0, bench.device, repeats=1, log=lambda _: None
     )
     assert checks["merged_vs_unmerged_max_abs_logit_diff"] < 1e-4
+    assert checks["lean_vs_merged_max_abs_logit_diff"] == 0  # only exact-zero biases were dropped
     assert checks["adapter_vs_base_max_abs_logit_diff"] > 1e-4
     assert [r.workload for r in results] == ["score", "generate"]
     assert results[1].tokens == 2 * 3
-    assert set(results[0].to_dict()["speed_vs_base"]) == {"unmerged", "merged", "base_again"}
+    assert set(results[0].to_dict()["speed_vs_base"]) == {
+        "unmerged",
+        "merged",
+        "merged_lean",
+        "base_again",
+        "base_trainable",
+    }
+    assert all(len(times) == 6 for times in results[0].seconds.values())  # one full rotation
+    lean_biases = [
+        n for n, m in models["merged_lean"].named_modules() if getattr(m, "bias", None) is not None
+    ]
+    assert lean_biases and all(n.endswith("o_proj") for n in lean_biases)
+    assert not any(p.requires_grad for p in models["base"].parameters())  # restored after each call
 
 
 # ------------------------------------------------------------------------------------- report
