@@ -1,9 +1,11 @@
 """Inference speed: the base model vs the same model with a LoFiT adapter, unmerged and merged.
 
-Three models in the inference dtype: the plain base model, a copy wrapped with the offset adapter
-(unmerged), and a copy of that folded into its weights (`merge_and_unload`). They run interleaved
-with a second pass of the base model (an A/A control: how much two identical models differ by noise),
-in rotated orders so that each runs in each position equally often.
+Three models in the inference dtype: the base model (frozen, with the LM-head pre-hook every LoFiT
+model has, see `lofit.lm_head`), a copy wrapped with the offset adapter (unmerged), and a copy of that
+folded into its weights (`merge_and_unload`). They run interleaved with a second pass of the base model
+(an A/A control: how much two identical models differ by noise) and two other views of the base (without
+the pre-hook; with requires_grad=True weights, as `from_pretrained` returns it), in rotated orders so
+that each runs in each position equally often.
 Workloads: scoring (one no-grad forward over the training batch, logits at every position) and greedy
 generation with the KV cache (fixed number of new tokens).
 """
@@ -23,17 +25,18 @@ from _speed_timing import synchronize
 from torch import nn
 
 from lofit.config import LofitConfig
+from lofit.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
 from lofit.model import get_lofit_model
 from lofit.objectives import Example
 
-VARIANTS = ("base", "unmerged", "merged", "merged_lean", "base_again", "base_trainable")
+VARIANTS = ("base", "unmerged", "merged", "base_no_hook", "base_again", "base_trainable")
 LABELS = {
-    "base": "base model (frozen weights)",
+    "base": "base model (frozen weights, LM-head pre-hook)",
     "unmerged": "LofitModel, adapter unmerged",
     "merged": "merge_and_unload()",
-    "merged_lean": "merged, zero q/k/v biases dropped",
+    "base_no_hook": "base, frozen, without the LM-head pre-hook",
     "base_again": "base again (A/A control)",
-    "base_trainable": "base, weights requires_grad=True",
+    "base_trainable": "base, weights requires_grad=True, no pre-hook",
 }
 
 
@@ -75,10 +78,10 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
     """Tear the bench down into the inference variants (the bench is unusable afterwards).
 
     base: the plain model, weights frozen like the others; unmerged: a copy wrapped with the adapter;
-    merged: a copy of that after `merge_and_unload()` (which, to keep the config exportable, gives
-    q/k/v/o of every layer a bias, zero except o_proj's); merged_lean: the same without the zero q/k/v
-    biases; base_again: the base object again (A/A control); base_trainable: the base object with
-    requires_grad=True on its weights, as `from_pretrained` returns it (see `TrainableWeights`).
+    merged: a copy of that after `merge_and_unload()` (only the adapted o_proj gain a bias);
+    base_again: the base object again (A/A control); base_no_hook: the base without the LM-head
+    pre-hook of `lofit.lm_head`; base_trainable: the same with requires_grad=True on its weights, as
+    `from_pretrained` returns it (see `TrainableWeights`).
     """
     heads = bench.lofit.selected_heads(adapter_name)
     params = bench.lofit.get_head_params(adapter_name)
@@ -99,20 +102,37 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
     unmerged.eval()
     merged = copy.deepcopy(unmerged).merge_and_unload()
     merged.eval()
-    lean = copy.deepcopy(merged)
-    for name, module in lean.named_modules():
-        bias = getattr(module, "bias", None)
-        zero = bias is not None and torch.count_nonzero(bias) == 0
-        if isinstance(module, nn.Linear) and zero and not name.endswith("o_proj"):
-            module.bias = None  # type: ignore[assignment]
+    add_contiguous_input_hook(base)  # as every LoFiT model (unmerged or merged) has it
     return {
         "base": base,
         "unmerged": unmerged,
         "merged": merged,
-        "merged_lean": lean,
+        "base_no_hook": WithoutLmHeadHook(base),
         "base_again": base,
-        "base_trainable": TrainableWeights(base),
+        "base_trainable": TrainableWeights(WithoutLmHeadHook(base)),
     }
+
+
+class WithoutLmHeadHook(nn.Module):
+    """Runs `model` with the LM-head pre-hook of `lofit.lm_head` taken off (restored after each call)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _bare(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        remove_contiguous_input_hook(self.model)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            add_contiguous_input_hook(self.model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._bare(self.model, *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        generate: Callable[..., Any] = getattr(self.model, "generate")  # noqa: B009 (nn.Module typing)
+        return self._bare(generate, *args, **kwargs)
 
 
 class TrainableWeights(nn.Module):
@@ -121,8 +141,8 @@ class TrainableWeights(nn.Module):
     On CPU, torch.matmul does not fold a non-contiguous [batch, 1, hidden] input times a weight that
     needs no grad into one matrix product: it expands the weight per batch row and copies it. HF
     generate hits this at the LM head of every prefill (`lm_head(hidden[:, -1:, :])`), so a frozen
-    model (LofitModel, merged, or any with requires_grad=False) generates slower than the same
-    model as `from_pretrained` returns it. This variant measures that gap.
+    model without `lofit.lm_head`'s pre-hook and with requires_grad=False generates slower than the
+    same model as `from_pretrained` returns it. This variant measures that gap.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -204,11 +224,9 @@ def measure_inference(
         reference = models["unmerged"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
         merged = models["merged"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
         base = models["base"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        lean = models["merged_lean"](input_ids=input_ids, attention_mask=attention_mask).logits.float()
     mask = attention_mask.bool()
     checks = {
         "merged_vs_unmerged_max_abs_logit_diff": float((merged - reference)[mask].abs().max()),
-        "lean_vs_merged_max_abs_logit_diff": float((lean - merged)[mask].abs().max()),
         "merged_vs_unmerged_mean_abs_logit_diff": float((merged - reference)[mask].abs().mean()),
         "adapter_vs_base_max_abs_logit_diff": float((reference - base)[mask].abs().max()),
         "adapter_vs_base_mean_abs_logit_diff": float((reference - base)[mask].abs().mean()),

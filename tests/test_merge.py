@@ -73,10 +73,21 @@ def test_bias_switch_turned_on_when_base_has_no_biases(arch: str, switch: str, t
     model = adapted(arch, **{switch: False})
     assert all(p.base_layer.bias is None for p in model.projections())
     expected = logits(model)
+    adapted_layers = len(model.selected_heads())
     merged = model.merge_and_unload()
-    assert getattr(merged.config, switch) is True
+    # In memory only the adapted output projections gain a bias (the offsets); the config is unchanged.
+    assert getattr(merged.config, switch) is False
+    names_before = [name for name, _ in merged.named_parameters()]
+    extra = {name for name in names_before if name.endswith(".bias")} - {
+        name for name, _ in AutoModelForCausalLM.from_config(merged.config).named_parameters()
+    }
+    assert len(extra) == adapted_layers
     out = export_merged(merged, tmp_path / "out")
+    # The export switches the config on and adds the zero biases it implies, in the file only.
     assert json.loads((out / "config.json").read_text())[switch] is True
+    assert [name for name, _ in merged.named_parameters()] == names_before
+    assert getattr(merged.config, switch) is False
+    assert (logits(merged) - expected).abs().max().item() <= 1e-5
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-5
 

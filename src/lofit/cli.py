@@ -63,6 +63,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out, if there is one"
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder-layer activations in backward: less memory, slower steps",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +177,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         progress=args.progress,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         resume=getattr(args, "resume", False),
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
         device_map=getattr(args, "device_map", None),
         quantization=getattr(args, "quantization", None),
     )

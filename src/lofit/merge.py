@@ -7,9 +7,11 @@ weights: only offsets are folded, into a float bias computed through the layer i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,12 +123,10 @@ def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
             and not projection.weight.dtype.is_floating_point
         ):
             raise _quantized_scale_error(projection.base_layer)
-    bias_created = False
     quantized = 0
     for projection in model.projections():
         vectors = vectors_by_layer.get(projection.layer_index)
         if vectors is not None:
-            bias_created |= vectors.offset is not None and projection.base_layer.bias is None
             quantized += not projection.weight.dtype.is_floating_point
             fold_into_projection(projection.base_layer, vectors)
     if quantized:
@@ -135,10 +135,7 @@ def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
             "into their (float) bias; the quantised weights are unchanged",
             stacklevel=3,
         )
-    base = unwrap_projections(model)
-    if bias_created:
-        _switch_on_biases(base)
-    return base
+    return unwrap_projections(model)
 
 
 # Config switches that give the attention output projection a bias (Llama family, GPT-NeoX: attention_bias;
@@ -147,33 +144,60 @@ def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
 BIAS_SWITCHES = ("attention_bias", "enable_bias")
 
 
-def _switch_on_biases(base: nn.Module) -> None:
-    """Turn on the config's bias switch and give every module it governs an exact zero bias.
+@contextlib.contextmanager
+def exportable_biases(merged: nn.Module) -> Iterator[None]:
+    """Inside the block, `merged` is shaped as its config says a plain transformers model is.
 
-    Then the config describes the merged model, and save_pretrained + from_pretrained round-trips.
+    Merging gives only the adapted output projections a bias. A plain checkpoint needs the config's bias
+    switch on and then every module it governs (in Llama: q, k, v and o of every layer) to carry one, so
+    the missing ones are added as exact zeros for the export and removed again afterwards: the merged
+    model in memory keeps serving without them (each zero bias is an extra add per call).
     """
-    config = text_config(getattr(base, "config", None))
+    config = text_config(getattr(merged, "config", None))
     switch = next((flag for flag in BIAS_SWITCHES if getattr(config, flag, None) is False), None)
-    if switch is None:
+    if switch is None or not _has_extra_parameters(merged):
+        yield
         return
+    added: list[nn.Linear] = []
     setattr(config, switch, True)
     try:
-        skeleton = _skeleton(base)
+        try:
+            skeleton = _skeleton(merged)
+        except MergeError:
+            setattr(config, switch, False)  # cannot tell what the switch governs; check_exportable explains
+            switch = None
+            yield
+            return
+        present = {name for name, _ in merged.named_parameters()}
+        for name, _ in skeleton.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            if leaf != "bias" or name in present:
+                continue
+            module = merged.get_submodule(module_name)
+            if isinstance(module, nn.Linear) and module.bias is None:
+                dtype = (
+                    module.weight.dtype if module.weight.dtype.is_floating_point else _compute_dtype(module)
+                )
+                module.bias = nn.Parameter(
+                    torch.zeros(module.out_features, dtype=dtype, device=module.weight.device),
+                    requires_grad=False,
+                )
+                added.append(module)
+        yield
+    finally:
+        for module in added:
+            module.bias = None  # type: ignore[assignment]
+        if switch is not None:
+            setattr(config, switch, False)
+
+
+def _has_extra_parameters(merged: nn.Module) -> bool:
+    """Whether `merged` has parameters (merged offsets' biases) that its config does not describe."""
+    try:
+        expected = {name for name, _ in _skeleton(merged).named_parameters()}
     except MergeError:
-        setattr(config, switch, False)  # cannot tell what the switch governs; export will explain
-        return
-    present = {name for name, _ in base.named_parameters()}
-    for name, _ in skeleton.named_parameters():
-        module_name, _, leaf = name.rpartition(".")
-        if leaf != "bias" or name in present:
-            continue
-        module = base.get_submodule(module_name)
-        if isinstance(module, nn.Linear) and module.bias is None:
-            dtype = module.weight.dtype if module.weight.dtype.is_floating_point else _compute_dtype(module)
-            module.bias = nn.Parameter(
-                torch.zeros(module.out_features, dtype=dtype, device=module.weight.device),
-                requires_grad=False,
-            )
+        return False  # check_exportable explains
+    return any(name not in expected for name, _ in merged.named_parameters())
 
 
 def _skeleton(model: nn.Module) -> nn.Module:
@@ -227,12 +251,13 @@ def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: ob
 
     The files are written into a temporary directory and moved into `path` only once all are complete.
     """
-    check_exportable(merged)
     directory = Path(path)
-    with atomic_directory(directory) as tmp:
-        merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+    with exportable_biases(merged):
+        check_exportable(merged)
+        with atomic_directory(directory) as tmp:
+            merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
     return directory
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .heads import HeadGeometry, find_output_projections
 from .layer import HeadVectors, LofitProjection
+from .lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
 
@@ -30,6 +31,7 @@ class LofitModel(nn.Module):
         self.lofit_config: dict[str, LofitConfig] = {}
         self.active_adapter: str = adapter_name
         self._wrap_projections()
+        add_contiguous_input_hook(base_model)
         try:
             self.add_adapter(adapter_name, config)
         except BaseException:
@@ -54,23 +56,34 @@ class LofitModel(nn.Module):
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """Enable activation checkpointing on the base model, with gradients able to reach the adapter.
+        """Enable activation checkpointing, with gradients able to reach the adapter.
 
-        With a frozen base and reentrant checkpointing, a checkpointed block whose inputs do not require
-        grad returns outputs without a graph, so the adapter vectors inside it would get no gradient: the
-        embedding outputs are made to require grad (as PEFT does). Older transformers versions do not do
-        that themselves.
+        Non-reentrant by default: it needs no input that requires grad, so backward still stops at the
+        lowest adapted layer (transformers makes the embedding output require grad; that is undone
+        here). With `use_reentrant=True`, a checkpointed block whose inputs do not require grad returns
+        outputs without a graph, so the embedding outputs must require grad (as PEFT does).
+        `train_adapter` honours the switch even though it runs the base in eval mode, where transformers'
+        own checkpointing is inert (see `lofit.layer_checkpointing`).
         """
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         base = self.base_model
         enable = getattr(base, "activation_checkpointing_enable", None)
         if callable(enable):  # transformers >= 5 (gradient_checkpointing_enable is its deprecated alias)
-            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            enable(activation_checkpointing_kwargs=options, **kwargs)
         else:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
-            )  # type: ignore[operator]
-        if not getattr(base, "_require_grads_hooks", None) and hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()  # type: ignore[operator]
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)  # type: ignore[operator]
+        if options["use_reentrant"]:
+            if not getattr(base, "_require_grads_hooks", None) and hasattr(
+                base, "enable_input_require_grads"
+            ):
+                base.enable_input_require_grads()  # type: ignore[operator]
+        elif hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()  # type: ignore[operator]
+
+    @property
+    def checkpointing_requested(self) -> bool:
+        """Whether the base model has activation checkpointing switched on (by either API)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
 
     def _wrap_projections(self) -> None:
         for site in self.geometry.sites:
@@ -298,7 +311,11 @@ class LofitModel(nn.Module):
         return load_lofit_model(base_model, path, adapter_name, is_trainable)
 
     def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
-        """Fold the adapter into the projections' weights and bias; return the plain base model."""
+        """Fold the adapter into the projections' weights and bias; return the plain base model.
+
+        Only the adapted output projections gain a bias (see `lofit.merge.exportable_biases` for the
+        export), and the LM head keeps the pre-hook of `lofit.lm_head` (fast frozen-weight generation).
+        """
         from .merge import merge_into_base
 
         return merge_into_base(self, self._check_adapter(adapter_name))
@@ -307,6 +324,7 @@ class LofitModel(nn.Module):
         """Remove every adapter without merging; return the plain base model."""
         from .merge import unwrap_projections
 
+        remove_contiguous_input_hook(self.base_model)
         return unwrap_projections(self)
 
 

@@ -45,6 +45,7 @@ class RunOptions:
     progress: bool = True
     checkpoint_every: int = 0
     resume: bool = False
+    gradient_checkpointing: bool = False
     device_map: str | None = None
     quantization: str | None = None
 
@@ -92,6 +93,8 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
         kwargs["checkpoint_every"] = options.checkpoint_every
     if options.resume:
         kwargs["resume"] = True
+    if options.gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
     return {key: value for key, value in kwargs.items() if value is not None}
 
 

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import layer_checkpointing
 from .atomic import atomic_write_text
 from .checkpoint import LoopPosition, latest_checkpoint, load_checkpoint, save_checkpoint
+from .layer_checkpointing import decoder_layers
 from .model import LofitModel
 from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_means
 
@@ -76,6 +78,10 @@ class TrainingConfig:
     )
     init_std: float = field(default=1e-3, metadata={"help": "std of the N(0, σ) adapter init"})
     group_by_length: bool = field(default=False, metadata={"help": "batch records of similar length"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute decoder-layer activations in backward: less memory, slower steps"},
+    )
     eval_batch_size: int | None = field(default=None, metadata={"help": "validation batch (default 2x)"})
     output_dir: str | None = field(default=None, metadata={"help": "write train_log.jsonl, loss_curve.png"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
@@ -316,6 +322,10 @@ def train_adapter(
     output_dir = Path(config.output_dir) if config.output_dir and accelerator.is_main_process else None
     was_training = model.training
     model.eval()
+    # transformers checkpoints only in training mode; these wrappers work in eval mode too.
+    checkpointed = config.gradient_checkpointing or model.checkpointing_requested
+    layers = decoder_layers(model.base_model, model.geometry) if checkpointed else []
+    history.settings["gradient_checkpointing"] = checkpointed
     generator = torch.Generator().manual_seed(config.seed)
     lengths = [e.num_tokens for e in train_examples]
 
@@ -397,6 +407,7 @@ def train_adapter(
         disable=not (config.progress and accelerator.is_main_process),
     )
     step = position.step
+    layers = layer_checkpointing.enable(layers)
     try:
         with accelerator.autocast():
             objective.prepare(scorer, train_examples, config.validation_batch_size, device)
@@ -487,6 +498,7 @@ def train_adapter(
                 checkpoint_now(epoch + 1, 0, generator.get_state())
     finally:
         bar.close()
+        layer_checkpointing.disable(layers)
         model.train(was_training)
         elapsed = time.perf_counter() - started
         history.summary = {
