@@ -85,6 +85,7 @@ class Settings:
     precision: str = "bf16"
     eval_batch_size: int = 16
     sample_seed: int = 0
+    max_length: int | None = None  # truncate training sequences (prompts from the left)
 
     def key(self, unit: str | None = None) -> str:
         """Hash of the fields `unit` depends on (all fields for most units)."""
@@ -95,7 +96,16 @@ class Settings:
 EVAL_FIELDS = ("model", "max_test", "precision", "eval_batch_size", "sample_seed")
 UNIT_FIELDS: dict[str, tuple[str, ...]] = {
     "zero_shot": EVAL_FIELDS,
-    "select": ("model", "max_train", "max_val", "epochs", "batch_size", "precision", "sample_seed"),
+    "select": (
+        "model",
+        "max_train",
+        "max_val",
+        "epochs",
+        "batch_size",
+        "precision",
+        "sample_seed",
+        "max_length",
+    ),
     "iti": (*EVAL_FIELDS, "max_train", "max_val", "iti_alphas", "iti_k"),
 }
 
@@ -103,6 +113,7 @@ UNIT_FIELDS: dict[str, tuple[str, ...]] = {
 def settings_key(values: dict[str, Any], unit: str | None = None) -> str:
     fields = UNIT_FIELDS.get((unit or "").split("/")[0])
     chosen = {k: values[k] for k in fields} if fields else values
+    chosen = {k: v for k, v in chosen.items() if v is not None}  # a new optional field keeps old keys
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -116,6 +127,7 @@ QUICK = {
     "lora_lrs": [1e-3],
     "red_lrs": [1e-2],
     "iti_alphas": [15.0],
+    "max_length": 96,  # tiny test models accept 128 positions
 }
 
 
@@ -228,6 +240,7 @@ class Harness:
             "seed": seed,
             "precision": s.precision,
             "progress": False,
+            **({"max_length": s.max_length} if s.max_length is not None else {}),
         }
 
 
@@ -611,7 +624,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["table1", "table3", "table2", "stability", "ood"],
         choices=["table1", "table3", "table2", "stability", "ood"],
     )
-    for name in ("max_train", "max_val", "max_test", "max_ood", "epochs"):
+    for name in ("max_train", "max_val", "max_test", "max_ood", "epochs", "max_length"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     for name in ("lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
@@ -627,7 +640,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    names = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model")
+    names = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model", "max_length")
     for name in (*names, "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.layer_checkpointing import checkpointing, decoder_layers
+from lofit.layer_checkpointing import checkpointing, decoder_layers, requested
 from lofit.objectives import make_objective
 from lofit.trainer import TrainingConfig, train_adapter
 from lofit.tuning import train_offsets
@@ -61,21 +61,21 @@ def test_the_models_own_switch_is_honoured_in_eval_mode_training() -> None:
     base = tiny_model("llama")
     model = get_lofit_model(base, LofitConfig(heads=HEADS, use_scale=False, init_std=0.0))
     model.gradient_checkpointing_enable()
-    assert model.checkpointing_requested
+    assert requested(model)
     calls = count_attention_calls(base)
     objective = make_objective("sft", tiny_tokenizer())
     config = TrainingConfig(epochs=1, batch_size=8, progress=False)
     history = train_adapter(model, objective, objective.encode(RECORDS), config)
     assert history.settings["gradient_checkpointing"] is True
     assert calls[1] == calls[2] == calls[0] + 1  # one step: layers 1 and 2 recomputed once
-    layers = decoder_layers(base, model.geometry)
+    layers = decoder_layers(model)
     assert not any("forward" in layer.__dict__ for layer in layers)  # wrappers removed after training
 
 
 def test_context_restores_layers_and_skips_under_no_grad() -> None:
     base = tiny_model("llama")
     model = get_lofit_model(base, LofitConfig(heads=HEADS, use_scale=False, init_std=0.1)).eval()
-    layers = decoder_layers(base, model.geometry)
+    layers = decoder_layers(model)
     assert layers == list(base.model.layers)
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent.parent / "shared" / "data"
+DATA = ROOT.parent / "shared" / "data"  # ../shared next to the checkout, as in CI
 
 
 def load_script():  # type: ignore[no-untyped-def]
@@ -47,7 +47,6 @@ def test_jaccard_matches_hand_count() -> None:
     assert jaccard(sa, sa, 2) == 1.0
 
 
-@pytest.mark.slow  # fails: tiny model has 128 positions, --quick records reach 194 tokens (fix: pass max_length)
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
 def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path) -> None:
     model_dir = tmp_path / "tiny"

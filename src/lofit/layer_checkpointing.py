@@ -19,24 +19,33 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import HeadGeometry
-
 _ORIGINAL = "_lofit_forward_before_checkpointing"
 
 
-def decoder_layers(model: nn.Module, geometry: HeadGeometry) -> list[nn.Module]:
-    """The decoder layer (the `nn.ModuleList` element) that holds each attention output projection."""
-    layers: list[nn.Module] = []
-    for site in geometry.sites:
-        parts = site.name.split(".")
-        for end in range(len(parts) - 1, 0, -1):
-            parent = model.get_submodule(".".join(parts[: end - 1]))
-            if isinstance(parent, nn.ModuleList):
-                layers.append(model.get_submodule(".".join(parts[:end])))
-                break
-        else:
-            raise ValueError(f"{site.name} lies in no nn.ModuleList of decoder layers; cannot checkpoint it")
-    return layers
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers: the first `nn.ModuleList` whose every element holds an attention module.
+
+    Works on plain transformers models and on wrappers of them (LofitModel, PEFT models).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(map(_has_attention, module)):
+            return list(module)
+    raise ValueError(
+        f"found no decoder layers in {type(model).__name__} (an nn.ModuleList of blocks with an attention "
+        "module) to checkpoint; train without gradient_checkpointing"
+    )
+
+
+def _has_attention(block: nn.Module) -> bool:
+    return any(name.rsplit(".", 1)[-1] in ATTENTION_NAMES for name, _ in block.named_modules())
+
+
+def requested(model: nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is switched on anywhere in `model`."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -80,11 +80,6 @@ class LofitModel(nn.Module):
         elif hasattr(base, "disable_input_require_grads"):
             base.disable_input_require_grads()  # type: ignore[operator]
 
-    @property
-    def checkpointing_requested(self) -> bool:
-        """Whether the base model has activation checkpointing switched on (by either API)."""
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
-
     def _wrap_projections(self) -> None:
         for site in self.geometry.sites:
             module = self.base_model.get_submodule(site.name)

@@ -30,7 +30,6 @@ from torch import nn
 from . import layer_checkpointing
 from .atomic import atomic_write_text
 from .checkpoint import LoopPosition, latest_checkpoint, load_checkpoint, save_checkpoint
-from .layer_checkpointing import decoder_layers
 from .model import LofitModel
 from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_means
 
@@ -323,8 +322,8 @@ def train_adapter(
     was_training = model.training
     model.eval()
     # transformers checkpoints only in training mode; these wrappers work in eval mode too.
-    checkpointed = config.gradient_checkpointing or model.checkpointing_requested
-    layers = decoder_layers(model.base_model, model.geometry) if checkpointed else []
+    checkpointed = config.gradient_checkpointing or layer_checkpointing.requested(model)
+    layers = layer_checkpointing.decoder_layers(model) if checkpointed else []
     history.settings["gradient_checkpointing"] = checkpointed
     generator = torch.Generator().manual_seed(config.seed)
     lengths = [e.num_tokens for e in train_examples]
@@ -525,6 +524,8 @@ def run_identity(
     params: Sequence[nn.Parameter],
 ) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed by this run: options, data, heads, shapes."""
+    # Baselines (peft, RED) pass duck-typed models that expose adapter_parameters() only.
+    selected_heads = getattr(model, "selected_heads", dict)
     digest = hashlib.sha256()
     for example in examples:
         for sequence in example.sequences:
@@ -535,7 +536,7 @@ def run_identity(
         **{name: getattr(config, name) for name in RESULT_OPTIONS},
         "num_train": len(examples),
         "train_data_sha256": digest.hexdigest(),
-        "heads": {str(layer): heads for layer, heads in model.selected_heads().items()},
+        "heads": {str(layer): heads for layer, heads in selected_heads().items()},
         "parameter_shapes": [list(p.shape) for p in params],
     }
 
