@@ -177,3 +177,13 @@ def test_save_is_atomic_and_refuses_bad_input(tmp_path: Path, monkeypatch: pytes
         model.save_pretrained(tmp_path / "b")
     with pytest.raises(TypeError, match="load_adapter"):
         LofitModel.from_pretrained(model, tmp_path / "a")
+
+
+def test_saved_files_get_the_usual_permissions(saved: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for name in (CONFIG_NAME, WEIGHTS_NAME):  # safetensors alone would write the weights owner-only
+        assert (saved / name).stat().st_mode & 0o777 == expected, name

@@ -91,7 +91,9 @@ def _atomic_directory(target: Path, replace_existing: bool) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         yield tmp
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        mode = 0o666 & ~_umask()
         for file in files:
+            os.chmod(file, mode)  # some writers (safetensors) create owner-only files
             with open(file, "rb+") as handle:
                 os.fsync(handle.fileno())
         try:
