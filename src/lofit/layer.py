@@ -8,15 +8,14 @@ activations: no Python loop over heads, and untouched heads see exactly x * 1 + 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from .heads import module_tensor
+from .wrappers import Fp32Parameters
 
 
-class HeadVectors(nn.Module):
+class HeadVectors(Fp32Parameters):
     """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32."""
 
     heads: torch.Tensor
@@ -90,16 +89,6 @@ class HeadVectors(nn.Module):
         if offset is not None:
             scaled = scaled + offset
         return scaled.to(hidden.dtype)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HeadVectors:
-        # Keep the vectors in fp32 when the whole model is cast to bf16/fp16 (`model.half()`): stash the
-        # exact values and restore them, moved to wherever `fn` sent the cast copy.
-        stash = {name: p.data for name, p in self.named_parameters(recurse=False)}
-        super()._apply(fn, recurse)
-        for name, param in self.named_parameters(recurse=False):
-            if param.dtype != torch.float32 and param.dtype.is_floating_point:
-                param.data = stash[name].to(device=param.device, dtype=torch.float32)
-        return self
 
 
 class LofitProjection(nn.Module):

@@ -14,11 +14,12 @@ from .config import HeadMap, LofitConfig, LofitConfigError
 from .heads import HeadGeometry, find_output_projections
 from .layer import HeadVectors, LofitProjection
 from .lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
+from .wrappers import PassThroughModel
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
 
 
-class LofitModel(nn.Module):
+class LofitModel(PassThroughModel):
     """A base model whose attention output projections carry LoFiT adapters.
 
     `forward`, `generate` and every other attribute pass through to the base model.
@@ -39,20 +40,6 @@ class LofitModel(nn.Module):
             raise
 
     # ----------------------------------------------------------------------------------- plumbing
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
-
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:

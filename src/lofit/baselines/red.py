@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from ..persistence import (
     BaseModelMismatchError,
     projection_fingerprint,
 )
+from ..wrappers import Fp32Parameters, PassThroughModel
 
 CONFIG_NAME = "red_config.json"
 WEIGHTS_NAME = "red_model.safetensors"
@@ -163,7 +164,7 @@ def find_red_sites(model: nn.Module, config: RedConfig) -> list[tuple[int, str]]
 
 
 # ------------------------------------------------------------------------------------- layer
-class RedProjection(nn.Module):
+class RedProjection(Fp32Parameters):
     """Wraps a projection; returns its output h as h ⊙ (1 + red_scale) + red_bias."""
 
     def __init__(self, base_layer: nn.Module, layer_index: int) -> None:
@@ -216,18 +217,9 @@ class RedProjection(nn.Module):
             bias.copy_(new_bias.to(bias.dtype))
         return layer
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RedProjection:
-        # Keep red_scale/red_bias in fp32 when the model is cast (`model.half()`); the base layer is cast.
-        stash = {name: p.data for name, p in self.named_parameters(recurse=False)}
-        super()._apply(fn, recurse)
-        for name, param in self.named_parameters(recurse=False):
-            if param.dtype != torch.float32 and param.dtype.is_floating_point:
-                param.data = stash[name].to(device=param.device, dtype=torch.float32)
-        return self
-
 
 # ------------------------------------------------------------------------------------- model
-class RedModel(nn.Module):
+class RedModel(PassThroughModel):
     """A base model whose attention (or FFN) outputs carry RED's scale and bias.
 
     `forward`, `generate` and every other attribute pass through to the base model.
@@ -244,20 +236,6 @@ class RedModel(nn.Module):
                 raise RedConfigError(f"{name} already carries RED; use that RedModel instead")
             parent_name, _, child = name.rpartition(".")
             setattr(base_model.get_submodule(parent_name), child, RedProjection(module, layer))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def projections(self) -> list[RedProjection]:
         wrapped = [self.base_model.get_submodule(name) for name in self.site_names]

@@ -1,0 +1,47 @@
+"""Two small building blocks shared by LoFiT's and the baselines' adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+_Self = TypeVar("_Self", bound="Fp32Parameters")
+
+
+class PassThroughModel(nn.Module):
+    """A wrapper of `self.base_model` whose `forward`, `generate` and every other attribute pass through."""
+
+    base_model: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+
+
+class Fp32Parameters(nn.Module):
+    """A module whose own parameters stay fp32 when the model is cast (`model.half()`, `.to(bf16)`).
+
+    Its submodules are cast as usual; the exact fp32 values of its own parameters are restored, moved to
+    wherever the cast sent them.
+    """
+
+    def _apply(self: _Self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _Self:
+        stash = {name: p.data for name, p in self.named_parameters(recurse=False)}
+        super()._apply(fn, recurse)
+        for name, param in self.named_parameters(recurse=False):
+            if param.dtype != torch.float32 and param.dtype.is_floating_point:
+                param.data = stash[name].to(device=param.device, dtype=torch.float32)
+        return self
