@@ -211,3 +211,31 @@ def test_auto_precision_resolves_to_a_concrete_one(monkeypatch: pytest.MonkeyPat
             ),
         )
         assert trainer.fastest_precision() == expected
+
+
+def test_target_modules_and_gradient_checkpointing_options(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [{"prompt": f"{i}+1=", "completion": f"{i + 1}"} for i in range(8)]
+    train = _write_jsonl(tmp_path / "train.jsonl", records[:6])
+    test = _write_jsonl(tmp_path / "test.jsonl", records[6:])
+    args = ["--task", "sft", "--model", str(tiny_model_dir), "--train", str(train), "--test", str(test)]
+    args += ["--epochs", "1", "--k", "2", "--no-progress"]
+    out = tmp_path / "run"
+    code = main(
+        ["run", *args, "--out", str(out), "--target-modules", "self_attn.o_proj", "--gradient-checkpointing"]
+    )
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for step in ("select", "train"):
+        assert metrics["settings"][step]["target_modules"] == ["self_attn.o_proj"]
+        assert metrics["settings"][step]["gradient_checkpointing"] is True
+    adapter_config = json.loads((out / "adapter" / "lofit_config.json").read_text())
+    assert "self_attn.o_proj" in json.dumps(adapter_config)
+    assert json.loads((out / "heads.json").read_text())["metadata"]["target_modules"] == ["self_attn.o_proj"]
+
+    capsys.readouterr()
+    code = main(["select", *args, "--out", str(tmp_path / "bad"), "--target-modules", "nothing.here"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nothing.here" in err and "Traceback" not in err

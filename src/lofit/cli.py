@@ -64,6 +64,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the latest checkpoint in --out, if there is one"
     )
     parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="SUFFIX",
+        help="name suffix(es) of the attention output projections, if not found automatically "
+        "(e.g. self_attn.o_proj)",
+    )
+    parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute decoder-layer activations in backward: less memory, slower steps",
@@ -178,6 +185,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         resume=getattr(args, "resume", False),
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        target_modules=getattr(args, "target_modules", None),
         device_map=getattr(args, "device_map", None),
         quantization=getattr(args, "quantization", None),
     )

@@ -46,6 +46,7 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool = False
     gradient_checkpointing: bool = False
+    target_modules: list[str] | None = None
     device_map: str | None = None
     quantization: str | None = None
 
@@ -95,6 +96,8 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
         kwargs["resume"] = True
     if options.gradient_checkpointing:
         kwargs["gradient_checkpointing"] = True
+    if options.target_modules:
+        kwargs["target_modules"] = list(options.target_modules)
     return {key: value for key, value in kwargs.items() if value is not None}
 
 

@@ -203,20 +203,23 @@ def select_heads(
 
     Keyword arguments: `val_data` and the `TrainingConfig` fields (epochs=5, batch_size=8, lr=5e-3,
     l1=5e-4, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio, precision,
-    init_std=1e-3, output_dir, progress, ...); `probe_l2` (1.0) for method "probe". Methods "random" and
-    "probe" accept the training options and ignore those they do not use.
+    init_std=1e-3, output_dir, progress, ...); `probe_l2` (1.0) for method "probe"; `target_modules`
+    (module-name suffixes of the attention output projections, when they are not found automatically).
+    Methods "random" and "probe" accept the training options and ignore those they do not use.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     val_data = train_kwargs.pop("val_data", None)
     probe_l2 = float(train_kwargs.pop("probe_l2", 1.0))
+    target_modules = train_kwargs.pop("target_modules", None)
     config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", lr=5e-3, l1=5e-4)
     check_plain_model(base_model, "select_heads")
     records = as_records(train_data, objective, "train_data")
     val_records = (
         as_records(val_data, objective, "val_data") if val_data is not None and len(val_data) else None
     )
-    geometry = find_output_projections(base_model)
+    target_modules = LofitConfig(target_modules=target_modules).target_modules  # validated
+    geometry = find_output_projections(base_model, target_modules)
     metadata: dict[str, Any] = {
         "objective": objective,
         "num_train": len(records),
@@ -225,6 +228,8 @@ def select_heads(
         "score": SCORE_MEANING[method],
         "settings": {k: v for k, v in vars(config).items() if k not in ("output_dir", "progress")},
     }
+    if target_modules is not None:
+        metadata["target_modules"] = target_modules
     if method == "random":
         generator = torch.Generator().manual_seed(config.seed)
         scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
@@ -233,7 +238,9 @@ def select_heads(
         return _select_by_probe(
             base_model, tokenizer, records, val_records, objective, config, probe_l2, metadata
         )
-    scores, history = _select_by_lofit(base_model, tokenizer, records, val_records, objective, config)
+    scores, history = _select_by_lofit(
+        base_model, tokenizer, records, val_records, objective, config, target_modules
+    )
     return HeadSelection(scores, rank_heads(scores), method, metadata, history)
 
 
@@ -285,15 +292,21 @@ def _select_by_lofit(
     val_records: list[dict[str, str]] | None,
     objective: str,
     config: TrainingConfig,
+    target_modules: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     task = make_objective(objective, tokenizer, config.max_length, config.beta)
     train_examples = task.encode(records)
     val_examples = task.encode(val_records) if val_records else None
     with preserved_base_model(base_model):
         seed_everything(config.seed)
-        model = get_lofit_model(
-            base_model, LofitConfig(heads=None, use_scale=True, use_offset=False, init_std=config.init_std)
+        adapter = LofitConfig(
+            heads=None,
+            use_scale=True,
+            use_offset=False,
+            init_std=config.init_std,
+            target_modules=target_modules,
         )
+        model = get_lofit_model(base_model, adapter)
         try:
             scales = model.adapter_parameters(kind="scale")
             l1 = config.l1
@@ -358,6 +371,7 @@ def _select_by_probe(
             texts,
             batch_size=config.validation_batch_size,
             max_length=config.max_length,
+            target_modules=metadata.get("target_modules"),
         )
 
     def labelled(pos: Sequence[str], neg: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ def train_offsets(
 
     Keyword arguments: `val_data`, `adapter_name` ("default") and the `TrainingConfig` fields (epochs=5,
     batch_size=8, lr=1e-2, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio,
-    precision, init_std=1e-3, output_dir, progress, ...). Returns the trained `LofitModel` (base frozen);
+    precision, init_std=1e-3, output_dir, progress, ...) and `target_modules` (module-name suffixes of the
+    attention output projections, when they are not found automatically). Returns the trained `LofitModel` (base frozen);
     its `training_history` attribute holds the `TrainingHistory`.
     """
     if isinstance(heads, HeadSelection):
@@ -38,6 +39,7 @@ def train_offsets(
         )
     val_data = train_kwargs.pop("val_data", None)
     adapter_name = train_kwargs.pop("adapter_name", "default")
+    target_modules = train_kwargs.pop("target_modules", None)
     config = TrainingConfig.from_kwargs(train_kwargs, owner="train_offsets", lr=1e-2)
     check_plain_model(base_model, "train_offsets")
     records = as_records(train_data, objective, "train_data")
@@ -47,7 +49,13 @@ def train_offsets(
     task = make_objective(objective, tokenizer, config.max_length, config.beta)
     train_examples = task.encode(records)
     val_examples = task.encode(val_records) if val_records else None
-    adapter = LofitConfig(heads=heads, use_scale=False, use_offset=True, init_std=config.init_std)
+    adapter = LofitConfig(
+        heads=heads,
+        use_scale=False,
+        use_offset=True,
+        init_std=config.init_std,
+        target_modules=target_modules,
+    )
     state = BaseModelState.capture(base_model)
     seed_everything(config.seed)
     model = get_lofit_model(base_model, adapter, adapter_name)
