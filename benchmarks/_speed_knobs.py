@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +10,8 @@ import torch
 from torch import nn
 
 from lofit.layer import HeadVectors
+from lofit.layer_checkpointing import checkpointing as lofit_checkpointing
+from lofit.layer_checkpointing import decoder_layers as lofit_decoder_layers
 from lofit.objectives import TokenScorer
 
 
@@ -45,23 +46,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def checkpointing(model: nn.Module, how: str) -> Iterator[None]:
     """Activation checkpointing of every decoder layer.
 
-    "layers": non-reentrant `torch.utils.checkpoint` per layer and nothing else, so backward still stops
-    at the lowest adapted layer. "hf": transformers' own `gradient_checkpointing_enable()`, which also
-    makes the embedding output require grad (backward then always reaches layer 0).
-    HF layers checkpoint only in training mode; the trainer runs the model in eval mode, so the layers
-    alone (not their submodules, to keep dropout off) are flagged as training here.
+    "layers": lofit's own (`TrainingConfig.gradient_checkpointing`, `lofit.layer_checkpointing`):
+    non-reentrant `torch.utils.checkpoint` per layer in eval mode, so backward still stops at the lowest
+    adapted layer. "hf": transformers' own `gradient_checkpointing_enable()`, which also makes the
+    embedding output require grad (backward then always reaches layer 0); HF layers checkpoint only in
+    training mode and the trainer runs the model in eval mode, so the layers alone (not their
+    submodules, to keep dropout off) are flagged as training here.
     """
-    layers = decoder_layers(model)
     if how == "layers":
-        from torch.utils.checkpoint import checkpoint
-
-        model._set_gradient_checkpointing(  # type: ignore[operator]
-            enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=False)
-        )
-    elif how == "hf":
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
-    else:
+        with lofit_checkpointing(lofit_decoder_layers(model)):
+            yield
+        return
+    if how != "hf":
         raise ValueError(f"checkpointing must be 'off', 'layers' or 'hf', got {how!r}")
+    layers = decoder_layers(model)
+    model.gradient_checkpointing_enable()  # type: ignore[operator]
     for layer in layers:
         layer.training = True
     try:
@@ -70,8 +69,7 @@ def checkpointing(model: nn.Module, how: str) -> Iterator[None]:
         for layer in layers:
             layer.training = False
         model.gradient_checkpointing_disable()  # type: ignore[operator]
-        if how == "hf":
-            model.disable_input_require_grads()  # type: ignore[operator]
+        model.disable_input_require_grads()  # type: ignore[operator]
 
 
 def loop_head_forward(self: HeadVectors, hidden: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,7 @@ def test_knobs_restore_the_model() -> None:
     assert bench.model.config._attn_implementation == "sdpa"
     assert all(torch.equal(a, b) for a, b in zip(bench.base_parameters(), weights, strict=True))
     assert not any(layer.gradient_checkpointing for layer in knobs.decoder_layers(bench.model))
+    assert not any("forward" in vars(layer) for layer in knobs.decoder_layers(bench.model))
     assert not bench.model.training
 
 
