@@ -216,10 +216,12 @@ def test_auto_precision_resolves_to_a_concrete_one(monkeypatch: pytest.MonkeyPat
 def test_target_modules_and_gradient_checkpointing_options(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    records = [{"prompt": f"{i}+1=", "completion": f"{i + 1}"} for i in range(8)]
+    records = [{"prompt": f"{i}+1=", "completion": f"{i + 1}"} for i in range(10)]
     train = _write_jsonl(tmp_path / "train.jsonl", records[:6])
-    test = _write_jsonl(tmp_path / "test.jsonl", records[6:])
+    val = _write_jsonl(tmp_path / "val.jsonl", records[6:8])
+    test = _write_jsonl(tmp_path / "test.jsonl", records[8:])
     args = ["--task", "sft", "--model", str(tiny_model_dir), "--train", str(train), "--test", str(test)]
+    args += ["--val", str(val)]
     args += ["--epochs", "1", "--k", "2", "--no-progress"]
     out = tmp_path / "run"
     code = main(
@@ -233,6 +235,10 @@ def test_target_modules_and_gradient_checkpointing_options(
     adapter_config = json.loads((out / "adapter" / "lofit_config.json").read_text())
     assert "self_attn.o_proj" in json.dumps(adapter_config)
     assert json.loads((out / "heads.json").read_text())["metadata"]["target_modules"] == ["self_attn.o_proj"]
+    # validation loss before training (epoch 0) and after the one epoch, for both steps, also in report.md
+    for step in ("select", "train"):
+        assert [epoch for epoch, _ in metrics["validation"][step]] == [0, 1]
+    assert "| epoch | head selection val loss | offset training val loss |" in (out / "report.md").read_text()
 
     capsys.readouterr()
     code = main(["select", *args, "--out", str(tmp_path / "bad"), "--target-modules", "nothing.here"])

@@ -114,6 +114,14 @@ def environment() -> dict[str, str]:
     }
 
 
+def validation_losses(history: Any) -> list[list[float]]:
+    """[[epoch, validation loss], ...] from a TrainingHistory or its dict (empty without validation data)."""
+    if history is None:
+        return []
+    records = history.get("validation", []) if isinstance(history, dict) else history.validation
+    return [[record["epoch"], record["val_loss"]] for record in records if "val_loss" in record]
+
+
 def run(options: RunOptions) -> dict[str, Any]:
     """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}."""
     from .evaluation import evaluate
@@ -171,6 +179,10 @@ def run(options: RunOptions) -> dict[str, Any]:
             "train": training_kwargs(options, data.task.defaults, "train"),
             "k": k,
             "fold": options.fold if data.task.name == "truthfulqa" else None,
+        },
+        "validation": {
+            "select": validation_losses(selection.history),
+            "train": validation_losses(getattr(lofit_model, "training_history", None)),
         },
         "timings": timings,
         "environment": environment(),

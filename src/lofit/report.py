@@ -28,6 +28,19 @@ def metrics_table(base: dict[str, Any], lofit: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def validation_table(validation: dict[str, Any]) -> list[str]:
+    """Validation loss after each epoch (epoch 0 = before training) of both steps, if there was any."""
+    select = dict((int(e), loss) for e, loss in validation.get("select", []))
+    train = dict((int(e), loss) for e, loss in validation.get("train", []))
+    if not (select or train):
+        return []
+    lines = ["| epoch | head selection val loss | offset training val loss |", "|---:|---:|---:|"]
+    for epoch in sorted(set(select) | set(train)):
+        cells = [f"{losses[epoch]:.4f}" if epoch in losses else "" for losses in (select, train)]
+        lines.append(f"| {epoch} | {cells[0]} | {cells[1]} |")
+    return ["Validation loss after each epoch (0 = before training):", "", *lines, ""]
+
+
 def _image(out: Path, relative: str, caption: str) -> str:
     return f"![{caption}]({relative})\n" if (out / relative).exists() else f"({caption}: not written)\n"
 
@@ -66,6 +79,7 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         f"- offset training: `{settings.get('train')}`",
         f"- k: {settings.get('k')}",
         "",
+        *validation_table(metrics.get("validation", {})),
         _image(out, "select/loss_curve.png", "head selection loss"),
         _image(out, "train/loss_curve.png", "offset training loss"),
         "## Time",
