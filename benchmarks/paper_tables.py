@@ -627,6 +627,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("max_train", "max_val", "max_test", "max_ood", "epochs", "max_length"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    for name in ("k_small", "k_large"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help="fraction of heads")
     for name in ("lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, nargs="+", default=None)
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
@@ -641,6 +643,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     names = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model", "max_length")
+    names += ("k_small", "k_large")
     for name in (*names, "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
