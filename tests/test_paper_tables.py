@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # ../shared next to the checkout, as in CI
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", 0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir
+
+
 def load_script():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
@@ -48,10 +56,8 @@ def test_jaccard_matches_hand_count() -> None:
 
 
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
-def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama", 0).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = tiny_model_dir
     script = load_script()
     out = tmp_path / "out"
     argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--folds", "0"]
@@ -87,10 +93,8 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
-def test_budget_zero_runs_nothing_and_marks_cells(tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama", 0).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+def test_budget_zero_runs_nothing_and_marks_cells(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = tiny_model_dir
     script = load_script()
     out = tmp_path / "out"
     argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--budget-minutes", "0"]

@@ -79,10 +79,6 @@ def disable(layers: list[nn.Module]) -> None:
             layer.forward = own
 
 
-def is_enabled(layers: list[nn.Module]) -> bool:
-    return bool(layers) and all(_ORIGINAL in layer.__dict__ for layer in layers)
-
-
 @contextlib.contextmanager
 def checkpointing(layers: list[nn.Module], on: bool = True) -> Iterator[None]:
     """Checkpoint `layers` inside the block (if `on`), leaving them as they were afterwards."""

@@ -22,16 +22,20 @@ def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def add_contiguous_input_hook(model: nn.Module) -> None:
-    """Give `model`'s output embedding (LM head) the pre-hook, once; models without one are left alone."""
+def _lm_head(model: nn.Module) -> nn.Module | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if isinstance(head, nn.Module) and _HANDLE not in head.__dict__:
+    return head if isinstance(head, nn.Module) else None
+
+
+def add_contiguous_input_hook(model: nn.Module) -> None:
+    """Give `model`'s output embedding (LM head) the pre-hook, once; models without one are left alone."""
+    head = _lm_head(model)
+    if head is not None and _HANDLE not in head.__dict__:
         head.__dict__[_HANDLE] = head.register_forward_pre_hook(_contiguous_inputs)
 
 
 def remove_contiguous_input_hook(model: nn.Module) -> None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if isinstance(head, nn.Module) and _HANDLE in head.__dict__:
+    head = _lm_head(model)
+    if head is not None and _HANDLE in head.__dict__:
         head.__dict__.pop(_HANDLE).remove()

@@ -158,37 +158,26 @@ def exportable_biases(merged: nn.Module) -> Iterator[None]:
     if switch is None or not _has_extra_parameters(merged):
         yield
         return
-    added: list[nn.Linear] = []
+    added: list[nn.Module] = []
     setattr(config, switch, True)
     try:
-        try:
-            skeleton = _skeleton(merged)
-        except MergeError:
-            setattr(config, switch, False)  # cannot tell what the switch governs; check_exportable explains
-            switch = None
-            yield
-            return
         present = {name for name, _ in merged.named_parameters()}
-        for name, _ in skeleton.named_parameters():
+        for name, _ in _skeleton(merged).named_parameters():
             module_name, _, leaf = name.rpartition(".")
             if leaf != "bias" or name in present:
                 continue
             module = merged.get_submodule(module_name)
-            if isinstance(module, nn.Linear) and module.bias is None:
+            if isinstance(module, nn.Linear):
                 dtype = (
                     module.weight.dtype if module.weight.dtype.is_floating_point else _compute_dtype(module)
                 )
-                module.bias = nn.Parameter(
-                    torch.zeros(module.out_features, dtype=dtype, device=module.weight.device),
-                    requires_grad=False,
-                )
+                _add_to_bias(module, torch.zeros(module.out_features, device=module.weight.device), dtype)
                 added.append(module)
         yield
     finally:
         for module in added:
             module.bias = None  # type: ignore[assignment]
-        if switch is not None:
-            setattr(config, switch, False)
+        setattr(config, switch, False)
 
 
 def _has_extra_parameters(merged: nn.Module) -> bool:

@@ -66,6 +66,15 @@ def as_records(data: Any, objective: str, name: str = "train_data") -> list[dict
     return records
 
 
+def train_val_records(
+    train_data: Any, val_data: Any, objective: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]] | None]:
+    """Validated training records, and validation records (None when `val_data` is None or empty)."""
+    records = as_records(train_data, objective, "train_data")
+    has_val = val_data is not None and len(val_data)
+    return records, as_records(val_data, objective, "val_data") if has_val else None
+
+
 def objective_fields(objective: str) -> tuple[str, ...]:
     if objective not in OBJECTIVE_FIELDS:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVE_FIELDS)}, got {objective!r}")
@@ -485,6 +494,19 @@ def make_objective(
     if objective == "dpo":
         return DPOObjective(tokenizer, max_length, beta)
     return SFTObjective(tokenizer, max_length)
+
+
+def encode_train_val(
+    objective: str,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, str]],
+    val_records: Sequence[Mapping[str, str]] | None,
+    max_length: int | None = None,
+    beta: float = 0.5,
+) -> tuple[Objective, list[Example], list[Example] | None]:
+    """The objective named `objective` and the encoded training (and validation) examples."""
+    task = make_objective(objective, tokenizer, max_length, beta)
+    return task, task.encode(records), task.encode(val_records) if val_records else None
 
 
 def loss_sums(

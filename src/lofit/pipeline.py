@@ -114,11 +114,9 @@ def environment() -> dict[str, str]:
     }
 
 
-def validation_losses(history: Any) -> list[list[float]]:
-    """[[epoch, validation loss], ...] from a TrainingHistory or its dict (empty without validation data)."""
-    if history is None:
-        return []
-    records = history.get("validation", []) if isinstance(history, dict) else history.validation
+def validation_losses(history: dict[str, Any] | None) -> list[list[float]]:
+    """[[epoch, validation loss], ...] from a `TrainingHistory.to_dict()` (empty without validation data)."""
+    records = (history or {}).get("validation", [])
     return [[record["epoch"], record["val_loss"]] for record in records if "val_loss" in record]
 
 
@@ -182,7 +180,7 @@ def run(options: RunOptions) -> dict[str, Any]:
         },
         "validation": {
             "select": validation_losses(selection.history),
-            "train": validation_losses(getattr(lofit_model, "training_history", None)),
+            "train": validation_losses(lofit_model.training_history.to_dict()),
         },
         "timings": timings,
         "environment": environment(),

@@ -25,7 +25,7 @@ from .config import HeadMap, LofitConfig
 from .heads import HeadGeometry, find_output_projections
 from .layer import LofitProjection
 from .model import LofitModel, get_lofit_model
-from .objectives import as_records, make_objective
+from .objectives import encode_train_val, train_val_records
 from .trainer import TrainingConfig, seed_everything, train_adapter
 
 METHODS = ("lofit", "random", "probe")
@@ -214,10 +214,7 @@ def select_heads(
     target_modules = train_kwargs.pop("target_modules", None)
     config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", lr=5e-3, l1=5e-4)
     check_plain_model(base_model, "select_heads")
-    records = as_records(train_data, objective, "train_data")
-    val_records = (
-        as_records(val_data, objective, "val_data") if val_data is not None and len(val_data) else None
-    )
+    records, val_records = train_val_records(train_data, val_data, objective)
     target_modules = LofitConfig(target_modules=target_modules).target_modules  # validated
     geometry = find_output_projections(base_model, target_modules)
     metadata: dict[str, Any] = {
@@ -294,9 +291,9 @@ def _select_by_lofit(
     config: TrainingConfig,
     target_modules: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    task = make_objective(objective, tokenizer, config.max_length, config.beta)
-    train_examples = task.encode(records)
-    val_examples = task.encode(val_records) if val_records else None
+    task, train_examples, val_examples = encode_train_val(
+        objective, tokenizer, records, val_records, config.max_length, config.beta
+    )
     with preserved_base_model(base_model):
         seed_everything(config.seed)
         adapter = LofitConfig(

@@ -35,10 +35,8 @@ from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_mean
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LOG_NAME = "train_log.jsonl"
-BF16_CPU_FLAGS = (
-    "avx512_bf16",
-    "amx_bf16",
-)  # CPUs whose bf16 matmuls beat fp32 (2.6x measured, see speed.md)
+# CPUs whose bf16 matmuls beat fp32 (2.6x measured, see benchmarks/results/speed.md)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CURVE_NAME = "loss_curve.png"
 LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
 CHECKPOINT_SUBDIR = "checkpoints"

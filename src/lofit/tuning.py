@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import HeadMap, LofitConfig
 from .model import LofitModel, get_lofit_model
-from .objectives import as_records, make_objective
+from .objectives import encode_train_val, train_val_records
 from .selection import BaseModelState, HeadSelection, check_plain_model
 from .trainer import TrainingConfig, seed_everything, train_adapter
 
@@ -26,8 +26,8 @@ def train_offsets(
     Keyword arguments: `val_data`, `adapter_name` ("default") and the `TrainingConfig` fields (epochs=5,
     batch_size=8, lr=1e-2, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio,
     precision, init_std=1e-3, output_dir, progress, ...) and `target_modules` (module-name suffixes of the
-    attention output projections, when they are not found automatically). Returns the trained `LofitModel` (base frozen);
-    its `training_history` attribute holds the `TrainingHistory`.
+    attention output projections, when they are not found automatically). Returns the trained
+    `LofitModel` (base frozen); its `training_history` attribute holds the `TrainingHistory`.
     """
     if isinstance(heads, HeadSelection):
         raise TypeError(
@@ -42,13 +42,10 @@ def train_offsets(
     target_modules = train_kwargs.pop("target_modules", None)
     config = TrainingConfig.from_kwargs(train_kwargs, owner="train_offsets", lr=1e-2)
     check_plain_model(base_model, "train_offsets")
-    records = as_records(train_data, objective, "train_data")
-    val_records = (
-        as_records(val_data, objective, "val_data") if val_data is not None and len(val_data) else None
+    records, val_records = train_val_records(train_data, val_data, objective)
+    task, train_examples, val_examples = encode_train_val(
+        objective, tokenizer, records, val_records, config.max_length, config.beta
     )
-    task = make_objective(objective, tokenizer, config.max_length, config.beta)
-    train_examples = task.encode(records)
-    val_examples = task.encode(val_records) if val_records else None
     adapter = LofitConfig(
         heads=heads,
         use_scale=False,
