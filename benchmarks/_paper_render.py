@@ -71,7 +71,10 @@ def jaccard(a: HeadSelection, b: HeadSelection, k: float) -> float:
     return len(x & y) / len(x | y)
 
 
-def render_markdown(results: dict[str, Any], tasks: Sequence[str], heatmap_dir: Path, quick: bool) -> str:
+def render_markdown(
+    results: dict[str, Any], tasks: Sequence[str], heatmap_dir: Path, quick: bool, notes: Path | None = None
+) -> str:
+    """The tables as markdown; `notes` (hand-written findings), when the file exists, is appended."""
     units: dict[str, Any] = results["units"]
     s = results["settings"]
     k_small, k_large = s["k_small"], s["k_large"]
@@ -167,8 +170,7 @@ def render_markdown(results: dict[str, Any], tasks: Sequence[str], heatmap_dir: 
         "",
     ]
     out += _choices(units)
-    notes = Path(__file__).resolve().parent / "results" / "paper_tables_notes.md"
-    if notes.is_file() and not quick:
+    if notes is not None and notes.is_file():
         out += ["", notes.read_text(encoding="utf-8")]
     return "\n".join(out) + "\n"
 

@@ -2,8 +2,8 @@
 
 Every experiment (task x method x setting) is a cached *unit*: its result is written to the results JSON
 (atomically) as soon as it finishes, and a rerun with the same settings skips finished units, so the run
-is resumable. Units run in a fixed priority order (Table 1, then Table 3, Table 2, stability,
-out-of-domain, then TruthfulQA fold 1); with `--budget-minutes` no new unit starts once the budget is
+is resumable. Units run in a fixed priority order (0-shot, head selection, LoFiT 10%, LoRA, LoFiT 3%,
+ITI, RED, then Table 2, stability, out-of-domain, and TruthfulQA fold 1 last); with `--budget-minutes` no new unit starts once the budget is
 spent and the tables are written from whatever finished ("not run (budget)" elsewhere).
 
 Hyperparameters are picked on validation data only: learning rates by the final validation loss of the
@@ -543,24 +543,31 @@ def plan(
     def add(unit: str, fn: Callable[..., dict[str, Any]], *args: Any) -> None:
         steps.append((unit, functools.partial(h.run, unit, functools.partial(fn, h, *args))))
 
+    def adapters(method: str) -> None:
+        for name in tasks:
+            add(f"{method}/{name}/f0", unit_peft_like, name, 0, method)
+
     def table1(fold: int) -> None:
         names = [n for n in tasks if fold == 0 or n == "truthfulqa"]
         for name in names:  # method by method over the tasks: the cheapest complete rows first
             add(f"zero_shot/{name}/f{fold}", unit_zero_shot, name, fold)
         for name in names:
             add(f"select/{name}/f{fold}/s42", unit_select, name, fold, 42)
-        for k in (s.k_large, s.k_small):
-            for name in names:
-                add(f"lofit/{name}/f{fold}/k{k}/lofit", unit_lofit, name, fold, k)
+        for name in names:
+            add(f"lofit/{name}/f{fold}/k{s.k_large}/lofit", unit_lofit, name, fold, s.k_large)
+        if fold == 0 and "table3" in stages:
+            adapters("lora")  # the main comparison (LoFiT 10% vs LoRA) completes first under a budget
+        for name in names:
+            add(f"lofit/{name}/f{fold}/k{s.k_small}/lofit", unit_lofit, name, fold, s.k_small)
         for name in names:
             add(f"iti/{name}/f{fold}", unit_iti, name, fold)
 
     if "table1" in stages:
         table1(0)
     if "table3" in stages:
-        for method in ("lora", "red"):  # LoRA on every task first: it is the main comparison
-            for name in tasks:
-                add(f"{method}/{name}/f0", unit_peft_like, name, 0, method)
+        if "table1" not in stages:
+            adapters("lora")
+        adapters("red")
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])
@@ -644,7 +651,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    names = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model", "max_length")
+    names: tuple[str, ...] = (
+        "max_train",
+        "max_val",
+        "max_test",
+        "max_ood",
+        "epochs",
+        "precision",
+        "model",
+        "max_length",
+    )
     names += ("k_small", "k_large")
     for name in (*names, "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
@@ -663,8 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = time.time() + budget * 60 if budget is not None else float("inf")
     harness = Harness(settings, args.out / f"{stem}.json", work_dir, deadline)
     heatmap_dir = args.out / ("heatmaps_quick" if args.quick else "heatmaps")
+    notes = None if args.quick else args.out / f"{stem}_notes.md"  # hand-written findings, if any
     if args.render_only:  # leaves the JSON alone (a run may be writing it)
-        text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick)
+        text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick, notes=notes)
         atomic_write_text(args.out / f"{stem}.md", text)
         return 0
     command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -685,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs[-1]["wall_s"] = round(time.time() - harness.started, 1)
     runs[-1]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     harness.save()
-    text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick)
+    text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick, notes=notes)
     atomic_write_text(args.out / f"{stem}.md", text)
     print(f"[paper] wrote {args.out / (stem + '.md')} and {harness.results_path}", flush=True)
     return 0

@@ -101,3 +101,28 @@ def test_budget_zero_runs_nothing_and_marks_cells(tmp_path: Path, tiny_model_dir
     assert script.main(argv) == 0
     assert json.loads((out / "paper_tables_quick.json").read_text())["units"] == {}
     assert "not run (budget)" in (out / "paper_tables_quick.md").read_text()
+
+
+def test_plan_runs_the_main_comparison_first(tmp_path: Path) -> None:
+    """Under a budget, LoFiT 10% and LoRA finish before LoFiT 3%, ITI and RED; fold 1 comes last."""
+    script = load_script()
+    harness = script.Harness(script.Settings(), tmp_path / "r.json", tmp_path, float("inf"))
+    tasks = ["truthfulqa", "mquake"]
+    units = [unit for unit, _ in script.plan(harness, tasks, [0, 1], ["table1", "table3"])]
+    first = {
+        prefix: min(i for i, u in enumerate(units) if u.startswith(prefix))
+        for prefix in (
+            "zero_shot",
+            "select",
+            "lofit/truthfulqa/f0/k0.1/",
+            "lora",
+            "lofit/truthfulqa/f0/k0.03/",
+            "iti",
+            "red",
+        )
+    }
+    assert list(first.values()) == sorted(first.values())
+    assert max(i for i, u in enumerate(units) if u.startswith("lofit/mquake/f0/k0.1/")) < first["lora"]
+    assert units[-1].startswith("iti/truthfulqa/f1") and not any("mquake/f1" in u for u in units)
+    only3 = [unit for unit, _ in script.plan(harness, tasks, [0], ["table3"])]
+    assert only3 == ["lora/truthfulqa/f0", "lora/mquake/f0", "red/truthfulqa/f0", "red/mquake/f0"]
