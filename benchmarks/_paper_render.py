@@ -16,6 +16,11 @@ TASK_TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR
 OOD_TITLES = {"arc_easy": "ARC-Easy", "piqa": "PIQA", "openbookqa": "OpenBookQA"}
 
 
+def limit(count: int) -> str:
+    """A subset size setting in words (0 means the whole split)."""
+    return f"at most {count}" if count else "all (the whole split)"
+
+
 def pct(value: float | None) -> str:
     return NOT_RUN if value is None else f"{100 * value:.1f}"
 
@@ -92,8 +97,9 @@ def render_markdown(
         "",
         "## Settings (subsets are seeded random samples, seed " + str(s["sample_seed"]) + ")",
         "",
-        f"- training records per task: at most {s['max_train']}; validation records (for lr / α): at most "
-        f"{s['max_val']}; test records: at most {s['max_test']}; OOD test records per set: at most {s['max_ood']}",
+        f"- training records per task: {limit(s['max_train'])}; validation records (for lr / α): "
+        f"{limit(s['max_val'])}; test records: {limit(s['max_test'])}; OOD test records per set: "
+        f"{limit(s['max_ood'])}",
         f"- epochs {s['epochs']}, batch {s['batch_size']}, precision {s['precision']} (training via accelerate, "
         "evaluation under torch.autocast bf16 when bf16)",
         f"- K: {k_small:.0%} and {k_large:.0%} of heads; ITI K = {s['iti_k']:.0%}; grids: LoFiT lr "

@@ -3,8 +3,9 @@
 Every experiment (task x method x setting) is a cached *unit*: its result is written to the results JSON
 (atomically) as soon as it finishes, and a rerun with the same settings skips finished units, so the run
 is resumable. Units run in a fixed priority order (0-shot, head selection, LoFiT 10%, LoRA, LoFiT 3%,
-ITI, RED, then Table 2, stability, out-of-domain, and TruthfulQA fold 1 last); with `--budget-minutes` no new unit starts once the budget is
-spent and the tables are written from whatever finished ("not run (budget)" elsewhere).
+ITI, RED, then Table 2, stability, out-of-domain, and TruthfulQA fold 1 last); with `--budget-minutes`
+no new unit starts once the budget is spent and the tables are written from whatever finished ("not run
+(budget)" elsewhere).
 
 Hyperparameters are picked on validation data only: learning rates by the final validation loss of the
 training objective (on `--max-val` records of `val`), ITI's α by the validation metric (MC1+MC2 or EM on
@@ -651,18 +652,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    names: tuple[str, ...] = (
-        "max_train",
-        "max_val",
-        "max_test",
-        "max_ood",
-        "epochs",
-        "precision",
-        "model",
-        "max_length",
-    )
-    names += ("k_small", "k_large")
-    for name in (*names, "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
+    scalars = ("max_train", "max_val", "max_test", "max_ood", "epochs", "precision", "model", "max_length")
+    for name in (*scalars, "k_small", "k_large", "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return Settings(**values)
@@ -673,17 +664,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = build_settings(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = RESULTS_NAME + ("_quick" if args.quick else "")
-    work_dir = args.work_dir or args.out / f".{stem}_work"
-    work_dir.mkdir(parents=True, exist_ok=True)
     budget = args.budget_minutes
     deadline = time.time() + budget * 60 if budget is not None else float("inf")
-    harness = Harness(settings, args.out / f"{stem}.json", work_dir, deadline)
     heatmap_dir = args.out / ("heatmaps_quick" if args.quick else "heatmaps")
     notes = None if args.quick else args.out / f"{stem}_notes.md"  # hand-written findings, if any
-    if args.render_only:  # leaves the JSON alone (a run may be writing it)
-        text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick, notes=notes)
+    results_path = args.out / f"{stem}.json"
+    if args.render_only:  # renders the file as it stands, whatever its settings; a run may be writing it
+        if not results_path.is_file():
+            raise SystemExit(f"--render-only: no results file at {results_path}; run without it first")
+        stored = json.loads(results_path.read_text(encoding="utf-8"))
+        text = render_markdown(stored, args.tasks, heatmap_dir, quick=args.quick, notes=notes)
         atomic_write_text(args.out / f"{stem}.md", text)
         return 0
+    work_dir = args.work_dir or args.out / f".{stem}_work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    harness = Harness(settings, results_path, work_dir, deadline)
     command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = harness.results.setdefault("runs", [])
     runs.append({"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()})

@@ -126,3 +126,22 @@ def test_plan_runs_the_main_comparison_first(tmp_path: Path) -> None:
     assert units[-1].startswith("iti/truthfulqa/f1") and not any("mquake/f1" in u for u in units)
     only3 = [unit for unit, _ in script.plan(harness, tasks, [0], ["table3"])]
     assert only3 == ["lora/truthfulqa/f0", "lora/mquake/f0", "red/truthfulqa/f0", "red/mquake/f0"]
+
+
+def test_render_only_keeps_units_of_other_settings(tmp_path: Path) -> None:
+    """--render-only renders the file as stored, even when its settings differ from the command line's."""
+    from dataclasses import asdict
+
+    script = load_script()
+    settings = asdict(script.Settings(max_train=0, max_test=0, epochs=5))
+    unit = {"method": "0-shot", "test": {"mc1": 0.25, "mc2": 0.5}, "trainable_params": 0, "wall_s": 1.0}
+    results = {"settings": settings, "units": {"zero_shot/truthfulqa/f0": unit}, "runs": []}
+    (tmp_path / "paper_tables.json").write_text(json.dumps(results))
+    before = (tmp_path / "paper_tables.json").read_text()
+    assert script.main(["--render-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "paper_tables.md").read_text()
+    assert "| 0-shot | 25.0 (fold 0) | 50.0 (fold 0) |" in text
+    assert "training records per task: all (the whole split)" in text
+    assert (tmp_path / "paper_tables.json").read_text() == before
+    with pytest.raises(SystemExit, match="no results file"):
+        script.main(["--render-only", "--out", str(tmp_path / "empty")])
