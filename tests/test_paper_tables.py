@@ -57,10 +57,9 @@ def test_jaccard_matches_hand_count() -> None:
 
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
 def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_dir: Path) -> None:
-    model_dir = tiny_model_dir
     script = load_script()
     out = tmp_path / "out"
-    argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--folds", "0"]
+    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--folds", "0"]
     argv += ["--max-train", "4", "--max-val", "2", "--max-test", "2", "--max-ood", "2"]
     assert script.main(argv) == 0
     results = json.loads((out / "paper_tables_quick.json").read_text())
@@ -94,10 +93,9 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
 
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
 def test_budget_zero_runs_nothing_and_marks_cells(tmp_path: Path, tiny_model_dir: Path) -> None:
-    model_dir = tiny_model_dir
     script = load_script()
     out = tmp_path / "out"
-    argv = ["--quick", "--model", str(model_dir), "--out", str(out), "--budget-minutes", "0"]
+    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--budget-minutes", "0"]
     assert script.main(argv) == 0
     assert json.loads((out / "paper_tables_quick.json").read_text())["units"] == {}
     assert "not run (budget)" in (out / "paper_tables_quick.md").read_text()
