@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_directory
+from .errors import LofitValueError
 
 FORMAT_NAME = "lofit-training-checkpoint"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ STATE_NAME = "state.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LofitValueError):
     """A checkpoint cannot be read or does not belong to this run; the message says what to change."""
 
 

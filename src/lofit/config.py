@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import LofitValueError
+
 HeadMap = dict[int, list[int]]
 
 
-class LofitConfigError(ValueError):
+class LofitConfigError(LofitValueError):
     """An adapter configuration is invalid; the message says which field to change."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import LofitValueError
+
 # model_type -> suffix of the attention output projection's qualified name.
 OUTPUT_PROJECTION_SUFFIXES: dict[str, str] = {
     "llama": "self_attn.o_proj",
@@ -43,7 +45,7 @@ OUTPUT_PROJECTION_SUFFIXES: dict[str, str] = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LofitValueError):
     """The attention output projection could not be found; the message says what to pass."""
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .atomic import atomic_directory, atomic_write_json
+from .errors import LofitRuntimeError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ CACHE_ENV = "LOFIT_CACHE_DIR"
 CACHE_MARKER = "lofit_cache.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LofitRuntimeError):
     """A model could not be loaded; the message says what to install, pass or delete."""
 
 

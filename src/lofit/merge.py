@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_directory
+from .errors import LofitValueError
 from .heads import module_tensor, text_config
 from .layer import HeadVectors, LofitProjection
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .model import LofitModel
 
 
-class MergeError(ValueError):
+class MergeError(LofitValueError):
     """The adapter cannot be folded into (or exported with) this base model; the message says why."""
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LofitValueError
 from .model import LofitModel
 
 OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -30,7 +31,7 @@ OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class RecordError(ValueError):
+class RecordError(LofitValueError):
     """A training record is malformed; the message names the record and the field to fix."""
 
 

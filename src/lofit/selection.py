@@ -22,6 +22,7 @@ from torch import nn
 
 from .atomic import atomic_write_json
 from .config import HeadMap, LofitConfig
+from .errors import LofitValueError
 from .heads import HeadGeometry, find_output_projections
 from .layer import LofitProjection
 from .model import LofitModel, get_lofit_model
@@ -38,7 +39,7 @@ FORMAT_NAME = "lofit-head-selection"
 FORMAT_VERSION = 1
 
 
-class SelectionFileError(ValueError):
+class SelectionFileError(LofitValueError):
     """A saved head selection cannot be read; the message names the file and the field."""
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from . import layer_checkpointing
 from .atomic import atomic_write_text
 from .checkpoint import LoopPosition, latest_checkpoint, load_checkpoint, save_checkpoint
+from .errors import LofitRuntimeError
 from .model import LofitModel
 from .objectives import Example, Objective, TokenScorer, loss_sums, sums_to_means
 
@@ -50,7 +51,7 @@ RESULT_OPTIONS = (
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LofitRuntimeError):
     """Training produced a NaN/inf loss or gradient; the message says what to change."""
 
 

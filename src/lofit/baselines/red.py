@@ -26,13 +26,9 @@ from torch import nn
 
 from .._version import __version__
 from ..atomic import atomic_write_json, atomic_write_with
+from ..errors import AdapterLoadError, BaseModelMismatchError, LofitValueError
+from ..fingerprint import FINGERPRINT_RTOL, projection_fingerprint
 from ..heads import OUTPUT_PROJECTION_SUFFIXES, text_config
-from ..persistence import (
-    FINGERPRINT_RTOL,
-    AdapterLoadError,
-    BaseModelMismatchError,
-    projection_fingerprint,
-)
 from ..wrappers import Fp32Parameters, PassThroughModel
 
 CONFIG_NAME = "red_config.json"
@@ -74,7 +70,7 @@ MLP_OUTPUT_SUFFIXES: dict[str, str] = {
 }
 
 
-class RedConfigError(ValueError):
+class RedConfigError(LofitValueError):
     """A RED configuration is invalid or does not fit the model; the message says what to change."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import LofitValueError
 
-class DataError(ValueError):
+
+class DataError(LofitValueError):
     """Malformed or missing task data.
 
     The message reads "FILE, line N, field 'F': what is wrong. Fix: what to change." The parts are also
