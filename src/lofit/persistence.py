@@ -20,6 +20,7 @@ from ._version import __version__
 from .atomic import atomic_directory
 from .config import LofitConfig, LofitConfigError
 from .errors import AdapterLoadError
+from .errors import BaseModelMismatchError as BaseModelMismatchError  # re-exported: the old home
 from .fingerprint import base_model_identity, check_same_base
 from .heads import HeadGeometry, find_output_projections
 
