@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lofit.baselines import RedModel, RedProjection, get_red_model, trainable_parameters
+from lofit.baselines import RedConfig, RedModel, RedProjection, get_red_model, trainable_parameters
 from lofit.baselines.red import RedConfigError, find_red_sites
 from lofit.merge import MergeError
 from lofit.persistence import AdapterLoadError, BaseModelMismatchError
@@ -186,3 +186,31 @@ def test_generate_passes_through() -> None:
             lambda _m, _a, out, s=p["scale"], b=p["bias"]: out * (1 + s) + b
         )
     assert torch.equal(model.generate(IDS[:1], **kwargs), oracle.generate(IDS[:1], **kwargs))
+
+
+def test_red_base_check_tolerates_dtype_like_lofit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RED's base check is lofit.fingerprint's: a large sampled weight rounded to bf16 still matches.
+
+    RED's own check used to lack the dtype term: 100 x std rounded to bf16 moves by ~0.4 x std, more
+    than its 2% x std slack, so the adapter was refused on the same model loaded in bf16.
+    """
+    base = tiny_model("llama")
+    with torch.no_grad():
+        for name in find_red_sites(base, RedConfig()):
+            weight = base.get_submodule(name[1]).weight
+            weight[0, 0] = 100 * weight.std()  # element 0 is one of the fingerprint's samples
+    model = get_red_model(base)
+    model.set_red_params(_random_params(model))
+    model.save_pretrained(tmp_path)
+    bf16_base = tiny_model("llama")
+    with torch.no_grad():
+        for name in find_red_sites(bf16_base, RedConfig()):
+            weight = bf16_base.get_submodule(name[1]).weight
+            weight[0, 0] = 100 * weight.std()
+    loaded = RedModel.from_pretrained(bf16_base.to(torch.bfloat16), tmp_path)
+    assert loaded.get_red_params()[0]["scale"].dtype == torch.float32
+    # A merged base is refused, as for LoFiT.
+    merged = get_red_model(tiny_model("llama"))
+    merged.set_red_params(_random_params(merged))
+    with pytest.raises(BaseModelMismatchError, match="differ"):
+        RedModel.from_pretrained(merged.merge_and_unload(), tmp_path)

@@ -131,7 +131,9 @@ def test_inexact_llama_equivalents_are_refused_before_any_change(
     assert all(torch.equal(a, b) for a, b in zip(weights, model.get_base_model().parameters(), strict=True))
     assert torch.equal(_logits(model), before)  # still the wrapped, adapted model
     # Scales alone need no bias: those merge into the model's own class.
-    scales = get_lofit_model(_base(arch, **overrides), LofitConfig(heads=HEADS, use_offset=False, use_scale=True))
+    scales = get_lofit_model(
+        _base(arch, **overrides), LofitConfig(heads=HEADS, use_offset=False, use_scale=True)
+    )
     assert type(scales.merge_and_unload()).__name__ == type(base).__name__
 
 

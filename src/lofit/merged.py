@@ -108,7 +108,8 @@ def plan_merged_model(
     config = text_config(getattr(hf_model, "config", None))
     model_type = str(getattr(config, "model_type", "unknown"))
     candidates = [BIAS_SWITCHES.get(model_type, {}).get(site), *_FALLBACK_SWITCHES[site]]
-    wanted = {_plain_name(name) + ".bias" for name in new_bias_modules}
+    hf_names = {id(module): name for name, module in hf_model.named_modules()}
+    wanted = {_plain_name(hf_names[id(model.get_submodule(name))]) + ".bias" for name in new_bias_modules}
     for switch in [c for c in dict.fromkeys(candidates) if c is not None]:
         if getattr(config, switch, None) is False and wanted <= _skeleton_biases(hf_model, switch):
             return MergedModelPlan(switch=switch)
