@@ -12,6 +12,15 @@ An adapter method is three small parts on this base, as in PEFT's tuners:
 `AdapterModel.model` is the wrapped transformers model. Its `base_model` is, as on every transformers
 model, the decoder stack (`LlamaForCausalLM.base_model` is the `LlamaModel`): code that treats the
 wrapper like the causal LM it wraps (TRL does) keeps working. `get_base_model()` is the causal LM.
+
+Example:
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from lofit import LofitConfig, get_lofit_model
+    >>> model = get_lofit_model(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2)), LofitConfig())
+    >>> isinstance(model, AdapterModel), type(model.base_model).__name__, model.site_names[0]
+    (True, 'GPT2Model', 'transformer.h.0.attn.c_proj')
+    >>> model.disable_adapter_layers(); model.adapter_layers()[0].applies_adapter()
+    False
 """
 
 from __future__ import annotations

@@ -22,7 +22,14 @@ class UnsupportedArchitectureError(LofitValueError):
 
 @dataclass(frozen=True)
 class OutputProjectionSite:
-    """One decoder layer's attention output projection."""
+    """One decoder layer's attention output projection.
+
+    Args:
+        layer: the decoder layer index.
+        name: the module's qualified name inside the model.
+        num_heads: heads feeding it.
+        head_dim: width of each head's slice of its input.
+    """
 
     layer: int
     name: str  # qualified module name inside the model
@@ -32,7 +39,15 @@ class OutputProjectionSite:
 
 @dataclass(frozen=True)
 class HeadGeometry:
-    """Head layout shared by every adapted layer."""
+    """Head layout shared by every adapted layer (from `find_output_projections` / `head_geometry`).
+
+    Args:
+        model_type: the config's `model_type`.
+        num_layers: decoder layers (one site each).
+        num_heads: heads per layer.
+        head_dim: width of one head.
+        sites: the output projection of every layer, in layer order.
+    """
 
     model_type: str
     num_layers: int
@@ -197,6 +212,27 @@ def find_output_projections(model: nn.Module, target_modules: list[str] | None =
             )
         sites.append(OutputProjectionSite(layer, name, num_heads, dim))
     return HeadGeometry(model_type, len(sites), num_heads, sites[0].head_dim, tuple(sites))
+
+
+def head_geometry(model: nn.Module, target_modules: list[str] | None = None) -> HeadGeometry:
+    """The head geometry of `model`, found once per model: a `LofitModel`'s own, else found now.
+
+    Args:
+        model: a `LofitModel` (its `geometry`, found when it was built) or a transformers model.
+        target_modules: for a model that is not wrapped yet, the projection suffixes to honour.
+
+    Returns:
+        The `HeadGeometry`.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> head_geometry(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2))).head_dim
+        4
+    """
+    geometry = model.__dict__.get("geometry")
+    if isinstance(geometry, HeadGeometry):
+        return geometry
+    return find_output_projections(model, target_modules)
 
 
 def module_tensor(module: nn.Module, name: str) -> torch.Tensor:

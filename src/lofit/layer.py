@@ -17,7 +17,25 @@ from .wrappers import Fp32Parameters
 
 
 class HeadVectors(Fp32Parameters):
-    """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32."""
+    """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32.
+
+    Args:
+        heads: the K head indices it edits.
+        num_heads: heads in the layer.
+        head_dim: width d of one head.
+        use_scale: learn A.
+        use_offset: learn v.
+        init_std: N(0, init_std) initialisation (0.0: exact identity).
+        device: where to allocate.
+
+    Example:
+        >>> import torch
+        >>> vectors = HeadVectors([1], num_heads=2, head_dim=2, use_scale=False, use_offset=True, init_std=0.0)
+        >>> with torch.no_grad():
+        ...     _ = vectors.offset.fill_(0.5)
+        >>> vectors(torch.zeros(1, 4)).tolist()    # only head 1's slice moves
+        [[0.0, 0.0, 0.5, 0.5]]
+    """
 
     heads: torch.Tensor
 

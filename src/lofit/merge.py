@@ -9,6 +9,15 @@ wrapped by PEFT's LoRA folds exactly too: the scale also multiplies `lora_A`'s i
 offset goes through the whole layer (W v + B A v).
 
 Merged models that plain transformers loads: `lofit.merged`; writing them: `lofit.export`.
+
+Example:
+    >>> import torch
+    >>> layer, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    >>> scale, offset = torch.rand(4) + 0.5, torch.randn(4)
+    >>> edited = layer(scale * x + offset)
+    >>> fold_input_edit(layer, scale, offset)
+    >>> bool(torch.allclose(layer(x), edited, atol=1e-5))
+    True
 """
 
 from __future__ import annotations

@@ -50,8 +50,14 @@ class RedConfigError(LofitValueError):
 class RedConfig:
     """Where RED edits the representation.
 
-    >>> RedConfig(site="mlp").site
-    'mlp'
+    Args:
+        site: "attention" (output of the attention output projection) or "mlp" (the FFN output).
+        target_modules: suffixes of the edited projection's name; None looks `site` up in
+            `lofit.architectures`.
+
+    Example:
+        >>> RedConfig(site="mlp").site
+        'mlp'
     """
 
     site: str = field(
