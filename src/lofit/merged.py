@@ -5,7 +5,9 @@ checkpoint holds that bias only if the config says the projection has one, so af
 
 - where the config has a switch for it (`attention_bias` in Llama, Qwen3, Gemma; `enable_bias` in OPT;
   see `lofit.architectures.BIAS_SWITCHES`), the switch is turned on and every other projection it
-  governs gets an exact zero bias;
+  governs gets an exact zero bias. Those zeros are implicit, to keep the model in memory lean (no
+  extra add per call): they appear in `state_dict()` (so in what `save_pretrained` writes) but not as
+  parameters, and `load_state_dict` accepts them (a non-zero value becomes a real bias);
 - where the class hard-wires the projection bias-free (Mistral, Qwen2, Phi-3), the model is converted to
   the `LlamaForCausalLM` with `attention_bias=True` that computes the same function, provided the
   config passes the checks in `llama_equivalence_problems` (no sliding window, default RoPE, full
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .architectures import BIAS_SWITCHES, LLAMA_EQUIVALENT
-from .heads import text_config
+from .heads import module_tensor, text_config
 from .merge import MergeError, add_to_bias, compute_dtype, innermost
 
 _FALLBACK_SWITCHES = {"attention": ("attention_bias", "enable_bias"), "mlp": ("mlp_bias", "enable_bias")}
@@ -165,14 +168,50 @@ def complete_merged_model(model: nn.Module, plan: MergedModelPlan) -> nn.Module:
     if plan.switch is not None:
         hf_model = transformers_model(model)
         setattr(text_config(hf_model.config), plan.switch, True)
-        present = {_plain_name(name) for name, _ in hf_model.named_parameters()}
+        present = {_plain_name(name) for name in hf_model.state_dict()}
         for name, _ in skeleton(hf_model).named_parameters():
             if name.endswith(".bias") and name not in present:
-                module = _module_for(hf_model, name.rpartition(".")[0])
-                weight = module.weight
-                assert isinstance(weight, torch.Tensor)
-                add_to_bias(module, torch.zeros(weight.shape[0], device=weight.device), compute_dtype(module))
+                add_implicit_zero_bias(_module_for(hf_model, name.rpartition(".")[0]))
     return model
+
+
+def add_implicit_zero_bias(module: nn.Module) -> None:
+    """Make `module` (without a bias) report an exact zero bias in `state_dict()`, and accept one on load.
+
+    The module computes as before (no add per call); `save_pretrained` writes the zero bias its config
+    implies, and loading a state dict with that bias works (a non-zero value becomes a real bias).
+
+    Example:
+        >>> layer = nn.Linear(3, 2, bias=False)
+        >>> add_implicit_zero_bias(layer)
+        >>> layer.bias is None, layer.state_dict()["bias"].tolist()
+        (True, [0.0, 0.0])
+        >>> _ = layer.load_state_dict({"weight": layer.weight.detach(), "bias": torch.ones(2)})
+        >>> layer.bias.tolist()
+        [1.0, 1.0]
+    """
+    if module.__dict__.get("_lofit_implicit_bias_dtype") is not None:
+        return
+    module.__dict__["_lofit_implicit_bias_dtype"] = compute_dtype(module)
+    module.register_state_dict_post_hook(_report_zero_bias)
+    module.register_load_state_dict_pre_hook(_accept_bias)
+
+
+def _report_zero_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    if getattr(module, "bias", None) is None:
+        weight = module_tensor(module, "weight")
+        dtype = module.__dict__["_lofit_implicit_bias_dtype"]
+        state_dict[prefix + "bias"] = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+
+
+def _accept_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    value = state_dict.get(prefix + "bias")
+    if value is None or getattr(module, "bias", None) is not None:
+        return
+    if bool(torch.count_nonzero(value)):  # a real bias now: give the module one to load it into
+        add_to_bias(module, torch.zeros(value.shape[0], device=value.device), value.dtype)
+    else:
+        del state_dict[prefix + "bias"]
 
 
 def _module_for(model: nn.Module, plain_name: str) -> nn.Module:
@@ -185,8 +224,8 @@ def check_complete(model: nn.Module) -> None:
     That is the condition for `AutoModelForCausalLM.from_pretrained` (without lofit) to load the saved
     model with nothing dropped and nothing left randomly initialised.
     """
-    expected = {name: tuple(p.shape) for name, p in skeleton(model).named_parameters()}
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {name: tuple(p.shape) for name, p in skeleton(model).state_dict().items()}
+    actual = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     extra = sorted(set(actual) - set(expected))
     if extra:
         raise MergeError(
