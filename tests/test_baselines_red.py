@@ -8,11 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lofit.baselines import RedModel, RedProjection, get_red_model, trainable_parameters
+from lofit.baselines import RedConfig, RedModel, RedProjection, get_red_model, trainable_parameters
 from lofit.baselines.red import RedConfigError, find_red_sites
+from lofit.merge import MergeError
 from lofit.persistence import AdapterLoadError, BaseModelMismatchError
 from tiny_models import ARCHITECTURES, tiny_model
 
+# Architectures whose config cannot give the FFN output projection a bias (and that are not Llama).
+NO_FFN_BIAS = {("qwen3", "mlp"), ("gemma", "mlp"), ("gemma2", "mlp")}
 IDS = torch.tensor([[5, 17, 33, 40, 2, 90, 61, 7], [12, 3, 3, 100, 45, 9, 27, 88]])
 HIDDEN, LAYERS = 32, 3
 
@@ -58,6 +61,17 @@ def test_oracle_and_merge(model_type: str, site: str) -> None:
     got = _logits(model)
     assert (got - _logits(oracle)).abs().max().item() < 1e-5
     assert (got - base_logits).abs().max().item() > 1e-2
+    if (model_type, site) in NO_FFN_BIAS:
+        # A merged FFN bias has no place in these configs: refused before a weight changes (it used to
+        # be merged in memory and silently dropped by save_pretrained); merge_adapter() folds in place.
+        with pytest.raises(MergeError, match="no config switch"):
+            model.merge_and_unload()
+        assert torch.equal(_logits(model), got)
+        model.merge_adapter()
+        assert (_logits(model) - got).abs().max().item() < 1e-5
+        model.unmerge_adapter()
+        assert torch.equal(_logits(model), got)
+        return
     merged = model.merge_and_unload()
     assert not any(isinstance(m, RedProjection) for m in merged.modules())
     assert (_logits(merged) - got).abs().max().item() < 1e-5
@@ -154,7 +168,7 @@ def test_errors_name_the_fix() -> None:
         get_red_model(model)
     wrapped = get_red_model(tiny_model("llama"))
     with pytest.raises(RedConfigError, match="already carries RED"):
-        get_red_model(wrapped.base_model)
+        get_red_model(wrapped.get_base_model())
     with pytest.raises(ValueError, match="expected shape"):
         wrapped.set_red_params({0: {"scale": torch.zeros(3)}})
 
@@ -172,3 +186,31 @@ def test_generate_passes_through() -> None:
             lambda _m, _a, out, s=p["scale"], b=p["bias"]: out * (1 + s) + b
         )
     assert torch.equal(model.generate(IDS[:1], **kwargs), oracle.generate(IDS[:1], **kwargs))
+
+
+def test_red_base_check_tolerates_dtype_like_lofit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RED's base check is lofit.fingerprint's: a large sampled weight rounded to bf16 still matches.
+
+    RED's own check used to lack the dtype term: 100 x std rounded to bf16 moves by ~0.4 x std, more
+    than its 2% x std slack, so the adapter was refused on the same model loaded in bf16.
+    """
+    base = tiny_model("llama")
+    with torch.no_grad():
+        for name in find_red_sites(base, RedConfig()):
+            weight = base.get_submodule(name[1]).weight
+            weight[0, 0] = 100 * weight.std()  # element 0 is one of the fingerprint's samples
+    model = get_red_model(base)
+    model.set_red_params(_random_params(model))
+    model.save_pretrained(tmp_path)
+    bf16_base = tiny_model("llama")
+    with torch.no_grad():
+        for name in find_red_sites(bf16_base, RedConfig()):
+            weight = bf16_base.get_submodule(name[1]).weight
+            weight[0, 0] = 100 * weight.std()
+    loaded = RedModel.from_pretrained(bf16_base.to(torch.bfloat16), tmp_path)
+    assert loaded.get_red_params()[0]["scale"].dtype == torch.float32
+    # A merged base is refused, as for LoFiT.
+    merged = get_red_model(tiny_model("llama"))
+    merged.set_red_params(_random_params(merged))
+    with pytest.raises(BaseModelMismatchError, match="differ"):
+        RedModel.from_pretrained(merged.merge_and_unload(), tmp_path)

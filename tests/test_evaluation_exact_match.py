@@ -114,8 +114,8 @@ def test_generation_stops_at_eos():
     model, tokenizer = varied_model("llama"), tiny_tokenizer()
     eos = tokenizer.eos_token_id
     with torch.no_grad():  # make EOS the argmax everywhere
-        model.base_model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
-        model.base_model.lm_head.bias[eos] = 1e4
+        model.get_base_model().lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.get_base_model().lm_head.bias[eos] = 1e4
     (generation,) = generate_greedy(model, tokenizer, ["abc"], max_new_tokens=8, progress=False)
     assert generation.new_token_ids == [eos]
     assert generation.completion == ""

@@ -182,7 +182,7 @@ def test_fast_is_faster_than_naive_on_the_truthfulqa_prompt():
     def count_tokens(module, args, kwargs):
         tokens_fed["count"] += kwargs["input_ids"].numel()
 
-    model.base_model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    model.get_base_model().register_forward_pre_hook(count_tokens, with_kwargs=True)
     results, seconds, tokens = {}, {"fast": float("inf"), "naive": float("inf")}, {}
     for scorer in ("fast", "naive", "fast"):  # fast: best of two (the first warms up)
         tokens_fed["count"] = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.merge import MergeError, export_merged, merge_adapter_checkpoint
+from lofit.export import MergeError, export_merged, merge_adapter_checkpoint
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model, tiny_tokenizer
 
 SEED = 0
 HEADS = {0: [0, 2], 2: [1, 3]}
-# o_proj is hard-wired bias-free in these (no config switch), so a merged offset has nowhere to go.
+# o_proj is hard-wired bias-free in these (no config switch): a merged offset makes them the equivalent Llama.
 NO_OUTPUT_BIAS = {"mistral", "qwen2", "phi3"}
 
 
@@ -46,11 +47,8 @@ def test_export_reloads_with_plain_transformers(arch: str, tmp_path) -> None:  #
     model = adapted(arch)
     expected = logits(model)
     merged = model.merge_and_unload()
-    if arch in NO_OUTPUT_BIAS:
-        with pytest.raises(MergeError, match="cannot switch on an attention output bias"):
-            export_merged(merged, tmp_path / "out")
-        assert not (tmp_path / "out").exists()
-        return
+    if arch in NO_OUTPUT_BIAS:  # they used to be refused (MergeError); now they export as Llama
+        assert type(merged).__name__ == "LlamaForCausalLM" and merged.config.attention_bias is True
     out = export_merged(merged, tmp_path / "out", tiny_tokenizer())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -75,18 +73,21 @@ def test_bias_switch_turned_on_when_base_has_no_biases(arch: str, switch: str, t
     expected = logits(model)
     adapted_layers = len(model.selected_heads())
     merged = model.merge_and_unload()
-    # In memory only the adapted output projections gain a bias (the offsets); the config is unchanged.
-    assert getattr(merged.config, switch) is False
+    # The merged model is what its config says (it used to keep the switch off with extra biases, which
+    # save_pretrained dropped): the switch is on, and its state dict holds every bias the switch implies.
+    # In memory only the adapted output projections gain a bias (the others are implicit zeros).
+    assert getattr(merged.config, switch) is True
     names_before = [name for name, _ in merged.named_parameters()]
+    switched_off = copy.deepcopy(merged.config)
+    setattr(switched_off, switch, False)
     extra = {name for name in names_before if name.endswith(".bias")} - {
-        name for name, _ in AutoModelForCausalLM.from_config(merged.config).named_parameters()
+        name for name, _ in AutoModelForCausalLM.from_config(switched_off).named_parameters()
     }
     assert len(extra) == adapted_layers
+    assert set(merged.state_dict()) == set(AutoModelForCausalLM.from_config(merged.config).state_dict())
     out = export_merged(merged, tmp_path / "out")
-    # The export switches the config on and adds the zero biases it implies, in the file only.
     assert json.loads((out / "config.json").read_text())[switch] is True
     assert [name for name, _ in merged.named_parameters()] == names_before
-    assert getattr(merged.config, switch) is False
     assert (logits(merged) - expected).abs().max().item() <= 1e-5
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-5

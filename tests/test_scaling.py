@@ -129,10 +129,12 @@ def test_offsets_train_on_a_quantised_base_and_merge_into_the_bias_only(tmp_path
         assert isinstance(projection, FakeInt8Linear) and torch.equal(projection.weight, before)
     biases = [layer.self_attn.o_proj.bias for layer in merged.model.layers]  # type: ignore[union-attr]
     assert biases[0] is not None and biases[0].dtype == torch.float32
-    # No offset in layer 1: no bias there, and the config is unchanged (the zero biases a plain checkpoint
-    # needs are added only while exporting).
+    # No offset in layer 1: no bias there in memory; the config says attention_bias (issue 12: the merged
+    # model is what its config says, so save_pretrained keeps the offsets; it used to keep the switch off),
+    # and the zero biases it implies are in the state dict that save_pretrained writes.
     assert biases[1] is None
-    assert merged.config.attention_bias is False
+    assert merged.config.attention_bias is True
+    assert not merged.state_dict()["model.layers.1.self_attn.o_proj.bias"].any()
 
 
 def test_merging_scales_into_a_quantised_base_is_refused_before_any_change() -> None:

@@ -41,7 +41,7 @@ def test_only_the_selected_heads_get_offsets_and_the_base_is_untouched() -> None
     assert set(params) == {(0, 3), (1, 0), (1, 2)}
     assert all(entry["offset"].abs().min() > 0 for entry in params.values())  # all moved away from 0
     assert all(torch.equal(entry["scale"].cpu(), torch.zeros(8)) for entry in params.values())
-    after = base_tensors(model.base_model)
+    after = base_tensors(model.get_base_model())
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -45,7 +45,7 @@ def head_activations(
     for index, (sequence, position) in enumerate(zip(sequences, positions, strict=True)):
         if not sequence or not 0 <= position < len(sequence):
             raise ValueError(f"sequence {index}: position {position} is outside its {len(sequence)} tokens")
-    causal_lm = model.base_model if isinstance(model, LofitModel) else model
+    causal_lm = model.get_base_model() if isinstance(model, LofitModel) else model
     geometry: HeadGeometry = (
         model.geometry if isinstance(model, LofitModel) else find_output_projections(model, target_modules)
     )

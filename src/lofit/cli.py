@@ -236,7 +236,7 @@ def _run_options_for_eval(args: argparse.Namespace) -> RunOptions:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_adapter_checkpoint
+    from .export import merge_adapter_checkpoint
 
     path = merge_adapter_checkpoint(args.model, str(args.adapter), str(args.out))
     print(

@@ -55,8 +55,19 @@ def normalize_heads(heads: Any) -> HeadMap | None:
 class LofitConfig:
     """Configuration of one LoFiT adapter.
 
-    >>> LofitConfig(heads={0: [1, 3]}, use_offset=True).num_selected_heads()
-    2
+    Args:
+        heads: layer -> head indices to adapt (JSON's string keys are accepted); None adapts every head.
+        use_scale: learn A, applied as z <- (1 + A) * z (the head-selection step).
+        use_offset: learn v, applied as z <- z + v (the offset-tuning step).
+        init_std: standard deviation of the N(0, init_std) initialisation; 0.0 is an exact identity.
+        target_modules: suffixes of the attention output projection's name; None auto-detects it
+            (`lofit.architectures.OUTPUT_PROJECTION_SUFFIXES`).
+
+    Example:
+        >>> LofitConfig(heads={0: [1, 3]}, use_offset=True).num_selected_heads()
+        2
+        >>> LofitConfig.from_dict(LofitConfig(heads={"2": [0]}).to_dict()).heads
+        {2: [0]}
     """
 
     heads: HeadMap | None = field(

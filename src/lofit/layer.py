@@ -11,12 +11,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .heads import module_tensor
+from .adapter_base import AdapterLayer
+from .merge import MergeError, fold_input_edit, refusal_for_scale
 from .wrappers import Fp32Parameters
 
 
 class HeadVectors(Fp32Parameters):
-    """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32."""
+    """One adapter's vectors for one layer: `heads` [K], `scale` A [K, d] and/or `offset` v [K, d] in fp32.
+
+    Args:
+        heads: the K head indices it edits.
+        num_heads: heads in the layer.
+        head_dim: width d of one head.
+        use_scale: learn A.
+        use_offset: learn v.
+        init_std: N(0, init_std) initialisation (0.0: exact identity).
+        device: where to allocate.
+
+    Example:
+        >>> import torch
+        >>> vectors = HeadVectors([1], num_heads=2, head_dim=2, use_scale=False, use_offset=True, init_std=0.0)
+        >>> with torch.no_grad():
+        ...     _ = vectors.offset.fill_(0.5)
+        >>> vectors(torch.zeros(1, 4)).tolist()    # only head 1's slice moves
+        [[0.0, 0.0, 0.5, 0.5]]
+    """
 
     heads: torch.Tensor
 
@@ -91,37 +110,66 @@ class HeadVectors(Fp32Parameters):
         return scaled.to(hidden.dtype)
 
 
-class LofitProjection(nn.Module):
-    """Wraps an attention output projection; applies the active adapter's head vectors to its input."""
+class LofitProjection(AdapterLayer):
+    """Wraps an attention output projection; applies the active adapter's head vectors to its input.
+
+    Args:
+        base_layer: the projection (nn.Linear, GPT-2's Conv1D, a quantised or a PEFT LoRA layer).
+        layer_index: the decoder layer it belongs to.
+        num_heads: heads feeding the projection.
+        head_dim: width of each head's slice of the input.
+
+    Example:
+        >>> import torch
+        >>> layer = LofitProjection(torch.nn.Linear(8, 4), layer_index=0, num_heads=2, head_dim=4)
+        >>> layer.lofit_adapters["default"] = HeadVectors([1], 2, 4, False, True, init_std=0.1)
+        >>> layer.active_adapter = "default"
+        >>> x = torch.randn(3, 8)
+        >>> adapted = layer(x)
+        >>> layer.merge()                      # fold the offset into the bias; forward is the plain layer
+        >>> bool(torch.allclose(layer(x), adapted, atol=1e-6))
+        True
+        >>> layer.unmerge()                    # the original weight and bias, bit for bit
+        >>> layer.bias is not None             # nn.Linear had a bias already
+        True
+    """
 
     def __init__(self, base_layer: nn.Module, layer_index: int, num_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_index = layer_index
+        super().__init__(base_layer, layer_index)
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.lofit_adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.adapter_disabled = False
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return module_tensor(self.base_layer, "weight")
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lofit_adapters
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return None if self.base_layer.bias is None else module_tensor(self.base_layer, "bias")
-
-    def active_vectors(self) -> HeadVectors | None:
-        if (
-            self.adapter_disabled
-            or self.active_adapter is None
-            or self.active_adapter not in self.lofit_adapters
-        ):
-            return None
-        vectors = self.lofit_adapters[self.active_adapter]
+    def vectors(self, adapter_name: str) -> HeadVectors:
+        vectors = self.lofit_adapters[adapter_name]
         assert isinstance(vectors, HeadVectors)
         return vectors
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        if adapter_name not in self.lofit_adapters:
+            return []
+        vectors = self.vectors(adapter_name)
+        return [p for p in (vectors.scale, vectors.offset) if p is not None]
+
+    def active_vectors(self) -> HeadVectors | None:
+        """The vectors forward applies now (None when disabled, merged or without the active adapter)."""
+        if not self.applies_adapter():
+            return None
+        assert self.active_adapter is not None
+        return self.vectors(self.active_adapter)
+
+    def refusal(self, adapter_name: str) -> MergeError | None:
+        """Why `adapter_name` cannot be folded into this projection (None if it can)."""
+        if adapter_name not in self.lofit_adapters or self.vectors(adapter_name).scale is None:
+            return None
+        return refusal_for_scale(self.base_layer)
+
+    def _fold(self, adapter_name: str) -> None:
+        vectors = self.vectors(adapter_name)
+        fold_input_edit(self.base_layer, vectors.dense_scale(), vectors.dense_offset())
 
     def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         vectors = self.active_vectors()

@@ -6,6 +6,14 @@ product: it expands the weight per batch row and copies it, about 2x slower for 
 49,152 x 576 head (measured: 66 ms vs 30 ms for 8 rows, one thread). A frozen base model (every
 LoFiT model, merged or not) pays that at every `generate` call. A forward pre-hook that makes the
 input contiguous removes the gap; on an already contiguous input it is a no-op.
+
+Example:
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))
+    >>> add_contiguous_input_hook(model); len(model.lm_head._forward_pre_hooks)
+    1
+    >>> remove_contiguous_input_hook(model); len(model.lm_head._forward_pre_hooks)
+    0
 """
 
 from __future__ import annotations

@@ -1,266 +1,191 @@
-"""Fold an adapter into the base model's weights for zero-overhead serving.
+"""The arithmetic of folding an edit into a projection's weight and bias (used by the adapter layers).
 
-W_O((1 + A) ⊙ z + v) = (W_O · diag(1 + A)) z + W_O v: scales multiply the projection's input columns
-and offsets become (part of) its bias. A quantised projection (bitsandbytes 4/8-bit) keeps its packed
-weights: only offsets are folded, into a float bias computed through the layer itself; scales are refused.
+LoFiT edits the projection's input: W((1 + A) ⊙ z + v) = (W · diag(1 + A)) z + W v, so scales multiply
+the input columns and offsets add W v to the bias (`fold_input_edit`). RED edits the output:
+(1 + s) ⊙ (W z + c) + b, so scales multiply the rows and the bias becomes (1 + s) ⊙ c + b
+(`fold_output_edit`). A quantised projection (bitsandbytes 4/8-bit) keeps its packed weights: only an
+offset folds, into a float bias computed through the layer itself; scales are refused. A projection
+wrapped by PEFT's LoRA folds exactly too: the scale also multiplies `lora_A`'s input columns, the
+offset goes through the whole layer (W v + B A v).
+
+Merged models that plain transformers loads: `lofit.merged`; writing them: `lofit.export`.
+
+Example:
+    >>> import torch
+    >>> layer, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    >>> scale, offset = torch.rand(4) + 0.5, torch.randn(4)
+    >>> edited = layer(scale * x + offset)
+    >>> fold_input_edit(layer, scale, offset)
+    >>> bool(torch.allclose(layer(x), edited, atol=1e-5))
+    True
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from .atomic import atomic_directory
 from .errors import LofitValueError
-from .heads import module_tensor, text_config
-from .layer import HeadVectors, LofitProjection
-
-if TYPE_CHECKING:
-    from .model import LofitModel
+from .heads import module_tensor
 
 
 class MergeError(LofitValueError):
     """The adapter cannot be folded into (or exported with) this base model; the message says why."""
 
 
-def fold_into_projection(projection: nn.Module, vectors: HeadVectors) -> None:
-    """Fold one layer's scale and offset into `projection` (nn.Linear or GPT-2 Conv1D) in place."""
-    is_conv1d = type(projection).__name__ == "Conv1D"
-    weight = module_tensor(projection, "weight")
-    if not weight.dtype.is_floating_point:
-        fold_offset_into_quantized(projection, vectors)
-        return
-    with torch.no_grad():
-        matrix = weight.float().t() if is_conv1d else weight.float()  # [out, in]
-        offset = vectors.dense_offset()
-        scale = vectors.dense_scale()
-        bias_delta = matrix @ offset.to(matrix.device) if offset is not None else None
-        new_matrix = matrix * scale.to(matrix.device)[None, :] if scale is not None else None
-        for value in (bias_delta, new_matrix):
-            if value is not None and not torch.isfinite(value).all():
-                raise MergeError("merging produced NaN/inf values; the adapter vectors are not finite")
-        if new_matrix is not None:
-            weight.copy_((new_matrix.t() if is_conv1d else new_matrix).to(weight.dtype))
-        if bias_delta is not None:
-            _add_to_bias(projection, bias_delta, weight.dtype)
+def innermost(module: nn.Module) -> nn.Module:
+    """The module under every `base_layer` wrapper (PEFT's LoRA layer, for instance)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer  # type: ignore[assignment]
+    return module
 
 
-def fold_offset_into_quantized(projection: nn.Module, vectors: HeadVectors) -> None:
-    """Fold an offset into the float bias of a quantised projection; its packed weights stay untouched.
-
-    W v is computed through the layer itself, as projection(v) − projection(0) (the bias cancels), so it
-    works for any quantisation scheme and matches what the layer computes, at its compute precision.
-    """
-    weight = module_tensor(projection, "weight")
-    if vectors.scale is not None:
-        raise _quantized_scale_error(projection)
-    offset = vectors.dense_offset()
-    if offset is None:
-        return
-    bias = getattr(projection, "bias", None)
-    dtype = bias.dtype if isinstance(bias, torch.Tensor) else _compute_dtype(projection)
-    with torch.no_grad():
-        probe = torch.stack([offset, torch.zeros_like(offset)]).to(device=weight.device, dtype=dtype)
-        out = projection(probe).float()
-        bias_delta = out[0] - out[1]
-    if not torch.isfinite(bias_delta).all():
-        raise MergeError("merging produced NaN/inf values; the adapter vectors are not finite")
-    _add_to_bias(projection, bias_delta, dtype)
+def _check_finite(*values: torch.Tensor | None) -> None:
+    for value in values:
+        if value is not None and not torch.isfinite(value).all():
+            raise MergeError("merging produced NaN/inf values; the adapter vectors are not finite")
 
 
-def _quantized_scale_error(projection: nn.Module) -> MergeError:
-    return MergeError(
-        f"{type(projection).__name__} has {module_tensor(projection, 'weight').dtype} (quantised) weights; a "
-        "scale would have to be folded into them, which lofit does not do. Merge an offsets-only adapter, or "
-        "load the base model without quantization to merge scales"
-    )
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
-def _compute_dtype(module: nn.Module) -> torch.dtype:
-    """The float dtype a quantised layer computes in (bitsandbytes' compute_dtype, else fp16/fp32)."""
-    compute = getattr(module, "compute_dtype", None)
-    if isinstance(compute, torch.dtype) and compute.is_floating_point:
-        return compute
+def _matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an fp32 [out, in] matrix (transposing GPT-2's Conv1D)."""
+    weight = module_tensor(module, "weight").float()
+    return weight.t() if _is_conv1d(module) else weight
+
+
+def _write_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     weight = module_tensor(module, "weight")
-    return torch.float16 if weight.device.type == "cuda" else torch.float32
+    weight.copy_((matrix.t() if _is_conv1d(module) else matrix).to(weight.dtype))
 
 
-def _add_to_bias(projection: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> None:
+def add_to_bias(module: nn.Module, delta: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """`module.bias += delta` in fp32, creating a (frozen) bias of `dtype` when the module has none."""
     with torch.no_grad():
-        if getattr(projection, "bias", None) is None:
-            projection.bias = nn.Parameter(
+        if getattr(module, "bias", None) is None:
+            dtype = dtype or module_tensor(module, "weight").dtype
+            module.bias = nn.Parameter(
                 torch.zeros(delta.shape[0], dtype=dtype, device=delta.device), requires_grad=False
             )
-        bias = module_tensor(projection, "bias")
+        bias = module_tensor(module, "bias")
         bias.copy_((bias.float() + delta.to(bias.device)).to(bias.dtype))
 
 
-def unwrap_projections(model: LofitModel) -> nn.Module:
-    """Put each original projection back in place of its wrapper; return the base model."""
-    base = model.base_model
-    for site in model.geometry.sites:
-        wrapper = base.get_submodule(site.name)
-        if isinstance(wrapper, LofitProjection):
-            parent_name, _, child = site.name.rpartition(".")
-            setattr(base.get_submodule(parent_name), child, wrapper.base_layer)
-    return base
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a layer computes in (bitsandbytes' compute_dtype for packed weights)."""
+    weight = module_tensor(module, "weight")
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    compute = getattr(module, "compute_dtype", None)
+    if isinstance(compute, torch.dtype) and compute.is_floating_point:
+        return compute
+    return torch.float16 if weight.device.type == "cuda" else torch.float32
 
 
-def merge_into_base(model: LofitModel, adapter_name: str) -> nn.Module:
-    vectors_by_layer = model.adapter_vectors(adapter_name)
-    for projection in model.projections():  # refuse before changing any layer
-        vectors = vectors_by_layer.get(projection.layer_index)
-        if (
-            vectors is not None
-            and vectors.scale is not None
-            and not projection.weight.dtype.is_floating_point
-        ):
-            raise _quantized_scale_error(projection.base_layer)
-    quantized = 0
-    for projection in model.projections():
-        vectors = vectors_by_layer.get(projection.layer_index)
-        if vectors is not None:
-            quantized += not projection.weight.dtype.is_floating_point
-            fold_into_projection(projection.base_layer, vectors)
-    if quantized:
-        warnings.warn(
-            f"{quantized} adapted attention output projection(s) are quantised: only the offsets were merged, "
-            "into their (float) bias; the quantised weights are unchanged",
-            stacklevel=3,
-        )
-    return unwrap_projections(model)
-
-
-# Config switches that give the attention output projection a bias (Llama family, GPT-NeoX: attention_bias;
-# OPT: enable_bias). Architectures without one (Mistral, Qwen2, Phi-3: o_proj is hard-wired bias-free)
-# cannot express a merged offset in a plain checkpoint.
-BIAS_SWITCHES = ("attention_bias", "enable_bias")
-
-
-@contextlib.contextmanager
-def exportable_biases(merged: nn.Module) -> Iterator[None]:
-    """Inside the block, `merged` is shaped as its config says a plain transformers model is.
-
-    Merging gives only the adapted output projections a bias. A plain checkpoint needs the config's bias
-    switch on and then every module it governs (in Llama: q, k, v and o of every layer) to carry one, so
-    the missing ones are added as exact zeros for the export and removed again afterwards: the merged
-    model in memory keeps serving without them (each zero bias is an extra add per call).
-    """
-    config = text_config(getattr(merged, "config", None))
-    switch = next((flag for flag in BIAS_SWITCHES if getattr(config, flag, None) is False), None)
-    if switch is None or not _has_extra_parameters(merged):
-        yield
-        return
-    added: list[nn.Module] = []
-    setattr(config, switch, True)
+def _through_layer(layer: nn.Module, offset: torch.Tensor) -> torch.Tensor:
+    """layer(v) − layer(0) in fp32, in eval mode (no dropout): the linear part of the layer applied to v."""
+    inner = innermost(layer)
+    dtype = compute_dtype(inner)
+    modes = [(m, m.training) for m in layer.modules()]
+    layer.eval()
     try:
-        present = {name for name, _ in merged.named_parameters()}
-        for name, _ in _skeleton(merged).named_parameters():
-            module_name, _, leaf = name.rpartition(".")
-            if leaf != "bias" or name in present:
-                continue
-            module = merged.get_submodule(module_name)
-            if isinstance(module, nn.Linear):
-                dtype = (
-                    module.weight.dtype if module.weight.dtype.is_floating_point else _compute_dtype(module)
-                )
-                _add_to_bias(module, torch.zeros(module.out_features, device=module.weight.device), dtype)
-                added.append(module)
-        yield
+        with torch.no_grad():
+            probe = torch.stack([offset, torch.zeros_like(offset)])
+            out = layer(probe.to(device=module_tensor(inner, "weight").device, dtype=dtype)).float()
     finally:
-        for module in added:
-            module.bias = None  # type: ignore[assignment]
-        setattr(config, switch, False)
+        for module, mode in modes:
+            module.training = mode
+    return out[0] - out[1]
 
 
-def _has_extra_parameters(merged: nn.Module) -> bool:
-    """Whether `merged` has parameters (merged offsets' biases) that its config does not describe."""
-    try:
-        expected = {name for name, _ in _skeleton(merged).named_parameters()}
-    except MergeError:
-        return False  # check_exportable explains
-    return any(name not in expected for name, _ in merged.named_parameters())
+def lora_layers(layer: nn.Module) -> list[nn.Module]:
+    """The `lora_A` linear layers of a PEFT LoRA wrapper (empty for anything else)."""
+    lora_a = getattr(layer, "lora_A", None)
+    return list(lora_a.values()) if isinstance(lora_a, nn.ModuleDict) else []
 
 
-def _skeleton(model: nn.Module) -> nn.Module:
-    """A parameter-free (meta) model built from `model`'s config, as plain transformers would build it."""
-    from transformers import AutoModelForCausalLM
-
-    config = getattr(model, "config", None)
-    if config is None:
-        raise MergeError(
-            f"{type(model).__name__} has no Hugging Face config; only transformers models can be exported"
+def refusal_for_scale(layer: nn.Module) -> MergeError | None:
+    """Why a scale cannot be folded into `layer` (None if it can)."""
+    inner = innermost(layer)
+    if not module_tensor(inner, "weight").dtype.is_floating_point:
+        return MergeError(
+            f"{type(inner).__name__} has {module_tensor(inner, 'weight').dtype} (quantised) weights; a "
+            "scale would have to be folded into them, which lofit does not do. Merge an offsets-only adapter, "
+            "or load the base model without quantization to merge scales"
         )
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-    except (ValueError, KeyError, TypeError) as error:
-        raise MergeError(
-            f"AutoModelForCausalLM cannot build a {type(model).__name__} from its config ({error}); the merged "
-            "model cannot be exported as a plain transformers checkpoint"
-        ) from None
-
-
-def check_exportable(merged: nn.Module) -> None:
-    """Raise MergeError unless a fresh model of this config has exactly the merged model's parameters.
-
-    That is the condition for `AutoModelForCausalLM.from_pretrained` (without lofit) to load the export
-    with nothing dropped and nothing left randomly initialised.
-    """
-    fresh = _skeleton(merged)
-    expected = {name: tuple(p.shape) for name, p in fresh.named_parameters()}
-    actual = {name: tuple(p.shape) for name, p in merged.named_parameters()}
-    extra = sorted(set(actual) - set(expected))
-    if extra:
-        raise MergeError(
-            f"the merged model has parameters {extra[:3]}{' ...' if len(extra) > 3 else ''} that a plain "
-            f"{type(merged).__name__} built from its config does not have: this architecture's config cannot "
-            "switch on an attention output bias, so the offsets cannot be exported as a plain transformers "
-            "checkpoint. Serve the unmerged adapter (LofitModel.from_pretrained) instead, or train scales only"
+    if layer is not inner and not lora_layers(layer):
+        return MergeError(
+            f"the adapted projection is wrapped by {type(layer).__name__}, into which lofit cannot fold a "
+            "scale; merge that wrapper first (e.g. peft's merge_and_unload) or unload it"
         )
-    missing = sorted(set(expected) - set(actual))
-    mismatched = sorted(n for n in set(actual) & set(expected) if actual[n] != expected[n])
-    if missing or mismatched:
-        raise MergeError(
-            f"a plain {type(merged).__name__} built from the merged model's config has parameters "
-            f"{(missing or mismatched)[:3]} that the merged model lacks or shapes differently; transformers "
-            "would initialise them randomly on load, so the export is refused"
+    magnitude = getattr(layer, "lora_magnitude_vector", None)
+    if isinstance(magnitude, nn.ModuleDict) and len(magnitude):
+        return MergeError(
+            "the adapted projection carries a DoRA adapter, whose column norms a scale would change; merge "
+            "the DoRA adapter first (peft's merge_and_unload), then merge LoFiT"
         )
+    return None
 
 
-def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: object | None = None) -> Path:
-    """Save a merged model (from `merge_and_unload`) as a checkpoint that plain transformers loads.
+def fold_input_edit(layer: nn.Module, scale: torch.Tensor | None, offset: torch.Tensor | None) -> None:
+    """Fold z <- scale ⊙ z + offset (a factor, not A: pass 1 + A) into `layer` in place.
 
-    The files are written into a temporary directory and moved into `path` only once all are complete.
+    Args:
+        layer: nn.Linear, GPT-2's Conv1D, a quantised linear layer (offset only) or a PEFT LoRA layer.
+        scale: the factor per input feature ([in]), or None.
+        offset: the offset per input feature ([in]), or None.
+
+    Raises:
+        MergeError: for non-finite results or a scale the layer cannot take (nothing is changed then).
     """
-    directory = Path(path)
-    with exportable_biases(merged):
-        check_exportable(merged)
-        with atomic_directory(directory) as tmp:
-            merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
-    return directory
+    inner = innermost(layer)
+    if scale is not None:
+        refusal = refusal_for_scale(layer)
+        if refusal is not None:
+            raise refusal
+    with torch.no_grad():
+        plain = layer is inner and module_tensor(inner, "weight").dtype.is_floating_point
+        if offset is None:
+            bias_delta = None
+        elif plain:
+            bias_delta = _matrix(inner) @ offset.float().to(module_tensor(inner, "weight").device)
+        else:
+            bias_delta = _through_layer(layer, offset.float())
+        new_matrix = (
+            None
+            if scale is None
+            else _matrix(inner) * scale.float().to(module_tensor(inner, "weight").device)[None, :]
+        )
+        _check_finite(bias_delta, new_matrix)
+        if new_matrix is not None:
+            _write_matrix(inner, new_matrix)
+            for lora in lora_layers(layer):
+                lora_weight = module_tensor(lora, "weight")
+                factor = scale.float().to(lora_weight.device)[None, :]  # type: ignore[union-attr]
+                lora_weight.copy_((lora_weight.float() * factor).to(lora_weight.dtype))
+        if bias_delta is not None:
+            add_to_bias(inner, bias_delta, compute_dtype(inner))
 
 
-def merge_adapter_checkpoint(
-    base: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | str | None = None
-) -> Path:
-    """Load `base` (see `load_model`), fold the adapter saved in `adapter_dir` into it, export to `out_dir`.
-
-    The result (weights, config, tokenizer) loads with plain `AutoModelForCausalLM.from_pretrained`.
-    """
-    from .loading import load_model
-    from .model import LofitModel
-
-    model, tokenizer = load_model(base, dtype=dtype)
-    merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return export_merged(merged, out_dir, tokenizer)
+def fold_output_edit(layer: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> None:
+    """Fold h <- scale ⊙ h + bias (a factor: pass 1 + s) into a plain float projection in place."""
+    if innermost(layer) is not layer or not module_tensor(layer, "weight").dtype.is_floating_point:
+        raise MergeError(
+            f"{type(layer).__name__} is quantised or wrapped; RED can only be merged into a plain float "
+            "nn.Linear or Conv1D. Load the base model without quantization or other adapters to merge"
+        )
+    weight = module_tensor(layer, "weight")
+    with torch.no_grad():
+        factor = scale.float().to(weight.device)
+        new_matrix = _matrix(layer) * factor[:, None]
+        old_bias = getattr(layer, "bias", None)
+        old = old_bias.float() if isinstance(old_bias, torch.Tensor) else torch.zeros_like(factor)
+        new_bias = old * factor + bias.float().to(weight.device)
+        _check_finite(new_matrix, new_bias)
+        _write_matrix(layer, new_matrix)
+        if isinstance(old_bias, torch.Tensor):
+            old_bias.copy_(new_bias.to(old_bias.dtype))
+        else:
+            layer.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=False)

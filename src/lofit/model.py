@@ -2,42 +2,83 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapter_base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
+from .fingerprint import base_model_identity, check_same_base
 from .heads import HeadGeometry, find_output_projections
 from .layer import HeadVectors, LofitProjection
-from .lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
-from .wrappers import PassThroughModel
+from .lm_head import add_contiguous_input_hook
+from .merge import innermost
+from .merged import complete_merged_model, plan_merged_model
+from .persistence import CONFIG_NAME, read_adapter_config, read_adapter_tensors, save_adapter
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
 
 
-class LofitModel(PassThroughModel):
+def _is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` carries PEFT adapters (a PeftModel or injected tuner layers)."""
+    return any(type(m).__module__.split(".", 1)[0] == "peft" for m in model.modules())
+
+
+class LofitModel(AdapterModel):
     """A base model whose attention output projections carry LoFiT adapters.
 
-    `forward`, `generate` and every other attribute pass through to the base model.
+    `forward`, `generate` and every other attribute pass through to the wrapped model, so the wrapper
+    is used like the causal LM itself. PEFT's names work: `get_base_model()` is the wrapped causal LM,
+    `base_model` its decoder stack (as for any transformers causal LM), `active_adapter(s)`,
+    `set_adapter`, `add_adapter`, `delete_adapter`, `disable_adapter()`, `enable_adapter_layers()` /
+    `disable_adapter_layers()`, `merge_adapter()` / `unmerge_adapter()`, `merge_and_unload()`, `unload()`.
+    `lofit_config` maps each adapter name to its `LofitConfig` (PEFT's `peft_config`; lofit does not use
+    that name, because PEFT takes a model with a `peft_config` attribute for one of its own).
+
+    Args:
+        base_model: a transformers causal LM (or a PEFT model wrapping one).
+        config: the first adapter's configuration.
+        adapter_name: its name.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> model = LofitModel(base, LofitConfig(heads={0: [1]}))
+        >>> model.add_adapter("other", LofitConfig(heads={1: [0, 3]}))
+        >>> model.active_adapters, model.adapter_names
+        (['default'], ['default', 'other'])
+        >>> [p.requires_grad for p in model.adapter_parameters("default") + model.adapter_parameters("other")]
+        [False, True]
+        >>> model.get_base_model() is base, type(model.base_model).__name__
+        (True, 'LlamaModel')
     """
 
+    layer_class = LofitProjection
+
     def __init__(self, base_model: nn.Module, config: LofitConfig, adapter_name: str = "default") -> None:
-        super().__init__()
-        self.base_model = base_model
+        super().__init__(base_model)
         self.geometry: HeadGeometry = find_output_projections(base_model, config.target_modules)
-        self.lofit_config: dict[str, LofitConfig] = {}
-        self.active_adapter: str = adapter_name
-        self._wrap_projections()
-        add_contiguous_input_hook(base_model)
+        self._wrap_sites(
+            [(site.layer, site.name) for site in self.geometry.sites],
+            lambda module, layer: LofitProjection(
+                module, layer, self.geometry.num_heads, self.geometry.head_dim
+            ),
+        )
         try:
             self.add_adapter(adapter_name, config)
         except BaseException:
             self.unload()  # a bad config must not leave the caller's model wrapped
             raise
+
+    @property
+    def lofit_config(self) -> dict[str, LofitConfig]:
+        """adapter name -> its `LofitConfig` (PEFT's `peft_config` mapping)."""
+        return self.adapter_configs
 
     # ----------------------------------------------------------------------------------- plumbing
     def gradient_checkpointing_enable(
@@ -53,7 +94,7 @@ class LofitModel(PassThroughModel):
         own checkpointing is inert (see `lofit.layer_checkpointing`).
         """
         options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        base = self.base_model
+        base = self.model
         enable = getattr(base, "activation_checkpointing_enable", None)
         if callable(enable):  # transformers >= 5 (gradient_checkpointing_enable is its deprecated alias)
             enable(activation_checkpointing_kwargs=options, **kwargs)
@@ -67,26 +108,11 @@ class LofitModel(PassThroughModel):
         elif hasattr(base, "disable_input_require_grads"):
             base.disable_input_require_grads()  # type: ignore[operator]
 
-    def _wrap_projections(self) -> None:
-        for site in self.geometry.sites:
-            module = self.base_model.get_submodule(site.name)
-            if isinstance(module, LofitProjection):
-                continue
-            parent_name, _, child = site.name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name)
-            setattr(parent, child, LofitProjection(module, site.layer, site.num_heads, site.head_dim))
-
     def projections(self) -> list[LofitProjection]:
         """The wrapped output projection of every layer, in layer order."""
-        wrapped = [self.base_model.get_submodule(site.name) for site in self.geometry.sites]
-        assert all(isinstance(m, LofitProjection) for m in wrapped)
-        return wrapped  # type: ignore[return-value]
+        return self.adapter_layers()  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------------- adapters
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lofit_config)
-
     def _resolve_heads(self, heads: HeadMap | None) -> HeadMap:
         geometry = self.geometry
         if heads is None:
@@ -109,89 +135,65 @@ class LofitModel(PassThroughModel):
         return heads
 
     def add_adapter(self, adapter_name: str, config: LofitConfig) -> None:
-        """Add a new adapter (inactive unless it is the first) with freshly initialised vectors."""
+        """Add a new adapter with freshly initialised vectors; it alone of the adapters is trainable.
+
+        As in PEFT, the other adapters' vectors are frozen (the base model's flags are left alone) and
+        the active adapter stays the active one (the first adapter becomes active).
+
+        Args:
+            adapter_name: a new, non-empty name without ".".
+            config: the adapter's configuration (its `target_modules` must match the model's).
+        """
+        self._add_vectors(adapter_name, config)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name == adapter_name)
+
+    def _add_vectors(self, adapter_name: str, config: LofitConfig) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise LofitConfigError(
                 f"adapter_name must be a non-empty string without '.', got {adapter_name!r}"
             )
-        if adapter_name in self.lofit_config:
+        if adapter_name in self.adapter_configs:
             raise LofitConfigError(
                 f"an adapter named {adapter_name!r} exists already; delete_adapter() it first"
             )
         heads = self._resolve_heads(config.heads)
         for projection in self.projections():
             layer_heads = heads.get(projection.layer_index)
-            if not layer_heads:
-                continue
-            projection.lofit_adapters[adapter_name] = HeadVectors(
-                layer_heads,
-                projection.num_heads,
-                projection.head_dim,
-                config.use_scale,
-                config.use_offset,
-                config.init_std,
-                device=projection.weight.device,
-            )
-        self.lofit_config[adapter_name] = config
-        if len(self.lofit_config) == 1:
+            if layer_heads:
+                projection.lofit_adapters[adapter_name] = HeadVectors(
+                    layer_heads,
+                    projection.num_heads,
+                    projection.head_dim,
+                    config.use_scale,
+                    config.use_offset,
+                    config.init_std,
+                    device=projection.weight.device,
+                )
+        self.adapter_configs[adapter_name] = config
+        if len(self.adapter_configs) == 1:
             self.set_adapter(adapter_name)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter applied in forward passes."""
-        self._check_adapter(adapter_name)
-        self.active_adapter = adapter_name
-        for projection in self.projections():
-            projection.active_adapter = adapter_name
-
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining one becomes active."""
         self._check_adapter(adapter_name)
         for projection in self.projections():
             if adapter_name in projection.lofit_adapters:
+                if projection.merged_adapters == [adapter_name]:
+                    projection.unmerge()
                 del projection.lofit_adapters[adapter_name]
-        del self.lofit_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            remaining = self.adapter_names
-            if remaining:
-                self.set_adapter(remaining[0])
-            else:
-                self.active_adapter = ""
-                for projection in self.projections():
-                    projection.active_adapter = None
-
-    def _check_adapter(self, adapter_name: str | None) -> str:
-        name = self.active_adapter if adapter_name is None else adapter_name
-        if name not in self.lofit_config:
-            raise KeyError(f"no adapter named {name!r}; this model has {self.adapter_names}")
-        return name
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model behaves exactly like the base model."""
-        projections = self.projections()
-        previous = [p.adapter_disabled for p in projections]
-        for projection in projections:
-            projection.adapter_disabled = True
-        try:
-            yield
-        finally:
-            for projection, flag in zip(projections, previous, strict=True):
-                projection.adapter_disabled = flag
+        self._forget_adapter(adapter_name)
 
     def adapter_vectors(self, adapter_name: str | None = None) -> dict[int, HeadVectors]:
         """layer -> that layer's vectors for the adapter (layers without selected heads are absent)."""
         name = self._check_adapter(adapter_name)
-        result: dict[int, HeadVectors] = {}
-        for projection in self.projections():
-            if name in projection.lofit_adapters:
-                vectors = projection.lofit_adapters[name]
-                assert isinstance(vectors, HeadVectors)
-                result[projection.layer_index] = vectors
-        return result
+        return {p.layer_index: p.vectors(name) for p in self.projections() if p.has_adapter(name)}
 
     def adapter_parameters(
         self, adapter_name: str | None = None, kind: str | None = None
     ) -> list[nn.Parameter]:
-        """The adapter's parameters; `kind` "scale" or "offset" picks one sort."""
+        """The adapter's parameters (default: the active adapter's); `kind` "scale" or "offset" picks one sort."""
         params: list[nn.Parameter] = []
         for vectors in self.adapter_vectors(adapter_name).values():
             for name in ("scale", "offset"):
@@ -201,14 +203,8 @@ class LofitModel(PassThroughModel):
         return params
 
     def selected_heads(self, adapter_name: str | None = None) -> HeadMap:
+        """layer -> the head indices the adapter edits."""
         return {layer: v.heads.tolist() for layer, v in self.adapter_vectors(adapter_name).items()}
-
-    def set_trainable(self, adapter_name: str | None = None) -> None:
-        """Freeze everything except the given adapter's vectors."""
-        for param in self.parameters():
-            param.requires_grad_(False)
-        for param in self.adapter_parameters(adapter_name):
-            param.requires_grad_(True)
 
     # ----------------------------------------------------------------------------- head params
     def get_head_params(self, adapter_name: str | None = None) -> HeadParams:
@@ -254,31 +250,63 @@ class LofitModel(PassThroughModel):
                         continue
                     param[rows[0]].copy_(value.to(param))
 
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.count_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
-
-    def count_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the plain base model (weights untouched)."""
+        return super().unload()
 
     # ------------------------------------------------------------------------- save / load / merge
-    def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None) -> None:
-        """Write `lofit_config.json` and `lofit_model.safetensors` (atomically) into `path`."""
-        from .persistence import save_adapter
+    def save_pretrained(
+        self, path: str | os.PathLike[str], adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Write `lofit_config.json` and `lofit_model.safetensors` (atomically) into `path`.
 
-        save_adapter(self, path, self._check_adapter(adapter_name))
+        Args:
+            path: the adapter directory (created if needed; files in it are replaced atomically).
+            adapter_name: the adapter to save; None saves the active one.
+            **kwargs: accepted for compatibility with callers of transformers' `save_pretrained`
+                (e.g. `safe_serialization`, `state_dict`); they do not change what is written.
+        """
+        name = self._check_adapter(adapter_name)
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, vectors in self.adapter_vectors(name).items():
+            tensors[f"layers.{layer}.heads"] = vectors.heads.detach().cpu().contiguous()
+            for kind in ("scale", "offset"):
+                param = getattr(vectors, kind)
+                if param is not None:
+                    tensors[f"layers.{layer}.{kind}"] = param.detach().float().cpu().contiguous()
+        save_adapter(path, self.adapter_configs[name], tensors, self._base_identity())
+
+    def _base_identity(self) -> dict[str, Any]:
+        """The base model's identity, of the unmerged weights even while an adapter is merged."""
+        merged = [p for p in self.projections() if p.merged]
+        for projection in merged:
+            projection.unmerge()
+        try:
+            return base_model_identity(self.model, self.geometry)
+        finally:
+            for projection in merged:
+                projection.merge()
+
+    def _read_checked(
+        self, path: str | os.PathLike[str], geometry: HeadGeometry | None
+    ) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
+        return read_checked_adapter(self.model, path, geometry)
 
     def load_adapter(
-        self, path: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Load a saved adapter under `adapter_name` (it becomes the active adapter)."""
-        from .persistence import load_adapter_into
+        """Load a saved adapter under `adapter_name`; it becomes the active adapter.
 
-        load_adapter_into(self, path, adapter_name, is_trainable)
+        The other adapters keep their trainable flags; the loaded one trains only if `is_trainable`.
+        """
+        config, tensors = self._read_checked(path, self.geometry)
+        self._add_vectors(adapter_name, config)
+        _copy_tensors(self, adapter_name, tensors, is_trainable)
+        self.set_adapter(adapter_name)
 
     @classmethod
     def from_pretrained(
@@ -287,39 +315,135 @@ class LofitModel(PassThroughModel):
         path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        **kwargs: Any,
     ) -> LofitModel:
-        from .persistence import load_lofit_model
+        """Wrap `base_model` and load the adapter saved in `path` (checked against the base first).
 
-        return load_lofit_model(base_model, path, adapter_name, is_trainable)
-
-    def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
-        """Fold the adapter into the projections' weights and bias; return the plain base model.
-
-        Only the adapted output projections gain a bias (see `lofit.merge.exportable_biases` for the
-        export), and the LM head keeps the pre-hook of `lofit.lm_head` (fast frozen-weight generation).
+        Args:
+            base_model: the base model the adapter was trained on.
+            path: the directory written by `save_pretrained`.
+            adapter_name: the name to load it under.
+            is_trainable: keep the loaded vectors trainable (default: frozen, for inference).
+            **kwargs: reserved for loaders of other sources (e.g. the Hub); unknown ones are ignored.
         """
-        from .merge import merge_into_base
+        if isinstance(base_model, LofitModel):
+            raise TypeError(
+                "base_model is already a LofitModel; use model.load_adapter(path, adapter_name) instead"
+            )
+        config, tensors = read_checked_adapter(base_model, path, None)  # before touching the base model
+        model = cls(base_model, config, adapter_name)
+        if not _is_peft_model(base_model):
+            for param in model.model.parameters():
+                param.requires_grad_(False)
+        _copy_tensors(model, adapter_name, tensors, is_trainable)
+        return model
 
-        return merge_into_base(self, self._check_adapter(adapter_name))
+    def merge_and_unload(
+        self,
+        adapter_name: str | None = None,
+        progressbar: bool = False,
+        safe_merge: bool = True,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Fold the adapter into the projections' weights and biases; return a plain transformers model.
 
-    def unload(self) -> nn.Module:
-        """Remove every adapter without merging; return the plain base model."""
-        from .merge import unwrap_projections
+        The result is what its config says: `save_pretrained` + `AutoModelForCausalLM.from_pretrained`
+        (without lofit) gives the adapted logits. Offsets become output-projection biases, so the
+        config's bias switch is turned on (with zero biases where it implies them), or, for Mistral,
+        Qwen2 and Phi-3 (whose o_proj cannot hold a bias), an equivalent `LlamaForCausalLM` is returned
+        (see `lofit.merged`). Anything that cannot be expressed is refused before a weight changes.
+        The LM head keeps the pre-hook of `lofit.lm_head` (fast frozen-weight generation).
 
-        remove_contiguous_input_hook(self.base_model)
-        return unwrap_projections(self)
+        Args:
+            adapter_name: the adapter to fold; None folds the active one.
+            progressbar, safe_merge, **kwargs: PEFT's arguments, accepted for compatibility (the merge
+                always checks for NaN/inf before writing).
+
+        Returns:
+            The merged transformers model (the wrapped class, or `LlamaForCausalLM`).
+        """
+        name = self._check_adapter(adapter_name)
+        plan = self._plan_merge(name)
+        quantized = sum(
+            not p.get_base_layer().weight.dtype.is_floating_point
+            for p in self.projections()
+            if p.has_adapter(name)
+        )
+        merged = complete_merged_model(self._fold_and_unwrap(name), plan)
+        add_contiguous_input_hook(merged)
+        if quantized:
+            warnings.warn(
+                f"{quantized} adapted attention output projection(s) are quantised: only the offsets were "
+                "merged, into their (float) bias; the quantised weights are unchanged",
+                stacklevel=2,
+            )
+        return merged
+
+    def _plan_merge(self, adapter_name: str) -> Any:
+        for projection in self.projections():  # refuse before changing any layer
+            refusal = projection.refusal(adapter_name)
+            if refusal is not None:
+                raise refusal
+        new_biases = [
+            name
+            for name, projection in zip(self.site_names, self.projections(), strict=True)
+            if projection.has_adapter(adapter_name)
+            and projection.vectors(adapter_name).offset is not None
+            and getattr(innermost(projection), "bias", None) is None
+        ]
+        return plan_merged_model(self.model, new_biases, site="attention")
+
+
+def read_checked_adapter(
+    base_model: nn.Module, path: str | os.PathLike[str], geometry: HeadGeometry | None
+) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory and check it fits `base_model`; returns (config, tensors)."""
+    config, saved_identity = read_adapter_config(path)
+    geometry = geometry or find_output_projections(base_model, config.target_modules)
+    check_same_base(saved_identity, base_model_identity(base_model, geometry), Path(path) / CONFIG_NAME)
+    tensors = read_adapter_tensors(path, config, geometry.head_dim)
+    return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
+
+
+def _copy_tensors(
+    model: LofitModel, adapter_name: str, tensors: dict[str, torch.Tensor], trainable: bool
+) -> None:
+    with torch.no_grad():
+        for layer, vectors in model.adapter_vectors(adapter_name).items():
+            for kind in ("scale", "offset"):
+                param = getattr(vectors, kind)
+                if param is not None:
+                    param.copy_(tensors[f"layers.{layer}.{kind}"].to(param))
+    for param in model.adapter_parameters(adapter_name):
+        param.requires_grad_(trainable)
 
 
 def get_lofit_model(base_model: nn.Module, config: LofitConfig, adapter_name: str = "default") -> LofitModel:
-    """Wrap `base_model` with a trainable LoFiT adapter; base weights are frozen.
+    """Wrap `base_model` with a trainable LoFiT adapter; the base weights are frozen.
 
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-    >>> model = get_lofit_model(base, LofitConfig(heads={1: [0, 2]}))
-    >>> model.count_parameters()[0]   # 2 heads x head_dim 8
-    16
+    A base that carries PEFT adapters (LoRA, ...) keeps its trainable flags as they are, so LoFiT and
+    LoRA can train together; only the LoFiT vectors are switched on.
+
+    Args:
+        base_model: a transformers causal LM (or a PEFT model wrapping one).
+        config: the adapter's configuration.
+        adapter_name: its name.
+
+    Returns:
+        The `LofitModel`, with only the adapter's vectors trainable.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> model = get_lofit_model(base, LofitConfig(heads={1: [0, 2]}))
+        >>> model.count_parameters()[0]   # 2 heads x head_dim 8
+        16
     """
     model = LofitModel(base_model, config, adapter_name)
-    model.set_trainable(adapter_name)
+    if _is_peft_model(base_model):
+        for param in model.adapter_parameters(adapter_name):
+            param.requires_grad_(True)
+    else:
+        model.set_trainable(adapter_name)
     return model

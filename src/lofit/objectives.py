@@ -266,7 +266,7 @@ class TokenScorer:
         if mode not in ("auto", "gathered", "full"):
             raise ValueError(f"mode must be 'auto', 'gathered' or 'full', got {mode!r}")
         self.model = model
-        self.causal_lm: Any = model.base_model if isinstance(model, LofitModel) else model
+        self.causal_lm: Any = model.get_base_model() if isinstance(model, LofitModel) else model
         self.mode = mode
         if mode != "full" and not self._has_parts():
             if mode == "gathered":

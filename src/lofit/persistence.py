@@ -1,7 +1,19 @@
-"""Save and load adapters: `lofit_config.json` + `lofit_model.safetensors`, never pickle.
+"""Adapter files: a JSON config and a safetensors file, written atomically, never pickle.
 
-The config records the head geometry and an identity of the base model (type, sizes and a fingerprint
-of the adapted projection weights), so an adapter is never silently applied to another model.
+This module only reads and writes files; it knows no model class. The config records the adapter's
+settings and an identity of the base model (type, sizes and a fingerprint of the adapted projection
+weights, `lofit.fingerprint`), so that an adapter is never silently applied to another model. LoFiT
+writes `lofit_config.json` + `lofit_model.safetensors`; RED uses the same code with its own names.
+
+Example:
+    >>> import tempfile, torch
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     write_adapter_files(tmp, {"format": "demo", "format_version": 1}, {"v": torch.ones(2)},
+    ...                         "demo_config.json", "demo_model.safetensors")
+    ...     document = read_document(tmp, "demo_config.json", "demo", 1)
+    ...     tensors = read_tensors(tmp, "demo_model.safetensors")
+    >>> document["format"], tensors["v"].tolist()
+    ('demo', [1.0, 1.0])
 """
 
 from __future__ import annotations
@@ -9,23 +21,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ._version import __version__
 from .atomic import atomic_directory
 from .config import LofitConfig, LofitConfigError
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, LofitValueError
 from .errors import BaseModelMismatchError as BaseModelMismatchError  # re-exported: the old home
-from .fingerprint import base_model_identity, check_same_base
-from .heads import HeadGeometry, find_output_projections
-
-if TYPE_CHECKING:
-    from .model import LofitModel
 
 CONFIG_NAME = "lofit_config.json"
 WEIGHTS_NAME = "lofit_model.safetensors"
@@ -33,62 +39,100 @@ FORMAT_NAME = "lofit-adapter"
 FORMAT_VERSION = 1
 
 
-# ----------------------------------------------------------------------------------- save
-def save_adapter(model: LofitModel, path: str | os.PathLike[str], adapter_name: str) -> None:
+# ------------------------------------------------------------------------------ generic files
+def write_adapter_files(
+    path: str | os.PathLike[str],
+    document: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    config_name: str,
+    weights_name: str,
+) -> None:
+    """Write `document` as JSON and `tensors` as safetensors into the directory `path`, atomically.
+
+    Both files appear together (a new directory is renamed into place), or, over an existing adapter,
+    each is replaced atomically: a crash or a full disk never leaves a partial file. Non-finite tensors
+    are refused before anything is written.
+    """
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory; choose another output path")
-    config = model.lofit_config[adapter_name]
-    tensors: dict[str, torch.Tensor] = {}
-    heads: dict[str, list[int]] = {}
-    for layer, vectors in model.adapter_vectors(adapter_name).items():
-        heads[str(layer)] = vectors.heads.tolist()
-        tensors[f"layers.{layer}.heads"] = vectors.heads.detach().cpu().contiguous()
-        for kind in ("scale", "offset"):
-            param = getattr(vectors, kind)
-            if param is not None:
-                values = param.detach().float().cpu().contiguous()
-                if not torch.isfinite(values).all():
-                    raise ValueError(
-                        f"adapter {adapter_name!r} layer {layer} {kind} holds NaN/inf; refusing to save"
-                    )
-                tensors[f"layers.{layer}.{kind}"] = values
-    adapter = config.to_dict()
-    adapter["heads"] = heads
-    document = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "lofit_version": __version__,
-        "adapter": adapter,
-        "base_model": base_model_identity(model.base_model, model.geometry),
-    }
-    # Both files appear together (a new directory is renamed into place), or, over an existing adapter,
-    # each is replaced atomically: a crash or a full disk never leaves a partial file.
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise LofitValueError(f"tensor {key!r} holds NaN/inf; refusing to save the adapter")
     with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        (tmp / config_name).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-# ----------------------------------------------------------------------------------- load
-def read_adapter_config(path: str | os.PathLike[str]) -> tuple[LofitConfig, dict[str, Any]]:
-    """Parse and validate `lofit_config.json`; returns the adapter config and the base-model identity."""
-    config_path = Path(path) / CONFIG_NAME
+def read_document(
+    path: str | os.PathLike[str],
+    config_name: str,
+    format_name: str,
+    format_version: int,
+    label: str = "lofit adapter",
+) -> dict[str, Any]:
+    """Read and check the JSON config (its "format" and a supported "format_version")."""
+    config_path = Path(path) / config_name
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; pass the directory written by save_pretrained")
     try:
         document = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AdapterLoadError(f"{config_path}: not valid JSON ({error}); the file is corrupt") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise AdapterLoadError(
-            f'{config_path}: not a LoFiT adapter config (missing "format": "{FORMAT_NAME}")'
-        )
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        raise AdapterLoadError(f'{config_path}: not a {label} config (missing "format": "{format_name}")')
     version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > format_version:
         raise AdapterLoadError(
             f"{config_path}: format_version {version!r} is not supported by lofit {__version__} "
-            f"(supports <= {FORMAT_VERSION}); upgrade lofit"
+            f"(supports <= {format_version}); upgrade lofit"
         )
+    return document
+
+
+def read_tensors(path: str | os.PathLike[str], weights_name: str) -> dict[str, torch.Tensor]:
+    """Read the safetensors file; refuse corrupt files and non-finite values."""
+    weights_path = Path(path) / weights_name
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found; pass the directory written by save_pretrained")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterLoadError(
+            f"{weights_path}: cannot read safetensors ({error}); the file is corrupt or truncated"
+        ) from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{weights_path}: tensor {key!r} holds NaN or inf values")
+    return tensors
+
+
+# ------------------------------------------------------------------------------------- LoFiT
+def save_adapter(
+    path: str | os.PathLike[str],
+    config: LofitConfig,
+    tensors: dict[str, torch.Tensor],
+    base_identity: dict[str, Any],
+) -> None:
+    """Write a LoFiT adapter: `config` (its heads as stored in `tensors`) and the base identity."""
+    adapter = config.to_dict()
+    adapter["heads"] = {
+        key.split(".")[1]: value.tolist() for key, value in tensors.items() if key.endswith(".heads")
+    }
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "lofit_version": __version__,
+        "adapter": adapter,
+        "base_model": base_identity,
+    }
+    write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME)
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> tuple[LofitConfig, dict[str, Any]]:
+    """Parse and validate `lofit_config.json`; returns the adapter config and the base-model identity."""
+    config_path = Path(path) / CONFIG_NAME
+    document = read_document(path, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, "LoFiT adapter")
     for key in ("adapter", "base_model"):
         if not isinstance(document.get(key), dict):
             raise AdapterLoadError(f"{config_path}: field {key!r} is missing or not an object")
@@ -104,15 +148,9 @@ def read_adapter_config(path: str | os.PathLike[str]) -> tuple[LofitConfig, dict
 def read_adapter_tensors(
     path: str | os.PathLike[str], config: LofitConfig, head_dim: int
 ) -> dict[str, torch.Tensor]:
+    """Read `lofit_model.safetensors` and check it against `config` (heads, shapes, finiteness)."""
     weights_path = Path(path) / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} not found; pass the directory written by save_pretrained")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterLoadError(
-            f"{weights_path}: cannot read safetensors ({error}); the file is corrupt or truncated"
-        ) from None
+    tensors = read_tensors(path, WEIGHTS_NAME)
     assert config.heads is not None
     for layer, heads in config.heads.items():
         stored_heads = tensors.get(f"layers.{layer}.heads")
@@ -131,55 +169,4 @@ def read_adapter_tensors(
                 raise AdapterLoadError(
                     f"{weights_path}: tensor {key!r} has shape {tuple(value.shape)}, expected {(len(heads), head_dim)}"
                 )
-            if not torch.isfinite(value).all():
-                raise AdapterLoadError(f"{weights_path}: tensor {key!r} holds NaN or inf values")
     return tensors
-
-
-def _read_checked(
-    base_model: nn.Module, path: str | os.PathLike[str], geometry: HeadGeometry | None
-) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
-    config, saved_identity = read_adapter_config(path)
-    geometry = geometry or find_output_projections(base_model, config.target_modules)
-    check_same_base(saved_identity, base_model_identity(base_model, geometry), Path(path) / CONFIG_NAME)
-    tensors = read_adapter_tensors(path, config, geometry.head_dim)
-    return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
-
-
-def _copy_tensors(
-    model: LofitModel, adapter_name: str, tensors: dict[str, torch.Tensor], trainable: bool
-) -> None:
-    with torch.no_grad():
-        for layer, vectors in model.adapter_vectors(adapter_name).items():
-            for kind in ("scale", "offset"):
-                param = getattr(vectors, kind)
-                if param is not None:
-                    param.copy_(tensors[f"layers.{layer}.{kind}"].to(param))
-    for param in model.adapter_parameters(adapter_name):
-        param.requires_grad_(trainable)
-
-
-def load_lofit_model(
-    base_model: nn.Module, path: str | os.PathLike[str], adapter_name: str, is_trainable: bool
-) -> LofitModel:
-    from .model import LofitModel
-
-    if isinstance(base_model, LofitModel):
-        raise TypeError(
-            "base_model is already a LofitModel; use model.load_adapter(path, adapter_name) instead"
-        )
-    config, tensors = _read_checked(base_model, path, None)  # before touching the base model
-    model = LofitModel(base_model, config, adapter_name)
-    for param in model.base_model.parameters():
-        param.requires_grad_(False)
-    _copy_tensors(model, adapter_name, tensors, is_trainable)
-    return model
-
-
-def load_adapter_into(
-    model: LofitModel, path: str | os.PathLike[str], adapter_name: str, is_trainable: bool
-) -> None:
-    config, tensors = _read_checked(model.base_model, path, model.geometry)
-    model.add_adapter(adapter_name, config)
-    _copy_tensors(model, adapter_name, tensors, is_trainable)
-    model.set_adapter(adapter_name)

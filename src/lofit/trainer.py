@@ -219,8 +219,8 @@ def seed_everything(seed: int) -> None:
 def place_model(model: LofitModel, device: torch.device) -> torch.device:
     """Move the model to `device` unless it is placed already (a device map or bitsandbytes quantisation,
     whose models refuse `.to`); return the device its inputs go to."""
-    placed = isinstance(getattr(model.base_model, "hf_device_map", None), dict) or getattr(
-        model.base_model, "is_quantized", False
+    placed = isinstance(getattr(model.get_base_model(), "hf_device_map", None), dict) or getattr(
+        model.get_base_model(), "is_quantized", False
     )
     current = next(model.parameters()).device
     same = current.type == device.type and (
@@ -228,7 +228,7 @@ def place_model(model: LofitModel, device: torch.device) -> torch.device:
     )
     if not placed and not same:
         model.to(device)
-    embeddings = model.base_model.get_input_embeddings()  # type: ignore[operator]
+    embeddings = model.get_base_model().get_input_embeddings()  # type: ignore[operator]
     return embeddings.weight.device if embeddings is not None else device
 
 
@@ -545,7 +545,7 @@ def check_sequence_lengths(
 ) -> None:
     """Refuse sequences longer than the model's position limit (a clear error instead of an index error
     deep inside the model, or silently wrong positions)."""
-    config = getattr(model.base_model, "config", None)
+    config = getattr(model.get_base_model(), "config", None)
     limit = next(
         (
             value

@@ -12,23 +12,33 @@ _Self = TypeVar("_Self", bound="Fp32Parameters")
 
 
 class PassThroughModel(nn.Module):
-    """A wrapper of `self.base_model` whose `forward`, `generate` and every other attribute pass through."""
+    """A wrapper of `self.model` whose `forward`, `generate` and every other attribute pass through.
 
-    base_model: nn.Module
+    Example:
+        >>> import torch
+        >>> class Wrapper(PassThroughModel):
+        ...     def __init__(self, model: nn.Module) -> None:
+        ...         super().__init__()
+        ...         self.model = model
+        >>> Wrapper(torch.nn.Linear(2, 3)).out_features
+        3
+    """
+
+    model: nn.Module
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
 
 class Fp32Parameters(nn.Module):

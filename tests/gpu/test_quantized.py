@@ -77,7 +77,9 @@ def test_quantised_base_trains_offsets_and_merges_the_bias_only(
     adapted = train_offsets(model, tok, RECORDS, HEADS, **TRAIN)
     losses = adapted.training_history.losses()
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
-    assert all(torch.equal(a, b) for a, b in zip(before, packed_weights(adapted.base_model), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, packed_weights(adapted.get_base_model()), strict=True)
+    )
     assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in adapted.adapter_parameters())
 
     adapted.save_pretrained(tmp_path / "adapter")

@@ -11,42 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ..architectures import LORA_TARGET_MODULES as LORA_TARGET_MODULES  # re-exported: the old home
 from ..heads import text_config
-
-# model_type -> module-name suffixes holding the query and value projections.
-LORA_TARGET_MODULES: dict[str, list[str]] = {
-    **{
-        t: ["q_proj", "v_proj"]
-        for t in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "granite",
-            "cohere",
-            "stablelm",
-            "starcoder2",
-            "smollm3",
-            "phi",
-            "gptj",
-            "opt",
-        )
-    },
-    "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-}
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

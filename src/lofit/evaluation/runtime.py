@@ -15,7 +15,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM behind `model` (a `LofitModel` wraps one; its forward passes through)."""
     from ..model import LofitModel
 
-    return model.base_model if isinstance(model, LofitModel) else model
+    return model.get_base_model() if isinstance(model, LofitModel) else model
 
 
 def device_of(model: nn.Module) -> torch.device:
