@@ -1,0 +1,511 @@
+"""`train_adapter`: the one training loop, on `accelerate`, used by head selection and offset tuning.
+
+`batch_size` is the number of records per optimizer step over all processes together; `grad_accum`
+splits each process's share into that many micro-batches. Every micro-batch's summed loss is divided by
+the global batch's unit count (scored tokens for SFT, pairs for DPO), so grad_accum and the number of
+processes are pure memory/speed knobs. With `checkpoint_every` the loop saves its whole state (see
+`lofit.training.checkpoints`) every N optimizer steps and at each epoch end; `resume=True` continues
+from the latest checkpoint exactly where it stopped.
+
+Reading order: `train_adapter` -> `_setup` (a `_Run`: what stays fixed) -> `_start` (a `_LoopState`:
+what moves) -> `_train_epoch` -> `_optimizer_step` -> `_after_step`; `_validate`, `_checkpoint` and
+`_finish` are called from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_text
+from ..errors import LofitRuntimeError, LofitValueError
+from . import activation_checkpointing
+from .adapter_model import AdapterModel, causal_lm_of
+from .batching import epoch_batches, split_micro_batches
+from .checkpoints import LoopPosition, save_checkpoint
+from .config import TrainingConfig
+from .distributed import all_reduce_gradients, clip_gradients, make_accelerator, place_model, reduce_sum
+from .encoding import Example
+from .fsdp import ShardedBase, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
+from .history import TrainingHistory
+from .losses import Objective, loss_sums, sums_to_means
+from .resume import run_identity, start_position
+from .scoring import TokenScorer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+LOG_NAME = "train_log.jsonl"
+CURVE_NAME = "loss_curve.png"
+LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(LofitRuntimeError):
+    """Training produced a NaN/inf loss or gradient; the message says what to change."""
+
+
+@dataclass
+class _Run:
+    """What a training run fixes at its start."""
+
+    model: nn.Module  # the AdapterModel (`_setup` checks that it is a module)
+    objective: Objective
+    train_examples: Sequence[Example]
+    val_examples: Sequence[Example]
+    config: TrainingConfig
+    description: str
+    regularizer: Callable[[], torch.Tensor] | None
+    accelerator: Accelerator
+    device: torch.device
+    params: list[nn.Parameter]
+    optimizer: Any  # accelerate's AcceleratedOptimizer around AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scorer: TokenScorer
+    history: TrainingHistory
+    identity: dict[str, Any]
+    fsdp: bool
+    output_dir: Path | None
+
+    @property
+    def rank(self) -> int:
+        """This process's index."""
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        """The number of processes."""
+        return self.accelerator.num_processes
+
+
+@dataclass
+class _LoopState:
+    """What moves while the run goes: the position, counters and the last checkpoint written."""
+
+    position: LoopPosition
+    generator: torch.Generator
+    started: float
+    last_write: float
+    last_checkpoint: Path | None = None
+    bar: Any = None
+    sharded: ShardedBase | None = None
+    switched_layers: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done so far."""
+        return self.position.step
+
+
+def train_adapter(
+    model: AdapterModel,
+    objective: Objective,
+    train_examples: Sequence[Example],
+    config: TrainingConfig,
+    *,
+    val_examples: Sequence[Example] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    description: str = "training",
+) -> TrainingHistory:
+    """Train the adapter parameters of `model` (those with requires_grad) in place.
+
+    The loss of a step is the objective's batch mean plus `regularizer()` (e.g. λ·Σ|A|). The base model
+    runs in eval mode (no dropout), so the reference pass, validation and training see the same network.
+
+    Args:
+        model: any `AdapterModel`: a `LofitModel`, a `RedModel`, or `AdapterView(peft_model)`.
+        objective: the SFT or DPO objective that encoded the examples.
+        train_examples: the encoded training records.
+        config: the training options.
+        val_examples: encoded validation records, scored before training and after each epoch.
+        regularizer: a penalty added to every step's loss.
+        description: the run's name in logs, the progress bar and checkpoints.
+
+    Returns:
+        The `TrainingHistory`; with `config.output_dir` it is also written there as `train_log.jsonl`
+        with a `loss_curve.png`.
+    """
+    run = _setup(model, objective, train_examples, val_examples or [], config, regularizer, description)
+    state = _start(run)
+    try:
+        with _prepared(run, state):
+            with run.accelerator.autocast():
+                objective.prepare(run.scorer, train_examples, config.validation_batch_size, run.device)
+            if state.step == 0:
+                _validate(run, 0, 0)
+            for epoch in range(state.position.epoch, config.epochs + 1):
+                _train_epoch(run, state, epoch)
+    finally:
+        _finish(run, state)
+    if run.output_dir is not None and run.history.steps:
+        from ..plotting import plot_loss_curve
+
+        plot_loss_curve(run.history, run.output_dir / CURVE_NAME, title=description)
+    return run.history
+
+
+def _setup(
+    model: AdapterModel,
+    objective: Objective,
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    config: TrainingConfig,
+    regularizer: Callable[[], torch.Tensor] | None,
+    description: str,
+) -> _Run:
+    if not isinstance(model, nn.Module):
+        raise LofitValueError(
+            f"train_adapter needs a torch module with adapter_parameters() and disable_adapter(), got "
+            f"{type(model).__name__}; wrap other adapted models in lofit.training.AdapterView"
+        )
+    accelerator = make_accelerator(config.precision)
+    device = place_model(model, accelerator.device)
+    params = [p for p in model.adapter_parameters() if p.requires_grad]
+    if not params:
+        raise LofitValueError(
+            "the model has no trainable adapter parameters; build it with get_lofit_model (or pass the "
+            "parameters to train through AdapterView)"
+        )
+    check_sequence_lengths(model, train_examples, val_examples)
+    if getattr(accelerator.distributed_type, "value", None) == "DEEPSPEED":
+        logger.warning(
+            "lofit does not shard the frozen base model under DeepSpeed: every process holds the whole model; "
+            "use an FSDP config (accelerate launch --config_file fsdp.yaml) to shard it"
+        )
+    fsdp = fsdp_requested(accelerator)
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.AdamW(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+        )
+    )
+    total_steps = math.ceil(len(train_examples) / config.batch_size) * config.epochs
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, linear_schedule(total_steps, warmup_steps)
+    )
+    history = TrainingHistory(
+        settings={
+            **dataclasses.asdict(config),
+            "objective": objective.name,
+            "num_train": len(train_examples),
+            "num_val": len(val_examples),
+            "total_steps": total_steps,
+            "warmup_steps": warmup_steps,
+            "num_processes": accelerator.num_processes,
+            "trainable_params": sum(p.numel() for p in params),
+        }
+    )
+    identity = run_identity(config, objective, description, model, train_examples, params)
+    output_dir = Path(config.output_dir) if config.output_dir and accelerator.is_main_process else None
+    scorer = TokenScorer(model, mode="full" if fsdp else "auto")
+    return _Run(
+        model, objective, train_examples, val_examples, config, description, regularizer, accelerator,
+        device, params, optimizer, scheduler, scorer, history, identity, fsdp, output_dir,
+    )  # fmt: skip
+
+
+def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to 1, then linear decay to 0 at `total_steps` (as transformers' linear schedule).
+
+    Example:
+        >>> factor = linear_schedule(total_steps=10, warmup_steps=2)
+        >>> [round(factor(step), 3) for step in (0, 1, 2, 6, 10)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _start(run: _Run) -> _LoopState:
+    """The loop's starting state: fresh, or restored from the latest checkpoint."""
+    config = run.config
+    generator = torch.Generator().manual_seed(config.seed)
+    restored, found = start_position(
+        config, run.identity, run.params, run.optimizer.optimizer, run.scheduler, run.history, run.description
+    )
+    position = restored or LoopPosition(step=0, epoch=1, batch=0, generator_state=generator.get_state())
+    generator.set_state(position.generator_state)
+    started = time.perf_counter() - position.elapsed_s
+    state = _LoopState(position, generator, started, started, last_checkpoint=found)
+    from tqdm.auto import tqdm
+
+    state.bar = tqdm(
+        total=run.history.settings["total_steps"],
+        initial=position.step,
+        desc=run.description,
+        disable=not (config.progress and run.accelerator.is_main_process),
+    )
+    return state
+
+
+@contextlib.contextmanager
+def _prepared(run: _Run, state: _LoopState) -> Iterator[None]:
+    """The model as training needs it (eval mode, activation checkpointing, FSDP); as it was afterwards."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    # transformers checkpoints only in training mode; these wrappers work in eval mode too.
+    checkpointed = run.config.gradient_checkpointing or activation_checkpointing.requested(model)
+    run.history.settings["gradient_checkpointing"] = checkpointed
+    if checkpointed:
+        state.switched_layers = activation_checkpointing.enable(
+            activation_checkpointing.decoder_layers(model)
+        )
+    try:
+        if run.fsdp:
+            full_bytes = parameter_bytes(causal_lm_of(model))
+            state.sharded = shard_base_model(model, run.params)
+            run.history.settings["fsdp"] = {
+                "processes": run.world,
+                "parameter_bytes_full": full_bytes,
+                "parameter_bytes_local": parameter_bytes(causal_lm_of(model)),
+            }
+        yield
+    finally:
+        if state.sharded is not None:
+            unshard_base_model(state.sharded)
+        activation_checkpointing.disable(state.switched_layers)
+        model.train(was_training)
+
+
+def _train_epoch(run: _Run, state: _LoopState, epoch: int) -> None:
+    """One pass over the training examples (the part done before a resumed checkpoint is skipped)."""
+    config = run.config
+    epoch_generator_state = state.generator.get_state()
+    lengths = [e.num_tokens for e in run.train_examples]
+    batches = epoch_batches(lengths, config.batch_size, state.generator, config.group_by_length)
+    skip = state.position.batch if epoch == state.position.epoch else 0
+    for batch_number in range(skip, len(batches)):
+        examples = [run.train_examples[i] for i in batches[batch_number]]
+        record = _optimizer_step(run, state, examples, epoch)
+        # The epoch's last step is saved after its validation, by the epoch-end checkpoint.
+        mid_epoch = batch_number + 1 < len(batches)
+        _after_step(run, state, record)
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and mid_epoch:
+            _checkpoint(run, state, epoch, batch_number + 1, epoch_generator_state)
+    _validate(run, epoch, state.step)
+    if run.output_dir is not None:
+        atomic_write_text(run.output_dir / LOG_NAME, run.history.to_jsonl())
+    if config.checkpoint_every:
+        _checkpoint(run, state, epoch + 1, 0, state.generator.get_state())
+
+
+def _optimizer_step(run: _Run, state: _LoopState, examples: list[Example], epoch: int) -> dict[str, Any]:
+    """Forward/backward over this process's micro-batches, all-reduce, clip, AdamW; the step's record."""
+    config, accelerator = run.config, run.accelerator
+    step_started = time.perf_counter()
+    total_units = sum(run.objective.units(e) for e in examples)
+    lr = run.scheduler.get_last_lr()[0]
+    totals, metric_sums = _accumulate_gradients(run, state, examples, total_units, epoch)
+    penalty = _backward_penalty(run)
+    if run.world > 1:
+        all_reduce_gradients(accelerator, run.params)
+    totals = reduce_sum(accelerator, totals, run.device)
+    grad_norm = clip_gradients(accelerator, run.params, config.max_grad_norm)
+    if not math.isfinite(grad_norm) and config.precision != "fp16":
+        raise _non_finite(
+            run,
+            state,
+            "gradient norm",
+            grad_norm,
+            epoch,
+            f"Lower lr (now {config.lr:g}) or use precision 'fp32'",
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(e.num_tokens for e in examples)
+    seconds = time.perf_counter() - step_started
+    record: dict[str, Any] = {
+        "step": state.step + 1,
+        "epoch": epoch,
+        "loss": float(totals[0] / max(float(totals[1]), 1.0)),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "step_s": seconds,
+        "elapsed_s": time.perf_counter() - state.started,
+    }
+    if penalty is not None:
+        record.update(penalty=penalty, total_loss=record["loss"] + penalty)
+    if run.world == 1:  # metric sums are per process; report them only where they are complete
+        record.update({k: v / max(total_units, 1) for k, v in metric_sums.items()})
+    return record
+
+
+def _accumulate_gradients(
+    run: _Run, state: _LoopState, examples: list[Example], total_units: int, epoch: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Backpropagate this process's micro-batches; return (task-loss sum, unit count) and metric sums."""
+    config, accelerator = run.config, run.accelerator
+    totals = torch.zeros(2, dtype=torch.float64)
+    metric_sums: dict[str, float] = {}
+    for micro, real in _micro_batches(run, examples):
+        with accelerator.autocast():
+            out = run.objective.loss(run.scorer, micro, run.device)
+        if not real:  # FSDP: a stand-in pass so that every process joins the same collectives
+            accelerator.backward(out.loss_sum * 0.0)
+            continue
+        value = float(out.loss_sum.detach())
+        if not math.isfinite(value):
+            advice = (
+                f"Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' instead of 'fp16', "
+                "or check the model and data"
+            )
+            raise _non_finite(run, state, "loss", value, epoch, advice)
+        accelerator.backward(out.loss_sum * (run.world / total_units))
+        totals += torch.tensor([value, out.units], dtype=torch.float64)
+        for key, metric in out.metric_sums.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + metric
+    return totals, metric_sums
+
+
+def _micro_batches(run: _Run, examples: list[Example]) -> list[tuple[list[Example], bool]]:
+    """This process's share of the batch as micro-batches, each flagged real or stand-in.
+
+    Under FSDP every forward gathers the sharded layers from all processes, so each process runs as many
+    micro-batches as the busiest one; the extra ones repeat a record and contribute zero gradient.
+    """
+    split = run.config.grad_accum
+    own = [(micro, True) for micro in split_micro_batches(examples[run.rank :: run.world], split)]
+    if not run.fsdp:
+        return own
+    most = max(len(split_micro_batches(examples[r :: run.world], split)) for r in range(run.world))
+    return own + [([examples[0]], False)] * (most - len(own))
+
+
+def _backward_penalty(run: _Run) -> float | None:
+    """Backpropagate the regularizer (once per step, on every process); its value, or None without one."""
+    if run.regularizer is None:
+        return None
+    term = run.regularizer()
+    run.accelerator.backward(term)
+    return float(term.detach())
+
+
+def _after_step(run: _Run, state: _LoopState, record: dict[str, Any]) -> None:
+    """Count the step, log it, and rewrite the log file when it is due."""
+    state.position.step = record["step"]
+    state.position.tokens_seen += record["tokens"]
+    run.history.steps.append(record)
+    if run.output_dir is not None and time.perf_counter() - state.last_write > LOG_EVERY_S:
+        atomic_write_text(run.output_dir / LOG_NAME, run.history.to_jsonl())
+        state.last_write = time.perf_counter()
+    state.bar.update(1)
+    state.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+
+def _validate(run: _Run, epoch: int, step: int) -> None:
+    """Score the validation examples (each process its share, summed over processes) into the history."""
+    if not run.val_examples:
+        return
+    # Under FSDP every process scores all records: the sharded layers need every process in every forward.
+    shard = list(run.val_examples) if run.fsdp else list(run.val_examples)[run.rank :: run.world]
+    with run.accelerator.autocast():
+        sums = loss_sums(run.objective, run.scorer, shard, run.config.validation_batch_size, run.device)
+    if run.world > 1 and not run.fsdp:
+        keys = sorted(sums)
+        reduced = reduce_sum(run.accelerator, torch.tensor([sums[k] for k in keys]), run.device)
+        sums = dict(zip(keys, reduced.tolist(), strict=True))
+    means = sums_to_means(sums)
+    run.history.validation.append({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in means.items()}})
+
+
+def _checkpoint(run: _Run, state: _LoopState, epoch: int, batch: int, generator_state: torch.Tensor) -> None:
+    """Save the run's whole state (main process only), to continue with `batch` of `epoch`."""
+    root = run.config.checkpoints_path
+    if root is None or not run.accelerator.is_main_process:
+        return
+    position = state.position
+    here = LoopPosition(
+        position.step,
+        epoch,
+        batch,
+        generator_state,
+        position.tokens_seen,
+        time.perf_counter() - state.started,
+    )
+    state.last_checkpoint = save_checkpoint(
+        root,
+        here,
+        params=run.params,
+        optimizer=run.optimizer.optimizer,
+        scheduler=run.scheduler,
+        identity=run.identity,
+        history=run.history.to_dict(),
+    )
+
+
+def _non_finite(
+    run: _Run, state: _LoopState, what: str, value: float, epoch: int, advice: str
+) -> NonFiniteLossError:
+    last = state.last_checkpoint
+    kept = f" The last good checkpoint ({last.name}) is kept in {last.parent}." if last is not None else ""
+    return NonFiniteLossError(
+        f"{run.description}: the {what} became {value} at step {state.step + 1} (epoch {epoch}); training "
+        f"stopped. {advice}.{kept}"
+    )
+
+
+def _finish(run: _Run, state: _LoopState) -> None:
+    """Close the bar, write the summary and the final log (also when training stopped with an error)."""
+    state.bar.close()
+    elapsed = time.perf_counter() - state.started
+    tokens = state.position.tokens_seen
+    run.history.summary = {
+        "steps": state.step,
+        "elapsed_s": elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "logits": run.scorer.mode,
+        "device": str(run.device),
+    }
+    if run.output_dir is not None:
+        atomic_write_text(run.output_dir / LOG_NAME, run.history.to_jsonl())
+
+
+def check_sequence_lengths(
+    model: nn.Module, train_examples: Sequence[Example], val_examples: Sequence[Example] | None
+) -> None:
+    """Refuse sequences longer than the model's position limit.
+
+    A clear `LofitValueError` naming the record and `max_length`, instead of an index error deep inside
+    the model or silently wrong positions.
+    """
+    config = getattr(causal_lm_of(model), "config", None)
+    limit = next(
+        (
+            value
+            for key in ("max_position_embeddings", "n_positions")
+            if isinstance(value := getattr(config, key, None), int) and value > 0
+        ),
+        None,
+    )
+    if limit is None:
+        return
+    for name, examples in (("train", train_examples), ("validation", val_examples or [])):
+        for example in examples:
+            longest = max(len(s.input_ids) for s in example.sequences)
+            if longest > limit:
+                raise LofitValueError(
+                    f"{name} record {example.index} is {longest} tokens long, more than the {limit} positions "
+                    f"this model accepts; pass max_length (--max-length) <= {limit} to truncate prompts from "
+                    "the left, or shorten the record"
+                )

@@ -1,0 +1,118 @@
+"""FSDP2: under an FSDP launch (2 CPU processes, gloo) the frozen base is sharded (each process holds about
+half of its parameter bytes), the adapter stays whole and trains to what one process trains (1e-5), and
+the base is handed back unsharded and unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lofit.selection import select_heads
+from lofit.training.fsdp import parameter_bytes
+from lofit.tuning import train_offsets
+from tiny_models import tiny_model, tiny_tokenizer
+
+pytest.importorskip("torch.distributed.fsdp", reason="torch has no FSDP")
+TESTS = Path(__file__).parent
+RECORDS = [
+    {"prompt": f"{a}*{b}=", "completion": f"{a * b}" + "." * (a + b)} for a in range(1, 5) for b in range(3)
+][:11]
+PAIRS = [
+    {"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"][::-1] + "?"}
+    for r in RECORDS
+]
+SELECT = {"epochs": 1, "batch_size": 5, "lr": 0.05, "l1": 0.01, "progress": False}
+TRAIN = {"epochs": 2, "batch_size": 5, "lr": 0.05, "progress": False}
+HEADS = {0: [1, 2], 2: [0, 3]}
+
+SCRIPT = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from lofit.selection import select_heads
+from lofit.tuning import train_offsets
+from tiny_models import tiny_model, tiny_tokenizer
+from test_fsdp import HEADS, PAIRS, RECORDS, SELECT, TRAIN
+
+out = sys.argv[1]
+tok = tiny_tokenizer()
+base = tiny_model("llama")
+selection = select_heads(base, tok, RECORDS, val_data=RECORDS[:4], **SELECT)
+sft = train_offsets(base, tok, RECORDS, HEADS, val_data=RECORDS[:3], **TRAIN)
+sft_offsets = [p.detach().clone() for p in sft.adapter_parameters()]
+sft_history = sft.training_history
+plain = sft.unload()
+dpo = train_offsets(plain, tok, PAIRS, HEADS, objective="dpo", **TRAIN)
+rank = os.environ["RANK"]
+tensors = {"scores": selection.scores}
+tensors.update({f"sft.{i}": p for i, p in enumerate(sft_offsets)})
+tensors.update({f"dpo.{i}": p.detach() for i, p in enumerate(dpo.adapter_parameters())})
+base_after = dpo.unload()
+kinds = sorted({type(p).__name__ for p in base_after.parameters()})
+tensors.update({f"base.{n}": p.detach().contiguous() for n, p in base_after.named_parameters()})
+save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/rank{rank}.safetensors")
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"fsdp": sft_history.settings.get("fsdp"), "selection_fsdp": selection.history["settings"].get("fsdp"),
+               "losses": sft_history.losses(), "val": [v["val_loss"] for v in sft_history.validation],
+               "classes": sorted({type(m).__name__ for m in base_after.modules()}), "kinds": kinds,
+               "requires_grad": sorted({p.requires_grad for p in base_after.parameters()})}, f)
+"""
+
+
+def launch(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS.parent / 'src'}:{TESTS}",
+        "ACCELERATE_USE_CPU": "true",
+        "ACCELERATE_USE_FSDP": "true",  # what `accelerate launch` sets for an FSDP config
+        "FSDP_VERSION": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*launcher, str(script), str(tmp_path)], env=env, capture_output=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+
+def test_fsdp_shards_the_base_and_trains_like_one_process(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    selection = select_heads(tiny_model("llama"), tok, RECORDS, val_data=RECORDS[:4], **SELECT)
+    sft = train_offsets(tiny_model("llama"), tok, RECORDS, HEADS, val_data=RECORDS[:3], **TRAIN)
+    dpo = train_offsets(tiny_model("llama"), tok, PAIRS, HEADS, objective="dpo", **TRAIN)
+    assert "fsdp" not in sft.training_history.settings  # one process: nothing to shard
+    full_bytes = parameter_bytes(tiny_model("llama"))
+    launch(tmp_path)
+    fresh = dict(tiny_model("llama").named_parameters())
+    for rank in (0, 1):
+        tensors = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        info = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        fsdp = info["fsdp"]
+        assert fsdp["processes"] == 2 and fsdp["parameter_bytes_full"] >= full_bytes
+        # each process keeps half of the base (plus FSDP's padding and the whole, tiny adapter)
+        assert fsdp["parameter_bytes_local"] <= 0.52 * fsdp["parameter_bytes_full"]
+        assert (
+            info["selection_fsdp"]["parameter_bytes_local"]
+            <= 0.52 * info["selection_fsdp"]["parameter_bytes_full"]
+        )
+        assert torch.allclose(tensors["scores"], selection.scores, atol=1e-5, rtol=0)
+        for name, model in (("sft", sft), ("dpo", dpo)):
+            for index, expected in enumerate(model.adapter_parameters()):
+                assert torch.allclose(tensors[f"{name}.{index}"], expected.detach(), atol=1e-5, rtol=0)
+        assert info["losses"] == pytest.approx(sft.training_history.losses(), abs=1e-5)
+        assert info["val"] == pytest.approx(
+            [v["val_loss"] for v in sft.training_history.validation], abs=1e-5
+        )
+        # handed back as it came: whole tensors, no FSDP classes, the same (untouched) weights
+        assert info["kinds"] == ["Parameter"] and not any(c.startswith("FSDP") for c in info["classes"])
+        for name, param in fresh.items():
+            assert torch.equal(tensors[f"base.{name}"], param.detach()), name
