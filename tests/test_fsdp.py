@@ -116,3 +116,62 @@ def test_fsdp_shards_the_base_and_trains_like_one_process(tmp_path: Path) -> Non
         assert info["kinds"] == ["Parameter"] and not any(c.startswith("FSDP") for c in info["classes"])
         for name, param in fresh.items():
             assert torch.equal(tensors[f"base.{name}"], param.detach()), name
+
+
+FSDP_YAML = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: "no"
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+"""
+
+
+@pytest.mark.slow
+def test_lofit_run_under_accelerate_launch_with_an_fsdp_config(tmp_path: Path) -> None:
+    """`accelerate launch --config_file fsdp.yaml -m lofit run ...` writes the adapter one process writes."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    test = [{"prompt": r["prompt"], "answers": [r["completion"]]} for r in RECORDS[:3]]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (tmp_path / "fsdp.yaml").write_text(FSDP_YAML)
+    args = ["run", "--model", str(model_dir), "--task", "exact_match", "--train", str(tmp_path / "train.jsonl"),
+            "--test", str(tmp_path / "test.jsonl"), "--epochs", "2", "--batch-size", "5", "--k", "5",
+            "--precision", "fp32", "--no-progress", "--checkpoint-every", "2"]  # fmt: skip
+    # On CPU accelerate's FSDP launcher needs ACCELERATE_USE_CPU to make the processes a (gloo) group.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTS.parent / "src"),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    one = subprocess.run([sys.executable, "-m", "lofit", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    launcher = [accelerate, "launch", "--config_file", str(tmp_path / "fsdp.yaml"), "-m", "lofit"]
+    two = subprocess.run(
+        [*launcher, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, timeout=300
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    expected = load_file(str(tmp_path / "one" / "adapter" / "lofit_model.safetensors"))
+    got = load_file(str(tmp_path / "two" / "adapter" / "lofit_model.safetensors"))
+    assert got.keys() == expected.keys() and sum(t.numel() for t in got.values()) > 0
+    assert all(torch.allclose(got[k], expected[k], atol=1e-5, rtol=0) for k in expected)
+    heads = [json.loads((tmp_path / d / "heads.json").read_text())["ranking"] for d in ("one", "two")]
+    assert heads[0] == heads[1]
+    # the checkpoint's history shows that the two processes formed one group and sharded the base
+    for step in ("select", "train"):
+        (state,) = (tmp_path / "two" / step / "checkpoints").glob("step-*/state.json")
+        settings = json.loads(state.read_text())["history"]["settings"]
+        assert settings["num_processes"] == 2
+        assert settings["fsdp"]["parameter_bytes_local"] <= 0.52 * settings["fsdp"]["parameter_bytes_full"]
