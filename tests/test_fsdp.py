@@ -175,3 +175,51 @@ def test_lofit_run_under_accelerate_launch_with_an_fsdp_config(tmp_path: Path) -
         settings = json.loads(state.read_text())["history"]["settings"]
         assert settings["num_processes"] == 2
         assert settings["fsdp"]["parameter_bytes_local"] <= 0.52 * settings["fsdp"]["parameter_bytes_full"]
+
+
+FIGURES_SCRIPT = """
+import json, os, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from lofit.tuning import train_offsets
+from tiny_models import tiny_tokenizer
+from test_fsdp import HEADS, RECORDS
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                     bos_token_id=2, eos_token_id=2, pad_token_id=1)
+model = train_offsets(LlamaForCausalLM(config).eval(), tiny_tokenizer(), RECORDS, {0: [1, 2], 5: [0, 7]},
+                      epochs=1, batch_size=5, lr=0.05, progress=False)
+history = model.training_history
+if os.environ.get("RANK", "0") == "0":
+    offsets = torch.cat([p.detach().flatten() for p in model.adapter_parameters()])
+    torch.save(offsets, sys.argv[1] + f"/offsets{history.settings['num_processes']}.pt")
+    with open(sys.argv[1] + f"/figures{history.settings['num_processes']}.json", "w") as f:
+        json.dump(history.settings.get("fsdp"), f)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_memory_figures_on_a_larger_model(tmp_path: Path) -> None:
+    """Per-process parameter bytes with 1 and 2 processes on a 26M-parameter llama; print them (-s)."""
+    script = tmp_path / "figures.py"
+    script.write_text(FIGURES_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'src'}:{TESTS}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, timeout=600
+    )
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*launcher, str(script), str(tmp_path)], env=env, capture_output=True, timeout=600)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    figures = json.loads((tmp_path / "figures2.json").read_text())
+    assert json.loads((tmp_path / "figures1.json").read_text()) is None  # one process: nothing sharded
+    difference = float(
+        (torch.load(tmp_path / "offsets1.pt") - torch.load(tmp_path / "offsets2.pt")).abs().max()
+    )
+    full, local = figures["parameter_bytes_full"], figures["parameter_bytes_local"]
+    print(f"\nparameter bytes per process: N=1 {full:,}  N=2 {local:,} ({local / full:.4f} of N=1); "
+          f"max |offsets(N=2) - offsets(N=1)| = {difference:.3g}")  # fmt: skip
+    assert local <= 0.51 * full and difference <= 1e-5
