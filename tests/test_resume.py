@@ -29,8 +29,9 @@ from lofit.training.checkpoints import (
     restore_rng,
 )
 from lofit.training.config import TrainingConfig
-from lofit.training.loop import NonFiniteLossError, train_adapter
+from lofit.training.loop import train_adapter
 from lofit.training.losses import SFTObjective
+from lofit.training.step import NonFiniteLossError
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 

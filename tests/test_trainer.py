@@ -13,9 +13,10 @@ from lofit.layer import LofitProjection
 from lofit.training.batching import epoch_batches
 from lofit.training.config import TrainingConfig
 from lofit.training.history import TrainingHistory
-from lofit.training.loop import NonFiniteLossError, train_adapter
+from lofit.training.loop import train_adapter
 from lofit.training.losses import SFTObjective, make_objective
 from lofit.training.scoring import TokenScorer
+from lofit.training.step import NonFiniteLossError
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -40,15 +40,7 @@ def head_activations(
     >>> head_activations(base, [[1, 2, 3], [4, 5]]).shape
     torch.Size([2, 2, 4, 8])
     """
-    if positions is None:
-        positions = [len(s) - 1 for s in sequences]
-    if len(positions) != len(sequences):
-        raise LofitValueError(f"got {len(positions)} positions for {len(sequences)} sequences")
-    for index, (sequence, position) in enumerate(zip(sequences, positions, strict=True)):
-        if not sequence or not 0 <= position < len(sequence):
-            raise LofitValueError(
-                f"sequence {index}: position {position} is outside its {len(sequence)} tokens"
-            )
+    positions = _checked_positions(sequences, positions)
     causal_lm = model.base_model if isinstance(model, LofitModel) else model
     geometry: HeadGeometry = (
         model.geometry if isinstance(model, LofitModel) else find_output_projections(model, target_modules)
@@ -82,6 +74,19 @@ def head_activations(
         for handle in handles:
             handle.remove()
         causal_lm.train(was_training)
+
+
+def _checked_positions(sequences: Sequence[Sequence[int]], positions: Sequence[int] | None) -> Sequence[int]:
+    if positions is None:
+        return [len(s) - 1 for s in sequences]
+    if len(positions) != len(sequences):
+        raise LofitValueError(f"got {len(positions)} positions for {len(sequences)} sequences")
+    for index, (sequence, position) in enumerate(zip(sequences, positions, strict=True)):
+        if not sequence or not 0 <= position < len(sequence):
+            raise LofitValueError(
+                f"sequence {index}: position {position} is outside its {len(sequence)} tokens"
+            )
+    return positions
 
 
 class _Recorder:

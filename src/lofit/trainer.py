@@ -14,12 +14,12 @@ from .training.loop import (
     CURVE_NAME,
     LOG_EVERY_S,
     LOG_NAME,
-    NonFiniteLossError,
     check_sequence_lengths,
     linear_schedule,
     train_adapter,
 )
 from .training.resume import RESULT_OPTIONS, run_identity
+from .training.step import NonFiniteLossError
 
 __all__ = [
     "BF16_CPU_FLAGS",

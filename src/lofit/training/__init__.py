@@ -10,7 +10,9 @@
 | `scoring` | `TokenScorer`: log-probs with the LM head applied at scored positions only |
 | `losses` | the SFT and DPO objectives |
 | `adapter_model` | the `AdapterModel` protocol the loop trains, `AdapterView` for other adapters |
-| `loop` | `train_adapter` |
+| `loop` | `train_adapter`: setup, epochs, validation, checkpoints |
+| `step` | one optimizer step: micro-batches, all-reduce, clipping |
+| `run_state` | `TrainingRun` (fixed at the start) and `LoopState` (what moves) |
 | `resume` | what ties a checkpoint to its run; where a run starts |
 | `checkpoints` | the training-state files (`--checkpoint-every`, `--resume`) |
 | `distributed` | accelerator, placement, gradient all-reduce and clipping |
@@ -43,7 +45,7 @@ _LAZY = {
     "AdapterModel": "adapter_model",
     "AdapterView": "adapter_model",
     "train_adapter": "loop",
-    "NonFiniteLossError": "loop",
+    "NonFiniteLossError": "step",
     "seed_everything": "distributed",
     "CheckpointError": "checkpoints",
 }

@@ -7,9 +7,10 @@ processes are pure memory/speed knobs. With `checkpoint_every` the loop saves it
 `lofit.training.checkpoints`) every N optimizer steps and at each epoch end; `resume=True` continues
 from the latest checkpoint exactly where it stopped.
 
-Reading order: `train_adapter` -> `_setup` (a `_Run`: what stays fixed) -> `_start` (a `_LoopState`:
-what moves) -> `_train_epoch` -> `_optimizer_step` -> `_after_step`; `_validate`, `_checkpoint` and
-`_finish` are called from there.
+Reading order: `train_adapter` -> `_setup` (a `TrainingRun`: what stays fixed) -> `_start` (a
+`LoopState`: what moves) -> `_prepared` (eval mode, activation checkpointing, FSDP) -> `_train_epoch`
+-> `step.optimizer_step` -> `_after_step`; `_validate`, `_checkpoint` and `_finish` are called from
+there. No function shares state with another except through those two objects.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,84 +28,30 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_text
-from ..errors import LofitRuntimeError, LofitValueError
+from ..errors import LofitValueError
 from . import activation_checkpointing
 from .adapter_model import AdapterModel, causal_lm_of
-from .batching import epoch_batches, split_micro_batches
+from .batching import epoch_batches
 from .checkpoints import LoopPosition, save_checkpoint
 from .config import TrainingConfig
-from .distributed import all_reduce_gradients, clip_gradients, make_accelerator, place_model, reduce_sum
+from .distributed import make_accelerator, place_model, reduce_sum
 from .encoding import Example
-from .fsdp import ShardedBase, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
+from .fsdp import fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
 from .history import TrainingHistory
 from .losses import Objective, loss_sums, sums_to_means
 from .resume import run_identity, start_position
+from .run_state import LoopState, TrainingRun
 from .scoring import TokenScorer
+from .step import optimizer_step
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    pass
 
 LOG_NAME = "train_log.jsonl"
 CURVE_NAME = "loss_curve.png"
 LOG_EVERY_S = 30.0  # besides each epoch end, rewrite the (atomic) log at most this often
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(LofitRuntimeError):
-    """Training produced a NaN/inf loss or gradient; the message says what to change."""
-
-
-@dataclass
-class _Run:
-    """What a training run fixes at its start."""
-
-    model: nn.Module  # the AdapterModel (`_setup` checks that it is a module)
-    objective: Objective
-    train_examples: Sequence[Example]
-    val_examples: Sequence[Example]
-    config: TrainingConfig
-    description: str
-    regularizer: Callable[[], torch.Tensor] | None
-    accelerator: Accelerator
-    device: torch.device
-    params: list[nn.Parameter]
-    optimizer: Any  # accelerate's AcceleratedOptimizer around AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scorer: TokenScorer
-    history: TrainingHistory
-    identity: dict[str, Any]
-    fsdp: bool
-    output_dir: Path | None
-
-    @property
-    def rank(self) -> int:
-        """This process's index."""
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        """The number of processes."""
-        return self.accelerator.num_processes
-
-
-@dataclass
-class _LoopState:
-    """What moves while the run goes: the position, counters and the last checkpoint written."""
-
-    position: LoopPosition
-    generator: torch.Generator
-    started: float
-    last_write: float
-    last_checkpoint: Path | None = None
-    bar: Any = None
-    sharded: ShardedBase | None = None
-    switched_layers: list[nn.Module] = field(default_factory=list)
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps done so far."""
-        return self.position.step
 
 
 def train_adapter(
@@ -163,7 +109,7 @@ def _setup(
     config: TrainingConfig,
     regularizer: Callable[[], torch.Tensor] | None,
     description: str,
-) -> _Run:
+) -> TrainingRun:
     if not isinstance(model, nn.Module):
         raise LofitValueError(
             f"train_adapter needs a torch module with adapter_parameters() and disable_adapter(), got "
@@ -209,7 +155,7 @@ def _setup(
     identity = run_identity(config, objective, description, model, train_examples, params)
     output_dir = Path(config.output_dir) if config.output_dir and accelerator.is_main_process else None
     scorer = TokenScorer(model, mode="full" if fsdp else "auto")
-    return _Run(
+    return TrainingRun(
         model, objective, train_examples, val_examples, config, description, regularizer, accelerator,
         device, params, optimizer, scheduler, scorer, history, identity, fsdp, output_dir,
     )  # fmt: skip
@@ -232,7 +178,7 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return factor
 
 
-def _start(run: _Run) -> _LoopState:
+def _start(run: TrainingRun) -> LoopState:
     """The loop's starting state: fresh, or restored from the latest checkpoint."""
     config = run.config
     generator = torch.Generator().manual_seed(config.seed)
@@ -242,7 +188,7 @@ def _start(run: _Run) -> _LoopState:
     position = restored or LoopPosition(step=0, epoch=1, batch=0, generator_state=generator.get_state())
     generator.set_state(position.generator_state)
     started = time.perf_counter() - position.elapsed_s
-    state = _LoopState(position, generator, started, started, last_checkpoint=found)
+    state = LoopState(position, generator, started, started, last_checkpoint=found)
     from tqdm.auto import tqdm
 
     state.bar = tqdm(
@@ -255,7 +201,7 @@ def _start(run: _Run) -> _LoopState:
 
 
 @contextlib.contextmanager
-def _prepared(run: _Run, state: _LoopState) -> Iterator[None]:
+def _prepared(run: TrainingRun, state: LoopState) -> Iterator[None]:
     """The model as training needs it (eval mode, activation checkpointing, FSDP); as it was afterwards."""
     model = run.model
     was_training = model.training
@@ -284,7 +230,7 @@ def _prepared(run: _Run, state: _LoopState) -> Iterator[None]:
         model.train(was_training)
 
 
-def _train_epoch(run: _Run, state: _LoopState, epoch: int) -> None:
+def _train_epoch(run: TrainingRun, state: LoopState, epoch: int) -> None:
     """One pass over the training examples (the part done before a resumed checkpoint is skipped)."""
     config = run.config
     epoch_generator_state = state.generator.get_state()
@@ -293,7 +239,7 @@ def _train_epoch(run: _Run, state: _LoopState, epoch: int) -> None:
     skip = state.position.batch if epoch == state.position.epoch else 0
     for batch_number in range(skip, len(batches)):
         examples = [run.train_examples[i] for i in batches[batch_number]]
-        record = _optimizer_step(run, state, examples, epoch)
+        record = optimizer_step(run, state, examples, epoch)
         # The epoch's last step is saved after its validation, by the epoch-end checkpoint.
         mid_epoch = batch_number + 1 < len(batches)
         _after_step(run, state, record)
@@ -306,101 +252,7 @@ def _train_epoch(run: _Run, state: _LoopState, epoch: int) -> None:
         _checkpoint(run, state, epoch + 1, 0, state.generator.get_state())
 
 
-def _optimizer_step(run: _Run, state: _LoopState, examples: list[Example], epoch: int) -> dict[str, Any]:
-    """Forward/backward over this process's micro-batches, all-reduce, clip, AdamW; the step's record."""
-    config, accelerator = run.config, run.accelerator
-    step_started = time.perf_counter()
-    total_units = sum(run.objective.units(e) for e in examples)
-    lr = run.scheduler.get_last_lr()[0]
-    totals, metric_sums = _accumulate_gradients(run, state, examples, total_units, epoch)
-    penalty = _backward_penalty(run)
-    if run.world > 1:
-        all_reduce_gradients(accelerator, run.params)
-    totals = reduce_sum(accelerator, totals, run.device)
-    grad_norm = clip_gradients(accelerator, run.params, config.max_grad_norm)
-    if not math.isfinite(grad_norm) and config.precision != "fp16":
-        raise _non_finite(
-            run,
-            state,
-            "gradient norm",
-            grad_norm,
-            epoch,
-            f"Lower lr (now {config.lr:g}) or use precision 'fp32'",
-        )
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(e.num_tokens for e in examples)
-    seconds = time.perf_counter() - step_started
-    record: dict[str, Any] = {
-        "step": state.step + 1,
-        "epoch": epoch,
-        "loss": float(totals[0] / max(float(totals[1]), 1.0)),
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "tokens": tokens,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
-        "step_s": seconds,
-        "elapsed_s": time.perf_counter() - state.started,
-    }
-    if penalty is not None:
-        record.update(penalty=penalty, total_loss=record["loss"] + penalty)
-    if run.world == 1:  # metric sums are per process; report them only where they are complete
-        record.update({k: v / max(total_units, 1) for k, v in metric_sums.items()})
-    return record
-
-
-def _accumulate_gradients(
-    run: _Run, state: _LoopState, examples: list[Example], total_units: int, epoch: int
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Backpropagate this process's micro-batches; return (task-loss sum, unit count) and metric sums."""
-    config, accelerator = run.config, run.accelerator
-    totals = torch.zeros(2, dtype=torch.float64)
-    metric_sums: dict[str, float] = {}
-    for micro, real in _micro_batches(run, examples):
-        with accelerator.autocast():
-            out = run.objective.loss(run.scorer, micro, run.device)
-        if not real:  # FSDP: a stand-in pass so that every process joins the same collectives
-            accelerator.backward(out.loss_sum * 0.0)
-            continue
-        value = float(out.loss_sum.detach())
-        if not math.isfinite(value):
-            advice = (
-                f"Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' instead of 'fp16', "
-                "or check the model and data"
-            )
-            raise _non_finite(run, state, "loss", value, epoch, advice)
-        accelerator.backward(out.loss_sum * (run.world / total_units))
-        totals += torch.tensor([value, out.units], dtype=torch.float64)
-        for key, metric in out.metric_sums.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + metric
-    return totals, metric_sums
-
-
-def _micro_batches(run: _Run, examples: list[Example]) -> list[tuple[list[Example], bool]]:
-    """This process's share of the batch as micro-batches, each flagged real or stand-in.
-
-    Under FSDP every forward gathers the sharded layers from all processes, so each process runs as many
-    micro-batches as the busiest one; the extra ones repeat a record and contribute zero gradient.
-    """
-    split = run.config.grad_accum
-    own = [(micro, True) for micro in split_micro_batches(examples[run.rank :: run.world], split)]
-    if not run.fsdp:
-        return own
-    most = max(len(split_micro_batches(examples[r :: run.world], split)) for r in range(run.world))
-    return own + [([examples[0]], False)] * (most - len(own))
-
-
-def _backward_penalty(run: _Run) -> float | None:
-    """Backpropagate the regularizer (once per step, on every process); its value, or None without one."""
-    if run.regularizer is None:
-        return None
-    term = run.regularizer()
-    run.accelerator.backward(term)
-    return float(term.detach())
-
-
-def _after_step(run: _Run, state: _LoopState, record: dict[str, Any]) -> None:
+def _after_step(run: TrainingRun, state: LoopState, record: dict[str, Any]) -> None:
     """Count the step, log it, and rewrite the log file when it is due."""
     state.position.step = record["step"]
     state.position.tokens_seen += record["tokens"]
@@ -412,7 +264,7 @@ def _after_step(run: _Run, state: _LoopState, record: dict[str, Any]) -> None:
     state.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
 
-def _validate(run: _Run, epoch: int, step: int) -> None:
+def _validate(run: TrainingRun, epoch: int, step: int) -> None:
     """Score the validation examples (each process its share, summed over processes) into the history."""
     if not run.val_examples:
         return
@@ -428,7 +280,9 @@ def _validate(run: _Run, epoch: int, step: int) -> None:
     run.history.validation.append({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in means.items()}})
 
 
-def _checkpoint(run: _Run, state: _LoopState, epoch: int, batch: int, generator_state: torch.Tensor) -> None:
+def _checkpoint(
+    run: TrainingRun, state: LoopState, epoch: int, batch: int, generator_state: torch.Tensor
+) -> None:
     """Save the run's whole state (main process only), to continue with `batch` of `epoch`."""
     root = run.config.checkpoints_path
     if root is None or not run.accelerator.is_main_process:
@@ -453,18 +307,7 @@ def _checkpoint(run: _Run, state: _LoopState, epoch: int, batch: int, generator_
     )
 
 
-def _non_finite(
-    run: _Run, state: _LoopState, what: str, value: float, epoch: int, advice: str
-) -> NonFiniteLossError:
-    last = state.last_checkpoint
-    kept = f" The last good checkpoint ({last.name}) is kept in {last.parent}." if last is not None else ""
-    return NonFiniteLossError(
-        f"{run.description}: the {what} became {value} at step {state.step + 1} (epoch {epoch}); training "
-        f"stopped. {advice}.{kept}"
-    )
-
-
-def _finish(run: _Run, state: _LoopState) -> None:
+def _finish(run: TrainingRun, state: LoopState) -> None:
     """Close the bar, write the summary and the final log (also when training stopped with an error)."""
     state.bar.close()
     elapsed = time.perf_counter() - state.started
