@@ -223,3 +223,14 @@ def test_fsdp_memory_figures_on_a_larger_model(tmp_path: Path) -> None:
     print(f"\nparameter bytes per process: N=1 {full:,}  N=2 {local:,} ({local / full:.4f} of N=1); "
           f"max |offsets(N=2) - offsets(N=1)| = {difference:.3g}")  # fmt: skip
     assert local <= 0.51 * full and difference <= 1e-5
+
+
+def test_weights_never_loaded_are_refused_with_what_to_change() -> None:
+    """transformers' FSDP cpu-RAM-efficient loading leaves other ranks' weights on the meta device."""
+    from lofit.errors import LofitRuntimeError
+
+    base = tiny_model("llama")
+    layer = base.model.layers[1].mlp.down_proj
+    layer.weight = torch.nn.Parameter(torch.empty(layer.weight.shape, device="meta"))
+    with pytest.raises(LofitRuntimeError, match=r"meta device.*FSDP_CPU_RAM_EFFICIENT_LOADING=false"):
+        train_offsets(base, tiny_tokenizer(), RECORDS, HEADS, epochs=1, progress=False)

@@ -5,7 +5,20 @@ shards every decoder layer and then the rest of the causal LM with `torch.distri
 passing the adapter's parameters as `ignored_params`: each process keeps 1/N of the base weights
 between layer calls (gathered layer by layer in forward and backward), while the few adapter vectors
 stay whole on every process and their gradients are averaged by the loop's one all-reduce, exactly as
-without FSDP. After training the base is handed back unsharded, as it came.
+without FSDP. After training the base is handed back unsharded, as it came. The logits are computed
+with the model's own forward under FSDP (`TokenScorer` mode "full"): calling the decoder body and the
+LM head separately would bypass the root module's gathering of the embeddings and the head.
+
+A config for `accelerate launch --config_file fsdp.yaml -m lofit run ...` (on CPU also set
+`ACCELERATE_USE_CPU=true`, without which accelerate's FSDP launcher starts unconnected processes)::
+
+    compute_environment: LOCAL_MACHINE
+    distributed_type: FSDP
+    num_machines: 1
+    num_processes: 4
+    mixed_precision: "no"       # lofit's --precision sets autocast itself
+    fsdp_config:
+      fsdp_version: 2
 """
 
 from __future__ import annotations
@@ -32,6 +45,22 @@ def fsdp_requested(accelerator: Accelerator) -> bool:
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
     )
     return asked and accelerator.num_processes > 1
+
+
+def check_weights_loaded(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the meta device (never loaded), with what to change.
+
+    Under an FSDP launch, transformers loads the weights on local rank 0 only when the process group
+    already exists ("cpu RAM efficient loading") and expects FSDP to broadcast them; lofit shards with
+    FSDP2, which does not, so the other processes would train on empty weights.
+    """
+    meta = [name for name, param in model.named_parameters() if param.is_meta]
+    if meta:
+        raise LofitRuntimeError(
+            f"{len(meta)} parameters of the model (e.g. {meta[0]}) are on the meta device: their weights "
+            "were never loaded in this process. Under accelerate's FSDP launch, load the model before "
+            "anything creates an Accelerator, or set FSDP_CPU_RAM_EFFICIENT_LOADING=false"
+        )
 
 
 def parameter_bytes(module: nn.Module) -> int:

@@ -36,7 +36,7 @@ from .checkpoints import LoopPosition, save_checkpoint
 from .config import TrainingConfig
 from .distributed import make_accelerator, place_model, reduce_sum
 from .encoding import Example
-from .fsdp import fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
+from .fsdp import check_weights_loaded, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
 from .history import TrainingHistory
 from .losses import Objective, loss_sums, sums_to_means
 from .resume import run_identity, start_position
@@ -110,20 +110,16 @@ def _setup(
     regularizer: Callable[[], torch.Tensor] | None,
     description: str,
 ) -> TrainingRun:
-    if not isinstance(model, nn.Module):
-        raise LofitValueError(
-            f"train_adapter needs a torch module with adapter_parameters() and disable_adapter(), got "
-            f"{type(model).__name__}; wrap other adapted models in lofit.training.AdapterView"
-        )
+    module = _check_model(model)
     accelerator = make_accelerator(config.precision)
-    device = place_model(model, accelerator.device)
+    device = place_model(module, accelerator.device)
     params = [p for p in model.adapter_parameters() if p.requires_grad]
     if not params:
         raise LofitValueError(
             "the model has no trainable adapter parameters; build it with get_lofit_model (or pass the "
             "parameters to train through AdapterView)"
         )
-    check_sequence_lengths(model, train_examples, val_examples)
+    check_sequence_lengths(module, train_examples, val_examples)
     if getattr(accelerator.distributed_type, "value", None) == "DEEPSPEED":
         logger.warning(
             "lofit does not shard the frozen base model under DeepSpeed: every process holds the whole model; "
@@ -152,13 +148,24 @@ def _setup(
             "trainable_params": sum(p.numel() for p in params),
         }
     )
-    identity = run_identity(config, objective, description, model, train_examples, params)
+    identity = run_identity(config, objective, description, module, train_examples, params)
     output_dir = Path(config.output_dir) if config.output_dir and accelerator.is_main_process else None
-    scorer = TokenScorer(model, mode="full" if fsdp else "auto")
+    scorer = TokenScorer(module, mode="full" if fsdp else "auto")
     return TrainingRun(
-        model, objective, train_examples, val_examples, config, description, regularizer, accelerator,
+        module, objective, train_examples, val_examples, config, description, regularizer, accelerator,
         device, params, optimizer, scheduler, scorer, history, identity, fsdp, output_dir,
     )  # fmt: skip
+
+
+def _check_model(model: AdapterModel) -> nn.Module:
+    """`model` as the torch module it must be; refuse one whose weights were never loaded."""
+    if not isinstance(model, nn.Module):
+        raise LofitValueError(
+            f"train_adapter needs a torch module with adapter_parameters() and disable_adapter(), got "
+            f"{type(model).__name__}; wrap other adapted models in lofit.training.AdapterView"
+        )
+    check_weights_loaded(model)
+    return model
 
 
 def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
