@@ -8,7 +8,7 @@ projection keeps only the requested token positions, so memory is [N, layers, he
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from .heads import HeadGeometry, find_output_projections
 from .model import LofitModel
 from .training.batching import pad_token_id
 from .training.encoding import tokenize_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def head_activations(
@@ -147,7 +150,7 @@ def _decoder_body(causal_lm: nn.Module, sites: list[nn.Module]) -> nn.Module:
 
 def text_head_activations(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     batch_size: int = 16,
