@@ -40,6 +40,8 @@ def train_offsets(
             the attention output projections, when they are not found automatically) and the
             `TrainingConfig` fields (epochs=5, batch_size=8, lr=1e-2, beta=0.5, max_length, seed=42,
             grad_accum, precision, init_std=1e-3, output_dir, checkpoint_every, resume, ...).
+            `cache_lower_layers=True` runs the frozen layers below the lowest selected head only in the
+            first epoch (their outputs are cached per record; same losses and gradients).
 
     Returns:
         The trained `LofitModel` (base frozen); its `training_history` attribute holds the

@@ -17,6 +17,7 @@
 | `checkpoints` | the training-state files (`--checkpoint-every`, `--resume`) |
 | `distributed` | accelerator, placement, gradient all-reduce and clipping |
 | `fsdp` | FSDP2 sharding of the frozen base |
+| `lower_layers` | `cache_lower_layers`: the frozen layers below the adapter run once |
 | `activation_checkpointing` | recompute decoder layers in backward (memory knob; not `checkpoints`) |
 """
 

@@ -55,6 +55,12 @@ class TrainingConfig:
         default=False,
         metadata={"help": "recompute decoder-layer activations in backward: less memory, slower steps"},
     )
+    cache_lower_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the hidden states entering the lowest adapted layer; later epochs start there"
+        },
+    )
     eval_batch_size: int | None = field(default=None, metadata={"help": "validation batch (default 2x)"})
     output_dir: str | None = field(default=None, metadata={"help": "write train_log.jsonl, loss_curve.png"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})

@@ -39,6 +39,7 @@ from .encoding import Example
 from .fsdp import check_weights_loaded, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
 from .history import TrainingHistory
 from .losses import Objective, loss_sums, sums_to_means
+from .lower_layers import LowerLayerCache, check_cache_fits
 from .resume import run_identity, start_position
 from .run_state import LoopState, TrainingRun
 from .scoring import TokenScorer
@@ -229,12 +230,39 @@ def _prepared(run: TrainingRun, state: LoopState) -> Iterator[None]:
                 "parameter_bytes_full": full_bytes,
                 "parameter_bytes_local": parameter_bytes(causal_lm_of(model)),
             }
+        if run.config.cache_lower_layers:
+            state.lower_cache = _lower_layer_cache(run)
         yield
     finally:
+        if state.lower_cache is not None:
+            state.lower_cache.detach()
         if state.sharded is not None:
             unshard_base_model(state.sharded)
         activation_checkpointing.disable(state.switched_layers)
         model.train(was_training)
+
+
+def _lower_layer_cache(run: TrainingRun) -> LowerLayerCache | None:
+    """The attached cache below the lowest adapted layer; None where nothing lies below it (or FSDP)."""
+    selected_heads = getattr(run.model, "selected_heads", None)
+    heads = selected_heads() if callable(selected_heads) else {}
+    layers = [layer for layer, chosen in heads.items() if chosen]
+    if run.fsdp or not layers or min(layers) == 0:
+        # under FSDP a skipped layer would leave the other processes waiting in its all-gather
+        return None
+    causal_lm = causal_lm_of(run.model)
+    decoder_layers = activation_checkpointing.decoder_layers(causal_lm)
+    config = getattr(causal_lm, "config", None)
+    hidden_size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if isinstance(hidden_size, int):
+        check_cache_fits([*run.train_examples, *run.val_examples], hidden_size)
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else causal_lm
+    if not any(module is decoder_layers[0] for module in body.modules()):
+        body = causal_lm
+    cache = LowerLayerCache(body, decoder_layers, min(layers))
+    cache.attach()
+    return cache
 
 
 def _train_epoch(run: TrainingRun, state: LoopState, epoch: int) -> None:
@@ -327,6 +355,14 @@ def _finish(run: TrainingRun, state: LoopState) -> None:
         "logits": run.scorer.mode,
         "device": str(run.device),
     }
+    cache = state.lower_cache
+    if cache is not None:
+        run.history.summary["lower_layer_cache"] = {
+            "layer": cache.lowest,
+            "sequences": len(cache.states),
+            "bytes": cache.num_bytes,
+            "replayed_forwards": cache.replayed_forwards,
+        }
     if run.output_dir is not None:
         atomic_write_text(run.output_dir / LOG_NAME, run.history.to_jsonl())
 

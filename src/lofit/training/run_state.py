@@ -15,6 +15,7 @@ from .encoding import Example
 from .fsdp import ShardedBase
 from .history import TrainingHistory
 from .losses import Objective
+from .lower_layers import LowerLayerCache
 from .scoring import TokenScorer
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class LoopState:
     last_checkpoint: Path | None = None
     bar: Any = None
     sharded: ShardedBase | None = None
+    lower_cache: LowerLayerCache | None = None
     switched_layers: list[nn.Module] = field(default_factory=list)
 
     @property
