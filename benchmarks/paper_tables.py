@@ -56,6 +56,7 @@ from lofit.selection import HeadSelection, probe_texts, rank_heads  # noqa: E402
 from lofit.tasks import load_task  # noqa: E402
 from lofit.tasks.multiple_choice import load_mc_split  # noqa: E402
 from lofit.trainer import TrainingConfig, seed_everything, train_adapter  # noqa: E402
+from lofit.training.adapter_model import AdapterView  # noqa: E402
 
 TASKS = ("truthfulqa", "mquake", "clutrr")
 OOD_SETS = ("arc_easy", "piqa", "openbookqa")
@@ -446,13 +447,6 @@ def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit"
     }
 
 
-def expose_for_trainer(model: nn.Module) -> nn.Module:
-    """Give a peft/RED model the one method `train_adapter` needs besides forward (its trainable params)."""
-    params = trainable_parameters(model)
-    object.__setattr__(model, "adapter_parameters", lambda *args, **kwargs: params)
-    return model
-
-
 def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any, lr: float) -> Any:
     """The trainer's loop (objective, AdamW, linear schedule, clipping) on a peft/RED model."""
     task = h.task(name, fold)
@@ -461,7 +455,8 @@ def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any,
     train = objective.encode(h.split(name, fold, "train"))
     val = objective.encode(h.split(name, fold, "val"))
     seed_everything(config.seed)
-    trainee: Any = expose_for_trainer(model)  # duck-typed: train_adapter is annotated for LofitModel
+    # AdapterView: the trainer's AdapterModel protocol, with the baseline's own parameters and switch
+    trainee = AdapterView(model, trainable_parameters(model))
     return train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
 
 

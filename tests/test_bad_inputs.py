@@ -398,14 +398,14 @@ def test_interrupted_cli_run_resumes_to_the_same_adapter(
 ) -> None:
     """`lofit train --checkpoint-every 1` stopped by Ctrl-C mid-epoch, then rerun with --resume, writes
     the adapter an uninterrupted run writes."""
-    import lofit.trainer
+    import lofit.training.loop
 
     ws = Workspace(tmp_path / "uninterrupted", assets, monkeypatch)
     assert main(ws.train("--epochs", "2")) == 0
     expected = load_file(str(ws.out / "adapter" / "lofit_model.safetensors"))
 
     ws = Workspace(tmp_path / "interrupted", assets, monkeypatch)
-    save = lofit.trainer.save_checkpoint
+    save = lofit.training.loop.save_checkpoint
 
     def ctrl_c_after_step_2(root, position, **rest):  # type: ignore[no-untyped-def]
         path = save(root, position, **rest)
@@ -413,10 +413,10 @@ def test_interrupted_cli_run_resumes_to_the_same_adapter(
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(lofit.trainer, "save_checkpoint", ctrl_c_after_step_2)
+    monkeypatch.setattr(lofit.training.loop, "save_checkpoint", ctrl_c_after_step_2)
     assert main(ws.train("--epochs", "2", "--checkpoint-every", "1")) == 130
     assert not (ws.out / "adapter").exists()
-    monkeypatch.setattr(lofit.trainer, "save_checkpoint", save)
+    monkeypatch.setattr(lofit.training.loop, "save_checkpoint", save)
     assert main(ws.train("--epochs", "2", "--checkpoint-every", "1", "--resume")) == 0
     resumed = load_file(str(ws.out / "adapter" / "lofit_model.safetensors"))
     assert resumed.keys() == expected.keys()

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.layer_checkpointing import checkpointing, decoder_layers, requested
-from lofit.objectives import make_objective
-from lofit.trainer import TrainingConfig, train_adapter
+from lofit.training.activation_checkpointing import checkpointing, decoder_layers, requested
+from lofit.training.config import TrainingConfig
+from lofit.training.loop import train_adapter
+from lofit.training.losses import make_objective
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -9,17 +9,11 @@ import pytest
 import torch
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.objectives import (
-    DPOObjective,
-    RecordError,
-    SequenceEncoder,
-    SFTObjective,
-    TokenScorer,
-    as_records,
-    collate,
-    dpo_losses,
-    mean_loss,
-)
+from lofit.training.batching import collate
+from lofit.training.encoding import SequenceEncoder
+from lofit.training.losses import DPOObjective, SFTObjective, dpo_losses, mean_loss
+from lofit.training.records import RecordError, as_records
+from lofit.training.scoring import TokenScorer
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 SFT_RECORDS = [

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.checkpoint import (
+from lofit.selection import select_heads
+from lofit.training.checkpoints import (
     STATE_NAME,
     TENSORS_NAME,
     CheckpointError,
@@ -27,9 +28,10 @@ from lofit.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from lofit.objectives import SFTObjective
-from lofit.selection import select_heads
-from lofit.trainer import NonFiniteLossError, TrainingConfig, train_adapter
+from lofit.training.config import TrainingConfig
+from lofit.training.loop import train_adapter
+from lofit.training.losses import SFTObjective
+from lofit.training.step import NonFiniteLossError
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -45,7 +47,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import torch
 from safetensors.torch import save_file
-import lofit.checkpoint, lofit.trainer
+import lofit.training.checkpoints, lofit.training.loop
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -56,20 +58,20 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if where == "after":  # right after checkpoint `kill_step` is in place
-    save = lofit.trainer.save_checkpoint
+    save = lofit.training.loop.save_checkpoint
     def patched(root, position, **kwargs):
         path = save(root, position, **kwargs)
         if position.step == kill_step:
             die()
         return path
-    lofit.trainer.save_checkpoint = patched
+    lofit.training.loop.save_checkpoint = patched
 else:  # while checkpoint `kill_step` is half written (tensors saved, not yet renamed into place)
-    save_file = lofit.checkpoint.save_file
+    save_file = lofit.training.checkpoints.save_file
     def patched_save_file(tensors, path, metadata=None):
         save_file(tensors, path, metadata=metadata)
         if f"step-{kill_step:08d}" in path:
             die()
-    lofit.checkpoint.save_file = patched_save_file
+    lofit.training.checkpoints.save_file = patched_save_file
 
 train_offsets(tiny_model("llama"), tiny_tokenizer(), records, {0: [1], 2: [0, 3]}, epochs=2, batch_size=5,
               lr=0.05, progress=False, group_by_length=True, output_dir=out, checkpoint_every=1)
@@ -137,18 +139,18 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(  # type: ignore[no-u
 
 def interrupt_after(monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
     """Make the next run stop (KeyboardInterrupt) right after writing checkpoint `step`."""
-    import lofit.trainer
+    import lofit.training.loop
 
-    save = lofit.trainer.save_checkpoint
+    save = lofit.training.loop.save_checkpoint
 
     def patched(root, position, **rest):  # type: ignore[no-untyped-def]
         path = save(root, position, **rest)
         if position.step == step:
-            monkeypatch.setattr(lofit.trainer, "save_checkpoint", save)
+            monkeypatch.setattr(lofit.training.loop, "save_checkpoint", save)
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(lofit.trainer, "save_checkpoint", patched)
+    monkeypatch.setattr(lofit.training.loop, "save_checkpoint", patched)
 
 
 def test_selection_interrupted_and_resumed_gives_the_same_ranking(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

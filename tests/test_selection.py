@@ -15,7 +15,7 @@ from lofit.heads import find_output_projections
 from lofit.layer import LofitProjection
 from lofit.probe import fit_logistic_probes, probe_head_scores
 from lofit.selection import HeadSelection, SelectionFileError, rank_heads, select_heads
-from lofit.trainer import seed_everything
+from lofit.training.distributed import seed_everything
 from tiny_models import tiny_model, tiny_tokenizer
 
 RECORDS = [{"prompt": f"{a}{b}:", "completion": f"{(a * b) % 10}"} for a in range(5) for b in range(5)]

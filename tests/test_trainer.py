@@ -10,14 +10,13 @@ import torch
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.layer import LofitProjection
-from lofit.objectives import SFTObjective, TokenScorer, make_objective
-from lofit.trainer import (
-    NonFiniteLossError,
-    TrainingConfig,
-    TrainingHistory,
-    epoch_batches,
-    train_adapter,
-)
+from lofit.training.batching import epoch_batches
+from lofit.training.config import TrainingConfig
+from lofit.training.history import TrainingHistory
+from lofit.training.loop import train_adapter
+from lofit.training.losses import SFTObjective, make_objective
+from lofit.training.scoring import TokenScorer
+from lofit.training.step import NonFiniteLossError
 from lofit.tuning import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -112,7 +111,8 @@ def test_first_step_matches_hand_computed_loss_gradient_and_adam_update(weight_d
 
 
 def test_gradient_clipping_scales_the_gradient_to_max_norm() -> None:
-    from lofit.trainer import _clip, make_accelerator
+    from lofit.training.distributed import clip_gradients as _clip
+    from lofit.training.distributed import make_accelerator
 
     param = torch.nn.Parameter(torch.zeros(4))
     param.grad = torch.tensor([6.0, 8.0, 0.0, 0.0])

@@ -8,8 +8,9 @@ import torch
 from lofit import LofitModel
 from lofit.config import LofitConfigError
 from lofit.layer import LofitProjection
-from lofit.objectives import TokenScorer, make_objective, sequence_logps
 from lofit.selection import HeadSelection, rank_heads, select_heads
+from lofit.training.losses import make_objective
+from lofit.training.scoring import TokenScorer, sequence_logps
 from lofit.tuning import train_offsets
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 

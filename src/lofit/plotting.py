@@ -13,11 +13,10 @@ import torch
 
 from .atomic import atomic_write_with
 from .config import HeadMap
+from .training.history import TrainingHistory
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .trainer import TrainingHistory
 
 
 def _save(figure: Figure, path: str | Path) -> None:

@@ -1,4 +1,6 @@
-"""ITI-style linear probes: one logistic regression per attention head, all heads fitted at once.
+"""ITI-style linear probes, and head selection by them (`select_heads(..., method="probe")`).
+
+One logistic regression per attention head, all heads fitted at once.
 
 Each head's features are standardised on the training set, then an L2-regularised logistic regression
 (sklearn's objective with C = 1/l2: Σ log-loss + l2/2·‖w‖², bias unpenalised) is solved by batched
@@ -8,10 +10,21 @@ heads instead of a Python loop of per-head fits.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .errors import LofitValueError
+from .training.config import TrainingConfig
+from .training.records import Record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 
@@ -129,3 +142,104 @@ def probe_head_scores(
         val_loss=fit.log_loss(val_flat, val_labels).view(shape),
         train_accuracy=fit.accuracy(train_x.flatten(1, 2), train_labels).view(shape),
     )
+
+
+# ------------------------------------------------------------------------------ probe selection
+def probe_selection_scores(
+    base_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[Record],
+    val_records: list[Record] | None,
+    objective: str,
+    config: TrainingConfig,
+    l2: float,
+    metadata: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every head by its probe: (validation accuracy, validation loss), each [layers, heads].
+
+    The probe of a head tells the true text of a record (`probe_texts`) from a false one by the head's
+    activation at the last token. Without `val_records`, a seeded 20% of `records` scores the probes.
+    What was done is written into `metadata` (under "probe" and "probe_validation").
+    """
+    if val_records is None:
+        records, val_records = _split_validation(records, config.seed, metadata)
+    positives, negatives = probe_texts(records + val_records, objective, config.seed)
+    split = len(records)
+    features = _ProbeFeatures(base_model, tokenizer, config, metadata.get("target_modules"))
+    train_x, train_y = features.labelled(positives[:split], negatives[:split])
+    val_x, val_y = features.labelled(positives[split:], negatives[split:])
+    result = probe_head_scores(train_x, train_y, val_x, val_y, l2=l2)
+    metadata["probe"] = {
+        "l2": l2,
+        "num_train_examples": len(train_y),
+        "num_val_examples": len(val_y),
+        "negatives": "rejected responses" if objective == "dpo" else "another record's completion (seeded)",
+        "val_loss": result.val_loss.tolist(),
+        "train_accuracy": result.train_accuracy.tolist(),
+    }
+    return result.val_accuracy, result.val_loss
+
+
+def _split_validation(
+    records: list[Record], seed: int, metadata: dict[str, Any]
+) -> tuple[list[Record], list[Record]]:
+    if len(records) < 2:
+        raise LofitValueError(
+            "probe selection needs at least 2 train records (or val_data) to score the probes"
+        )
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_val = min(len(records) - 1, max(1, math.floor(0.2 * len(records) + 0.5)))
+    metadata["probe_validation"] = f"seeded 20% of train_data ({num_val} records)"
+    return [records[i] for i in sorted(order[num_val:])], [records[i] for i in sorted(order[:num_val])]
+
+
+@dataclass
+class _ProbeFeatures:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    config: TrainingConfig
+    target_modules: list[str] | None
+
+    def labelled(self, pos: Sequence[str], neg: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations of the positive then negative texts, with labels 1 and 0."""
+        from .activations import text_head_activations
+
+        x = text_head_activations(
+            self.model,
+            self.tokenizer,
+            [*pos, *neg],
+            batch_size=self.config.validation_batch_size,
+            max_length=self.config.max_length,
+            target_modules=self.target_modules,
+        )
+        return x, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long()
+
+
+def probe_texts(records: Sequence[Record], objective: str, seed: int) -> tuple[list[str], list[str]]:
+    """(true, false) texts per record, the ITI-style contrast a probe learns.
+
+    DPO: prompt + chosen / prompt + rejected. SFT: prompt + its completion / prompt + a different
+    record's completion (a seeded pick).
+
+    Example:
+        >>> records = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
+        >>> probe_texts(records, "sft", seed=0)
+        (['2+2=4', '3+3=6'], ['2+2=6', '3+3=4'])
+    """
+    if objective == "dpo":
+        return [r["prompt"] + r["chosen"] for r in records], [r["prompt"] + r["rejected"] for r in records]
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    negatives: list[str] = [""] * len(records)
+    for position, index in enumerate(order):
+        own = records[index]["completion"]
+        for shift in range(1, len(records)):
+            other = records[order[(position + shift) % len(records)]]["completion"]
+            if other != own:
+                negatives[index] = records[index]["prompt"] + other
+                break
+        else:
+            raise LofitValueError(
+                "probe selection with SFT records needs at least two different completions (the probe "
+                "contrasts a record's own completion with another record's)"
+            )
+    return [r["prompt"] + r["completion"] for r in records], negatives

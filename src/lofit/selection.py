@@ -7,27 +7,33 @@ base model is handed back exactly as it came (weights bit-identical, same requir
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .atomic import atomic_write_json
+from .base_state import check_plain_model, preserved_base_model
 from .config import HeadMap, LofitConfig
 from .errors import LofitValueError
 from .heads import HeadGeometry, find_output_projections
-from .layer import LofitProjection
 from .model import LofitModel, get_lofit_model
-from .objectives import encode_train_val, train_val_records
-from .trainer import TrainingConfig, seed_everything, train_adapter
+from .probe import probe_selection_scores
+from .probe import probe_texts as probe_texts  # re-exported: the paper-tables benchmark reads it here
+from .training.config import TrainingConfig
+from .training.distributed import seed_everything
+from .training.loop import train_adapter
+from .training.losses import encode_train_val
+from .training.records import Record, train_val_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 METHODS = ("lofit", "random", "probe")
 SCORE_MEANING = {
@@ -62,19 +68,19 @@ class HeadSelection:
     def __post_init__(self) -> None:
         self.scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
         if self.scores.dim() != 2 or self.scores.numel() == 0:
-            raise ValueError(
+            raise LofitValueError(
                 f"scores must be a non-empty [layers, heads] matrix, got shape {tuple(self.scores.shape)}"
             )
         if not torch.isfinite(self.scores).all():
-            raise ValueError("scores contain NaN or inf values")
+            raise LofitValueError("scores contain NaN or inf values")
         ranking = []
         for entry in self.ranking:
             if len(entry) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in entry):
-                raise ValueError(f"ranking entries must be (layer, head) integer pairs, got {entry!r}")
+                raise LofitValueError(f"ranking entries must be (layer, head) integer pairs, got {entry!r}")
             ranking.append((int(entry[0]), int(entry[1])))
         expected = {(layer, head) for layer in range(self.num_layers) for head in range(self.num_heads)}
         if len(ranking) != len(expected) or set(ranking) != expected:
-            raise ValueError(
+            raise LofitValueError(
                 f"ranking must list each of the {len(expected)} heads of a {self.num_layers}x{self.num_heads} "
                 f"model exactly once; got {len(ranking)} entries ({len(set(ranking) & expected)} valid, distinct)"
             )
@@ -82,14 +88,17 @@ class HeadSelection:
 
     @property
     def num_layers(self) -> int:
+        """Rows of `scores`: the model's decoder layers."""
         return int(self.scores.shape[0])
 
     @property
     def num_heads(self) -> int:
+        """Columns of `scores`: attention heads per layer."""
         return int(self.scores.shape[1])
 
     @property
     def total_heads(self) -> int:
+        """All heads of the model (layers x heads)."""
         return self.num_layers * self.num_heads
 
     def count(self, k: int | float) -> int:
@@ -100,13 +109,15 @@ class HeadSelection:
         if isinstance(k, numbers.Integral):
             k = int(k)
             if not 1 <= k <= total:
-                raise ValueError(
+                raise LofitValueError(
                     f"k={k} heads is out of range; this model has {total} heads (use 1..{total})"
                 )
             return k
         k = float(k)
         if not (math.isfinite(k) and 0 < k <= 1):
-            raise ValueError(f"k={k} as a fraction of all heads must be in (0, 1]; for a count pass an int")
+            raise LofitValueError(
+                f"k={k} as a fraction of all heads must be in (0, 1]; for a count pass an int"
+            )
         return max(1, math.floor(k * total + 0.5))
 
     def top_heads(self, k: int | float) -> list[tuple[int, int]]:
@@ -121,6 +132,7 @@ class HeadSelection:
         return {layer: sorted(heads[layer]) for layer in sorted(heads)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document `save` writes (format, version, scores, ranking, metadata, history)."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -194,22 +206,30 @@ def rank_heads(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> li
 # ------------------------------------------------------------------------------ select_heads
 def select_heads(
     base_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     train_data: Any,
     method: str = "lofit",
     objective: str = "sft",
     **train_kwargs: Any,
 ) -> HeadSelection:
-    """Rank every attention head of `base_model` for the task in `train_data`.
+    """Step 1 of LoFiT: rank every attention head of `base_model` for the task in `train_data`.
 
-    Keyword arguments: `val_data` and the `TrainingConfig` fields (epochs=5, batch_size=8, lr=5e-3,
-    l1=5e-4, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio, precision,
-    init_std=1e-3, output_dir, progress, ...); `probe_l2` (1.0) for method "probe"; `target_modules`
-    (module-name suffixes of the attention output projections, when they are not found automatically).
-    Methods "random" and "probe" accept the training options and ignore those they do not use.
+    Args:
+        base_model: a plain Hugging Face causal LM; handed back exactly as it came.
+        tokenizer: its tokenizer.
+        train_data: records {"prompt", "completion"} (SFT) or {"prompt", "chosen", "rejected"} (DPO).
+        method: "lofit" (L1-regularised scales, ranked by ‖A‖₂), "probe" (ITI-style probes) or "random".
+        objective: "sft" or "dpo".
+        **train_kwargs: `val_data`, `probe_l2` (1.0, method "probe"), `target_modules` and the
+            `TrainingConfig` fields (epochs=5, batch_size=8, lr=5e-3, l1=5e-4, beta=0.5, max_length,
+            seed=42, grad_accum, precision, init_std=1e-3, output_dir, ...). Methods "random" and "probe"
+            accept the training options and ignore those they do not use.
+
+    Returns:
+        The `HeadSelection`: every head's score and the ranking; `.top(k)` gives the heads for step 2.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        raise LofitValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     val_data = train_kwargs.pop("val_data", None)
     probe_l2 = float(train_kwargs.pop("probe_l2", 1.0))
     target_modules = train_kwargs.pop("target_modules", None)
@@ -233,61 +253,21 @@ def select_heads(
         scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
         return HeadSelection(scores, rank_heads(scores), method, metadata)
     if method == "probe":
-        return _select_by_probe(
+        accuracy, loss = probe_selection_scores(
             base_model, tokenizer, records, val_records, objective, config, probe_l2, metadata
         )
+        return HeadSelection(accuracy, rank_heads(accuracy, loss), "probe", metadata)
     scores, history = _select_by_lofit(
         base_model, tokenizer, records, val_records, objective, config, target_modules
     )
     return HeadSelection(scores, rank_heads(scores), method, metadata, history)
 
 
-def check_plain_model(model: nn.Module, owner: str) -> None:
-    if isinstance(model, LofitModel) or any(isinstance(m, LofitProjection) for m in model.modules()):
-        raise TypeError(
-            f"{owner}() needs the plain base model, but this one carries LoFiT adapters; pass the model "
-            "from LofitModel.unload() (or merge_and_unload()) instead"
-        )
-
-
-@dataclass
-class BaseModelState:
-    """requires_grad flags, train/eval mode and device of a model, to hand it back as it came."""
-
-    flags: list[tuple[nn.Parameter, bool]]
-    training: bool
-    devices: set[torch.device]
-
-    @classmethod
-    def capture(cls, model: nn.Module) -> BaseModelState:
-        params = list(model.parameters())
-        return cls([(p, p.requires_grad) for p in params], model.training, {p.device for p in params})
-
-    def restore(self, model: nn.Module) -> None:
-        for param, flag in self.flags:
-            param.requires_grad_(flag)
-        model.train(self.training)
-        if len(self.devices) == 1:
-            device = next(iter(self.devices))
-            if next(model.parameters()).device != device:
-                model.to(device)
-
-
-@contextlib.contextmanager
-def preserved_base_model(model: nn.Module) -> Iterator[None]:
-    """Restore requires_grad flags, train/eval mode and device of `model` when the block ends."""
-    state = BaseModelState.capture(model)
-    try:
-        yield
-    finally:
-        state.restore(model)
-
-
 def _select_by_lofit(
     base_model: nn.Module,
-    tokenizer: Any,
-    records: list[dict[str, str]],
-    val_records: list[dict[str, str]] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[Record],
+    val_records: list[Record] | None,
     objective: str,
     config: TrainingConfig,
     target_modules: list[str] | None = None,
@@ -333,82 +313,3 @@ def _scale_norms(model: LofitModel, geometry: HeadGeometry) -> torch.Tensor:
         assert vectors.scale is not None
         scores[layer, vectors.heads.cpu()] = vectors.scale.detach().float().norm(dim=-1).cpu()
     return scores
-
-
-# ------------------------------------------------------------------------------------- probe
-def _select_by_probe(
-    base_model: nn.Module,
-    tokenizer: Any,
-    records: list[dict[str, str]],
-    val_records: list[dict[str, str]] | None,
-    objective: str,
-    config: TrainingConfig,
-    l2: float,
-    metadata: dict[str, Any],
-) -> HeadSelection:
-    from .activations import text_head_activations
-    from .probe import probe_head_scores
-
-    if val_records is None:
-        if len(records) < 2:
-            raise ValueError(
-                "probe selection needs at least 2 train records (or val_data) to score the probes"
-            )
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        num_val = min(len(records) - 1, max(1, math.floor(0.2 * len(records) + 0.5)))
-        val_records = [records[i] for i in sorted(order[:num_val])]
-        records = [records[i] for i in sorted(order[num_val:])]
-        metadata["probe_validation"] = f"seeded 20% of train_data ({num_val} records)"
-    positives, negatives = probe_texts(records + val_records, objective, config.seed)
-    split = len(records)
-
-    def activations(texts: Sequence[str]) -> torch.Tensor:
-        return text_head_activations(
-            base_model,
-            tokenizer,
-            texts,
-            batch_size=config.validation_batch_size,
-            max_length=config.max_length,
-            target_modules=metadata.get("target_modules"),
-        )
-
-    def labelled(pos: Sequence[str], neg: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = activations([*pos, *neg])
-        return x, torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long()
-
-    train_x, train_y = labelled(positives[:split], negatives[:split])
-    val_x, val_y = labelled(positives[split:], negatives[split:])
-    result = probe_head_scores(train_x, train_y, val_x, val_y, l2=l2)
-    metadata["probe"] = {
-        "l2": l2,
-        "num_train_examples": len(train_y),
-        "num_val_examples": len(val_y),
-        "negatives": "rejected responses" if objective == "dpo" else "another record's completion (seeded)",
-        "val_loss": result.val_loss.tolist(),
-        "train_accuracy": result.train_accuracy.tolist(),
-    }
-    return HeadSelection(
-        result.val_accuracy, rank_heads(result.val_accuracy, result.val_loss), "probe", metadata
-    )
-
-
-def probe_texts(records: Sequence[dict[str, str]], objective: str, seed: int) -> tuple[list[str], list[str]]:
-    """(true, false) texts per record: DPO prompt + chosen / rejected; SFT prompt + its completion /
-    prompt + a different record's completion (a seeded pick), the ITI-style contrast for generic SFT."""
-    if objective == "dpo":
-        return [r["prompt"] + r["chosen"] for r in records], [r["prompt"] + r["rejected"] for r in records]
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    negatives: list[str] = [""] * len(records)
-    for position, index in enumerate(order):
-        own = records[index]["completion"]
-        for shift in range(1, len(records)):
-            other = records[order[(position + shift) % len(records)]]["completion"]
-            if other != own:
-                negatives[index] = records[index]["prompt"] + other
-                break
-        else:
-            raise ValueError(
-                "probe selection with SFT records needs at least two different completions (the probe "
-                "contrasts a record's own completion with another record's)"
-            )
-    return [r["prompt"] + r["completion"] for r in records], negatives

@@ -2,39 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .base_state import BaseModelState, check_plain_model
 from .config import HeadMap, LofitConfig
 from .model import LofitModel, get_lofit_model
-from .objectives import encode_train_val, train_val_records
-from .selection import BaseModelState, HeadSelection, check_plain_model
-from .trainer import TrainingConfig, seed_everything, train_adapter
+from .selection import HeadSelection
+from .training.config import TrainingConfig, UnknownOptionError
+from .training.distributed import seed_everything
+from .training.loop import train_adapter
+from .training.losses import encode_train_val
+from .training.records import train_val_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def train_offsets(
     base_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     train_data: Any,
     heads: HeadMap | None,
     objective: str = "sft",
     **train_kwargs: Any,
 ) -> LofitModel:
-    """Train offsets on `heads` ({layer: [head, ...]}, e.g. `selection.top(k)`; None = every head).
+    """Step 2 of LoFiT: train offsets v on the selected heads, starting from the base model.
 
-    Keyword arguments: `val_data`, `adapter_name` ("default") and the `TrainingConfig` fields (epochs=5,
-    batch_size=8, lr=1e-2, beta=0.5, weight_decay=0, max_length, seed=42, grad_accum, warmup_ratio,
-    precision, init_std=1e-3, output_dir, progress, ...) and `target_modules` (module-name suffixes of the
-    attention output projections, when they are not found automatically). Returns the trained
-    `LofitModel` (base frozen); its `training_history` attribute holds the `TrainingHistory`.
+    Args:
+        base_model: a plain Hugging Face causal LM (it is wrapped, its weights stay frozen).
+        tokenizer: its tokenizer.
+        train_data: records {"prompt", "completion"} (SFT) or {"prompt", "chosen", "rejected"} (DPO).
+        heads: {layer: [head, ...]}, e.g. `selection.top(k)`; None = every head.
+        objective: "sft" or "dpo" (against the base model).
+        **train_kwargs: `val_data`, `adapter_name` ("default"), `target_modules` (module-name suffixes of
+            the attention output projections, when they are not found automatically) and the
+            `TrainingConfig` fields (epochs=5, batch_size=8, lr=1e-2, beta=0.5, max_length, seed=42,
+            grad_accum, precision, init_std=1e-3, output_dir, checkpoint_every, resume, ...).
+            `cache_lower_layers=True` runs the frozen layers below the lowest selected head only in the
+            first epoch (their outputs are cached per record; same losses and gradients).
+
+    Returns:
+        The trained `LofitModel` (base frozen); its `training_history` attribute holds the
+        `TrainingHistory`. On an error the base model is handed back as it came.
     """
     if isinstance(heads, HeadSelection):
-        raise TypeError(
+        raise UnknownOptionError(
             "heads must be a {layer: [head, ...]} dict; pass selection.top(k), not the HeadSelection"
         )
     if "l1" in train_kwargs:
-        raise TypeError(
+        raise UnknownOptionError(
             "train_offsets() takes no l1: the L1 penalty belongs to select_heads (offsets use λ = 0)"
         )
     val_data = train_kwargs.pop("val_data", None)
@@ -47,11 +65,7 @@ def train_offsets(
         objective, tokenizer, records, val_records, config.max_length, config.beta
     )
     adapter = LofitConfig(
-        heads=heads,
-        use_scale=False,
-        use_offset=True,
-        init_std=config.init_std,
-        target_modules=target_modules,
+        heads, use_scale=False, use_offset=True, init_std=config.init_std, target_modules=target_modules
     )
     state = BaseModelState.capture(base_model)
     seed_everything(config.seed)

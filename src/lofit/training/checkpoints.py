@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_directory
-from .errors import LofitValueError
+from ..atomic import atomic_directory
+from ..errors import LofitValueError
 
 FORMAT_NAME = "lofit-training-checkpoint"
 FORMAT_VERSION = 1
@@ -154,6 +154,7 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    """Set every global random-number state back to what `capture_rng` recorded."""
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors, key=_natural) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
@@ -179,6 +180,12 @@ def _natural(key: str) -> tuple[str, int]:
 
 # ------------------------------------------------------------------------------------------ save
 def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint after `step` optimizer steps.
+
+    Example:
+        >>> checkpoint_name(12)
+        'step-00000012'
+    """
     return f"step-{step:08d}"
 
 
@@ -192,32 +199,26 @@ def save_checkpoint(
     identity: dict[str, Any],
     history: dict[str, Any],
 ) -> Path:
-    """Write a checkpoint for `position` atomically into `directory`; remove older ones; return its path."""
+    """Write a checkpoint for `position` atomically into `directory`; remove older ones.
+
+    Args:
+        directory: the run's checkpoint directory (created if needed).
+        position: where the loop stands.
+        params: the adapter's trainable parameters, in the loop's order.
+        optimizer: the AdamW optimizer over `params`.
+        scheduler: its learning-rate schedule.
+        identity: what a resuming run must agree on (options, data hash, heads, shapes).
+        history: the training history so far, as a dict.
+
+    Returns:
+        The path of the new `step-XXXXXXXX` directory.
+    """
     root = Path(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for index, param in enumerate(params):
-        value = param.detach().float().cpu()
-        if not torch.isfinite(value).all():
-            raise CheckpointError(
-                f"adapter parameter {index} holds NaN/inf at step {position.step}; no checkpoint written "
-                "(the previous one is kept)"
-            )
-        tensors[f"param.{index}"] = value
-    optimizer_state = optimizer.state_dict()
-    optimizer_document: dict[str, Any] = {"param_groups": optimizer_state["param_groups"], "state": {}}
-    for index, entries in optimizer_state["state"].items():
-        document_entries: dict[str, Any] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu()
-                document_entries[key] = None  # None: the value is the tensor of that name
-            else:
-                document_entries[key] = value
-        optimizer_document["state"][str(index)] = document_entries
+    tensors = _parameter_tensors(params, position.step)
+    optimizer_document = _optimizer_document(optimizer.state_dict(), tensors)
     rng_tensors, rng_values = capture_rng()
     tensors.update(rng_tensors)
     tensors["data.generator"] = position.generator_state
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -229,7 +230,7 @@ def save_checkpoint(
             "elapsed_s": position.elapsed_s,
         },
         "identity": identity,
-        "scheduler": scheduler_state,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "optimizer": optimizer_document,
         "rng": rng_values,
         "history": history,
@@ -245,6 +246,34 @@ def save_checkpoint(
         if older != target:
             remove_checkpoint(older)
     return target
+
+
+def _parameter_tensors(params: Sequence[nn.Parameter], step: int) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for index, param in enumerate(params):
+        value = param.detach().float().cpu()
+        if not torch.isfinite(value).all():
+            raise CheckpointError(
+                f"adapter parameter {index} holds NaN/inf at step {step}; no checkpoint written "
+                "(the previous one is kept)"
+            )
+        tensors[f"param.{index}"] = value
+    return tensors
+
+
+def _optimizer_document(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The optimizer state as JSON, its tensors moved into `tensors` (a None value names one there)."""
+    document: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for index, entries in state["state"].items():
+        document_entries: dict[str, Any] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu()
+                document_entries[key] = None
+            else:
+                document_entries[key] = value
+        document["state"][str(index)] = document_entries
+    return document
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -272,20 +301,12 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint in `directory`, or None."""
     checkpoints = list_checkpoints(directory)
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read and validate a checkpoint directory written by `save_checkpoint`."""
-    path = Path(path)
-    state_path, tensors_path = path / STATE_NAME, path / TENSORS_NAME
-    for required in (state_path, tensors_path):
-        if not required.is_file():
-            raise CheckpointError(
-                f"{required} is missing; {path} is not a complete lofit checkpoint. Delete it to resume "
-                "from the one before, or start afresh without --resume"
-            )
+def _read_document(state_path: Path) -> dict[str, Any]:
     try:
         document = json.loads(state_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -308,6 +329,28 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             raise CheckpointError(
                 f"{state_path}: field 'position.{key}' must be an integer >= 0, got {value!r}"
             )
+    return document
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read and validate a checkpoint directory written by `save_checkpoint`.
+
+    Args:
+        path: a `step-XXXXXXXX` directory.
+
+    Returns:
+        The checkpoint; a missing, corrupt or foreign file raises `CheckpointError` saying what to do.
+    """
+    path = Path(path)
+    state_path, tensors_path = path / STATE_NAME, path / TENSORS_NAME
+    for required in (state_path, tensors_path):
+        if not required.is_file():
+            raise CheckpointError(
+                f"{required} is missing; {path} is not a complete lofit checkpoint. Delete it to resume "
+                "from the one before, or start afresh without --resume"
+            )
+    document = _read_document(state_path)
+    position = document["position"]
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as error:

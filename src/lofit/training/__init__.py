@@ -1,0 +1,61 @@
+"""The training loop of both LoFiT steps, in small parts (names load on first use).
+
+| module | job |
+|---|---|
+| `config` | `TrainingConfig`: the options, validated |
+| `history` | `TrainingHistory`: what a run did (no torch; plotting reads it) |
+| `records` | check training records against their objective's fields |
+| `encoding` | records -> token sequences (`SequenceEncoder`, `Example`) |
+| `batching` | epoch order, micro-batches, padded `TokenBatch`es |
+| `scoring` | `TokenScorer`: log-probs with the LM head applied at scored positions only |
+| `losses` | the SFT and DPO objectives |
+| `adapter_model` | the `AdapterModel` protocol the loop trains, `AdapterView` for other adapters |
+| `loop` | `train_adapter`: setup, epochs, validation, checkpoints |
+| `step` | one optimizer step: micro-batches, all-reduce, clipping |
+| `run_state` | `TrainingRun` (fixed at the start) and `LoopState` (what moves) |
+| `resume` | what ties a checkpoint to its run; where a run starts |
+| `checkpoints` | the training-state files (`--checkpoint-every`, `--resume`) |
+| `distributed` | accelerator, placement, gradient all-reduce and clipping |
+| `fsdp` | FSDP2 sharding of the frozen base |
+| `lower_layers` | `cache_lower_layers`: the frozen layers below the adapter run once |
+| `activation_checkpointing` | recompute decoder layers in backward (memory knob; not `checkpoints`) |
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainingConfig": "config",
+    "fastest_precision": "config",
+    "TrainingHistory": "history",
+    "as_records": "records",
+    "train_val_records": "records",
+    "RecordError": "records",
+    "EncodedSequence": "encoding",
+    "Example": "encoding",
+    "SequenceEncoder": "encoding",
+    "TokenBatch": "batching",
+    "TokenScorer": "scoring",
+    "Objective": "losses",
+    "SFTObjective": "losses",
+    "DPOObjective": "losses",
+    "make_objective": "losses",
+    "encode_train_val": "losses",
+    "AdapterModel": "adapter_model",
+    "AdapterView": "adapter_model",
+    "train_adapter": "loop",
+    "NonFiniteLossError": "step",
+    "seed_everything": "distributed",
+    "CheckpointError": "checkpoints",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lofit.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,150 @@
+"""Tokenising: records -> token sequences with the prompt/response boundary found robustly.
+
+Every sequence is prompt + response + EOS; only the response tokens and the EOS are scored. The
+boundary is the longest common prefix of the tokenised prompt and the tokenised prompt + response, so it
+is right for tokenizers that add a BOS token and for BPE merges across the boundary (a token that mixes
+prompt and response text counts as response).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import LofitValueError
+from .records import RecordError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class EncodedSequence:
+    """Token ids of prompt + response (+ EOS); tokens at index >= `response_start` are scored.
+
+    Example:
+        >>> EncodedSequence((5, 6, 7, 2), response_start=2).num_targets
+        2
+    """
+
+    input_ids: tuple[int, ...]
+    response_start: int
+
+    @property
+    def num_targets(self) -> int:
+        """How many tokens of the sequence are scored."""
+        return len(self.input_ids) - self.response_start
+
+
+@dataclass
+class Example:
+    """One training record, encoded: one sequence (SFT) or chosen + rejected (DPO)."""
+
+    index: int
+    sequences: tuple[EncodedSequence, ...]
+    reference_logps: tuple[float, ...] | None = None  # DPO: the frozen base model's summed log-probs
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all of the example's sequences."""
+        return sum(len(s.input_ids) for s in self.sequences)
+
+
+class SequenceEncoder:
+    """Tokenises prompt/response pairs into `EncodedSequence`s, truncating prompts to `max_length`.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        max_length: longest sequence kept (prompts are cut from the left first); None keeps all.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
+        if max_length is not None and max_length < 2:
+            raise LofitValueError(f"max_length must be at least 2 tokens (or None), got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eos_id: int | None = tokenizer.eos_token_id
+        if self.eos_id is None:
+            warnings.warn(
+                "the tokenizer has no eos_token; responses are scored without a final EOS token",
+                stacklevel=2,
+            )
+        self.num_truncated = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with the tokenizer's leading special tokens, without an auto-appended EOS."""
+        return tokenize_text(self.tokenizer, text)
+
+    def num_leading_specials(self, text: str) -> int:
+        """How many special tokens (BOS) the tokenizer puts before `text`'s own tokens."""
+        with_specials = self.tokenize(text)
+        plain = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        extra = len(with_specials) - len(plain)
+        return extra if extra > 0 and with_specials[extra:] == plain else 0
+
+    def encode(self, prompt: str, response: str) -> EncodedSequence:
+        """prompt + response + EOS as token ids, with the index of the first scored token."""
+        prompt_ids = self.tokenize(prompt)
+        full = self.tokenize(prompt + response)
+        start = common_prefix_length(prompt_ids, full)
+        if self.eos_id is not None:
+            full.append(self.eos_id)
+        if start == 0:
+            start = 1  # without BOS and prompt, the first token has no context to be predicted from
+        if start >= len(full):
+            raise RecordError(f"the response {response!r} produced no tokens to score")
+        if self.max_length is not None and len(full) > self.max_length:
+            self.num_truncated += 1
+            full, start = self._truncate(full, start, self.num_leading_specials(prompt))
+        return EncodedSequence(tuple(full), start)
+
+    def _truncate(self, ids: list[int], start: int, num_specials: int) -> tuple[list[int], int]:
+        # Drop prompt tokens from the left (after BOS); cut the response on the right only if it alone is
+        # too long. At least one context token always stays before the first scored token.
+        assert self.max_length is not None
+        cut = min(num_specials, start)
+        head, body, response = ids[:cut], ids[cut:start], ids[start:]
+        keep_context = max(1 - len(head), 0)
+        room = self.max_length - len(head) - len(response)
+        if room >= keep_context:
+            body = body[len(body) - room :] if room > 0 else []
+        else:
+            body = body[len(body) - keep_context :]
+            response = response[: self.max_length - len(head) - len(body)]
+        return head + body + response, len(head) + len(body)
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids with the tokenizer's leading special tokens (BOS), without an auto-appended EOS.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer.
+        text: the text to tokenise.
+
+    Returns:
+        The ids; an EOS the tokenizer appends by itself is dropped (the objectives add it explicitly).
+    """
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos_id = tokenizer.eos_token_id
+    if ids and eos_id is not None and ids[-1] == eos_id:
+        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not plain or plain[-1] != eos_id:
+            ids.pop()
+    return ids
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` share.
+
+    Example:
+        >>> common_prefix_length([1, 2, 3], [1, 2, 4, 5])
+        2
+    """
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
