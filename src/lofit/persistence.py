@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover
 from .config import LofitConfig, LofitConfigError
 from .errors import AdapterLoadError
 from .errors import BaseModelMismatchError as BaseModelMismatchError  # re-exported: the old home
@@ -73,6 +73,8 @@ def save_adapter(model: LofitModel, path: str | os.PathLike[str], adapter_name: 
 def read_adapter_config(path: str | os.PathLike[str]) -> tuple[LofitConfig, dict[str, Any]]:
     """Parse and validate `lofit_config.json`; returns the adapter config and the base-model identity."""
     config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        recover(path)  # a replacement of this folder killed half way leaves a backup to restore
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; pass the directory written by save_pretrained")
     try:
