@@ -53,7 +53,8 @@ def test_replacing_a_folder_keeps_nothing_of_the_old_content(tmp_path: Path, mod
     write_folder(out, {**old, "model.safetensors.index.json": "{}"})
     inode = out.stat().st_ino
     write_folder(out, {"model.safetensors": "new", "config.json": "{}"})
-    assert contents(out) == {"config.json": "{}", "model.safetensors": "new"}
+    # Old shards and index gone; the user's own files (not model content) are carried over.
+    assert contents(out) == {"config.json": "{}", "model.safetensors": "new", "sub/x": "1"}
     assert out.stat().st_ino != inode  # a different folder took its place: nothing was copied into the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary or backup left
 
@@ -63,10 +64,10 @@ def test_the_exchange_is_used_where_the_filesystem_has_it(tmp_path: Path, monkey
         pytest.skip("no renameat2 on this system")
     calls: list[str] = []
     monkeypatch.setattr(atomic.os, "rename", lambda a, b: calls.append(f"{a}->{b}") or os.replace(a, b))
-    write_folder(tmp_path / "a", {"x": "1"})
-    write_folder(tmp_path / "a", {"y": "2"})
+    write_folder(tmp_path / "a", {"config.json": "1"})
+    write_folder(tmp_path / "a", {"model.safetensors": "2"})
     assert len(calls) == 2  # the first write (try, succeed) and the second's failed try; no backup renames
-    assert contents(tmp_path / "a") == {"y": "2"}
+    assert contents(tmp_path / "a") == {"model.safetensors": "2"}
 
 
 def test_a_failing_write_leaves_the_old_folder_and_no_leftover(tmp_path: Path, mode: str) -> None:
@@ -90,11 +91,11 @@ def test_keep_existing_discards_the_new_folder(tmp_path: Path) -> None:
 
 def test_a_symlinked_folder_is_replaced_at_its_destination(tmp_path: Path, mode: str) -> None:
     real = tmp_path / "real"
-    write_folder(real, {"a": "old", "stale": "x"})
+    write_folder(real, {"a.safetensors": "old", "stale.bin": "x", "notes.txt": "mine"})
     (tmp_path / "link").symlink_to(real)
-    write_folder(tmp_path / "link", {"a": "new"})
+    write_folder(tmp_path / "link", {"a.safetensors": "new"})
     assert (tmp_path / "link").is_symlink()
-    assert contents(tmp_path / "link") == {"a": "new"} == contents(real)
+    assert contents(tmp_path / "link") == {"a.safetensors": "new", "notes.txt": "mine"} == contents(real)
 
 
 def test_a_kill_between_the_two_renames_is_recovered_to_the_old_content(tmp_path: Path) -> None:

@@ -6,7 +6,11 @@ so readers see the old file or the new one.
 
 Folders (`atomic_directory`: adapters, merged checkpoints, training checkpoints, the bundled-model cache)
 are built completely in a hidden temporary folder beside the target, fsynced, and swapped in whole, so no
-file of the old content survives beside the new (a merge over a sharded checkpoint leaves no old shard):
+file of the old content survives beside the new (a merge over a sharded checkpoint leaves no old shard).
+Files of the old folder that are no model or adapter content (`CONTENT_PATTERNS`: weights, configs,
+tokenizer files, ...) and that the new content lacks, a user's `notes.txt` say, are carried over into the
+new folder by hard links (copies where links fail) before the swap, so replacing an output never loses
+them. The swap itself:
 
 - target absent: one rename(2);
 - target present, Linux: renameat2(RENAME_EXCHANGE) swaps the two folders in one atomic step; the old
@@ -72,6 +76,13 @@ KILL_POINTS = {
     "dir-backed-up": "two-rename fallback: right after target -> backup, before temporary -> target",
     "dir-swapped": "right after the rename (or exchange) that put the new folder in place, old not yet deleted",
 }
+# What a folder lofit replaces may hold as content: never carried over from the old folder into the new.
+CONTENT_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.msgpack", "*.h5", "*.index.json",
+    "config.json", "generation_config.json", "lofit_config.json", "red_config.json", "adapter_config.json",
+    "state.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "*.model", "preprocessor_config.json", "processor_config.json", ".lofit*",
+)  # fmt: skip
 # `.NAME.XXXXXXXX.tmp` (temporaries, from mkstemp/mkdtemp), `.NAME.XXXXXXXX.old` (fallback backups),
 # `.NAME.removing` (checkpoint removals): group 1 is NAME, the target's name.
 _LEFTOVER = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{6,}\.(tmp|old)$|^\.(.+)\.(removing)$")
@@ -368,6 +379,7 @@ def _swap_in(tmp: Path, target: Path, replace_existing: bool) -> Path | None:
                 raise
         if not replace_existing:
             return tmp
+        _carry_over(target, tmp)
         if _exchange(tmp, target):
             return tmp  # tmp now holds the old content
         backup = tmp.with_suffix(".old")  # as unique as the temporary's random name
@@ -375,6 +387,30 @@ def _swap_in(tmp: Path, target: Path, replace_existing: bool) -> Path | None:
         kill_point("dir-backed-up", target)
         os.rename(tmp, target)
         return backup
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Link into `new` the entries of `old` that are no content (see CONTENT_PATTERNS) and `new` lacks."""
+    for entry in os.scandir(old):
+        name = entry.name
+        if _LEFTOVER.match(name) or any(fnmatch.fnmatchcase(name, p) for p in CONTENT_PATTERNS):
+            continue
+        destination = new / name
+        if os.path.lexists(destination):
+            continue  # the new content has its own
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), destination)
+        else:
+            _link_or_copy(entry.path, os.fspath(destination))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(source, destination)
 
 
 def _load_renameat2() -> Callable[..., int] | None:

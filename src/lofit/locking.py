@@ -153,6 +153,18 @@ def _claim(path: str | os.PathLike[str], lock: Path) -> int:
     return fd
 
 
+def _claim_creating(path: str | os.PathLike[str], lock: Path) -> int:
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return _claim(path, lock)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot write to the output directory {lock.parent} (to lock {path}): {error.strerror}; "
+            "choose another --out",
+        ) from None
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold the lock of the output `path` (a folder or a file) while the block runs.
@@ -177,8 +189,7 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
         if entry is not None:
             entry[1] += 1
         else:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            _held[lock] = [_claim(path, lock), 1]
+            _held[lock] = [_claim_creating(path, lock), 1]
     try:
         if entry is None:
             recover(path)
