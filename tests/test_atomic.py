@@ -55,11 +55,15 @@ def test_replacing_a_folder_keeps_nothing_of_the_old_content(tmp_path: Path, mod
     write_folder(out, {"model.safetensors": "new", "config.json": "{}"})
     # Old shards and index gone; the user's own files (not model content) are carried over.
     assert contents(out) == {"config.json": "{}", "model.safetensors": "new", "sub/x": "1"}
-    assert out.stat().st_ino != inode  # a different folder took its place: nothing was copied into the old one
+    assert (
+        out.stat().st_ino != inode
+    )  # a different folder took its place: nothing was copied into the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary or backup left
 
 
-def test_the_exchange_is_used_where_the_filesystem_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_exchange_is_used_where_the_filesystem_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if atomic._renameat2 is None:
         pytest.skip("no renameat2 on this system")
     calls: list[str] = []
@@ -118,9 +122,8 @@ def test_a_stale_backup_beside_a_complete_folder_is_deleted(tmp_path: Path) -> N
 
 
 def test_reading_an_adapter_restores_it_from_its_backup(tmp_path: Path) -> None:
-    from tiny_models import tiny_model
-
     from lofit import LofitConfig, LofitModel, get_lofit_model
+    from tiny_models import tiny_model
 
     model = get_lofit_model(tiny_model("llama"), LofitConfig(heads={0: [1]}, init_std=0.1))
     model.save_pretrained(tmp_path / "adapter")
@@ -164,7 +167,10 @@ def test_the_next_write_of_a_file_removes_its_leftovers(tmp_path: Path) -> None:
 
 def test_writing_a_file_over_a_folder_is_refused_clearly(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    with pytest.raises(LofitValueError, match="is a folder; give the path of a file"), atomic_path(tmp_path / "out"):
+    with (
+        pytest.raises(LofitValueError, match="is a folder; give the path of a file"),
+        atomic_path(tmp_path / "out"),
+    ):
         pass
     (tmp_path / "out" / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
