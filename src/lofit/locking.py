@@ -63,22 +63,31 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
 
 
 def holder(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Who holds the lock of output `path` (pid, host, command, since), or None if nobody does (diagnostics)."""
-    lock = lock_path(path)
+    """Who holds the lock of output `path` (pid, host, command, since), or None (for diagnostics).
+
+    Reads the lock file without locking it (so it never disturbs a process taking the lock); a record left
+    by a dead process of this host counts as free.
+    """
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(lock_path(path), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # taken: report who took it
-                return _read_info(fd) or {}
-            return None  # a shared flock was free: nobody holds the lock
-        return _read_info(fd)
+        info = _read_info(fd)
     finally:
         os.close(fd)
+    if info is None or info.get("host") != socket.gethostname():
+        return info
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether it exists
+    except (ProcessLookupError, OverflowError):
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return info
 
 
 def _read_info(fd: int) -> dict[str, Any] | None:
