@@ -498,3 +498,31 @@ def test_a_killed_commands_lock_is_taken_over(
     assert "took over the lock left by process" in log
     assert _loads_as(out, merge_setup) == "new"
     assert not lock_path(out).exists() and leftovers(tmp_path) == []
+
+
+def test_two_selects_on_one_run_folder(
+    zygote_process: Zygote, merge_setup: dict[str, Path], tmp_path: Path
+) -> None:
+    from lofit.selection import HeadSelection
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out = tmp_path / "run"
+    argv = ["select", "--model", str(merge_setup["base"]), "--task", "sft", "--train", str(train),
+            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    first, first_log = zygote_process.start("job_cli", argv)
+    _wait_for_holder(out, first, first_log)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        second, second_log = zygote_process.run(
+            "job_cli", [a if a != "1" else "2" for a in argv]
+        )  # --epochs 2
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert second == {"signal": 0, "code": 2}
+    assert (
+        f"{out} is being written by process {first}" in second_log and "`lofit select --model" in second_log
+    )
+    assert zygote_process.wait(first) == {"signal": 0, "code": 0}, first_log.read_text()
+    assert HeadSelection.load(out / "heads.json").num_layers == 3  # the first run's output, complete
+    assert not lock_path(out).exists() and leftovers(tmp_path) == []
