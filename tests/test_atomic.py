@@ -105,7 +105,7 @@ def test_a_symlinked_folder_is_replaced_at_its_destination(tmp_path: Path, mode:
 def test_a_kill_between_the_two_renames_is_recovered_to_the_old_content(tmp_path: Path) -> None:
     # The state a SIGKILL leaves after target -> backup and before temporary -> target.
     write_folder(tmp_path / "adapter", {"lofit_config.json": "old", "lofit_model.safetensors": "old"})
-    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.old")
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.lofit-old")
     write_folder(tmp_path / ".adapter.q9w8e7r6.tmp", {"lofit_config.json": "new"})  # complete, unpublished
     assert not (tmp_path / "adapter").exists()
     recover(tmp_path / "adapter")
@@ -115,7 +115,9 @@ def test_a_kill_between_the_two_renames_is_recovered_to_the_old_content(tmp_path
 
 def test_a_stale_backup_beside_a_complete_folder_is_deleted(tmp_path: Path) -> None:
     write_folder(tmp_path / "adapter", {"x": "new"})
-    write_folder(tmp_path / ".adapter.k3j2h1g0.old", {"x": "old"})  # killed while deleting the old content
+    write_folder(
+        tmp_path / ".adapter.k3j2h1g0.lofit-old", {"x": "old"}
+    )  # killed while deleting the old content
     write_folder(tmp_path / "adapter", {"x": "newer"})
     assert contents(tmp_path / "adapter") == {"x": "newer"}
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
@@ -127,7 +129,7 @@ def test_reading_an_adapter_restores_it_from_its_backup(tmp_path: Path) -> None:
 
     model = get_lofit_model(tiny_model("llama"), LofitConfig(heads={0: [1]}, init_std=0.1))
     model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.old")
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.lofit-old")
     loaded = LofitModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
     assert loaded.selected_heads() == {0: [1]}
 
@@ -193,3 +195,19 @@ def test_a_temporary_in_use_by_another_process_is_not_removed(tmp_path: Path) ->
         holder.communicate("")
     write_folder(tmp_path / "adapter", {"x": "2"})
     assert not live.exists()
+
+
+def test_a_sweep_of_a_users_folder_touches_only_lofits_leftovers(tmp_path: Path) -> None:
+    (tmp_path / ".bashrc").write_text("mine")
+    mine = [
+        ".bashrc.backup.old",
+        ".bashrc.abcd1234.old",
+        ".notes.abc1234.tmp",
+        ".cache.removing",
+        ".x.ABCD1234.tmp",
+    ]
+    for name in mine:
+        (tmp_path / name).write_text("mine")
+    (tmp_path / ".bashrc.abcd1234.tmp").write_text("a dead lofit write")
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".bashrc", *mine])

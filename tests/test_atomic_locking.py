@@ -109,7 +109,7 @@ def test_taking_the_lock_cleans_up_crashed_writes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     (out / "train" / "checkpoints" / ".step-00000002.removing").mkdir(parents=True)
     (out / ".heads.json.abcd1234.tmp").write_text("partial")
-    (tmp_path / ".run.abcd1234.old").mkdir()  # a complete backup of `run` beside it: stale, run exists
+    (tmp_path / ".run.abcd1234.lofit-old").mkdir()  # a complete backup of `run` beside it: stale, run exists
     (out / "heads.json").write_text("{}")
     with output_lock(out):
         pass

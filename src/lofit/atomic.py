@@ -15,7 +15,7 @@ them. The swap itself:
 - target absent: one rename(2);
 - target present, Linux: renameat2(RENAME_EXCHANGE) swaps the two folders in one atomic step; the old
   content, now under the temporary name, is deleted afterwards;
-- target present elsewhere (or on a filesystem without RENAME_EXCHANGE): target -> `.NAME.XXXXXXXX.old`,
+- target present elsewhere (or on a filesystem without RENAME_EXCHANGE): target -> `.NAME.XXXXXXXX.lofit-old`,
   then temporary -> target, then the backup is deleted. A kill between the two renames leaves no target
   but a complete backup: `recover(target)` renames the backup back. Every lofit writer runs it before
   writing `target`, and lofit's readers (adapter, checkpoint) run it when `target` is missing.
@@ -28,7 +28,9 @@ Swaps and recoveries of one folder hold an exclusive flock(2) on its parent fold
 writer and a recovery) never interleave their renames. A temporary file or folder is flocked by the process
 building it, so the cleanup of a crashed write (`remove_leftovers`, run on the next write of that target
 and when a command takes the lock on its output folder) deletes only the leftovers of dead processes:
-`.NAME.*.tmp`, stale `.NAME.*.old` backups and `.step-*.removing` folders of interrupted checkpoint removals.
+`.NAME.XXXXXXXX.tmp` (8 random characters, as `tempfile` makes them: also those of older lofit versions),
+stale `.NAME.XXXXXXXX.lofit-old` backups and `.step-N.removing` folders of interrupted checkpoint removals.
+Nothing else is touched, so a user's own dotfiles in an output folder are safe.
 
 Limits: the guarantee is about kills (SIGKILL, OOM, a crash) and errors (a full disk): a power loss is
 covered as far as the filesystem honours fsync of files and folders. In the two-rename fallback the target
@@ -87,9 +89,9 @@ CONTENT_PATTERNS = (
     "state.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template.*", "*.model", "preprocessor_config.json", "processor_config.json", ".lofit*",
 )  # fmt: skip
-# `.NAME.XXXXXXXX.tmp` (temporaries, from mkstemp/mkdtemp), `.NAME.XXXXXXXX.old` (fallback backups),
-# `.NAME.removing` (checkpoint removals): group 1 is NAME, the target's name.
-_LEFTOVER = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{6,}\.(tmp|old)$|^\.(.+)\.(removing)$")
+# `.NAME.XXXXXXXX.tmp` (temporaries: mkstemp/mkdtemp's 8 random characters), `.NAME.XXXXXXXX.lofit-old`
+# (fallback backups), `.step-N.removing` (checkpoint removals): group 1 or 3 is NAME, the target's name.
+_LEFTOVER = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.(tmp|lofit-old)$|^\.(step-\d+)\.(removing)$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -166,7 +168,7 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
 
 
 def _leftovers(parent: Path, name: str) -> list[tuple[Path, str]]:
-    """(path, kind) of the leftovers of writes of `parent/name`; kind is 'tmp', 'old' or 'removing'."""
+    """(path, kind) of the leftovers of writes of `parent/name`; kind is 'tmp', 'lofit-old' or 'removing'."""
     try:
         entries = os.listdir(parent)
     except OSError:
@@ -190,7 +192,7 @@ def _remove(path: Path) -> None:
 def recover(path: str | os.PathLike[str]) -> None:
     """Undo a folder swap that a killed process left half done, and delete its leftovers.
 
-    If `path` is missing but a complete backup of it (`.NAME.*.old`) exists, the backup is renamed back;
+    If `path` is missing but a complete backup of it (`.NAME.*.lofit-old`) exists, the backup is renamed back;
     temporaries of dead processes and stale backups are deleted. Safe to call at any time, by any process.
 
     Args:
@@ -200,7 +202,7 @@ def recover(path: str | os.PathLike[str]) -> None:
     if not _leftovers(target.parent, target.name):
         return
     with _flocked(target.parent):
-        backups = [p for p, kind in _leftovers(target.parent, target.name) if kind == "old"]
+        backups = [p for p, kind in _leftovers(target.parent, target.name) if kind == "lofit-old"]
         if backups and not os.path.lexists(target):
             newest = max(backups, key=lambda p: p.stat().st_mtime_ns)
             os.rename(newest, target)
@@ -386,7 +388,7 @@ def _swap_in(tmp: Path, target: Path, replace_existing: bool) -> Path | None:
         _carry_over(target, tmp)
         if _exchange(tmp, target):
             return tmp  # tmp now holds the old content
-        backup = tmp.with_suffix(".old")  # as unique as the temporary's random name
+        backup = tmp.with_suffix(".lofit-old")  # as unique as the temporary's random name
         os.rename(target, backup)
         kill_point("dir-backed-up", target)
         os.rename(tmp, target)
