@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
+from .locking import with_output_lock
 from .pipeline import RunOptions, parse_k
 
 TASK_HELP = "truthfulqa, mquake, clutrr (their LoFiT splits), or sft, dpo, mc, exact_match with --train/--val/--test files"
@@ -263,16 +264,17 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- entry point
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by input the user can fix: shown as one message, without a traceback."""
+    from .errors import LofitError
     from .loading import ModelLoadError
     from .trainer import NonFiniteLossError
 
-    return (ValueError, KeyError, OSError, ImportError, ModelLoadError, NonFiniteLossError)
+    return (LofitError, ValueError, KeyError, OSError, ImportError, ModelLoadError, NonFiniteLossError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    handler: Callable[[argparse.Namespace], int] = with_output_lock(args.handler)
     if args.debug:
         return handler(args)
     try:

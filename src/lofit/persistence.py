@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover
 from .config import LofitConfig, LofitConfigError
 from .errors import AdapterLoadError, LofitValueError
 from .errors import BaseModelMismatchError as BaseModelMismatchError  # re-exported: the old home
@@ -73,6 +73,8 @@ def read_document(
 ) -> dict[str, Any]:
     """Read and check the JSON config (its "format" and a supported "format_version")."""
     config_path = Path(path) / config_name
+    if not config_path.is_file():
+        recover(path)  # a replacement of this folder killed half way leaves a backup to restore
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; pass the directory written by save_pretrained")
     try:

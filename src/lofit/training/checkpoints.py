@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, remove_leftovers
 from ..errors import LofitValueError
 
 FORMAT_NAME = "lofit-training-checkpoint"
@@ -301,7 +301,8 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in `directory`, or None."""
+    """The newest complete checkpoint in `directory`, or None (leftovers of killed writers are removed)."""
+    remove_leftovers(directory, depth=0)  # of killed writers/removals, even if this run saves nothing
     checkpoints = list_checkpoints(directory)
     return checkpoints[-1] if checkpoints else None
 
