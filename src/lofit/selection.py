@@ -27,6 +27,7 @@ from .heads import HeadGeometry, find_output_projections
 from .layer import LofitProjection
 from .model import LofitModel, get_lofit_model
 from .objectives import encode_train_val, train_val_records
+from .task_defaults import SELECT_HEADS_DEFAULTS
 from .trainer import TrainingConfig, seed_everything, train_adapter
 
 METHODS = ("lofit", "random", "probe")
@@ -213,7 +214,7 @@ def select_heads(
     val_data = train_kwargs.pop("val_data", None)
     probe_l2 = float(train_kwargs.pop("probe_l2", 1.0))
     target_modules = train_kwargs.pop("target_modules", None)
-    config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", lr=5e-3, l1=5e-4)
+    config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", **SELECT_HEADS_DEFAULTS)
     check_plain_model(base_model, "select_heads")
     records, val_records = train_val_records(train_data, val_data, objective)
     target_modules = LofitConfig(target_modules=target_modules).target_modules  # validated

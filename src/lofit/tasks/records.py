@@ -210,6 +210,10 @@ def _parse_list(cell: str, name: str, where: Where) -> Any:
             raise where.error(
                 name, f"starts with '[' but is not a valid JSON array ({exc.msg})", "fix the JSON array"
             ) from None
+        except RecursionError:
+            raise where.error(
+                name, "the JSON array is nested too deeply", "give a flat list of strings"
+            ) from None
     if not text:
         return []
     return [part.strip() for part in text.split(";")]
