@@ -123,6 +123,7 @@ class SequenceEncoder:
                 stacklevel=2,
             )
         self.num_truncated = 0
+        self.num_response_cut = 0  # truncations that cut the response too (not only the prompt)
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize_text(self.tokenizer, text)
@@ -165,6 +166,7 @@ class SequenceEncoder:
         else:
             body = body[len(body) - keep_context :]
             response = response[: self.max_length - len(head) - len(body)]
+            self.num_response_cut += 1
         return head + body + response, len(head) + len(body)
 
 
@@ -387,13 +389,20 @@ class Objective:
 
     def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
         """Tokenise every record (warning once if any sequence had to be cut to max_length)."""
-        before = self.encoder.num_truncated
+        before, cut_before = self.encoder.num_truncated, self.encoder.num_response_cut
         examples = [Example(i, self.encode_record(record)) for i, record in enumerate(records)]
         truncated = self.encoder.num_truncated - before
+        response_cut = self.encoder.num_response_cut - cut_before
         if truncated:
+            what = (
+                f"prompt cut from the left; in {response_cut} of them the completion/response alone was "
+                "longer, so it was cut on the right too: raise --max-length"
+                if response_cut
+                else "prompt cut from the left"
+            )
             warnings.warn(
                 f"{truncated} of {sum(len(e.sequences) for e in examples)} sequences exceed "
-                f"max_length={self.encoder.max_length} tokens and were truncated (prompt cut from the left)",
+                f"max_length={self.encoder.max_length} tokens and were truncated ({what})",
                 stacklevel=2,
             )
         return examples

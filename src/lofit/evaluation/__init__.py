@@ -20,14 +20,18 @@ scoring and at every generation step). `scorer="fast"` (default) reuses KV cache
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .exact_match import evaluate_exact_match
 from .multiple_choice import evaluate_mc
 from .scoring import ScoringRequest, score_continuations
 from .truthfulqa import evaluate_truthfulqa_mc
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TASKS", "ScoringRequest", "evaluate", "score_continuations"]
 
@@ -44,7 +48,7 @@ Details = list[dict[str, Any]]
 @overload
 def evaluate(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     task: str,
     data: Any,
     *,
@@ -53,14 +57,26 @@ def evaluate(
 ) -> dict[str, float]: ...
 @overload
 def evaluate(
-    model: nn.Module, tokenizer: Any, task: str, data: Any, *, return_details: Literal[True], **kwargs: Any
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    data: Any,
+    *,
+    return_details: Literal[True],
+    **kwargs: Any,
 ) -> tuple[dict[str, float], Details]: ...
 def evaluate(
-    model: nn.Module, tokenizer: Any, task: str, data: Any, *, return_details: bool = False, **kwargs: Any
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    data: Any,
+    *,
+    return_details: bool = False,
+    **kwargs: Any,
 ) -> dict[str, float] | tuple[dict[str, float], Details]:
     """Score `model` on `data` (a list of dicts or a `datasets.Dataset`) for `task`; see the module doc."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+        raise LofitValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     run, accepted = TASKS[task]
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
@@ -69,6 +85,6 @@ def evaluate(
         )
     records = list(data)
     if not records:
-        raise ValueError(f"evaluate(task={task!r}): data is empty")
+        raise LofitValueError(f"evaluate(task={task!r}): data is empty")
     metrics, details = run(model, tokenizer, records, **kwargs)
     return (metrics, details) if return_details else metrics

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .extraction import EXTRACTIONS, Extraction, extract, matches, strips_already
 from .generation import generate_greedy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _check(record: Any, index: int) -> None:
     for field in ("prompt", "answers"):
         if field not in record:
-            raise ValueError(f"exact_match record {index} lacks '{field}'; records need prompt, answers")
+            raise LofitValueError(f"exact_match record {index} lacks '{field}'; records need prompt, answers")
     if isinstance(record["answers"], str) or not record["answers"]:
-        raise ValueError(f"exact_match record {index}: 'answers' must be a non-empty list of strings")
+        raise LofitValueError(f"exact_match record {index}: 'answers' must be a non-empty list of strings")
 
 
 def evaluate_exact_match(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Any],
     *,
     extraction: Extraction = None,
@@ -32,7 +36,7 @@ def evaluate_exact_match(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """{"exact_match"} plus {"exact_match_stripped"} unless the rule strips already (clutrr); per-record details."""
     if extraction not in EXTRACTIONS:
-        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+        raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
     for index, record in enumerate(records):
         _check(record, index)
     generations = generate_greedy(

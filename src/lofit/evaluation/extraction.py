@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from ..errors import LofitValueError
+
 Extraction = Literal["mquake", "clutrr"] | None
 EXTRACTIONS = ("mquake", "clutrr", None)
 CLUTRR_ANSWER_MARK = "'s\n"
@@ -30,7 +32,7 @@ def extract(full_text: str, completion: str, extraction: Extraction) -> str:
         return tail.split(".")[0].strip().lower()
     if extraction is None:
         return completion
-    raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+    raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
 
 
 def matches(

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .runtime import device_of, encode_batch, inference
+from ..errors import LofitValueError
+from .forward import device_of, inference
+from .tokens import encode_batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class Generation:
 
 def generate_greedy(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 16,
@@ -37,16 +42,18 @@ def generate_greedy(
 ) -> list[Generation]:
     """Greedy continuations of `prompts`; `max_length` keeps only the last tokens of longer prompts."""
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        raise LofitValueError(
+            f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+        )
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        raise LofitValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     encoded = encode_batch(tokenizer, list(prompts))
     if max_length is not None:
         encoded = [ids[-max_length:] for ids in encoded]
     if any(not ids for ids in encoded):
-        raise ValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
+        raise LofitValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = device_of(model)
     results: list[Generation | None] = [None] * len(encoded)
@@ -75,8 +82,8 @@ def generate_greedy(
                 if eos is not None and eos in new:
                     new = new[: new.index(eos) + 1]
                 results[i] = Generation(
-                    completion=tokenizer.decode(new, skip_special_tokens=True),
-                    full_text=tokenizer.decode(encoded[i] + new, skip_special_tokens=True),
+                    completion=str(tokenizer.decode(new, skip_special_tokens=True)),
+                    full_text=str(tokenizer.decode(encoded[i] + new, skip_special_tokens=True)),
                     new_token_ids=new,
                 )
             bar.update(len(batch))

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .scoring import Scorer, ScoringRequest, score_continuations
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_PROMPT_TEMPLATE = "{question}"
 DEFAULT_CHOICE_TEMPLATE = " {choice}"
@@ -30,21 +34,25 @@ def argmax(values: Sequence[float]) -> int:
 def _check(record: Any, index: int) -> None:
     for field in ("question", "choices", "answer"):
         if field not in record:
-            raise ValueError(f"mc record {index} lacks '{field}'; records need question, choices, answer")
+            raise LofitValueError(
+                f"mc record {index} lacks '{field}'; records need question, choices, answer"
+            )
     choices, answer = record["choices"], record["answer"]
     if isinstance(choices, str) or len(choices) < 2:
-        raise ValueError(f"mc record {index}: 'choices' must be a list of at least two strings")
+        raise LofitValueError(f"mc record {index}: 'choices' must be a list of at least two strings")
     if (
         isinstance(answer, bool)
         or not isinstance(answer, numbers.Integral)
         or not 0 <= int(answer) < len(choices)
     ):
-        raise ValueError(f"mc record {index}: 'answer' must be an index into choices (0..{len(choices) - 1})")
+        raise LofitValueError(
+            f"mc record {index}: 'answer' must be an index into choices (0..{len(choices) - 1})"
+        )
 
 
 def evaluate_mc(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Any],
     *,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,

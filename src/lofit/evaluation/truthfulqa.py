@@ -15,11 +15,15 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .scoring import Scorer, ScoringRequest, score_continuations
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers")
 
@@ -73,31 +77,25 @@ def mc_metrics(best: float, true: Sequence[float], false: Sequence[float]) -> tu
 def _check(record: Any, index: int) -> None:
     missing = [field for field in FIELDS if field not in record]
     if missing:
-        raise ValueError(f"truthfulqa_mc record {index} lacks {missing}; records need fields {list(FIELDS)}")
+        raise LofitValueError(
+            f"truthfulqa_mc record {index} lacks {missing}; records need fields {list(FIELDS)}"
+        )
     for field in ("correct_answers", "incorrect_answers"):
         if isinstance(record[field], str) or not any(str(a).strip() for a in record[field]):
-            raise ValueError(f"truthfulqa_mc record {index}: '{field}' must be a non-empty list of strings")
+            raise LofitValueError(
+                f"truthfulqa_mc record {index}: '{field}' must be a non-empty list of strings"
+            )
 
 
-def evaluate_truthfulqa_mc(
-    model: nn.Module,
-    tokenizer: Any,
-    records: Sequence[Any],
-    *,
-    instruction: str | None = None,
-    primer: str | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    scorer: Scorer = "fast",
-    batch_size: int = 16,
-    max_length: int | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean MC1/MC2 over `records`, and one detail dict per record."""
-    if instruction is None or primer is None:
-        file_instruction, file_primer = load_prompt_parts(data_dir)
-        instruction = file_instruction if instruction is None else instruction
-        primer = file_primer if primer is None else primer
-    requests, layouts = [], []
+Layout = tuple[list[str], str, list[str], list[str]]  # every distinct answer, best, true, false
+
+
+def _requests(
+    records: Sequence[Any], instruction: str, primer: str
+) -> tuple[list[ScoringRequest], list[Layout]]:
+    """One scoring request per question (each distinct answer once) and where its answers sit."""
+    requests: list[ScoringRequest] = []
+    layouts: list[Layout] = []
     for index, record in enumerate(records):
         _check(record, index)
         true = [format_reference(a) for a in record["correct_answers"] if a.strip()]
@@ -113,6 +111,47 @@ def evaluate_truthfulqa_mc(
         requests.append(ScoringRequest(context, [" " + a for a in answers]))
         layouts.append((answers, best, true, false))
 
+    return requests, layouts
+
+
+def _detail(record: Any, layout: Layout, request_scores: Sequence[float]) -> dict[str, Any]:
+    """MC1, MC2 and the scores of one question."""
+    answers, best, true, false = layout
+    by_answer = dict(zip(answers, request_scores, strict=True))
+    scores_true, scores_false = [by_answer[a] for a in true], [by_answer[a] for a in false]
+    mc1, mc2 = mc_metrics(by_answer[best], scores_true, scores_false)
+    return {
+        "question": record["question"],
+        "best_answer": best,
+        "correct_answers": true,
+        "incorrect_answers": false,
+        "score_best": by_answer[best],
+        "scores_true": scores_true,
+        "scores_false": scores_false,
+        "mc1": mc1,
+        "mc2": mc2,
+    }
+
+
+def evaluate_truthfulqa_mc(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Any],
+    *,
+    instruction: str | None = None,
+    primer: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    scorer: Scorer = "fast",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mean MC1/MC2 over `records`, and one detail dict per record."""
+    if instruction is None or primer is None:
+        file_instruction, file_primer = load_prompt_parts(data_dir)
+        instruction = file_instruction if instruction is None else instruction
+        primer = file_primer if primer is None else primer
+    requests, layouts = _requests(records, instruction, primer)
     scores = score_continuations(
         model,
         tokenizer,
@@ -122,24 +161,10 @@ def evaluate_truthfulqa_mc(
         max_length=max_length,
         progress=progress,
     )
-    details = []
-    for record, (answers, best, true, false), request_scores in zip(records, layouts, scores, strict=True):
-        by_answer = dict(zip(answers, request_scores, strict=True))
-        scores_true, scores_false = [by_answer[a] for a in true], [by_answer[a] for a in false]
-        mc1, mc2 = mc_metrics(by_answer[best], scores_true, scores_false)
-        details.append(
-            {
-                "question": record["question"],
-                "best_answer": best,
-                "correct_answers": true,
-                "incorrect_answers": false,
-                "score_best": by_answer[best],
-                "scores_true": scores_true,
-                "scores_false": scores_false,
-                "mc1": mc1,
-                "mc2": mc2,
-            }
-        )
+    details = [
+        _detail(record, layout, request_scores)
+        for record, layout, request_scores in zip(records, layouts, scores, strict=True)
+    ]
     count = max(len(details), 1)
     metrics = {
         "mc1": sum(d["mc1"] for d in details) / count,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import DataError
-from .multiple_choice import mc_completion, mc_prompt, mc_to_sft
+from .llm_adapters import mc_completion, mc_prompt, mc_to_sft
 from .records import Record
 from .truthfulqa import TQA_PROMPT_TEMPLATE
 

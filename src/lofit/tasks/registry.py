@@ -26,8 +26,8 @@ from .clutrr import load_clutrr
 from .convert import can_convert, convert_records
 from .errors import DataError
 from .generic import describe_source, load_records_with_kind
+from .llm_adapters import STYLES, load_mc_benchmark
 from .mquake import load_mquake
-from .multiple_choice import STYLES, load_mc_benchmark
 from .records import Record
 from .task import Task, generic_defaults, paper_defaults
 from .truthfulqa import check_fold, load_truthfulqa

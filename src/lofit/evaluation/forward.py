@@ -1,4 +1,5 @@
-"""Plumbing shared by the scorers and the generator: devices, eval mode, tokenisation, forward calls."""
+"""Running the model for evaluation: the causal LM behind a wrapper, its device, eval mode without
+autograd, and forward calls that continue a KV cache (tokenisation lives in `tokens.py`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where inputs go)."""
     return next(model.parameters()).device
 
 
@@ -32,43 +34,6 @@ def inference(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with the special tokens the tokenizer puts *in front* (BOS), none appended."""
-    return encode_batch(tokenizer, [text])[0]
-
-
-def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """`encode` for many texts at once (one batched tokenizer call each way).
-
-    A tokenizer that appends EOS would otherwise make every scored continuation end in EOS.
-    """
-    if not texts:
-        return []
-    fulls: list[list[int]] = tokenizer(texts)["input_ids"]
-    bares: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [_drop_appended(full, bare) for full, bare in zip(fulls, bares, strict=True)]
-
-
-def _drop_appended(full: list[int], bare: list[int]) -> list[int]:
-    if len(full) > len(bare):
-        for start in range(len(full) - len(bare) + 1):
-            if full[start : start + len(bare)] == bare:
-                return full[: start + len(bare)]
-    return full
-
-
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    """Length of the longest common prefix of token sequences."""
-    if not sequences:
-        return 0
-    first, length = sequences[0], min(len(s) for s in sequences)
-    for i in range(length):
-        token = first[i]
-        if any(s[i] != token for s in sequences):
-            return i
-    return length
 
 
 def cache_kwarg(model: nn.Module) -> str:
