@@ -511,3 +511,56 @@ def test_run_report_and_metrics_carry_n_and_standard_errors(
     row = next(line for line in report.splitlines() if line.startswith("| accuracy |"))
     assert row.count("±") == 3 - (uncertainty["change"]["accuracy"] is None), row
     assert "n = 8 test records" in report
+
+
+# ------------------------------------------------------------------ 14.5: divergence and truncation
+def test_non_finite_adapter_is_never_saved_and_names_the_lr(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    import lofit.tuning
+
+    real = lofit.tuning.train_offsets
+
+    def diverged(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            next(iter(model.adapter_parameters())).fill_(float("inf"))
+        return model
+
+    monkeypatch.setattr(lofit.tuning, "train_offsets", diverged)
+    records = [{"prompt": f"{i}+1=", "completion": f"{i + 1}"} for i in range(4)]
+    train = _write_jsonl(tmp_path / "train.jsonl", records)
+    common = [
+        "--task",
+        "sft",
+        "--model",
+        str(tiny_model_dir),
+        "--train",
+        str(train),
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    assert main(["select", *common, "--out", str(tmp_path / "sel")]) == 0
+    out = tmp_path / "off"
+    argv = ["train", *common, "--heads", str(tmp_path / "sel" / "heads.json"), "--k", "2", "--lr", "5"]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "lr=5.0" in err and "(--lr)" in err, err
+    assert not (out / "adapter").exists()
+
+
+def test_truncation_warning_says_the_completion_was_cut(tiny_model_dir: Path, tmp_path: Path) -> None:
+    records = [{"prompt": "Q: a long prompt here? A:", "completion": " a long completion of many tokens"}] * 2
+    train = _write_jsonl(tmp_path / "train.jsonl", records)
+    argv = ["select", "--task", "sft", "--model", str(tiny_model_dir), "--train", str(train), "--epochs", "1"]
+    with pytest.warns(UserWarning, match="completion/response alone was longer, so it was cut on the right"):
+        assert main([*argv, "--no-progress", "--max-length", "2", "--out", str(tmp_path / "o")]) == 0
+    short = _write_jsonl(
+        tmp_path / "short.jsonl", [{"prompt": "Q: a long prompt here? A:", "completion": " a"}] * 2
+    )
+    argv[argv.index(str(train))] = str(short)
+    with pytest.warns(UserWarning, match=r"truncated \(prompt cut from the left\)$"):
+        assert main([*argv, "--no-progress", "--max-length", "12", "--out", str(tmp_path / "p")]) == 0

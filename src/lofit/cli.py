@@ -247,7 +247,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         max_test=args.max_test,
         max_length=getattr(args, "max_length", None),
         precision=args.precision,
-        eval_batch_size=getattr(args, "eval_batch_size", None) or getattr(args, "batch_size", None) or 8,
+        eval_batch_size=_eval_batch_size(args),
         progress=args.progress,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         resume=getattr(args, "resume", False),
@@ -257,6 +257,15 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         quantization=args.quantization,
         command=command,
     )
+
+
+def _eval_batch_size(args: argparse.Namespace) -> int:
+    """`--eval-batch-size` of `run`, `--batch-size` of `eval` (the evaluation batch), else 8."""
+    for name in ("eval_batch_size", "batch_size") if args.command in ("run", "eval") else ():
+        value = getattr(args, name, None)
+        if value is not None and (name == "eval_batch_size" or args.command == "eval"):
+            return int(value)
+    return 8
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -337,8 +346,10 @@ def user_message(error: BaseException) -> str:
         'x.jsonl: No such file or directory'
     """
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    return str(error)
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())  # one paragraph
 
 
 def main(argv: Sequence[str] | None = None) -> int:

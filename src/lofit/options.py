@@ -117,6 +117,8 @@ class RunOptions:
         """
         if name in ("lr_select", "lr_train") and self.command == name.removeprefix("lr_"):
             return "--lr"
+        if name == "eval_batch_size" and self.command == "eval":
+            return "--batch-size"
         return {"train_file": "--train", "val_file": "--val", "test_file": "--test"}.get(
             name, "--" + name.replace("_", "-")
         )

@@ -333,7 +333,10 @@ def load_adapter(model: nn.Module, adapter: Path) -> LofitModel:
     except RecursionError:
         raise AdapterLoadError(f"{adapter}/lofit_config.json: the JSON is nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError) as error:
-        raise AdapterLoadError(f"{adapter}: the adapter files are invalid ({error})") from None
+        raise AdapterLoadError(
+            f"{adapter}: lofit_config.json or lofit_model.safetensors holds an invalid value ({error}); "
+            "the adapter is corrupt or was edited: save it again with save_pretrained / lofit train"
+        ) from None
 
 
 def select_step(options: RunOptions) -> HeadSelection:
@@ -436,4 +439,7 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
     except RecursionError:
         raise AdapterLoadError(f"{adapter}/lofit_config.json: the JSON is nested too deeply") from None
     except (ValueError, TypeError, KeyError) as error:
-        raise AdapterLoadError(f"{adapter}: the adapter files are invalid ({error})") from None
+        raise AdapterLoadError(
+            f"{adapter}: lofit_config.json or lofit_model.safetensors holds an invalid value ({error}); "
+            "the adapter is corrupt or was edited: save it again with save_pretrained / lofit train"
+        ) from None
