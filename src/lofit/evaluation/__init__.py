@@ -15,7 +15,7 @@ one dict per record (scores, prediction, correctness) for reports.
 scoring and at every generation step). `scorer="fast"` (default) reuses KV caches of shared prefixes;
 `scorer="naive"` scores every option from scratch and gives the same numbers.
 
->>> metrics = evaluate(model, tokenizer, "mc", [{"question": "2+2=", "choices": ["4", "5"], "answer": 0}])
+>>> metrics = evaluate(model, tokenizer, "mc", [{"question": "2+2=", "choices": ["4", "5"], "answer": 0}])  # doctest: +SKIP
 """
 
 from __future__ import annotations

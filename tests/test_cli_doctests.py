@@ -1,0 +1,34 @@
+"""The examples in the docstrings of the command line, tasks and evaluation modules run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "lofit.cli",
+    "lofit.options",
+    "lofit.task_defaults",
+    "lofit.output_paths",
+    "lofit.bundled",
+    "lofit.loading",
+    "lofit.report",
+    "lofit.steps",
+    "lofit.pipeline",
+    "lofit.tasks.errors",
+    "lofit.tasks.registry",
+    "lofit.evaluation",
+    "lofit.evaluation.uncertainty",
+    "lofit.evaluation.tokens",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(
+    name: str, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # examples may name relative paths
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
