@@ -38,7 +38,11 @@ __all__ = ["RunOptions", "environment", "parse_k", "run", "validation_losses"]
 
 
 def environment() -> dict[str, str]:
-    """Versions and machine of this run, for metrics.json and report.md."""
+    """Versions and machine of this run, for metrics.json and report.md.
+
+    Returns:
+        `{"lofit", "python", "torch", "transformers", "machine", "command"}` as strings.
+    """
     import torch
     import transformers
 
@@ -53,7 +57,18 @@ def environment() -> dict[str, str]:
 
 
 def validation_losses(history: dict[str, Any] | None) -> list[list[float]]:
-    """[[epoch, validation loss], ...] from a `TrainingHistory.to_dict()` (empty without validation data)."""
+    """The validation loss after each epoch, from a `TrainingHistory.to_dict()`.
+
+    Args:
+        history: the history dict, or None.
+
+    Returns:
+        `[[epoch, validation loss], ...]` (empty without validation data).
+
+    Example:
+        >>> validation_losses({"validation": [{"epoch": 0, "val_loss": 2.5}, {"epoch": 1}]})
+        [[0, 2.5]]
+    """
     records = (history or {}).get("validation", [])
     return [[record["epoch"], record["val_loss"]] for record in records if "val_loss" in record]
 

@@ -59,7 +59,14 @@ def metrics_table(
 
 
 def uncertainty_note(uncertainty: dict[str, Any] | None) -> list[str]:
-    """One line saying what the ± figures are (n and the method), or nothing without standard errors."""
+    """The line under the results table saying what the ± figures are.
+
+    Args:
+        uncertainty: `metrics["uncertainty"]`, or None.
+
+    Returns:
+        The report lines (none without standard errors).
+    """
     if not uncertainty or not uncertainty.get("base"):
         return []
     return [
@@ -70,7 +77,14 @@ def uncertainty_note(uncertainty: dict[str, Any] | None) -> list[str]:
 
 
 def validation_table(validation: dict[str, Any]) -> list[str]:
-    """Lines of the table of the validation loss after each epoch (epoch 0 = before training) of both steps, if there was any."""
+    """The report lines of the validation loss after each epoch (0 = before training) of both steps.
+
+    Args:
+        validation: `metrics["validation"]` ({"select": [[epoch, loss], ...], "train": [...]}).
+
+    Returns:
+        The table's lines, or [] without validation data.
+    """
     select = dict((int(e), loss) for e, loss in validation.get("select", []))
     train = dict((int(e), loss) for e, loss in validation.get("train", []))
     if not (select or train):
@@ -87,7 +101,15 @@ def _image(out: Path, relative: str, caption: str) -> str:
 
 
 def render_report(out: Path, metrics: dict[str, Any]) -> str:
-    """The text of report.md for the metrics of one `lofit run` (images linked when present in `out`)."""
+    """The text of report.md for the metrics of one `lofit run`.
+
+    Args:
+        out: the run's output directory (images are linked when present there).
+        metrics: what `lofit.pipeline.run` wrote to metrics.json.
+
+    Returns:
+        The Markdown text.
+    """
     settings = metrics.get("settings", {})
     timings = metrics.get("timings", {})
     heads = metrics.get("heads", [])

@@ -63,9 +63,16 @@ class PreparedData:
 def values_are_user_errors() -> Iterator[None]:
     """Re-raise a plain `ValueError` from the training code as a `LofitValueError` with the same message.
 
-    The trainer and objectives (another module's code) still check their inputs (record lengths,
-    `max_length`, training options) with builtin `ValueError`s; inside a CLI step those are about the user's
-    data or options. Other exception types stay what they are (bugs: exit 1).
+    The trainer and objectives (another module's code) still check their inputs (record lengths, `max_length`,
+    training options) with builtin `ValueError`s; inside a CLI step those are about the user's data or options.
+    Other exception types stay what they are (bugs: exit 1).
+
+    Example:
+        >>> with values_are_user_errors():
+        ...     raise ValueError("record 3 is too long")
+        Traceback (most recent call last):
+        ...
+        lofit.errors.LofitValueError: record 3 is too long
     """
     try:
         yield
@@ -145,7 +152,10 @@ def prepare_data(options: RunOptions, needs: tuple[str, ...] = ("train", "test")
 
 
 def load(options: RunOptions) -> tuple[nn.Module, PreTrainedTokenizerBase, float]:
-    """Load the base model and tokenizer of `options.model`.
+    """Load the base model and tokenizer of `options.model` (with its device map / quantization).
+
+    Args:
+        options: the command's options.
 
     Returns:
         `(model, tokenizer, seconds it took)`.
@@ -160,12 +170,29 @@ def load(options: RunOptions) -> tuple[nn.Module, PreTrainedTokenizerBase, float
 
 
 def resolve_k(options: RunOptions, data: PreparedData) -> float | int:
-    """`--k`, else the task's default k (`lofit.task_defaults`), the same for `run`, `select` and `train`."""
+    """The k of this command: `--k`, else the task's default (`lofit.task_defaults`).
+
+    The same for `run`, `select` and `train`.
+
+    Args:
+        options: the command's options.
+        data: the prepared task data (its `task.defaults`).
+
+    Returns:
+        An int (heads) or a float fraction of all heads.
+    """
     return options.k if options.k is not None else data.task.defaults["k"]
 
 
 def resolved_precision(precision: str) -> str:
-    """The concrete training precision: "auto" becomes the fastest one this machine runs."""
+    """The concrete training precision: "auto" becomes the fastest one this machine runs.
+
+    Args:
+        precision: "auto", "fp32", "bf16" or "fp16".
+
+    Returns:
+        The precision name.
+    """
     from .trainer import fastest_precision
 
     return fastest_precision() if precision == "auto" else precision
@@ -202,7 +229,16 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
 
 
 def check_k(k: float | int, model: nn.Module, target_modules: list[str] | None) -> None:
-    """Fail on a k this model cannot take before training, not after it (honouring `--target-modules`)."""
+    """Fail on a k this model cannot take before training, not after it (honouring `--target-modules`).
+
+    Args:
+        k: heads (int) or a fraction of all heads (float).
+        model: the base model.
+        target_modules: the `--target-modules` suffixes, or None for automatic detection.
+
+    Raises:
+        LofitValueError: naming `--k` and the model's number of heads.
+    """
     import torch
 
     from .heads import find_output_projections
@@ -220,6 +256,11 @@ def run_selection(
     options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: PreTrainedTokenizerBase
 ) -> HeadSelection:
     """Step 1: rank the heads; writes `out/heads.json` and `out/heads.png`.
+
+    Args:
+        options: the command's options.
+        data: the prepared task data.
+        model: the base model; tokenizer: its tokenizer.
 
     Returns:
         The `HeadSelection`.
@@ -247,7 +288,16 @@ def run_selection(
 
 
 def check_finite_adapter(model: LofitModel, options: RunOptions, lr: float | None) -> None:
-    """Refuse to save an adapter whose values are not finite (the training diverged), naming the lr."""
+    """Refuse to save an adapter whose values are not finite (the training diverged), naming the lr.
+
+    Args:
+        model: the trained model.
+        options: the command's options (for the option's name).
+        lr: the learning rate used.
+
+    Raises:
+        LofitRuntimeError: naming the learning rate and its option.
+    """
     for parameter in model.adapter_parameters():
         values = parameter.detach()
         if not bool(values.isfinite().all()):
@@ -266,6 +316,12 @@ def run_training(
     heads: dict[int, list[int]],
 ) -> LofitModel:
     """Step 2: train offsets on `heads`; writes `out/adapter/` (only if every value is finite).
+
+    Args:
+        options: the command's options.
+        data: the prepared task data.
+        model: the base model; tokenizer: its tokenizer.
+        heads: `{layer: [head, ...]}` to tune.
 
     Returns:
         The trained `LofitModel`.
@@ -291,7 +347,16 @@ def run_training(
 
 
 def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> dict[str, Any]:
-    """Keyword arguments of `lofit.evaluation.evaluate` for the task's protocol."""
+    """Keyword arguments of `lofit.evaluation.evaluate` for the task's protocol.
+
+    Args:
+        data: the prepared task data.
+        batch_size: the evaluation batch size.
+        progress: show progress bars.
+
+    Returns:
+        The keyword arguments (templates, extraction, max_new_tokens as the task needs).
+    """
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, **data.task.eval_options}
     if data.task.extraction is not None:
         kwargs["extraction"] = data.task.extraction
@@ -302,6 +367,9 @@ def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> di
 
 def load_selection(path: Path) -> HeadSelection:
     """Read a heads.json given as `--heads`, every problem naming the file.
+
+    Args:
+        path: the file.
 
     Returns:
         The `HeadSelection`.
@@ -322,7 +390,18 @@ def load_selection(path: Path) -> HeadSelection:
 
 
 def load_adapter(model: nn.Module, adapter: Path) -> LofitModel:
-    """`LofitModel.from_pretrained(model, adapter)`, every problem with the adapter's files naming them."""
+    """`LofitModel.from_pretrained(model, adapter)`, every problem with the adapter's files naming them.
+
+    Args:
+        model: the base model.
+        adapter: the `--adapter` directory.
+
+    Returns:
+        The model with the adapter loaded.
+
+    Raises:
+        AdapterLoadError / LofitValueError: naming the directory or file and what is wrong.
+    """
     from .model import LofitModel
 
     check_input_dir(adapter, "--adapter", ADAPTER_FILES)
@@ -340,7 +419,14 @@ def load_adapter(model: nn.Module, adapter: Path) -> LofitModel:
 
 
 def select_step(options: RunOptions) -> HeadSelection:
-    """`lofit select`: rank the heads and write `out/heads.json` and `out/heads.png` (needs no test data)."""
+    """`lofit select`: rank the heads and write `out/heads.json` and `out/heads.png` (needs no test data).
+
+    Args:
+        options: the command's options.
+
+    Returns:
+        The `HeadSelection`.
+    """
     check_output_apart(options.out, input_paths(options))
     check_output_dir(options.out)
     data = prepare_data(options, needs=("train",))
@@ -349,7 +435,15 @@ def select_step(options: RunOptions) -> HeadSelection:
 
 
 def train_step(options: RunOptions, heads_file: Path) -> LofitModel:
-    """`lofit train`: train offsets on the top-k heads of `heads_file`; writes `out/adapter/` (no test data)."""
+    """`lofit train`: train offsets on the top-k heads of `heads_file`; writes `out/adapter/` (no test data).
+
+    Args:
+        options: the command's options.
+        heads_file: the `--heads` file written by `lofit select`.
+
+    Returns:
+        The trained `LofitModel`.
+    """
     from .heads import find_output_projections
 
     check_output_apart(options.out, input_paths(options, heads=heads_file))
@@ -386,6 +480,12 @@ def _check_metrics_file(out: Path | None, inputs: dict[str, Path | str | None]) 
 
 def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path | None) -> dict[str, float]:
     """`lofit eval`: score the model (with `adapter` if given) on the task's `split`; write `out` if given.
+
+    Args:
+        options: the command's options.
+        adapter: the `--adapter` directory, or None for the base model.
+        split: "test" or "val".
+        out: the metrics JSON file to write, or None.
 
     Returns:
         The metrics.

@@ -74,7 +74,23 @@ def evaluate(
     return_details: bool = False,
     **kwargs: Any,
 ) -> dict[str, float] | tuple[dict[str, float], Details]:
-    """Score `model` on `data` (a list of dicts or a `datasets.Dataset`) for `task`; see the module doc."""
+    """Score `model` on `data` for `task` (protocols in docs/METHOD.md §6; see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM or a `lofit.LofitModel`.
+        tokenizer: its tokenizer.
+        task: "truthfulqa_mc", "mc" or "exact_match".
+        data: a list of record dicts (or a `datasets.Dataset`) in the task's record format.
+        return_details: also return one dict per record (scores, prediction, correctness).
+        **kwargs: the task's options (batch_size, max_length, progress, templates, extraction, ...).
+
+    Returns:
+        `{metric: value}` (fractions in [0, 1]), or `(metrics, details)` with `return_details=True`.
+
+    Raises:
+        LofitValueError: an unknown task, empty data or a malformed record.
+        TypeError: an option the task does not take.
+    """
     if task not in TASKS:
         raise LofitValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     run, accepted = TASKS[task]

@@ -34,7 +34,20 @@ def evaluate_exact_match(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """{"exact_match"} plus {"exact_match_stripped"} unless the rule strips already (clutrr); per-record details."""
+    """Exact match of greedy generations against the gold answers.
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "exact_match" records {prompt, answers}.
+        extraction: how to read the answer from the generation ("mquake", "clutrr" or None).
+        max_new_tokens: tokens generated per prompt (16, as LoFiT).
+        batch_size, max_length, progress: see `generate_greedy`.
+
+    Returns:
+        `({"exact_match"} plus "exact_match_stripped" unless the rule strips already, details)`, one detail
+        dict per record (generation, prediction, correct).
+    """
     if extraction not in EXTRACTIONS:
         raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
     for index, record in enumerate(records):

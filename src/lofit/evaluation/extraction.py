@@ -24,7 +24,21 @@ CLUTRR_ANSWER_MARK = "'s\n"
 
 
 def extract(full_text: str, completion: str, extraction: Extraction) -> str:
-    """The prediction for one generation; `full_text` = prompt + completion decoded together."""
+    """The prediction read out of one generation.
+
+    Args:
+        full_text: prompt + completion decoded together.
+        completion: the new tokens decoded alone.
+        extraction: "mquake" (text after the last "A:" up to the first newline), "clutrr" (text up to the
+            first "." after the story's "'s\\n" marker, stripped), or None (the completion as is).
+
+    Returns:
+        The prediction text.
+
+    Example:
+        >>> extract("Q: x? A: Paris\\nQ:", " Paris\\nQ:", "mquake")
+        ' paris'
+    """
     if extraction == "mquake":
         return full_text.split("A:")[-1].split("\n")[0].lower()
     if extraction == "clutrr":
@@ -38,7 +52,17 @@ def extract(full_text: str, completion: str, extraction: Extraction) -> str:
 def matches(
     prediction: str, answers: Sequence[str], extraction: Extraction, *, stripped: bool = False
 ) -> bool:
-    """Whether `prediction` equals one of `answers` (lower-cased for mquake/clutrr; both stripped if asked)."""
+    """Whether `prediction` equals one of `answers`.
+
+    Args:
+        prediction: the extracted prediction.
+        answers: the gold answers.
+        extraction: the extraction rule (mquake/clutrr compare lower-cased).
+        stripped: compare with surrounding whitespace removed on both sides.
+
+    Returns:
+        True on a match.
+    """
     golds = [a.lower() for a in answers] if extraction in ("mquake", "clutrr") else list(answers)
     if stripped:
         return prediction.strip() in {g.strip() for g in golds}
@@ -46,5 +70,12 @@ def matches(
 
 
 def strips_already(extraction: Extraction) -> bool:
-    """True where the rule strips the prediction itself, so a stripped variant would add nothing."""
+    """True where the rule strips the prediction itself, so a stripped variant would add nothing.
+
+    Args:
+        extraction: the extraction rule.
+
+    Returns:
+        Whether a separate stripped metric is redundant.
+    """
     return extraction == "clutrr"

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Generation:
+    """One greedy generation: `completion` (the new tokens decoded alone, special tokens skipped),
+    `full_text` (prompt + new tokens decoded together) and `new_token_ids`.
+    """
+
     completion: str  # the new tokens decoded alone (special tokens skipped)
     full_text: str  # prompt + new tokens decoded together, as LoFiT's evaluation decodes them
     new_token_ids: list[int]  # up to and including EOS when one was generated
@@ -40,7 +44,20 @@ def generate_greedy(
     max_length: int | None = None,
     progress: bool = True,
 ) -> list[Generation]:
-    """Greedy continuations of `prompts`; `max_length` keeps only the last tokens of longer prompts."""
+    """Greedy continuations of `prompts`, batched with left padding.
+
+    Args:
+        model: a causal LM or a `LofitModel` (its adapter acts at every generation step).
+        tokenizer: its tokenizer (needs a pad or an EOS token).
+        prompts: the prompt texts.
+        max_new_tokens: tokens generated per prompt (generation stops early at EOS).
+        batch_size: prompts per `generate` call.
+        max_length: keep only the last `max_length` tokens of longer prompts (None: keep all).
+        progress: show a tqdm bar.
+
+    Returns:
+        One `Generation` per prompt, in order.
+    """
     if batch_size < 1 or max_new_tokens < 1:
         raise LofitValueError(
             f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"

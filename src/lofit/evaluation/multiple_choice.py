@@ -27,7 +27,18 @@ DEFAULT_CHOICE_TEMPLATE = " {choice}"
 
 
 def argmax(values: Sequence[float]) -> int:
-    """Index of the first maximum."""
+    """Index of the first maximum (ties go to the first option, as numpy and lm-eval).
+
+    Args:
+        values: the scores.
+
+    Returns:
+        The index.
+
+    Example:
+        >>> argmax([0.1, 0.7, 0.7])
+        1
+    """
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
@@ -62,7 +73,19 @@ def evaluate_mc(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean accuracy and length-normalised accuracy over `records`, and one detail dict per record."""
+    """Accuracy and length-normalised accuracy of log-likelihood multiple choice.
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "mc" records {question, choices, answer}.
+        prompt_template: the context, formatted with `question`.
+        choice_template: each continuation, formatted with `choice`.
+        scorer, batch_size, max_length, progress: see `score_continuations`.
+
+    Returns:
+        `({"accuracy", "accuracy_norm"}, details)`, one detail dict per record (scores, predictions, correct).
+    """
     requests = []
     for index, record in enumerate(records):
         _check(record, index)

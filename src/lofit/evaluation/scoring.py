@@ -60,10 +60,20 @@ def score_continuations(
     max_length: int | None = None,
     progress: bool = True,
 ) -> list[list[float]]:
-    """Summed log-probabilities, `result[i][j]` for `requests[i].continuations[j]` (fp32 log-softmax).
+    """Summed log-probabilities of each continuation after its context (fp32 log-softmax).
 
-    `max_length` drops the oldest context tokens of longer sequences (the continuation is kept).
-    `batch_size` caps how many continuations go through one batched forward pass ("fast" only).
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        requests: one `ScoringRequest` (context + continuations) per question.
+        scorer: "fast" reuses the KV cache of shared prefixes; "naive" scores every sequence from scratch
+            (the same numbers, for checking).
+        batch_size: continuations per batched forward pass ("fast" only).
+        max_length: drop the oldest context tokens of longer sequences (the continuation is kept).
+        progress: show a tqdm bar.
+
+    Returns:
+        `result[i][j]`, the log-probability of `requests[i].continuations[j]` given `requests[i].context`.
     """
     if scorer not in ("fast", "naive"):
         raise LofitValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")

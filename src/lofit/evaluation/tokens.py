@@ -15,7 +15,15 @@ if TYPE_CHECKING:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of `text` with the special tokens the tokenizer puts *in front* (BOS), none appended."""
+    """Token ids of `text` with the special tokens the tokenizer puts in front (BOS), none appended.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the text.
+
+    Returns:
+        The token ids.
+    """
     return encode_batch(tokenizer, [text])[0]
 
 
@@ -23,6 +31,13 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[l
     """`encode` for many texts at once (one batched tokenizer call each way).
 
     A tokenizer that appends EOS would otherwise make every scored continuation end in EOS.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        texts: the texts.
+
+    Returns:
+        One list of token ids per text.
     """
     if not texts:
         return []
@@ -40,7 +55,14 @@ def _drop_appended(full: list[int], bare: list[int]) -> list[int]:
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
-    """Length of the longest common prefix of token sequences."""
+    """Length of the longest common prefix of token sequences.
+
+    Args:
+        sequences: token id lists.
+
+    Returns:
+        The number of leading tokens all sequences share (0 for none).
+    """
     if not sequences:
         return 0
     first, length = sequences[0], min(len(s) for s in sequences)

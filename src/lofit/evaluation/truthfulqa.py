@@ -29,7 +29,14 @@ FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers")
 
 
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The data root holding `truthfulqa/` (lofit.tasks' search order), or None when there is none."""
+    """The data root holding `truthfulqa/` (lofit.tasks' search order).
+
+    Args:
+        data_dir: an explicit data directory.
+
+    Returns:
+        The root, or None when there is none.
+    """
     from ..tasks import DataError, resolve_data_dir
 
     try:
@@ -39,7 +46,14 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None
 
 
 def load_prompt_parts(data_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """(instruction, primer) from `truthfulqa/instruction_prompt.txt` and `truthfulqa/qa_primer.txt`."""
+    """TruthfulQA's instruction and few-shot primer.
+
+    Args:
+        data_dir: the data root (see `find_data_dir`).
+
+    Returns:
+        `(instruction, primer)` from `truthfulqa/instruction_prompt.txt` and `truthfulqa/qa_primer.txt`.
+    """
     root = find_data_dir(data_dir)
     folder = None if root is None else (root if (root / "qa_primer.txt").is_file() else root / "truthfulqa")
     if folder is None or not (folder / "qa_primer.txt").is_file():
@@ -53,19 +67,53 @@ def load_prompt_parts(data_dir: str | os.PathLike[str] | None = None) -> tuple[s
 
 
 def format_reference(answer: str) -> str:
-    """A reference answer as TruthfulQA scores it: stripped, closed with a period."""
+    """A reference answer as TruthfulQA scores it: stripped, closed with a period.
+
+    Args:
+        answer: the answer text.
+
+    Returns:
+        The formatted answer.
+
+    Example:
+        >>> format_reference(" Nothing happens ")
+        'Nothing happens.'
+    """
     answer = answer.strip()
     return answer if answer.endswith(".") else answer + "."
 
 
 def question_context(question: str, instruction: str, primer: str) -> str:
-    """Everything up to and including "\\nA:"; the answer follows as " {answer}"."""
+    """The scoring context of one question: instruction and primer (if any), then "Q: ...\\nA:".
+
+    Args:
+        question: the question.
+        instruction: the instruction text ("" for none).
+        primer: the few-shot primer ("" for none).
+
+    Returns:
+        The context text.
+    """
     prefix = "\n\n".join(part for part in (instruction, primer) if part)
     return f"{prefix}\n\nQ: {question}\nA:" if prefix else f"Q: {question}\nA:"
 
 
 def mc_metrics(best: float, true: Sequence[float], false: Sequence[float]) -> tuple[float, float]:
-    """(MC1, MC2) of one question from the summed log-probs of its answers."""
+    """MC1 and MC2 of one question from the summed log-probs of its answers.
+
+    Args:
+        best: the log-prob of the best answer.
+        true: log-probs of the correct answers.
+        false: log-probs of the incorrect answers.
+
+    Returns:
+        `(mc1, mc2)`: 1.0 if the best answer beats every incorrect one, and the probability mass on the
+        correct answers (normalised over all answers).
+
+    Example:
+        >>> mc_metrics(-1.0, [-1.0], [-2.0, -3.0])[0]
+        1.0
+    """
     mc1 = 1.0 if best > max(false) else 0.0
     # MC2 through log-sum-exp: the same ratio as exp-then-sum, without underflow for long answers.
     top = max([*true, *false])
@@ -146,7 +194,19 @@ def evaluate_truthfulqa_mc(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean MC1/MC2 over `records`, and one detail dict per record."""
+    """TruthfulQA MC1/MC2 (the LoFiT / ITI protocol, METHOD.md §6).
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "truthfulqa_mc" records {question, best_answer, correct_answers, incorrect_answers}.
+        instruction, primer: the prompt parts (default: read from `data_dir`/truthfulqa/).
+        data_dir: where the prompt files live.
+        scorer, batch_size, max_length, progress: see `score_continuations`.
+
+    Returns:
+        `({"mc1", "mc2"}, details)`, one detail dict per question (answer scores, mc1, mc2).
+    """
     if instruction is None or primer is None:
         file_instruction, file_primer = load_prompt_parts(data_dir)
         instruction = file_instruction if instruction is None else instruction

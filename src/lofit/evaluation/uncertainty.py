@@ -83,7 +83,15 @@ def paired_standard_error(base: Sequence[float], adapted: Sequence[float]) -> fl
 
 
 def per_record_scores(details: Sequence[Mapping[str, Any]], metric: str) -> list[float] | None:
-    """The per-record scores behind `metric`, or None when the details do not carry them."""
+    """The per-record scores behind `metric` (from `evaluate(..., return_details=True)`).
+
+    Args:
+        details: one detail dict per record.
+        metric: a metric name ("accuracy", "mc2", ...).
+
+    Returns:
+        One float per record, or None when the details do not carry them.
+    """
     field = DETAIL_FIELDS.get(metric)
     if field is None or not details or any(field not in d for d in details):
         return None

@@ -41,7 +41,18 @@ def file_format(path: Path) -> str:
 
 
 def read_rows(path: str | Path, *, allow_empty: bool = False) -> list[RawRow]:
-    """Parse `path` (by suffix) into raw rows; raise `DataError` on unreadable or empty files."""
+    """Parse a data file (format by suffix) into raw rows that remember their 1-based line.
+
+    Args:
+        path: a .jsonl, .ndjson, .json or .csv file.
+        allow_empty: return [] for a file without records instead of raising.
+
+    Returns:
+        The rows, not yet validated.
+
+    Raises:
+        DataError: an unreadable, malformed or (unless allowed) empty file, naming the file and line.
+    """
     path = Path(path)
     fmt = file_format(path)
     text = read_text(path)

@@ -76,7 +76,11 @@ class Task:
             self.eval_options = {"prompt_template": MC_PROMPT_TEMPLATE, "choice_template": " {choice}"}
 
     def summary(self) -> str:
-        """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc test 409"."""
+        """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc val 82 test 409".
+
+        Returns:
+            The summary.
+        """
         return (
             f"{self.name}: {self.objective} training {len(self.train)}/{len(self.val)}, "
             f"{self.eval_task} val {len(self.val_eval)} test {len(self.test)}"
