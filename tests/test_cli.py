@@ -564,3 +564,19 @@ def test_truncation_warning_says_the_completion_was_cut(tiny_model_dir: Path, tm
     argv[argv.index(str(train))] = str(short)
     with pytest.warns(UserWarning, match=r"truncated \(prompt cut from the left\)$"):
         assert main([*argv, "--no-progress", "--max-length", "12", "--out", str(tmp_path / "p")]) == 0
+
+
+def test_eval_out_carries_n_and_standard_errors(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    questions = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(5)]
+    test = _write_jsonl(tmp_path / "test.jsonl", questions)
+    out = tmp_path / "metrics.json"
+    argv = ["eval", "--task", "mc", "--model", str(tiny_model_dir), "--test", str(test), "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    written = json.loads(out.read_text())
+    p = written["accuracy"]
+    assert written["n"] == 5 and written["standard_errors"]["accuracy"] == pytest.approx(
+        (p * (1 - p) / 5) ** 0.5
+    )
+    assert json.loads(capsys.readouterr().out) == written

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import AdapterLoadError, LofitError, LofitRuntimeError, LofitValueError
 from .options import RunOptions
 from .output_paths import check_input_dir, check_input_file, check_output_apart, check_output_dir
+from .task_defaults import defaults_for
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,6 +133,8 @@ def prepare_data(options: RunOptions, needs: tuple[str, ...] = ("train", "test")
         test_file=options.test_file,
         needs=needs,
     )
+    # One home for defaults: a task without its own value takes the table's (lofit.task_defaults).
+    task.defaults = defaults_for(task.name, task.objective).as_dict() | task.defaults
     data = PreparedData(
         task=task,
         train=_first(task.train, options.max_train),
@@ -478,7 +481,7 @@ def _check_metrics_file(out: Path | None, inputs: dict[str, Path | str | None]) 
         raise LofitValueError(f"--out {out}: {out.parent} is a file, not a directory; choose another --out")
 
 
-def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path | None) -> dict[str, float]:
+def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path | None) -> dict[str, Any]:
     """`lofit eval`: score the model (with `adapter` if given) on the task's `split`; write `out` if given.
 
     Args:
@@ -488,10 +491,12 @@ def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path |
         out: the metrics JSON file to write, or None.
 
     Returns:
-        The metrics.
+        The metrics, with `n` (records scored) and `standard_errors` (one per metric, see
+        `lofit.evaluation.uncertainty`), as written to `out`.
     """
     from .atomic import atomic_write_json
     from .evaluation import evaluate
+    from .evaluation.uncertainty import per_record_scores, standard_error
 
     _check_metrics_file(out, input_paths(options, adapter=adapter))
     data = prepare_data(options, needs=("val",) if split == "val" else ("test",))
@@ -501,10 +506,15 @@ def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path |
     records = data.test if split == "test" else data.val_eval
     model.eval()
     kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
-    metrics: dict[str, float] = evaluate(model, tokenizer, data.task.eval_task, records, **kwargs)
+    metrics, details = evaluate(model, tokenizer, data.task.eval_task, records, return_details=True, **kwargs)
+    errors = {
+        name: standard_error(scores) for name in metrics if (scores := per_record_scores(details, name))
+    }
+    document = {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics}
+    document |= {"n": len(records), "standard_errors": errors}
     if out is not None:
-        atomic_write_json(out, {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics})
-    return metrics
+        atomic_write_json(out, document)
+    return document
 
 
 def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -> Path:
