@@ -280,7 +280,8 @@ def test_steps_does_not_import_pipeline() -> None:
 
 def _k_and_select_settings(command: str, tmp_path: Path) -> tuple[float | int, dict]:  # type: ignore[type-arg]
     from lofit.cli import run_options
-    from lofit.steps import prepare_data, resolve_k, training_kwargs
+    from lofit.inputs import prepare_data
+    from lofit.steps import resolve_k, training_kwargs
 
     records = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Q: a? A:", "answers": ["b"]}])
     sft = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q: a? A:", "completion": " b"}])

@@ -14,19 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .inputs import PreparedData, input_paths, load, prepare_data
 from .options import RunOptions, parse_k
-from .steps import (
-    PreparedData,
-    check_output_dir,
-    evaluation_kwargs,
-    input_paths,
-    load,
-    prepare_data,
-    resolve_k,
-    run_selection,
-    run_training,
-    training_kwargs,
-)
+from .output_paths import check_output_dir
+from .steps import evaluation_kwargs, resolve_k, run_selection, run_training, training_kwargs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
