@@ -581,3 +581,11 @@ def test_eval_out_carries_n_and_standard_errors(
         (p * (1 - p) / 5) ** 0.5
     )
     assert json.loads(capsys.readouterr().out) == written
+
+
+def test_task_help_names_every_task() -> None:
+    """The --task help is static text (parsing imports no task code); it must list every task there is."""
+    from lofit.cli import TASK_HELP
+    from lofit.tasks import TASK_NAMES
+
+    assert [name for name in TASK_NAMES if name not in TASK_HELP] == []

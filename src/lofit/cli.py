@@ -309,7 +309,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .steps import merge_step
 
-    path = merge_step(args.model, args.adapter, args.out, None if args.dtype == "auto" else args.dtype)
+    path = merge_step(args.model, args.adapter, args.out, args.dtype)
     print(
         f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
     )

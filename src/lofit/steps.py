@@ -361,7 +361,7 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
         model: the base model (id, local path or the bundled name).
         adapter: the adapter directory.
         out: the new checkpoint directory (never one of the inputs).
-        dtype: dtype of the written weights ("fp32", "bf16", "fp16"; None = the checkpoint's own).
+        dtype: dtype of the written weights ("fp32", "bf16", "fp16", or "auto"/None: the checkpoint's own).
 
     Returns:
         The directory written.
@@ -387,6 +387,6 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
         raise AdapterLoadError(f"{adapter}/lofit_config.json: the JSON is nested too deeply") from None
     except (ValueError, TypeError, KeyError) as error:
         raise AdapterLoadError(
-            f"{adapter}: lofit_config.json or lofit_model.safetensors holds an invalid value ({error}); "
-            "the adapter is corrupt or was edited: save it again with save_pretrained / lofit train"
+            f"cannot merge the adapter {adapter} into {model}: {error}. If lofit_config.json or "
+            "lofit_model.safetensors was edited or is corrupt, save the adapter again"
         ) from None
