@@ -589,3 +589,27 @@ def test_task_help_names_every_task() -> None:
     from lofit.tasks import TASK_NAMES
 
     assert [name for name in TASK_NAMES if name not in TASK_HELP] == []
+
+
+def test_wilson_interval_where_the_standard_error_is_zero() -> None:
+    import math
+
+    from lofit.evaluation.uncertainty import metric_uncertainty, wilson_interval
+    from lofit.report import metrics_table
+
+    z = 1.96
+    for successes, n in ((0, 16), (3, 10), (10, 10)):
+        p = successes / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        low, high = wilson_interval(successes, n)  # type: ignore[misc]
+        assert low == pytest.approx(max(0.0, centre - half)) and high == pytest.approx(
+            min(1.0, centre + half)
+        )
+    zero = [{"correct": False, "correct_norm": False}] * 16
+    found = metric_uncertainty(({"accuracy": 0.0}, zero), ({"accuracy": 0.0}, zero))
+    assert found["base"]["accuracy"] == 0.0 and found["interval95"]["base"]["accuracy"][1] == pytest.approx(
+        0.1936, abs=1e-4
+    )
+    row = metrics_table({"accuracy": 0.0}, {"accuracy": 0.0}, found).splitlines()[-1]
+    assert "0.0 [95%: 0.0, 19.4]" in row, row

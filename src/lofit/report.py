@@ -12,8 +12,10 @@ def _is_fraction(value: Any) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-def _number(value: Any, se: float | None = None) -> str:
+def _number(value: Any, se: float | None = None, interval: Any = None) -> str:
     if _is_fraction(value):
+        if se == 0 and interval is not None:  # 0% or 100%: the SE says nothing, the interval does
+            return f"{100 * value:.1f} [95%: {100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
         return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -50,9 +52,10 @@ def metrics_table(
             change = f"{100 * (after - before):+.1f}" + (
                 f" ± {100 * change_se:.1f}" if change_se is not None else ""
             )
+        intervals = errors.get("interval95", {})
         cells = [
-            _number(before, errors.get("base", {}).get(name)),
-            _number(after, errors.get("lofit", {}).get(name)),
+            _number(before, errors.get("base", {}).get(name), intervals.get("base", {}).get(name)),
+            _number(after, errors.get("lofit", {}).get(name), intervals.get("lofit", {}).get(name)),
         ]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {change} |")
     return "\n".join(lines)
@@ -71,7 +74,7 @@ def uncertainty_note(uncertainty: dict[str, Any] | None) -> list[str]:
         return []
     return [
         f"± is one standard error over the n = {uncertainty['n']} test records (a 95% interval is about "
-        f"± 1.96 SE): {uncertainty['method']}.",
+        f"± 1.96 SE): {uncertainty['method']}. At 0% or 100% the table gives the Wilson 95% interval instead.",
         "",
     ]
 

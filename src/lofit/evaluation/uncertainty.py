@@ -7,7 +7,9 @@ for `mc2`. Its standard error:
 - other scores (MC2): the SE of the per-question mean, s / sqrt(n) with the sample std s (n - 1);
 - the change (LoFiT - base) on the same records: the paired SE of the per-record differences,
   s_d / sqrt(n), which is smaller than combining the two SEs when the scores are correlated.
-With n = 1 the SE is undefined (None). A 95% interval is about ±1.96 SE.
+With n = 1 the SE is undefined (None). A 95% interval is about ±1.96 SE, except where a 0/1 metric is
+0% or 100% (its binomial SE is 0 there): `wilson_interval` gives a 95% interval that stays honest at the
+edges, and metrics.json carries it for every 0/1 metric.
 
 Example:
     >>> from lofit.evaluation.uncertainty import standard_error, paired_standard_error
@@ -64,6 +66,29 @@ def standard_error(scores: Sequence[float]) -> float | None:
     return _mean_and_sd(values)[1] / math.sqrt(n)
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (95% for z = 1.96); None for n = 0.
+
+    Args:
+        successes: the number of 1 scores.
+        n: the number of records.
+        z: the normal quantile of the interval's level.
+
+    Returns:
+        `(low, high)` within [0, 1].
+
+    Example:
+        >>> [round(x, 4) for x in wilson_interval(0, 16)]     # 0 of 16 correct: the SE is 0, this is not
+        [0.0, 0.1936]
+    """
+    if n <= 0:
+        return None
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def paired_standard_error(base: Sequence[float], adapted: Sequence[float]) -> float | None:
     """SE of the mean difference `adapted - base` over the same records; None for fewer than 2 records.
 
@@ -109,10 +134,12 @@ def metric_uncertainty(
         adapted: the same for the adapted model, on the same records.
 
     Returns:
-        `{"n": n, "method": ..., "base": {metric: se}, "lofit": {metric: se}, "change": {metric: se}}`.
+        `{"n": n, "method": ..., "base": {metric: se}, "lofit": {metric: se}, "change": {metric: se},
+        "interval95": {"base": {metric: (low, high)}, "lofit": {...}}}` (Wilson intervals of 0/1 metrics).
     """
     (base_metrics, base_details), (_, adapted_details) = base, adapted
     result: dict[str, Any] = {"n": len(base_details), "method": METHOD, "base": {}, "lofit": {}, "change": {}}
+    result["interval95"] = {"base": {}, "lofit": {}}
     for metric in base_metrics:
         before, after = per_record_scores(base_details, metric), per_record_scores(adapted_details, metric)
         if before is None or after is None:
@@ -120,4 +147,7 @@ def metric_uncertainty(
         result["base"][metric] = standard_error(before)
         result["lofit"][metric] = standard_error(after)
         result["change"][metric] = paired_standard_error(before, after)
+        for side, scores in (("base", before), ("lofit", after)):
+            if all(v in (0.0, 1.0) for v in scores):
+                result["interval95"][side][metric] = wilson_interval(sum(scores), len(scores))
     return result
