@@ -72,37 +72,50 @@ def generate_greedy(
     if any(not ids for ids in encoded):
         raise LofitValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = device_of(model)
-    results: list[Generation | None] = [None] * len(encoded)
+    results: dict[int, Generation] = {}
     bar = tqdm(total=len(encoded), desc="generating", disable=not progress, leave=False)
     with inference(model):
         for begin in range(0, len(order), batch_size):
-            batch = order[begin : begin + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.tensor(
-                [[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device
-            )
-            attention_mask = torch.tensor(
-                [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device
-            )
-            output = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            for row, i in enumerate(batch):
-                new = output[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos) + 1]
-                results[i] = Generation(
-                    completion=str(tokenizer.decode(new, skip_special_tokens=True)),
-                    full_text=str(tokenizer.decode(encoded[i] + new, skip_special_tokens=True)),
-                    new_token_ids=new,
-                )
+            batch = [encoded[i] for i in order[begin : begin + batch_size]]
+            generated = _generate_batch(model, tokenizer, batch, max_new_tokens, pad, eos)
+            results.update(zip(order[begin : begin + batch_size], generated, strict=True))
             bar.update(len(batch))
     bar.close()
-    return [r for r in results if r is not None]
+    return [results[i] for i in range(len(encoded))]
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    pad: int,
+    eos: int | None,
+) -> list[Generation]:
+    """One left-padded `generate` call; each row's new tokens cut after its first EOS."""
+    device = device_of(model)
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    output = model.generate(  # type: ignore[operator]
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    generations = []
+    for row, ids in enumerate(batch):
+        new = output[row, width:].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        generations.append(
+            Generation(
+                completion=str(tokenizer.decode(new, skip_special_tokens=True)),
+                full_text=str(tokenizer.decode(ids + new, skip_special_tokens=True)),
+                new_token_ids=new,
+            )
+        )
+    return generations

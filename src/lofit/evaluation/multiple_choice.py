@@ -61,6 +61,22 @@ def _check(record: Any, index: int) -> None:
         )
 
 
+def _detail(record: Any, option_scores: list[float]) -> dict[str, Any]:
+    """Predictions (raw and length-normalised) and correctness of one question."""
+    normalised = [s / max(len(c), 1) for s, c in zip(option_scores, record["choices"], strict=True)]
+    prediction, prediction_norm = argmax(option_scores), argmax(normalised)
+    return {
+        "question": record["question"],
+        "choices": list(record["choices"]),
+        "answer": int(record["answer"]),
+        "scores": option_scores,
+        "prediction": prediction,
+        "prediction_norm": prediction_norm,
+        "correct": prediction == record["answer"],
+        "correct_norm": prediction_norm == record["answer"],
+    }
+
+
 def evaluate_mc(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -102,22 +118,7 @@ def evaluate_mc(
         max_length=max_length,
         progress=progress,
     )
-    details = []
-    for record, option_scores in zip(records, scores, strict=True):
-        normalised = [s / max(len(c), 1) for s, c in zip(option_scores, record["choices"], strict=True)]
-        prediction, prediction_norm = argmax(option_scores), argmax(normalised)
-        details.append(
-            {
-                "question": record["question"],
-                "choices": list(record["choices"]),
-                "answer": int(record["answer"]),
-                "scores": option_scores,
-                "prediction": prediction,
-                "prediction_norm": prediction_norm,
-                "correct": prediction == record["answer"],
-                "correct_norm": prediction_norm == record["answer"],
-            }
-        )
+    details = [_detail(record, option_scores) for record, option_scores in zip(records, scores, strict=True)]
     count = max(len(details), 1)
     metrics = {
         "accuracy": sum(d["correct"] for d in details) / count,
