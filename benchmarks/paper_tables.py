@@ -54,7 +54,7 @@ from lofit.objectives import make_objective  # noqa: E402
 from lofit.probe import probe_head_scores  # noqa: E402
 from lofit.selection import HeadSelection, probe_texts, rank_heads  # noqa: E402
 from lofit.tasks import load_task  # noqa: E402
-from lofit.tasks.multiple_choice import load_mc_split  # noqa: E402
+from lofit.tasks.llm_adapters import load_mc_split  # noqa: E402
 from lofit.trainer import TrainingConfig, seed_everything, train_adapter  # noqa: E402
 from lofit.training.adapter_model import AdapterView  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import evaluate
-from lofit.evaluation.runtime import encode
+from lofit.evaluation.tokens import encode
 from lofit.evaluation.truthfulqa import find_data_dir, format_reference, load_prompt_parts, question_context
 
 pytestmark = pytest.mark.slow

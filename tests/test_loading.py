@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lofit.bundled as bundled
 import lofit.loading as loading
 from lofit.loading import BundledModel, ModelLoadError, load_model, parse_dtype, resolve_cache_dir
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
@@ -74,7 +75,7 @@ def fake_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, in
         tokenizer.chat_template = CHAT_TEMPLATE
         return tiny_model("llama"), tokenizer
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", fake_dequantize)
+    monkeypatch.setattr(bundled, "dequantize_gguf", fake_dequantize)
     return calls
 
 
@@ -124,7 +125,7 @@ def test_failed_or_wrong_build_leaves_no_cache(
         raise RuntimeError("out of memory")
 
     with monkeypatch.context() as patch:  # undoing only this patch keeps fake_bundle's isolated cache dir
-        patch.setattr(loading, "_dequantize_gguf", failing)
+        patch.setattr(bundled, "dequantize_gguf", failing)
         with pytest.raises(RuntimeError, match="out of memory"):
             load_model("smollm2-135m")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
@@ -132,7 +133,7 @@ def test_failed_or_wrong_build_leaves_no_cache(
     spec = loading.BUNDLED_MODELS["smollm2-135m"]
     wrong = BundledModel(spec.package, spec.distribution, spec.gguf_file, {"num_hidden_layers": 30})
     monkeypatch.setitem(loading.BUNDLED_MODELS, "smollm2-135m", wrong)
-    monkeypatch.setattr(loading, "_dequantize_gguf", lambda gguf: (tiny_model("llama"), tiny_tokenizer()))
+    monkeypatch.setattr(bundled, "dequantize_gguf", lambda gguf: (tiny_model("llama"), tiny_tokenizer()))
     with pytest.raises(ModelLoadError, match=r"num_hidden_layers=3, expected 30.*reinstall"):
         load_model("smollm2-135m")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())

@@ -10,7 +10,7 @@ import pytest
 
 from lofit.tasks import DataError, Task, load_mc_split, load_task, resolve_data_dir
 from lofit.tasks.clutrr import load_clutrr
-from lofit.tasks.multiple_choice import STYLES, load_llm_adapters, mc_prompt
+from lofit.tasks.llm_adapters import STYLES, load_llm_adapters, mc_prompt
 
 
 def _data_root() -> Path:

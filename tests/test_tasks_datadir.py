@@ -11,7 +11,7 @@ from lofit.tasks import DataError, DownloadError, download_data, load_task, reso
 from lofit.tasks import datadir as datadir_module
 from lofit.tasks import download as download_module
 from lofit.tasks.download import SOURCES, RemoteFile, git_blob_id
-from lofit.tasks.multiple_choice import SPLIT_FILES
+from lofit.tasks.llm_adapters import SPLIT_FILES
 from lofit.tasks.truthfulqa import fold_file
 
 

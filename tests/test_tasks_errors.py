@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lofit.tasks import DataError, load_records, load_task
-from lofit.tasks.multiple_choice import load_llm_adapters
+from lofit.tasks.llm_adapters import load_llm_adapters
 
 # (file name, content, kind or None, expected line, expected field, a phrase of the problem)
 CASES = [

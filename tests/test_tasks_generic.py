@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lofit.tasks import DataError, Task, convert_records, detect_kind, load_records, load_task
-from lofit.tasks.multiple_choice import STYLES, load_llm_adapters, parse_instruction
+from lofit.tasks.llm_adapters import STYLES, load_llm_adapters, parse_instruction
 
 SFT = [
     {"prompt": "Q: capital of France? A:", "completion": " Paris"},

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import LofitConfig
-from .model import LofitModel, get_lofit_model
 
-# Heavier parts load on first use, so `import lofit` stays fast.
+if TYPE_CHECKING:
+    from .model import LofitModel, get_lofit_model
+
+# Everything that imports torch loads on first use, so `import lofit` (and `lofit --help`) stays fast.
 _LAZY = {
+    "LofitModel": "lofit.model",
+    "get_lofit_model": "lofit.model",
     "HeadSelection": "lofit.selection",
     "select_heads": "lofit.selection",
     "train_offsets": "lofit.tuning",
@@ -18,7 +22,17 @@ _LAZY = {
     "evaluate": "lofit.evaluation",
 }
 
-__all__ = ["LofitConfig", "LofitModel", "__version__", "get_lofit_model", *_LAZY]
+__all__ = [
+    "HeadSelection",
+    "LofitConfig",
+    "LofitModel",
+    "__version__",
+    "evaluate",
+    "get_lofit_model",
+    "load_model",
+    "select_heads",
+    "train_offsets",
+]
 
 
 def __getattr__(name: str) -> Any:

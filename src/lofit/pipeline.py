@@ -1,107 +1,40 @@
-"""`lofit run`: select heads -> train offsets -> evaluate base and adapted model -> write artefacts."""
+"""`lofit run`: select heads -> train offsets -> evaluate base and adapted model -> write artefacts.
+
+The steps live in `lofit.steps` (shared with the subcommands); this module only runs them in order and
+assembles metrics.json and report.md. `RunOptions` and `parse_k` live in the torch-free `lofit.options`
+and are re-exported here for older imports.
+"""
 
 from __future__ import annotations
 
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .atomic import atomic_write_json
+from .inputs import PreparedData, input_paths, load, prepare_data
+from .options import RunOptions, parse_k
+from .output_paths import check_output_dir
+from .steps import evaluation_kwargs, resolve_k, run_selection, run_training, training_kwargs
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-@dataclass
-class RunOptions:
-    """Everything `lofit run` needs; `None` means the task's default."""
+    from .model import LofitModel
+    from .selection import HeadSelection
 
-    task: str
-    out: Path
-    model: str = "smollm2-135m"
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
-    data_dir: str | None = None
-    fold: int = 0
-    k: float | None = None
-    select_method: str = "lofit"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr_select: float | None = None
-    lr_train: float | None = None
-    l1: float | None = None
-    beta: float | None = None
-    seed: int = 42
-    max_train: int | None = None
-    max_val: int | None = None
-    max_test: int | None = None
-    max_length: int | None = None
-    precision: str = "auto"
-    eval_batch_size: int = 8
-    progress: bool = True
-    checkpoint_every: int = 0
-    resume: bool = False
-    gradient_checkpointing: bool = False
-    target_modules: list[str] | None = None
-    device_map: str | None = None
-    quantization: str | None = None
-
-
-def parse_k(value: str | float | int) -> float | int:
-    """`--k 27` (heads) or `--k 0.1` (fraction of all heads)."""
-    import argparse
-    import math
-
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(
-            f"--k {value}: give a number of heads (1, 2, ...) or a fraction of all heads in (0, 1]"
-        )
-    if number.is_integer() and number >= 1:
-        return int(number)
-    return number
-
-
-def resolved_precision(precision: str) -> str:
-    from .trainer import fastest_precision
-
-    return fastest_precision() if precision == "auto" else precision
-
-
-def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) -> dict[str, Any]:
-    """Keyword arguments for select_heads (step "select") or train_offsets (step "train")."""
-    lr = options.lr_select if step == "select" else options.lr_train
-    kwargs: dict[str, Any] = {
-        "epochs": options.epochs if options.epochs is not None else defaults.get("epochs", 5),
-        "batch_size": options.batch_size if options.batch_size is not None else defaults.get("batch_size", 8),
-        "lr": lr if lr is not None else defaults.get(f"lr_{step}"),
-        "seed": options.seed,
-        "precision": resolved_precision(options.precision),
-        "progress": options.progress,
-    }
-    if step == "select":
-        kwargs["l1"] = options.l1 if options.l1 is not None else defaults.get("l1")
-    beta = options.beta if options.beta is not None else defaults.get("beta")
-    if beta is not None:
-        kwargs["beta"] = beta
-    if options.max_length is not None:
-        kwargs["max_length"] = options.max_length
-    if options.checkpoint_every:
-        kwargs["checkpoint_every"] = options.checkpoint_every
-    if options.resume:
-        kwargs["resume"] = True
-    if options.gradient_checkpointing:
-        kwargs["gradient_checkpointing"] = True
-    if options.target_modules:
-        kwargs["target_modules"] = list(options.target_modules)
-    return {key: value for key, value in kwargs.items() if value is not None}
+__all__ = ["RunOptions", "environment", "parse_k", "run", "validation_losses"]
 
 
 def environment() -> dict[str, str]:
+    """Versions and machine of this run, for metrics.json and report.md.
+
+    Returns:
+        `{"lofit", "python", "torch", "transformers", "machine", "command"}` as strings.
+    """
+    import torch
     import transformers
 
     return {
@@ -115,61 +48,59 @@ def environment() -> dict[str, str]:
 
 
 def validation_losses(history: dict[str, Any] | None) -> list[list[float]]:
-    """[[epoch, validation loss], ...] from a `TrainingHistory.to_dict()` (empty without validation data)."""
+    """The validation loss after each epoch, from a `TrainingHistory.to_dict()`.
+
+    Args:
+        history: the history dict, or None.
+
+    Returns:
+        `[[epoch, validation loss], ...]` (empty without validation data).
+
+    Example:
+        >>> validation_losses({"validation": [{"epoch": 0, "val_loss": 2.5}, {"epoch": 1}]})
+        [[0, 2.5]]
+    """
     records = (history or {}).get("validation", [])
     return [[record["epoch"], record["val_loss"]] for record in records if "val_loss" in record]
 
 
-def run(options: RunOptions) -> dict[str, Any]:
-    """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}."""
+def _evaluate_both(
+    options: RunOptions, data: PreparedData, model: LofitModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Base (adapter disabled) and adapted metrics with their standard errors, and the timings."""
     from .evaluation import evaluate
-    from .report import write_report
-    from .steps import (
-        check_output_dir,
-        default_k,
-        evaluation_kwargs,
-        load,
-        prepare_data,
-        run_selection,
-        run_training,
-    )
+    from .evaluation.uncertainty import metric_uncertainty
 
-    out = Path(options.out)
-    check_output_dir(out)
-    data = prepare_data(options)
-    model, tokenizer, load_seconds = load(options)
-    timings: dict[str, float] = {"load_model_s": load_seconds}
-
+    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
+    model.eval()
+    timings: dict[str, float] = {}
     start = time.perf_counter()
-    selection = run_selection(options, data, model, tokenizer)
-    timings["select_heads_s"] = time.perf_counter() - start
-    k = default_k(options, data)
-    heads = selection.top(k)
-
-    start = time.perf_counter()
-    lofit_model = run_training(options, data, model, tokenizer, heads)
-    timings["train_offsets_s"] = time.perf_counter() - start
-
-    eval_kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
-    lofit_model.eval()
-    start = time.perf_counter()
-    with lofit_model.disable_adapter():
-        base_metrics = evaluate(lofit_model, tokenizer, data.task.eval_task, data.test, **eval_kwargs)
+    with model.disable_adapter():
+        base = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
     timings["eval_base_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    lofit_metrics = evaluate(lofit_model, tokenizer, data.task.eval_task, data.test, **eval_kwargs)
+    adapted = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
     timings["eval_lofit_s"] = time.perf_counter() - start
+    results = {"base": base[0], "lofit": adapted[0], "uncertainty": metric_uncertainty(base, adapted)}
+    return results, timings
 
-    metrics: dict[str, Any] = {
+
+def _metrics(
+    options: RunOptions,
+    data: PreparedData,
+    selection: HeadSelection,
+    model: LofitModel,
+    heads: dict[int, list[int]],
+    k: float | int,
+) -> dict[str, Any]:
+    return {
         "task": data.task.name,
         "eval_task": data.task.eval_task,
         "model": options.model,
-        "base": base_metrics,
-        "lofit": lofit_metrics,
         "heads": [[layer, head] for layer, layer_heads in heads.items() for head in layer_heads],
         "num_heads_selected": sum(len(h) for h in heads.values()),
-        "total_heads": lofit_model.geometry.total_heads,
-        "trainable_params": sum(p.numel() for p in lofit_model.adapter_parameters()),
+        "total_heads": model.geometry.total_heads,
+        "trainable_params": sum(p.numel() for p in model.adapter_parameters()),
         "counts": {"train": len(data.train), "val": len(data.val or []), "test": len(data.test)},
         "settings": {
             "select": training_kwargs(options, data.task.defaults, "select")
@@ -180,11 +111,45 @@ def run(options: RunOptions) -> dict[str, Any]:
         },
         "validation": {
             "select": validation_losses(selection.history),
-            "train": validation_losses(lofit_model.training_history.to_dict()),
+            "train": validation_losses(model.training_history.to_dict()),
         },
-        "timings": timings,
-        "environment": environment(),
     }
+
+
+def run(options: RunOptions) -> dict[str, Any]:
+    """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}.
+
+    Args:
+        options: what to run (`lofit.options.RunOptions`); `options.out` is DIR.
+
+    Returns:
+        The metrics written to metrics.json: at least `base`, `lofit`, `heads`, `trainable_params`, and
+        `uncertainty` (n and the standard errors of each metric and of each change).
+    """
+    from .atomic import atomic_write_json
+    from .output_paths import check_output_apart
+    from .report import write_report
+
+    out = Path(options.out)
+    check_output_apart(out, input_paths(options))
+    check_output_dir(out)
+    data = prepare_data(options, needs=("train", "test"))
+    model, tokenizer, load_seconds = load(options)
+    timings: dict[str, float] = {"load_model_s": load_seconds}
+
+    start = time.perf_counter()
+    selection = run_selection(options, data, model, tokenizer)
+    timings["select_heads_s"] = time.perf_counter() - start
+    k = resolve_k(options, data)
+    heads = selection.top(k)
+    start = time.perf_counter()
+    lofit_model = run_training(options, data, model, tokenizer, heads)
+    timings["train_offsets_s"] = time.perf_counter() - start
+
+    results, eval_timings = _evaluate_both(options, data, lofit_model, tokenizer)
+    metrics = {**_metrics(options, data, selection, lofit_model, heads, k), **results}
+    metrics["timings"] = timings | eval_timings
+    metrics["environment"] = environment()
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics)
     return metrics

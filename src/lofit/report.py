@@ -8,28 +8,86 @@ from typing import Any
 from .atomic import atomic_write_text
 
 
-def _number(value: Any) -> str:
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def _number(value: Any, se: float | None = None, interval: Any = None) -> str:
+    if _is_fraction(value):
+        if se == 0 and interval is not None:  # 0% or 100%: the SE says nothing, the interval does
+            return f"{100 * value:.1f} [95%: {100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+        return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
     if isinstance(value, float):
-        return f"{100 * value:.1f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+        return f"{value:.4g}"
     return str(value)
 
 
-def metrics_table(base: dict[str, Any], lofit: dict[str, Any]) -> str:
+def metrics_table(
+    base: dict[str, Any], lofit: dict[str, Any], uncertainty: dict[str, Any] | None = None
+) -> str:
+    """The results table: each metric for the base model and LoFiT, and the change, each ± one SE.
+
+    Args:
+        base: the base model's metrics; lofit: the adapted model's metrics (fractions in [0, 1]).
+        uncertainty: `metrics["uncertainty"]` (see `lofit.evaluation.uncertainty.metric_uncertainty`):
+            standard errors of each metric ("base", "lofit") and of each change ("change").
+
+    Returns:
+        A Markdown table; scores are percentages.
+
+    Example:
+        >>> print(metrics_table({"accuracy": 0.5}, {"accuracy": 0.75}))
+        | metric | base model | LoFiT | change |
+        |---|---:|---:|---:|
+        | accuracy | 50.0 | 75.0 | +25.0 |
+    """
+    errors = uncertainty or {}
     names = [name for name in lofit if isinstance(lofit[name], (int, float))]
     lines = ["| metric | base model | LoFiT | change |", "|---|---:|---:|---:|"]
     for name in names:
         before, after = base.get(name), lofit[name]
-        change = (
-            f"{100 * (after - before):+.1f}"
-            if isinstance(before, float) and isinstance(after, float) and abs(after) <= 1 and abs(before) <= 1
-            else ""
-        )
-        lines.append(f"| {name} | {_number(before)} | {_number(after)} | {change} |")
+        change = ""
+        if _is_fraction(before) and _is_fraction(after):
+            change_se = errors.get("change", {}).get(name)
+            change = f"{100 * (after - before):+.1f}" + (
+                f" ± {100 * change_se:.1f}" if change_se is not None else ""
+            )
+        intervals = errors.get("interval95", {})
+        cells = [
+            _number(before, errors.get("base", {}).get(name), intervals.get("base", {}).get(name)),
+            _number(after, errors.get("lofit", {}).get(name), intervals.get("lofit", {}).get(name)),
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {change} |")
     return "\n".join(lines)
 
 
+def uncertainty_note(uncertainty: dict[str, Any] | None) -> list[str]:
+    """The line under the results table saying what the ± figures are.
+
+    Args:
+        uncertainty: `metrics["uncertainty"]`, or None.
+
+    Returns:
+        The report lines (none without standard errors).
+    """
+    if not uncertainty or not uncertainty.get("base"):
+        return []
+    return [
+        f"± is one standard error over the n = {uncertainty['n']} test records (a 95% interval is about "
+        f"± 1.96 SE): {uncertainty['method']}. At 0% or 100% the table gives the Wilson 95% interval instead.",
+        "",
+    ]
+
+
 def validation_table(validation: dict[str, Any]) -> list[str]:
-    """Validation loss after each epoch (epoch 0 = before training) of both steps, if there was any."""
+    """The report lines of the validation loss after each epoch (0 = before training) of both steps.
+
+    Args:
+        validation: `metrics["validation"]` ({"select": [[epoch, loss], ...], "train": [...]}).
+
+    Returns:
+        The table's lines, or [] without validation data.
+    """
     select = dict((int(e), loss) for e, loss in validation.get("select", []))
     train = dict((int(e), loss) for e, loss in validation.get("train", []))
     if not (select or train):
@@ -46,6 +104,15 @@ def _image(out: Path, relative: str, caption: str) -> str:
 
 
 def render_report(out: Path, metrics: dict[str, Any]) -> str:
+    """The text of report.md for the metrics of one `lofit run`.
+
+    Args:
+        out: the run's output directory (images are linked when present there).
+        metrics: what `lofit.pipeline.run` wrote to metrics.json.
+
+    Returns:
+        The Markdown text.
+    """
     settings = metrics.get("settings", {})
     timings = metrics.get("timings", {})
     heads = metrics.get("heads", [])
@@ -63,8 +130,9 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        metrics_table(metrics.get("base", {}), metrics.get("lofit", {})),
+        metrics_table(metrics.get("base", {}), metrics.get("lofit", {}), metrics.get("uncertainty")),
         "",
+        *uncertainty_note(metrics.get("uncertainty")),
         f"Trainable parameters: **{metrics.get('trainable_params'):,}** (offsets on "
         f"{metrics.get('num_heads_selected')} of {metrics.get('total_heads')} heads).",
         "",
@@ -97,6 +165,15 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, metrics: dict[str, Any]) -> Path:
+    """Write `out/report.md` atomically.
+
+    Args:
+        out: the run's output directory.
+        metrics: what `lofit.pipeline.run` wrote to metrics.json.
+
+    Returns:
+        The report's path.
+    """
     path = Path(out) / "report.md"
     atomic_write_text(path, render_report(Path(out), metrics))
     return path

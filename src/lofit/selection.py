@@ -26,6 +26,7 @@ from .heads import HeadGeometry, find_output_projections
 from .model import LofitModel, get_lofit_model
 from .probe import probe_selection_scores
 from .probe import probe_texts as probe_texts  # re-exported: the paper-tables benchmark reads it here
+from .task_defaults import SELECT_HEADS_DEFAULTS
 from .training.config import TrainingConfig
 from .training.distributed import seed_everything
 from .training.loop import train_adapter
@@ -233,7 +234,7 @@ def select_heads(
     val_data = train_kwargs.pop("val_data", None)
     probe_l2 = float(train_kwargs.pop("probe_l2", 1.0))
     target_modules = train_kwargs.pop("target_modules", None)
-    config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", lr=5e-3, l1=5e-4)
+    config = TrainingConfig.from_kwargs(train_kwargs, owner="select_heads", **SELECT_HEADS_DEFAULTS)
     check_plain_model(base_model, "select_heads")
     records, val_records = train_val_records(train_data, val_data, objective)
     target_modules = LofitConfig(target_modules=target_modules).target_modules  # validated

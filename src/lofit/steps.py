@@ -1,120 +1,255 @@
-"""The pipeline's steps, shared by `lofit run` and the `select`/`train`/`eval` subcommands."""
+"""The pipeline's steps, shared by `lofit run` and the `select` / `train` / `eval` / `merge` subcommands.
+
+This is the command line's boundary: bad input that surfaces deeper down as a builtin error (a
+`ValueError` from reading a heads file or an adapter, say) is re-raised here as a `LofitError` with the
+same message, so the CLI reports it as the user's to fix (exit 2) and everything else as a bug (exit 1).
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import contextlib
+import errno
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from .errors import AdapterLoadError, LofitError, LofitRuntimeError, LofitValueError
+from .inputs import ADAPTER_FILES, PreparedData, input_paths, load, load_adapter, load_selection, prepare_data
+from .options import RunOptions
+from .output_paths import check_input_dir, check_output_apart, check_output_dir
 
-from .atomic import atomic_write_json
-from .pipeline import RunOptions, training_kwargs
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
+    from .model import LofitModel
+    from .selection import HeadSelection
 
-@dataclass
-class PreparedData:
-    task: Any  # lofit.tasks.Task
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]] | None
-    val_eval: list[dict[str, Any]]
-    test: list[dict[str, Any]]
+__all__ = [
+    "PreparedData",
+    "check_output_dir",
+    "eval_step",
+    "merge_step",
+    "prepare_data",
+    "select_step",
+    "train_step",
+    "training_kwargs",
+]
 
-
-def _first(records: Any, limit: int | None) -> list[dict[str, Any]]:
-    records = list(records or [])
-    return records if limit is None else records[:limit]
-
-
-def prepare_data(options: RunOptions) -> PreparedData:
-    from .tasks import load_task
-
-    task = load_task(
-        options.task,
-        data_dir=options.data_dir,
-        fold=options.fold,
-        seed=options.seed,
-        train_file=options.train_file,
-        val_file=options.val_file,
-        test_file=options.test_file,
-    )
-    return PreparedData(
-        task=task,
-        train=_first(task.train, options.max_train),
-        val=_first(task.val, options.max_val) or None,
-        val_eval=_first(getattr(task, "val_eval", None), options.max_val),
-        test=_first(task.test, options.max_test),
-    )
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def load(options: RunOptions) -> tuple[nn.Module, Any, float]:
-    from .loading import load_model
+@contextlib.contextmanager
+def values_are_user_errors() -> Iterator[None]:
+    """Re-raise a plain `ValueError` from the training code as a `LofitValueError` with the same message.
 
-    start = time.perf_counter()
-    model, tokenizer = load_model(
-        options.model, device_map=options.device_map, quantization=options.quantization
-    )
-    return model, tokenizer, time.perf_counter() - start
+    The trainer and objectives (another module's code) still check their inputs (record lengths, `max_length`,
+    training options) with builtin `ValueError`s; inside a CLI step those are about the user's data or options.
+    Other exception types stay what they are (bugs: exit 1).
+
+    Example:
+        >>> with values_are_user_errors():
+        ...     raise ValueError("record 3 is too long")
+        Traceback (most recent call last):
+        ...
+        lofit.errors.LofitValueError: record 3 is too long
+    """
+    try:
+        yield
+    except LofitError:
+        raise
+    except ValueError as error:
+        raise LofitValueError(str(error)) from error
 
 
-def default_k(options: RunOptions, data: PreparedData) -> float | int:
-    return options.k if options.k is not None else data.task.defaults.get("k", 0.1)
+def resolve_k(options: RunOptions, data: PreparedData) -> float | int:
+    """The k of this command: `--k`, else the task's default (`lofit.task_defaults`).
+
+    The same for `run`, `select` and `train`.
+
+    Args:
+        options: the command's options.
+        data: the prepared task data (its `task.defaults`).
+
+    Returns:
+        An int (heads) or a float fraction of all heads.
+    """
+    return options.k if options.k is not None else data.task.defaults["k"]
 
 
-def check_k(k: float | int, model: nn.Module) -> None:
-    """Fail on a k this model cannot take before training, not after it."""
+def resolved_precision(precision: str) -> str:
+    """The concrete training precision: "auto" becomes the fastest one this machine runs.
+
+    Args:
+        precision: "auto", "fp32", "bf16" or "fp16".
+
+    Returns:
+        The precision name.
+    """
+    from .trainer import fastest_precision
+
+    return fastest_precision() if precision == "auto" else precision
+
+
+def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) -> dict[str, Any]:
+    """Keyword arguments for `select_heads` (step "select") or `train_offsets` (step "train").
+
+    Args:
+        options: the command's options (None fields take the task's default).
+        defaults: the task's defaults (`Task.defaults`, from `lofit.task_defaults`).
+        step: "select" or "train".
+
+    Returns:
+        The keyword arguments, without None values.
+    """
+    lr = options.lr_select if step == "select" else options.lr_train
+    kwargs: dict[str, Any] = {
+        "epochs": options.epochs if options.epochs is not None else defaults.get("epochs"),
+        "batch_size": options.batch_size if options.batch_size is not None else defaults.get("batch_size"),
+        "lr": lr if lr is not None else defaults.get(f"lr_{step}"),
+        "seed": options.seed,
+        "precision": resolved_precision(options.precision),
+        "progress": options.progress,
+        "l1": (options.l1 if options.l1 is not None else defaults.get("l1")) if step == "select" else None,
+        "beta": options.beta if options.beta is not None else defaults.get("beta"),
+        "max_length": options.max_length,
+        "checkpoint_every": options.checkpoint_every or None,
+        "resume": options.resume or None,
+        "gradient_checkpointing": options.gradient_checkpointing or None,
+        "target_modules": list(options.target_modules) if options.target_modules else None,
+    }
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def check_k(k: float | int, model: nn.Module, target_modules: list[str] | None) -> None:
+    """Fail on a k this model cannot take before training, not after it (honouring `--target-modules`).
+
+    Args:
+        k: heads (int) or a fraction of all heads (float).
+        model: the base model.
+        target_modules: the `--target-modules` suffixes, or None for automatic detection.
+
+    Raises:
+        LofitValueError: naming `--k` and the model's number of heads.
+    """
     import torch
 
     from .heads import find_output_projections
     from .selection import HeadSelection, rank_heads
 
-    geometry = find_output_projections(model)
+    geometry = find_output_projections(model, target_modules=target_modules)
     scores = torch.zeros(geometry.num_layers, geometry.num_heads)
-    HeadSelection(scores, rank_heads(scores), "check").count(k)
+    try:
+        HeadSelection(scores, rank_heads(scores), "check").count(k)
+    except (TypeError, ValueError) as error:
+        raise LofitValueError(f"--k {k}: {error}") from None
 
 
-def run_selection(options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: Any) -> Any:
+def run_selection(
+    options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> HeadSelection:
+    """Step 1: rank the heads; writes `out/heads.json` and `out/heads.png`.
+
+    Args:
+        options: the command's options.
+        data: the prepared task data.
+        model: the base model; tokenizer: its tokenizer.
+
+    Returns:
+        The `HeadSelection`.
+    """
     from .selection import select_heads
 
-    check_k(default_k(options, data), model)
+    k = resolve_k(options, data)
+    check_k(k, model, options.target_modules)
     out = Path(options.out)
-    selection = select_heads(
-        model,
-        tokenizer,
-        data.train,
-        method=options.select_method,
-        objective=data.task.objective,
-        val_data=data.val,
-        output_dir=str(out / "select"),
-        **training_kwargs(options, data.task.defaults, "select"),
-    )
+    kwargs = training_kwargs(options, data.task.defaults, "select")
+    with values_are_user_errors():
+        selection = select_heads(
+            model,
+            tokenizer,
+            data.train,
+            method=options.select_method,
+            objective=data.task.objective,
+            val_data=data.val,
+            output_dir=str(out / "select"),
+            **kwargs,
+        )
     selection.save(out / "heads.json")
-    selection.plot(out / "heads.png", k=default_k(options, data))
+    selection.plot(out / "heads.png", k=k)
     return selection
 
 
+def check_finite_adapter(model: LofitModel, options: RunOptions, lr: float | None) -> None:
+    """Refuse to save an adapter whose values are not finite (the training diverged), naming the lr.
+
+    Args:
+        model: the trained model.
+        options: the command's options (for the option's name).
+        lr: the learning rate used.
+
+    Raises:
+        LofitRuntimeError: naming the learning rate and its option.
+    """
+    for parameter in model.adapter_parameters():
+        values = parameter.detach()
+        if not bool(values.isfinite().all()):
+            option = options.flag("lr_train")
+            raise LofitRuntimeError(
+                f"offset training diverged: the trained adapter holds non-finite values (lr={lr}); "
+                f"nothing was saved. Lower the learning rate ({option})"
+            )
+
+
 def run_training(
-    options: RunOptions, data: PreparedData, model: nn.Module, tokenizer: Any, heads: dict[int, list[int]]
-) -> Any:
+    options: RunOptions,
+    data: PreparedData,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    heads: dict[int, list[int]],
+) -> LofitModel:
+    """Step 2: train offsets on `heads`; writes `out/adapter/` (only if every value is finite).
+
+    Args:
+        options: the command's options.
+        data: the prepared task data.
+        model: the base model; tokenizer: its tokenizer.
+        heads: `{layer: [head, ...]}` to tune.
+
+    Returns:
+        The trained `LofitModel`.
+    """
     from .tuning import train_offsets
 
     out = Path(options.out)
-    lofit_model = train_offsets(
-        model,
-        tokenizer,
-        data.train,
-        heads=heads,
-        objective=data.task.objective,
-        val_data=data.val,
-        output_dir=str(out / "train"),
-        **training_kwargs(options, data.task.defaults, "train"),
-    )
+    kwargs = training_kwargs(options, data.task.defaults, "train")
+    with values_are_user_errors():
+        lofit_model = train_offsets(
+            model,
+            tokenizer,
+            data.train,
+            heads=heads,
+            objective=data.task.objective,
+            val_data=data.val,
+            output_dir=str(out / "train"),
+            **kwargs,
+        )
+    check_finite_adapter(lofit_model, options, kwargs.get("lr"))
     lofit_model.save_pretrained(out / "adapter")
     return lofit_model
 
 
 def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> dict[str, Any]:
+    """Keyword arguments of `lofit.evaluation.evaluate` for the task's protocol.
+
+    Args:
+        data: the prepared task data.
+        batch_size: the evaluation batch size.
+        progress: show progress bars.
+
+    Returns:
+        The keyword arguments (templates, extraction, max_new_tokens as the task needs).
+    """
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, **data.task.eval_options}
     if data.task.extraction is not None:
         kwargs["extraction"] = data.task.extraction
@@ -123,40 +258,47 @@ def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> di
     return kwargs
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail at once, not after training, when the output directory cannot be written."""
-    import tempfile
+def select_step(options: RunOptions) -> HeadSelection:
+    """`lofit select`: rank the heads and write `out/heads.json` and `out/heads.png` (needs no test data).
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise OSError(
-            error.errno, f"cannot write to the output directory {out}: {error.strerror}; choose another --out"
-        ) from None
+    Args:
+        options: the command's options.
 
-
-def select_step(options: RunOptions) -> Any:
-    check_output_dir(Path(options.out))
-    data = prepare_data(options)
+    Returns:
+        The `HeadSelection`.
+    """
+    check_output_apart(options.out, input_paths(options))
+    check_output_dir(options.out)
+    data = prepare_data(options, needs=("train",))
     model, tokenizer, _ = load(options)
     return run_selection(options, data, model, tokenizer)
 
 
-def train_step(options: RunOptions, heads_file: Path) -> Any:
-    from .selection import HeadSelection
+def train_step(options: RunOptions, heads_file: Path) -> LofitModel:
+    """`lofit train`: train offsets on the top-k heads of `heads_file`; writes `out/adapter/` (no test data).
 
-    check_output_dir(Path(options.out))
-    selection = HeadSelection.load(heads_file)
-    data = prepare_data(options)
-    heads = selection.top(default_k(options, data))
-    model, tokenizer, _ = load(options)
+    Args:
+        options: the command's options.
+        heads_file: the `--heads` file written by `lofit select`.
+
+    Returns:
+        The trained `LofitModel`.
+    """
     from .heads import find_output_projections
 
-    geometry = find_output_projections(model)
+    check_output_apart(options.out, input_paths(options, heads=heads_file))
+    selection = load_selection(heads_file)
+    check_output_dir(options.out)
+    data = prepare_data(options, needs=("train",))
+    k = resolve_k(options, data)
+    try:
+        heads = selection.top(k)
+    except (TypeError, ValueError) as error:
+        raise LofitValueError(f"--k {k}: {error} (the selection in {heads_file})") from None
+    model, tokenizer, _ = load(options)
+    geometry = find_output_projections(model, target_modules=options.target_modules)
     if (selection.num_layers, selection.num_heads) != (geometry.num_layers, geometry.num_heads):
-        raise ValueError(
+        raise LofitValueError(
             f"{heads_file}: this head selection is for a model with {selection.num_layers} layers x "
             f"{selection.num_heads} heads, but {options.model} has {geometry.num_layers} x {geometry.num_heads}; "
             "select heads on this model first (lofit select)"
@@ -164,25 +306,87 @@ def train_step(options: RunOptions, heads_file: Path) -> Any:
     return run_training(options, data, model, tokenizer, heads)
 
 
-def eval_step(
-    options: RunOptions, adapter: Path | None, split: str, batch_size: int, out: Path | None
-) -> dict[str, float]:
-    from .evaluation import evaluate
-    from .model import LofitModel
+def _check_metrics_file(out: Path | None, inputs: dict[str, Path | str | None]) -> None:
+    if out is None:
+        return
+    check_output_apart(out, inputs)
+    if out.is_dir():
+        raise LofitValueError(
+            f"--out {out} is a directory; eval writes one JSON file: give a file name such as {out / 'metrics.json'}"
+        )
+    if out.parent.exists() and not out.parent.is_dir():
+        raise LofitValueError(f"--out {out}: {out.parent} is a file, not a directory; choose another --out")
 
-    data = prepare_data(options)
+
+def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path | None) -> dict[str, Any]:
+    """`lofit eval`: score the model (with `adapter` if given) on the task's `split`; write `out` if given.
+
+    Args:
+        options: the command's options.
+        adapter: the `--adapter` directory, or None for the base model.
+        split: "test" or "val".
+        out: the metrics JSON file to write, or None.
+
+    Returns:
+        The metrics, with `n` (records scored) and `standard_errors` (one per metric, see
+        `lofit.evaluation.uncertainty`), as written to `out`.
+    """
+    from .atomic import atomic_write_json
+    from .evaluation import evaluate
+    from .evaluation.uncertainty import per_record_scores, standard_error
+
+    _check_metrics_file(out, input_paths(options, adapter=adapter))
+    data = prepare_data(options, needs=("val",) if split == "val" else ("test",))
     model, tokenizer, _ = load(options)
     if adapter is not None:
-        model = LofitModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     records = data.test if split == "test" else data.val_eval
     model.eval()
-    metrics: dict[str, float] = evaluate(
-        model,
-        tokenizer,
-        data.task.eval_task,
-        records,
-        **evaluation_kwargs(data, batch_size, options.progress),
-    )
+    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
+    metrics, details = evaluate(model, tokenizer, data.task.eval_task, records, return_details=True, **kwargs)
+    errors = {
+        name: standard_error(scores) for name in metrics if (scores := per_record_scores(details, name))
+    }
+    document = {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics}
+    document |= {"n": len(records), "standard_errors": errors}
     if out is not None:
-        atomic_write_json(out, {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics})
-    return metrics
+        atomic_write_json(out, document)
+    return document
+
+
+def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -> Path:
+    """`lofit merge`: fold `adapter` into `model` and write a plain transformers checkpoint to `out`.
+
+    Args:
+        model: the base model (id, local path or the bundled name).
+        adapter: the adapter directory.
+        out: the new checkpoint directory (never one of the inputs).
+        dtype: dtype of the written weights ("fp32", "bf16", "fp16", or "auto"/None: the checkpoint's own).
+
+    Returns:
+        The directory written.
+    """
+    from .export import merge_adapter_checkpoint
+
+    local_model = model if Path(model).expanduser().exists() else None
+    check_output_apart(out, {"--model": local_model, "--adapter": adapter})
+    check_input_dir(adapter, "--adapter", ADAPTER_FILES)
+    try:
+        return merge_adapter_checkpoint(model, str(adapter), str(out), dtype=dtype)
+    except LofitError:
+        raise
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        reason = error.strerror or str(error)
+        raise LofitRuntimeError(
+            f"cannot write the merged checkpoint to {out}: {reason}. Free disk space (the checkpoint needs "
+            "about the base model's size) or choose another --out"
+        ) from error
+    except RecursionError:
+        raise AdapterLoadError(f"{adapter}/lofit_config.json: the JSON is nested too deeply") from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise AdapterLoadError(
+            f"cannot merge the adapter {adapter} into {model}: {error}. If lofit_config.json or "
+            "lofit_model.safetensors was edited or is corrupt, save the adapter again"
+        ) from None

@@ -10,6 +10,7 @@ from .base_state import BaseModelState, check_plain_model
 from .config import HeadMap, LofitConfig
 from .model import LofitModel, get_lofit_model
 from .selection import HeadSelection
+from .task_defaults import TRAIN_OFFSETS_DEFAULTS
 from .training.config import TrainingConfig, UnknownOptionError
 from .training.distributed import seed_everything
 from .training.loop import train_adapter
@@ -58,7 +59,7 @@ def train_offsets(
     val_data = train_kwargs.pop("val_data", None)
     adapter_name = train_kwargs.pop("adapter_name", "default")
     target_modules = train_kwargs.pop("target_modules", None)
-    config = TrainingConfig.from_kwargs(train_kwargs, owner="train_offsets", lr=1e-2)
+    config = TrainingConfig.from_kwargs(train_kwargs, owner="train_offsets", **TRAIN_OFFSETS_DEFAULTS)
     check_plain_model(base_model, "train_offsets")
     records, val_records = train_val_records(train_data, val_data, objective)
     task, train_examples, val_examples = encode_train_val(

@@ -15,19 +15,23 @@ one dict per record (scores, prediction, correctness) for reports.
 scoring and at every generation step). `scorer="fast"` (default) reuses KV caches of shared prefixes;
 `scorer="naive"` scores every option from scratch and gives the same numbers.
 
->>> metrics = evaluate(model, tokenizer, "mc", [{"question": "2+2=", "choices": ["4", "5"], "answer": 0}])
+>>> metrics = evaluate(model, tokenizer, "mc", [{"question": "2+2=", "choices": ["4", "5"], "answer": 0}])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .exact_match import evaluate_exact_match
 from .multiple_choice import evaluate_mc
 from .scoring import ScoringRequest, score_continuations
 from .truthfulqa import evaluate_truthfulqa_mc
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TASKS", "ScoringRequest", "evaluate", "score_continuations"]
 
@@ -44,7 +48,7 @@ Details = list[dict[str, Any]]
 @overload
 def evaluate(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     task: str,
     data: Any,
     *,
@@ -53,14 +57,42 @@ def evaluate(
 ) -> dict[str, float]: ...
 @overload
 def evaluate(
-    model: nn.Module, tokenizer: Any, task: str, data: Any, *, return_details: Literal[True], **kwargs: Any
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    data: Any,
+    *,
+    return_details: Literal[True],
+    **kwargs: Any,
 ) -> tuple[dict[str, float], Details]: ...
 def evaluate(
-    model: nn.Module, tokenizer: Any, task: str, data: Any, *, return_details: bool = False, **kwargs: Any
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    data: Any,
+    *,
+    return_details: bool = False,
+    **kwargs: Any,
 ) -> dict[str, float] | tuple[dict[str, float], Details]:
-    """Score `model` on `data` (a list of dicts or a `datasets.Dataset`) for `task`; see the module doc."""
+    """Score `model` on `data` for `task` (protocols in docs/METHOD.md §6; see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM or a `lofit.LofitModel`.
+        tokenizer: its tokenizer.
+        task: "truthfulqa_mc", "mc" or "exact_match".
+        data: a list of record dicts (or a `datasets.Dataset`) in the task's record format.
+        return_details: also return one dict per record (scores, prediction, correctness).
+        **kwargs: the task's options (batch_size, max_length, progress, templates, extraction, ...).
+
+    Returns:
+        `{metric: value}` (fractions in [0, 1]), or `(metrics, details)` with `return_details=True`.
+
+    Raises:
+        LofitValueError: an unknown task, empty data or a malformed record.
+        TypeError: an option the task does not take.
+    """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+        raise LofitValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     run, accepted = TASKS[task]
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
@@ -69,6 +101,6 @@ def evaluate(
         )
     records = list(data)
     if not records:
-        raise ValueError(f"evaluate(task={task!r}): data is empty")
+        raise LofitValueError(f"evaluate(task={task!r}): data is empty")
     metrics, details = run(model, tokenizer, records, **kwargs)
     return (metrics, details) if return_details else metrics

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .extraction import EXTRACTIONS, Extraction, extract, matches, strips_already
 from .generation import generate_greedy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _check(record: Any, index: int) -> None:
     for field in ("prompt", "answers"):
         if field not in record:
-            raise ValueError(f"exact_match record {index} lacks '{field}'; records need prompt, answers")
+            raise LofitValueError(f"exact_match record {index} lacks '{field}'; records need prompt, answers")
     if isinstance(record["answers"], str) or not record["answers"]:
-        raise ValueError(f"exact_match record {index}: 'answers' must be a non-empty list of strings")
+        raise LofitValueError(f"exact_match record {index}: 'answers' must be a non-empty list of strings")
 
 
 def evaluate_exact_match(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Any],
     *,
     extraction: Extraction = None,
@@ -30,9 +34,22 @@ def evaluate_exact_match(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """{"exact_match"} plus {"exact_match_stripped"} unless the rule strips already (clutrr); per-record details."""
+    """Exact match of greedy generations against the gold answers.
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "exact_match" records {prompt, answers}.
+        extraction: how to read the answer from the generation ("mquake", "clutrr" or None).
+        max_new_tokens: tokens generated per prompt (16, as LoFiT).
+        batch_size, max_length, progress: see `generate_greedy`.
+
+    Returns:
+        `({"exact_match"} plus "exact_match_stripped" unless the rule strips already, details)`, one detail
+        dict per record (generation, prediction, correct).
+    """
     if extraction not in EXTRACTIONS:
-        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+        raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
     for index, record in enumerate(records):
         _check(record, index)
     generations = generate_greedy(

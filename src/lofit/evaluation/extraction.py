@@ -16,13 +16,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from ..errors import LofitValueError
+
 Extraction = Literal["mquake", "clutrr"] | None
 EXTRACTIONS = ("mquake", "clutrr", None)
 CLUTRR_ANSWER_MARK = "'s\n"
 
 
 def extract(full_text: str, completion: str, extraction: Extraction) -> str:
-    """The prediction for one generation; `full_text` = prompt + completion decoded together."""
+    """The prediction read out of one generation.
+
+    Args:
+        full_text: prompt + completion decoded together.
+        completion: the new tokens decoded alone.
+        extraction: "mquake" (text after the last "A:" up to the first newline), "clutrr" (text up to the
+            first "." after the story's "'s\\n" marker, stripped), or None (the completion as is).
+
+    Returns:
+        The prediction text.
+
+    Example:
+        >>> extract("Q: x? A: Paris\\nQ:", " Paris\\nQ:", "mquake")
+        ' paris'
+    """
     if extraction == "mquake":
         return full_text.split("A:")[-1].split("\n")[0].lower()
     if extraction == "clutrr":
@@ -30,13 +46,23 @@ def extract(full_text: str, completion: str, extraction: Extraction) -> str:
         return tail.split(".")[0].strip().lower()
     if extraction is None:
         return completion
-    raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+    raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
 
 
 def matches(
     prediction: str, answers: Sequence[str], extraction: Extraction, *, stripped: bool = False
 ) -> bool:
-    """Whether `prediction` equals one of `answers` (lower-cased for mquake/clutrr; both stripped if asked)."""
+    """Whether `prediction` equals one of `answers`.
+
+    Args:
+        prediction: the extracted prediction.
+        answers: the gold answers.
+        extraction: the extraction rule (mquake/clutrr compare lower-cased).
+        stripped: compare with surrounding whitespace removed on both sides.
+
+    Returns:
+        True on a match.
+    """
     golds = [a.lower() for a in answers] if extraction in ("mquake", "clutrr") else list(answers)
     if stripped:
         return prediction.strip() in {g.strip() for g in golds}
@@ -44,5 +70,12 @@ def matches(
 
 
 def strips_already(extraction: Extraction) -> bool:
-    """True where the rule strips the prediction itself, so a stripped variant would add nothing."""
+    """True where the rule strips the prediction itself, so a stripped variant would add nothing.
+
+    Args:
+        extraction: the extraction rule.
+
+    Returns:
+        Whether a separate stripped metric is redundant.
+    """
     return extraction == "clutrr"

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .runtime import device_of, encode_batch, inference
+from ..errors import LofitValueError
+from .forward import device_of, inference
+from .tokens import encode_batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
 class Generation:
+    """One greedy generation: `completion` (the new tokens decoded alone, special tokens skipped),
+    `full_text` (prompt + new tokens decoded together) and `new_token_ids`.
+    """
+
     completion: str  # the new tokens decoded alone (special tokens skipped)
     full_text: str  # prompt + new tokens decoded together, as LoFiT's evaluation decodes them
     new_token_ids: list[int]  # up to and including EOS when one was generated
@@ -27,7 +36,7 @@ class Generation:
 
 def generate_greedy(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 16,
@@ -35,50 +44,78 @@ def generate_greedy(
     max_length: int | None = None,
     progress: bool = True,
 ) -> list[Generation]:
-    """Greedy continuations of `prompts`; `max_length` keeps only the last tokens of longer prompts."""
+    """Greedy continuations of `prompts`, batched with left padding.
+
+    Args:
+        model: a causal LM or a `LofitModel` (its adapter acts at every generation step).
+        tokenizer: its tokenizer (needs a pad or an EOS token).
+        prompts: the prompt texts.
+        max_new_tokens: tokens generated per prompt (generation stops early at EOS).
+        batch_size: prompts per `generate` call.
+        max_length: keep only the last `max_length` tokens of longer prompts (None: keep all).
+        progress: show a tqdm bar.
+
+    Returns:
+        One `Generation` per prompt, in order.
+    """
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        raise LofitValueError(
+            f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+        )
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        raise LofitValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     encoded = encode_batch(tokenizer, list(prompts))
     if max_length is not None:
         encoded = [ids[-max_length:] for ids in encoded]
     if any(not ids for ids in encoded):
-        raise ValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
+        raise LofitValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = device_of(model)
-    results: list[Generation | None] = [None] * len(encoded)
+    results: dict[int, Generation] = {}
     bar = tqdm(total=len(encoded), desc="generating", disable=not progress, leave=False)
     with inference(model):
         for begin in range(0, len(order), batch_size):
-            batch = order[begin : begin + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.tensor(
-                [[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device
-            )
-            attention_mask = torch.tensor(
-                [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device
-            )
-            output = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            for row, i in enumerate(batch):
-                new = output[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos) + 1]
-                results[i] = Generation(
-                    completion=tokenizer.decode(new, skip_special_tokens=True),
-                    full_text=tokenizer.decode(encoded[i] + new, skip_special_tokens=True),
-                    new_token_ids=new,
-                )
+            batch = [encoded[i] for i in order[begin : begin + batch_size]]
+            generated = _generate_batch(model, tokenizer, batch, max_new_tokens, pad, eos)
+            results.update(zip(order[begin : begin + batch_size], generated, strict=True))
             bar.update(len(batch))
     bar.close()
-    return [r for r in results if r is not None]
+    return [results[i] for i in range(len(encoded))]
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    pad: int,
+    eos: int | None,
+) -> list[Generation]:
+    """One left-padded `generate` call; each row's new tokens cut after its first EOS."""
+    device = device_of(model)
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    output = model.generate(  # type: ignore[operator]
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    generations = []
+    for row, ids in enumerate(batch):
+        new = output[row, width:].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        generations.append(
+            Generation(
+                completion=str(tokenizer.decode(new, skip_special_tokens=True)),
+                full_text=str(tokenizer.decode(ids + new, skip_special_tokens=True)),
+                new_token_ids=new,
+            )
+        )
+    return generations

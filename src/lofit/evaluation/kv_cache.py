@@ -14,7 +14,15 @@ import torch
 
 
 def fork_cache(cache: Any, batch_size: int) -> Any:
-    """A new cache holding the batch-1 `cache`'s states repeated `batch_size` times (zero-copy views)."""
+    """A new cache holding the batch-1 `cache`'s states repeated `batch_size` times (zero-copy views).
+
+    Args:
+        cache: a transformers cache of batch size 1 (a shared prefix).
+        batch_size: how many rows the new cache has.
+
+    Returns:
+        The new cache; `cache` itself is not changed.
+    """
     if not hasattr(cache, "layers"):
         fork = copy.deepcopy(cache)
         if batch_size != 1:
@@ -35,7 +43,15 @@ def fork_cache(cache: Any, batch_size: int) -> Any:
 
 
 def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A new cache whose batch row i holds `cache`'s row `rows[i]`; `cache` stays intact."""
+    """A new cache whose batch row i holds `cache`'s row `rows[i]`; `cache` stays intact.
+
+    Args:
+        cache: a transformers cache.
+        rows: batch indices into `cache`, [n].
+
+    Returns:
+        The new cache of batch size n.
+    """
     if not hasattr(cache, "layers"):
         fork = copy.deepcopy(cache)
         fork.batch_select_indices(rows)

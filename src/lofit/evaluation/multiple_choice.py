@@ -12,39 +12,74 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .scoring import Scorer, ScoringRequest, score_continuations
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_PROMPT_TEMPLATE = "{question}"
 DEFAULT_CHOICE_TEMPLATE = " {choice}"
 
 
 def argmax(values: Sequence[float]) -> int:
-    """Index of the first maximum."""
+    """Index of the first maximum (ties go to the first option, as numpy and lm-eval).
+
+    Args:
+        values: the scores.
+
+    Returns:
+        The index.
+
+    Example:
+        >>> argmax([0.1, 0.7, 0.7])
+        1
+    """
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def _check(record: Any, index: int) -> None:
     for field in ("question", "choices", "answer"):
         if field not in record:
-            raise ValueError(f"mc record {index} lacks '{field}'; records need question, choices, answer")
+            raise LofitValueError(
+                f"mc record {index} lacks '{field}'; records need question, choices, answer"
+            )
     choices, answer = record["choices"], record["answer"]
     if isinstance(choices, str) or len(choices) < 2:
-        raise ValueError(f"mc record {index}: 'choices' must be a list of at least two strings")
+        raise LofitValueError(f"mc record {index}: 'choices' must be a list of at least two strings")
     if (
         isinstance(answer, bool)
         or not isinstance(answer, numbers.Integral)
         or not 0 <= int(answer) < len(choices)
     ):
-        raise ValueError(f"mc record {index}: 'answer' must be an index into choices (0..{len(choices) - 1})")
+        raise LofitValueError(
+            f"mc record {index}: 'answer' must be an index into choices (0..{len(choices) - 1})"
+        )
+
+
+def _detail(record: Any, option_scores: list[float]) -> dict[str, Any]:
+    """Predictions (raw and length-normalised) and correctness of one question."""
+    normalised = [s / max(len(c), 1) for s, c in zip(option_scores, record["choices"], strict=True)]
+    prediction, prediction_norm = argmax(option_scores), argmax(normalised)
+    return {
+        "question": record["question"],
+        "choices": list(record["choices"]),
+        "answer": int(record["answer"]),
+        "scores": option_scores,
+        "prediction": prediction,
+        "prediction_norm": prediction_norm,
+        "correct": prediction == record["answer"],
+        "correct_norm": prediction_norm == record["answer"],
+    }
 
 
 def evaluate_mc(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Any],
     *,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
@@ -54,7 +89,19 @@ def evaluate_mc(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean accuracy and length-normalised accuracy over `records`, and one detail dict per record."""
+    """Accuracy and length-normalised accuracy of log-likelihood multiple choice.
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "mc" records {question, choices, answer}.
+        prompt_template: the context, formatted with `question`.
+        choice_template: each continuation, formatted with `choice`.
+        scorer, batch_size, max_length, progress: see `score_continuations`.
+
+    Returns:
+        `({"accuracy", "accuracy_norm"}, details)`, one detail dict per record (scores, predictions, correct).
+    """
     requests = []
     for index, record in enumerate(records):
         _check(record, index)
@@ -71,22 +118,7 @@ def evaluate_mc(
         max_length=max_length,
         progress=progress,
     )
-    details = []
-    for record, option_scores in zip(records, scores, strict=True):
-        normalised = [s / max(len(c), 1) for s, c in zip(option_scores, record["choices"], strict=True)]
-        prediction, prediction_norm = argmax(option_scores), argmax(normalised)
-        details.append(
-            {
-                "question": record["question"],
-                "choices": list(record["choices"]),
-                "answer": int(record["answer"]),
-                "scores": option_scores,
-                "prediction": prediction,
-                "prediction_norm": prediction_norm,
-                "correct": prediction == record["answer"],
-                "correct_norm": prediction_norm == record["answer"],
-            }
-        )
+    details = [_detail(record, option_scores) for record, option_scores in zip(records, scores, strict=True)]
     count = max(len(details), 1)
     metrics = {
         "accuracy": sum(d["correct"] for d in details) / count,

@@ -19,14 +19,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LofitValueError
+from .forward import device_of, forward, inference, sliding_window
 from .kv_cache import fork_cache, select_cache_rows
-from .runtime import common_prefix_length, device_of, encode_batch, forward, inference, sliding_window
+from .tokens import common_prefix_length, encode_batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Scorer = Literal["fast", "naive"]
 
@@ -47,7 +52,7 @@ class _Tokenized:
 
 def score_continuations(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[ScoringRequest],
     *,
     scorer: Scorer = "fast",
@@ -55,15 +60,25 @@ def score_continuations(
     max_length: int | None = None,
     progress: bool = True,
 ) -> list[list[float]]:
-    """Summed log-probabilities, `result[i][j]` for `requests[i].continuations[j]` (fp32 log-softmax).
+    """Summed log-probabilities of each continuation after its context (fp32 log-softmax).
 
-    `max_length` drops the oldest context tokens of longer sequences (the continuation is kept).
-    `batch_size` caps how many continuations go through one batched forward pass ("fast" only).
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        requests: one `ScoringRequest` (context + continuations) per question.
+        scorer: "fast" reuses the KV cache of shared prefixes; "naive" scores every sequence from scratch
+            (the same numbers, for checking).
+        batch_size: continuations per batched forward pass ("fast" only).
+        max_length: drop the oldest context tokens of longer sequences (the continuation is kept).
+        progress: show a tqdm bar.
+
+    Returns:
+        `result[i][j]`, the log-probability of `requests[i].continuations[j]` given `requests[i].context`.
     """
     if scorer not in ("fast", "naive"):
-        raise ValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")
+        raise LofitValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise LofitValueError(f"batch_size must be >= 1, got {batch_size}")
     tokenized = _tokenize_all(tokenizer, requests, max_length)
     bar = tqdm(total=len(tokenized), desc=f"scoring ({scorer})", disable=not progress, leave=False)
     with inference(model):
@@ -76,12 +91,12 @@ def score_continuations(
 
 
 def _tokenize_all(
-    tokenizer: Any, requests: Sequence[ScoringRequest], max_length: int | None
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[ScoringRequest], max_length: int | None
 ) -> list[_Tokenized]:
     texts: list[str] = []
     for index, request in enumerate(requests):
         if not request.continuations:
-            raise ValueError(f"scoring request {index} has no continuations")
+            raise LofitValueError(f"scoring request {index} has no continuations")
         texts.append(request.context)
         texts.extend(request.context + continuation for continuation in request.continuations)
     encoded = iter(encode_batch(tokenizer, texts))
@@ -97,12 +112,14 @@ def _boundaries(
         ids = next(encoded)
         boundary = common_prefix_length([context_ids, ids])
         if boundary == len(ids):
-            raise ValueError(f"request {index}: continuation {continuation!r} adds no tokens to its context")
+            raise LofitValueError(
+                f"request {index}: continuation {continuation!r} adds no tokens to its context"
+            )
         if max_length is not None and len(ids) > max_length:
             cut = len(ids) - max_length
             ids, boundary = ids[cut:], boundary - cut
         if boundary < 1:
-            raise ValueError(
+            raise LofitValueError(
                 f"request {index}: the continuation {continuation!r} needs at least one context token before "
                 f"it (context {request.context[:60]!r}, max_length={max_length}); give a non-empty context "
                 "or raise max_length"

@@ -15,17 +15,28 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import LofitValueError
 from .scoring import Scorer, ScoringRequest, score_continuations
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("question", "best_answer", "correct_answers", "incorrect_answers")
 
 
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The data root holding `truthfulqa/` (lofit.tasks' search order), or None when there is none."""
+    """The data root holding `truthfulqa/` (lofit.tasks' search order).
+
+    Args:
+        data_dir: an explicit data directory.
+
+    Returns:
+        The root, or None when there is none.
+    """
     from ..tasks import DataError, resolve_data_dir
 
     try:
@@ -35,7 +46,14 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None
 
 
 def load_prompt_parts(data_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """(instruction, primer) from `truthfulqa/instruction_prompt.txt` and `truthfulqa/qa_primer.txt`."""
+    """TruthfulQA's instruction and few-shot primer.
+
+    Args:
+        data_dir: the data root (see `find_data_dir`).
+
+    Returns:
+        `(instruction, primer)` from `truthfulqa/instruction_prompt.txt` and `truthfulqa/qa_primer.txt`.
+    """
     root = find_data_dir(data_dir)
     folder = None if root is None else (root if (root / "qa_primer.txt").is_file() else root / "truthfulqa")
     if folder is None or not (folder / "qa_primer.txt").is_file():
@@ -49,19 +67,53 @@ def load_prompt_parts(data_dir: str | os.PathLike[str] | None = None) -> tuple[s
 
 
 def format_reference(answer: str) -> str:
-    """A reference answer as TruthfulQA scores it: stripped, closed with a period."""
+    """A reference answer as TruthfulQA scores it: stripped, closed with a period.
+
+    Args:
+        answer: the answer text.
+
+    Returns:
+        The formatted answer.
+
+    Example:
+        >>> format_reference(" Nothing happens ")
+        'Nothing happens.'
+    """
     answer = answer.strip()
     return answer if answer.endswith(".") else answer + "."
 
 
 def question_context(question: str, instruction: str, primer: str) -> str:
-    """Everything up to and including "\\nA:"; the answer follows as " {answer}"."""
+    """The scoring context of one question: instruction and primer (if any), then "Q: ...\\nA:".
+
+    Args:
+        question: the question.
+        instruction: the instruction text ("" for none).
+        primer: the few-shot primer ("" for none).
+
+    Returns:
+        The context text.
+    """
     prefix = "\n\n".join(part for part in (instruction, primer) if part)
     return f"{prefix}\n\nQ: {question}\nA:" if prefix else f"Q: {question}\nA:"
 
 
 def mc_metrics(best: float, true: Sequence[float], false: Sequence[float]) -> tuple[float, float]:
-    """(MC1, MC2) of one question from the summed log-probs of its answers."""
+    """MC1 and MC2 of one question from the summed log-probs of its answers.
+
+    Args:
+        best: the log-prob of the best answer.
+        true: log-probs of the correct answers.
+        false: log-probs of the incorrect answers.
+
+    Returns:
+        `(mc1, mc2)`: 1.0 if the best answer beats every incorrect one, and the probability mass on the
+        correct answers (normalised over all answers).
+
+    Example:
+        >>> mc_metrics(-1.0, [-1.0], [-2.0, -3.0])[0]
+        1.0
+    """
     mc1 = 1.0 if best > max(false) else 0.0
     # MC2 through log-sum-exp: the same ratio as exp-then-sum, without underflow for long answers.
     top = max([*true, *false])
@@ -73,31 +125,25 @@ def mc_metrics(best: float, true: Sequence[float], false: Sequence[float]) -> tu
 def _check(record: Any, index: int) -> None:
     missing = [field for field in FIELDS if field not in record]
     if missing:
-        raise ValueError(f"truthfulqa_mc record {index} lacks {missing}; records need fields {list(FIELDS)}")
+        raise LofitValueError(
+            f"truthfulqa_mc record {index} lacks {missing}; records need fields {list(FIELDS)}"
+        )
     for field in ("correct_answers", "incorrect_answers"):
         if isinstance(record[field], str) or not any(str(a).strip() for a in record[field]):
-            raise ValueError(f"truthfulqa_mc record {index}: '{field}' must be a non-empty list of strings")
+            raise LofitValueError(
+                f"truthfulqa_mc record {index}: '{field}' must be a non-empty list of strings"
+            )
 
 
-def evaluate_truthfulqa_mc(
-    model: nn.Module,
-    tokenizer: Any,
-    records: Sequence[Any],
-    *,
-    instruction: str | None = None,
-    primer: str | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    scorer: Scorer = "fast",
-    batch_size: int = 16,
-    max_length: int | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean MC1/MC2 over `records`, and one detail dict per record."""
-    if instruction is None or primer is None:
-        file_instruction, file_primer = load_prompt_parts(data_dir)
-        instruction = file_instruction if instruction is None else instruction
-        primer = file_primer if primer is None else primer
-    requests, layouts = [], []
+Layout = tuple[list[str], str, list[str], list[str]]  # every distinct answer, best, true, false
+
+
+def _requests(
+    records: Sequence[Any], instruction: str, primer: str
+) -> tuple[list[ScoringRequest], list[Layout]]:
+    """One scoring request per question (each distinct answer once) and where its answers sit."""
+    requests: list[ScoringRequest] = []
+    layouts: list[Layout] = []
     for index, record in enumerate(records):
         _check(record, index)
         true = [format_reference(a) for a in record["correct_answers"] if a.strip()]
@@ -113,6 +159,59 @@ def evaluate_truthfulqa_mc(
         requests.append(ScoringRequest(context, [" " + a for a in answers]))
         layouts.append((answers, best, true, false))
 
+    return requests, layouts
+
+
+def _detail(record: Any, layout: Layout, request_scores: Sequence[float]) -> dict[str, Any]:
+    """MC1, MC2 and the scores of one question."""
+    answers, best, true, false = layout
+    by_answer = dict(zip(answers, request_scores, strict=True))
+    scores_true, scores_false = [by_answer[a] for a in true], [by_answer[a] for a in false]
+    mc1, mc2 = mc_metrics(by_answer[best], scores_true, scores_false)
+    return {
+        "question": record["question"],
+        "best_answer": best,
+        "correct_answers": true,
+        "incorrect_answers": false,
+        "score_best": by_answer[best],
+        "scores_true": scores_true,
+        "scores_false": scores_false,
+        "mc1": mc1,
+        "mc2": mc2,
+    }
+
+
+def evaluate_truthfulqa_mc(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Any],
+    *,
+    instruction: str | None = None,
+    primer: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    scorer: Scorer = "fast",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """TruthfulQA MC1/MC2 (the LoFiT / ITI protocol, METHOD.md §6).
+
+    Args:
+        model: a causal LM or a `LofitModel`.
+        tokenizer: its tokenizer.
+        records: "truthfulqa_mc" records {question, best_answer, correct_answers, incorrect_answers}.
+        instruction, primer: the prompt parts (default: read from `data_dir`/truthfulqa/).
+        data_dir: where the prompt files live.
+        scorer, batch_size, max_length, progress: see `score_continuations`.
+
+    Returns:
+        `({"mc1", "mc2"}, details)`, one detail dict per question (answer scores, mc1, mc2).
+    """
+    if instruction is None or primer is None:
+        file_instruction, file_primer = load_prompt_parts(data_dir)
+        instruction = file_instruction if instruction is None else instruction
+        primer = file_primer if primer is None else primer
+    requests, layouts = _requests(records, instruction, primer)
     scores = score_continuations(
         model,
         tokenizer,
@@ -122,24 +221,10 @@ def evaluate_truthfulqa_mc(
         max_length=max_length,
         progress=progress,
     )
-    details = []
-    for record, (answers, best, true, false), request_scores in zip(records, layouts, scores, strict=True):
-        by_answer = dict(zip(answers, request_scores, strict=True))
-        scores_true, scores_false = [by_answer[a] for a in true], [by_answer[a] for a in false]
-        mc1, mc2 = mc_metrics(by_answer[best], scores_true, scores_false)
-        details.append(
-            {
-                "question": record["question"],
-                "best_answer": best,
-                "correct_answers": true,
-                "incorrect_answers": false,
-                "score_best": by_answer[best],
-                "scores_true": scores_true,
-                "scores_false": scores_false,
-                "mc1": mc1,
-                "mc2": mc2,
-            }
-        )
+    details = [
+        _detail(record, layout, request_scores)
+        for record, layout, request_scores in zip(records, layouts, scores, strict=True)
+    ]
     count = max(len(details), 1)
     metrics = {
         "mc1": sum(d["mc1"] for d in details) / count,

@@ -14,8 +14,8 @@ from .datadir import cache_data_dir, resolve_data_dir
 from .download import DownloadError, download_data
 from .errors import DataError
 from .generic import load_records
+from .llm_adapters import load_mc_benchmark, load_mc_split, mc_completion, mc_prompt, mc_to_sft
 from .mquake import load_mquake
-from .multiple_choice import load_mc_benchmark, load_mc_split, mc_completion, mc_prompt, mc_to_sft
 from .records import (
     EVAL_KINDS,
     RECORD_KINDS,

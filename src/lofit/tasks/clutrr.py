@@ -62,11 +62,13 @@ def clutrr_prompt_and_answer(row: RawRow) -> tuple[str, str]:
 
 
 def sft_record(row: RawRow) -> Record:
+    """The SFT training record of one CLUTRR story (prompt, completion = the gold relation)."""
     prompt, relation = clutrr_prompt_and_answer(row)
     return validate_record({"prompt": prompt, "completion": relation}, "sft", row.where)
 
 
 def eval_record(row: RawRow) -> Record:
+    """The "exact_match" record of one CLUTRR story (prompt, answers = [the gold relation])."""
     prompt, relation = clutrr_prompt_and_answer(row)
     return validate_record({"prompt": prompt, "answers": [relation]}, "exact_match", row.where)
 
@@ -81,7 +83,16 @@ def sample_train(rows: list[RawRow], seed: int, size: int = TRAIN_SIZE) -> list[
 def load_clutrr(
     data_dir: str | Path | None = None, seed: int = 42, train_size: int | None = TRAIN_SIZE
 ) -> Task:
-    """CLUTRR: `train_size` stories sampled with `seed` (None = all 3,151), full val and test."""
+    """CLUTRR as LoFiT uses it: SFT training on a seeded sample of stories, exact match on val and test.
+
+    Args:
+        data_dir: the data root (see `resolve_data_dir`).
+        seed: the seed of LoFiT's `random.sample` of training stories.
+        train_size: stories kept for training (None = all 3,151).
+
+    Returns:
+        The `Task` (extraction "clutrr").
+    """
     folder = benchmark_dir("clutrr", data_dir)
     paths = {split: find_split_file(folder, split) for split in ("train", "val", "test")}
     rows = {split: read_rows(path) for split, path in paths.items()}

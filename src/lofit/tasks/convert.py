@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import DataError
-from .multiple_choice import mc_completion, mc_prompt, mc_to_sft
+from .llm_adapters import mc_completion, mc_prompt, mc_to_sft
 from .records import Record
 from .truthfulqa import TQA_PROMPT_TEMPLATE
 
@@ -59,13 +59,39 @@ CONVERSIONS: dict[tuple[str, str], Callable[[Record], Record]] = {
 
 
 def can_convert(from_kind: str, to_kind: str) -> bool:
+    """Whether records of `from_kind` convert to `to_kind` (the same kind always does).
+
+    Args:
+        from_kind: the records' format.
+        to_kind: the wanted format.
+
+    Returns:
+        True if `convert_records` can do it.
+
+    Example:
+        >>> can_convert("mc", "sft"), can_convert("sft", "mc")
+        (True, False)
+    """
     return from_kind == to_kind or (from_kind, to_kind) in CONVERSIONS
 
 
 def convert_records(
     records: list[Record], from_kind: str, to_kind: str, source: str | None = None
 ) -> list[Record]:
-    """Records of `from_kind` as `to_kind` (a copy); `DataError` naming `source` if there is no conversion."""
+    """Records of `from_kind` as `to_kind` (a copy).
+
+    Args:
+        records: validated records.
+        from_kind: their format.
+        to_kind: the wanted format.
+        source: the file they came from, for the error message.
+
+    Returns:
+        The converted records.
+
+    Raises:
+        DataError: there is no conversion (the message names `source` and the formats that would do).
+    """
     if from_kind == to_kind:
         return [dict(r) for r in records]
     convert = CONVERSIONS.get((from_kind, to_kind))

@@ -67,7 +67,18 @@ def _explicit(root: Path, benchmark: str | None, origin: str) -> Path:
 
 
 def resolve_data_dir(data_dir: str | Path | None = None, benchmark: str | None = None) -> Path:
-    """The data root to use; with `benchmark`, only a root holding `<root>/<benchmark>/` qualifies."""
+    """The data root to use: `data_dir`, `$LOFIT_DATA_DIR`, the nearest `shared/data`, or the cache.
+
+    Args:
+        data_dir: an explicit root (wins; must exist).
+        benchmark: with a name, only a root holding `<root>/<benchmark>/` qualifies.
+
+    Returns:
+        The data root.
+
+    Raises:
+        DataError: no root found (the message lists where it looked and how to get the data).
+    """
     if data_dir is not None:
         return _explicit(Path(data_dir).expanduser(), benchmark, "--data-dir")
     env = os.environ.get(ENV_DATA_DIR)
@@ -84,12 +95,28 @@ def resolve_data_dir(data_dir: str | Path | None = None, benchmark: str | None =
 
 
 def benchmark_dir(benchmark: str, data_dir: str | Path | None = None) -> Path:
-    """`<data root>/<benchmark>` following the search order above."""
+    """`<data root>/<benchmark>`, following `resolve_data_dir`'s search order.
+
+    Args:
+        benchmark: the benchmark folder name ("truthfulqa", "mquake", ...).
+        data_dir: an explicit data root.
+
+    Returns:
+        The benchmark's folder.
+    """
     return resolve_data_dir(data_dir, benchmark) / benchmark
 
 
 def find_split_file(folder: Path, stem: str) -> Path:
-    """`folder/stem.jsonl` (as in ../shared/data) or `folder/stem.json` (as downloaded)."""
+    """`folder/stem.jsonl` (as in ../shared/data) or `folder/stem.json` (as downloaded).
+
+    Args:
+        folder: a benchmark folder.
+        stem: the split's file name without suffix.
+
+    Returns:
+        The existing file; DataError if neither exists.
+    """
     for suffix in (".jsonl", ".json"):
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():

@@ -143,10 +143,16 @@ def download_data(
     fetch: Fetch | None = None,
     force: bool = False,
 ) -> Path:
-    """Fetch benchmarks (`names`, default all of `SOURCES`) into `<cache_dir>/data`; return that folder.
+    """Fetch benchmark files from their public sources into `<cache_dir>/data` (checked, atomic).
 
-    `cache_dir` defaults to $LOFIT_CACHE_DIR or ~/.cache/lofit, where the loaders look last. `fetch`
-    (url -> bytes) replaces the network call, e.g. in tests.
+    Args:
+        names: benchmarks to fetch (default: all of `SOURCES`).
+        cache_dir: the cache root (default $LOFIT_CACHE_DIR or ~/.cache/lofit, where the loaders look last).
+        fetch: url -> bytes, replacing the network call (e.g. in tests).
+        force: download again even where a matching file is present.
+
+    Returns:
+        The data folder written.
     """
     wanted = list(SOURCES) if names is None else list(names)
     unknown = [n for n in wanted if n not in SOURCES]

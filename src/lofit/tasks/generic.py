@@ -19,11 +19,24 @@ Source = Any  # str | Path (file or "hf:owner/name[:config]") | list[dict] | dat
 
 
 def load_records(source: Source, kind: str | None = None, *, split: str | None = None) -> list[Record]:
-    """Read and validate records; `kind` None detects the format from the first record's fields.
+    """Read and validate records from a file, a Hugging Face dataset or a list of dicts.
 
-    `source` may be a path to a .jsonl/.json/.csv file, "hf:owner/name" or "hf:owner/name:config" (a
-    Hugging Face hub dataset, needs `split` and an internet connection), a `datasets.Dataset`, or a list
-    of dicts. Every record is validated; the first problem raises `DataError`.
+    Args:
+        source: a .jsonl/.json/.csv path, "hf:owner/name[:config]" (a hub dataset; needs `split` and a
+            connection), a `datasets.Dataset`, or a list of dicts.
+        kind: the record format ("sft", "dpo", "truthfulqa_mc", "mc", "exact_match"); None detects it from
+            the first record's fields.
+        split: the hub dataset's split.
+
+    Returns:
+        Clean records holding exactly their format's fields.
+
+    Raises:
+        DataError: the first problem, naming the file, line and field.
+
+    Example:
+        >>> load_records([{"prompt": "2+2=", "completion": "4", "note": "dropped"}])
+        [{'prompt': '2+2=', 'completion': '4'}]
     """
     return load_records_with_kind(source, kind, split=split)[1]
 
@@ -31,7 +44,11 @@ def load_records(source: Source, kind: str | None = None, *, split: str | None =
 def load_records_with_kind(
     source: Source, kind: str | None = None, *, split: str | None = None
 ) -> tuple[RecordKind, list[Record]]:
-    """Like `load_records`, also returning the (given or detected) record kind."""
+    """Like `load_records`, also returning the (given or detected) record format.
+
+    Returns:
+        `(kind, records)`.
+    """
     rows = raw_rows(source, split=split)
     if not rows:
         raise DataError(describe_source(source), None, None, "holds no records", "add at least one record")
@@ -49,7 +66,7 @@ def load_records_with_kind(
 
 
 def raw_rows(source: Source, *, split: str | None = None) -> list[RawRow]:
-    """The unvalidated rows of any accepted source, each with its location."""
+    """The unvalidated rows of any accepted source, each with its location (file and line)."""
     if isinstance(source, (str, Path)):
         text = str(source)
         if text.startswith("hf:"):
@@ -71,6 +88,7 @@ def raw_rows(source: Source, *, split: str | None = None) -> list[RawRow]:
 
 
 def describe_source(source: Source) -> str:
+    """How error messages name `source`: its path, "<datasets.Dataset>" or "<list of records>"."""
     if isinstance(source, (str, Path)):
         return str(source)
     if _is_hf_dataset(source):

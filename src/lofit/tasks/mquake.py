@@ -58,17 +58,26 @@ def mquake_prompt_and_answers(row: RawRow) -> tuple[str, list[str]]:
 
 
 def sft_record(row: RawRow) -> Record:
+    """The SFT training record of one MQuAKE case (completion = the first gold answer)."""
     prompt, answers = mquake_prompt_and_answers(row)
     return {"prompt": prompt, "completion": answers[0]}
 
 
 def eval_record(row: RawRow) -> Record:
+    """The "exact_match" record of one MQuAKE case (every gold answer and alias)."""
     prompt, answers = mquake_prompt_and_answers(row)
     return {"prompt": prompt, "answers": answers}
 
 
 def load_mquake(data_dir: str | Path | None = None) -> Task:
-    """MQuAKE's LoFiT splits: SFT train/val, "exact_match" val_eval/test, extraction "mquake"."""
+    """MQuAKE's LoFiT splits: SFT train/val, "exact_match" val_eval/test, extraction "mquake".
+
+    Args:
+        data_dir: the data root (see `resolve_data_dir`).
+
+    Returns:
+        The `Task`.
+    """
     folder = benchmark_dir("mquake", data_dir)
     paths = {split: find_split_file(folder, split) for split in ("train", "val", "test")}
     rows = {split: read_rows(path) for split, path in paths.items()}

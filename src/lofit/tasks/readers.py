@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..output_paths import describe_not_regular
 from .errors import DataError
 from .records import Where
 
@@ -26,6 +27,7 @@ class RawRow:
 
 
 def file_format(path: Path) -> str:
+    """The format ("jsonl", "json" or "csv") of a data file, by its suffix; DataError for any other."""
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
@@ -39,7 +41,18 @@ def file_format(path: Path) -> str:
 
 
 def read_rows(path: str | Path, *, allow_empty: bool = False) -> list[RawRow]:
-    """Parse `path` (by suffix) into raw rows; raise `DataError` on unreadable or empty files."""
+    """Parse a data file (format by suffix) into raw rows that remember their 1-based line.
+
+    Args:
+        path: a .jsonl, .ndjson, .json or .csv file.
+        allow_empty: return [] for a file without records instead of raising.
+
+    Returns:
+        The rows, not yet validated.
+
+    Raises:
+        DataError: an unreadable, malformed or (unless allowed) empty file, naming the file and line.
+    """
     path = Path(path)
     fmt = file_format(path)
     text = read_text(path)
@@ -55,9 +68,22 @@ def read_rows(path: str | Path, *, allow_empty: bool = False) -> list[RawRow]:
 
 
 def read_text(path: Path) -> str:
-    if not path.is_file():
-        problem = "is a directory, not a file" if path.is_dir() else "file not found"
-        raise DataError(path, None, None, problem, "check the path")
+    """The UTF-8 text of a data file; a missing path, directory, FIFO or symlink loop gets its own message.
+
+    Args:
+        path: the data file.
+
+    Returns:
+        Its text (a byte-order mark dropped).
+
+    Raises:
+        DataError: naming the file, and the line of the first byte that is not UTF-8.
+    """
+    problem = describe_not_regular(path)
+    if problem is not None:
+        if problem == "does not exist":
+            raise DataError(path, None, None, "file not found", "check the path")
+        raise DataError(path, None, None, problem, "give a regular .jsonl, .json or .csv file")
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # tolerate a byte-order mark (TruthfulQA.csv has one)
@@ -66,13 +92,40 @@ def read_text(path: Path) -> str:
         raise DataError(path, line, None, "the file is not UTF-8 text", "save it as UTF-8") from None
 
 
+def _loads(text: str, source: str, line: int | None) -> Any:
+    """`json.loads` that refuses duplicate keys and nesting too deep for Python, naming the file."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DataError(
+                    source, line, key, "this key appears twice in one object", "keep one of the two values"
+                )
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except RecursionError:
+        raise DataError(
+            source,
+            line,
+            None,
+            "the JSON is nested too deeply (thousands of [ or { inside each other)",
+            "records are flat objects of strings, lists of strings and integers",
+        ) from None
+
+
 def _jsonl_rows(text: str, source: str) -> list[RawRow]:
+    # JSON Lines end lines with \n only: U+2028, U+0085 and friends are valid inside JSON strings, so
+    # str.splitlines() would cut records apart.
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(_WS):
             continue
         try:
-            value = json.loads(line)
+            value = _loads(line, source, number)
         except json.JSONDecodeError as exc:
             raise DataError(
                 source,
@@ -88,7 +141,7 @@ def _jsonl_rows(text: str, source: str) -> list[RawRow]:
 def _json_rows(text: str, source: str) -> list[RawRow]:
     """A JSON array of records, or an object whose "data" member is that array."""
     try:
-        top = json.loads(text) if text.strip() else None
+        top = _loads(text, source, None) if text.strip(_WS) else None
     except json.JSONDecodeError as exc:
         raise DataError(
             source, exc.lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})", "fix the JSON syntax"

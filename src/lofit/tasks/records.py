@@ -29,17 +29,23 @@ RECORD_KINDS: tuple[RecordKind, ...] = TRAINING_KINDS + EVAL_KINDS
 
 
 class SFTRecord(TypedDict):
+    """A supervised fine-tuning record: the completion is scored after the prompt."""
+
     prompt: str
     completion: str
 
 
 class DPORecord(TypedDict):
+    """A preference record: the chosen response is preferred over the rejected one after the prompt."""
+
     prompt: str
     chosen: str
     rejected: str
 
 
 class TruthfulQARecord(TypedDict):
+    """A TruthfulQA multiple-choice record (MC1/MC2), answers as lists of strings."""
+
     question: str
     best_answer: str
     correct_answers: list[str]
@@ -47,12 +53,16 @@ class TruthfulQARecord(TypedDict):
 
 
 class MCRecord(TypedDict):
+    """A multiple-choice record: `answer` is the 0-based index of the correct choice."""
+
     question: str
     choices: list[str]
     answer: int
 
 
 class ExactMatchRecord(TypedDict):
+    """A generation record: a greedy completion matches if it equals one of `answers`."""
+
     prompt: str
     answers: list[str]
 
@@ -87,15 +97,28 @@ class Where:
     text_cells: bool = False  # values are raw CSV cell strings (lists and ints still to be parsed)
 
     def error(self, field: str | None, problem: str, fix: str | None = None) -> DataError:
+        """A `DataError` located here (source, line) about `field`."""
         return DataError(self.source, self.line, field, problem, fix, line_label=self.label)
 
 
 def field_list(kind: str) -> str:
+    """The field names of record format `kind`, quoted, for messages."""
     return ", ".join(f"'{name}'" for name in FIELDS[kind])
 
 
 def detect_kind(record: Mapping[str, Any]) -> RecordKind | None:
-    """Guess the record kind from the field names present (None when nothing matches)."""
+    """Guess the record format from the field names present.
+
+    Args:
+        record: one record.
+
+    Returns:
+        The format, or None when nothing matches.
+
+    Example:
+        >>> detect_kind({"prompt": "q", "chosen": "a", "rejected": "b"})
+        'dpo'
+    """
     keys = set(record)
     if {"prompt", "chosen", "rejected"} <= keys:
         return "dpo"
@@ -111,6 +134,7 @@ def detect_kind(record: Mapping[str, Any]) -> RecordKind | None:
 
 
 def require_kind(kind: str, where: Where | None = None) -> RecordKind:
+    """`kind` if it is a known record format; DataError (located at `where`) otherwise."""
     if kind not in RECORD_KINDS:
         problem = f"unknown record format {kind!r}"
         fix = f"use one of {', '.join(RECORD_KINDS)}"
@@ -121,6 +145,7 @@ def require_kind(kind: str, where: Where | None = None) -> RecordKind:
 
 
 def detect_or_fail(record: Mapping[str, Any], where: Where) -> RecordKind:
+    """`detect_kind`, or a DataError at `where` listing every format's fields."""
     kind = detect_kind(record)
     if kind is None:
         present = ", ".join(repr(k) for k in record) or "none"
@@ -134,7 +159,19 @@ def detect_or_fail(record: Mapping[str, Any], where: Where) -> RecordKind:
 
 
 def validate_record(record: Any, kind: str, where: Where) -> Record:
-    """Check one record against `kind` and return a clean copy with only that kind's fields."""
+    """Check one record against format `kind` and return a clean copy with only that format's fields.
+
+    Args:
+        record: the raw record (a mapping; CSV cells are parsed where `where.text_cells`).
+        kind: the record format.
+        where: its location, for error messages.
+
+    Returns:
+        The clean record.
+
+    Raises:
+        DataError: naming the location and field, and the fix.
+    """
     kind = require_kind(kind, where)
     if not isinstance(record, Mapping):
         raise where.error(
@@ -209,6 +246,10 @@ def _parse_list(cell: str, name: str, where: Where) -> Any:
         except json.JSONDecodeError as exc:
             raise where.error(
                 name, f"starts with '[' but is not a valid JSON array ({exc.msg})", "fix the JSON array"
+            ) from None
+        except RecursionError:
+            raise where.error(
+                name, "the JSON array is nested too deeply", "give a flat list of strings"
             ) from None
     if not text:
         return []

@@ -26,8 +26,8 @@ from .clutrr import load_clutrr
 from .convert import can_convert, convert_records
 from .errors import DataError
 from .generic import describe_source, load_records_with_kind
+from .llm_adapters import STYLES, load_mc_benchmark
 from .mquake import load_mquake
-from .multiple_choice import STYLES, load_mc_benchmark
 from .records import Record
 from .task import Task, generic_defaults, paper_defaults
 from .truthfulqa import check_fold, load_truthfulqa
@@ -48,15 +48,30 @@ def load_task(
     train_file: FileArg = None,
     val_file: FileArg = None,
     test_file: FileArg = None,
+    needs: tuple[str, ...] | None = None,
 ) -> Task:
-    """Load a task by name; `fold` is TruthfulQA's (0/1), `seed` picks CLUTRR's 300 training stories.
+    """Load a task by name.
 
-    >>> task = load_task("mquake")            # doctest: +SKIP
-    >>> task.train[0]["prompt"][:17], task.eval_task  # doctest: +SKIP
-    ('Q: Imagine that T', 'exact_match')
+    Args:
+        name: one of `TASK_NAMES`.
+        data_dir: where the benchmark files live (see `resolve_data_dir`).
+        fold: TruthfulQA's fold (0 or 1).
+        seed: picks CLUTRR's 300 training stories.
+        train_file, val_file, test_file: the user's files; for built-in tasks they replace that split.
+        needs: the splits the caller uses ("train", "val", "test"); a generic task requires the file of
+            each (default: "train" for sft/dpo, "test" for mc/exact_match), so `lofit select --task mc`
+            needs no test file.
+
+    Returns:
+        The `Task`.
+
+    Example:
+        >>> task = load_task("mquake")            # doctest: +SKIP
+        >>> task.train[0]["prompt"][:17], task.eval_task  # doctest: +SKIP
+        ('Q: Imagine that T', 'exact_match')
     """
     if name in GENERIC_TASKS:
-        return _generic_task(name, train_file, val_file, test_file)
+        return _generic_task(name, train_file, val_file, test_file, needs)
     if name not in TASK_NAMES:
         raise DataError(None, None, None, f"unknown task {name!r}", f"choose one of {', '.join(TASK_NAMES)}")
     if name == "truthfulqa":
@@ -99,27 +114,35 @@ def _override(task: Task, files: dict[str, FileArg]) -> Task:
     return task
 
 
-def _generic_task(name: str, train_file: FileArg, val_file: FileArg, test_file: FileArg) -> Task:
+def _check_required(name: str, files: dict[str, FileArg], needs: tuple[str, ...] | None) -> None:
+    required = needs if needs is not None else (("train",) if name in ("sft", "dpo") else ("test",))
+    for split in required:
+        if files.get(split) is None:
+            flag = f"{split}_file (--{split})"
+            raise DataError(None, None, None, f"the {name!r} task reads your own files", f"pass {flag}")
+
+
+def _generic_task(
+    name: str, train_file: FileArg, val_file: FileArg, test_file: FileArg, needs: tuple[str, ...] | None
+) -> Task:
     objective = "dpo" if name == "dpo" else "sft"
-    required = train_file if name in ("sft", "dpo") else test_file
-    if required is None:
-        flag = "train_file (--train)" if name in ("sft", "dpo") else "test_file (--test)"
-        raise DataError(None, None, None, f"the {name!r} task reads your own files", f"pass {flag}")
-    eval_task: str = "mc" if objective == "dpo" else "exact_match"
+    files = {"train": train_file, "val": val_file, "test": test_file}
+    if not any(files.values()):
+        _check_required(name, files, needs)
+    eval_task: str = name if name in ("mc", "exact_match") else "mc" if objective == "dpo" else "exact_match"
     test: list[Record] = []
     eval_options: dict[str, str] = {}
     if test_file is not None:
         test_kind, records = load_records_with_kind(test_file)
-        if name in ("mc", "exact_match"):
-            eval_task = name
-        else:  # training-format test files are scored in the matching evaluation format
+        if name not in ("mc", "exact_match"):  # training-format test files: the matching evaluation format
             eval_task = {"sft": "exact_match", "dpo": "mc"}.get(test_kind, test_kind)
         test = convert_records(records, test_kind, eval_task, describe_source(test_file))
         if test_kind == "dpo":  # the prompt is scored verbatim, the answers appended without a separator
             eval_options = {"prompt_template": "{question}", "choice_template": "{choice}"}
     train = _load_as(train_file, objective) if train_file is not None else []
     val, val_eval = _load_val(val_file, objective, eval_task) if val_file is not None else ([], [])
-    sources = {k: str(v) for k, v in (("train", train_file), ("val", val_file), ("test", test_file)) if v}
+    _check_required(name, files, needs)
+    sources = {k: str(v) for k, v in files.items() if v}
     return Task(
         name=name,
         objective=objective,  # type: ignore[arg-type]

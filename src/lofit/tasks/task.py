@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import LofitValueError
+from ..task_defaults import defaults_for
 from .records import Record
 
 MC_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -15,29 +17,15 @@ Extraction = Literal["mquake", "clutrr"]
 
 GENERATION_MAX_NEW_TOKENS = 16  # LoFiT's evaluate_mquake / evaluate_clutrr: greedy, 16 new tokens
 
-# Per-task hyperparameters from METHOD.md §2/§5 (the authors' Llama-2-7B settings): `l1` = λ of the
-# head-selection step, `lr_select` / `lr_train` = learning rates of step 1 / step 2, `k` = fraction of
-# all heads kept. The authors' scripts keep 32 of Llama-2-7B's 1,024 heads (48 of 13B's 1,600), about
-# 3%, for these three tasks. Small models may want other values; tune them on `val`, never on `test`.
-_COMMON: dict[str, float | int] = {"lr_select": 5e-3, "lr_train": 1e-2, "epochs": 5, "batch_size": 8}
-PAPER_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "truthfulqa": {**_COMMON, "l1": 5e-4, "k": 0.03, "beta": 0.5},
-    "mquake": {**_COMMON, "l1": 1e-3, "k": 0.03},
-    "clutrr": {**_COMMON, "l1": 5e-3, "lr_select": 5e-4, "k": 0.03},
-}
-# Generic tasks: the middle of the paper's λ range and 10% of heads, the paper's "best balance".
-GENERIC_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "sft": {**_COMMON, "l1": 1e-3, "k": 0.1},
-    "dpo": {**_COMMON, "l1": 5e-4, "k": 0.1, "beta": 0.5},
-}
-
 
 def paper_defaults(name: str) -> dict[str, float | int]:
-    return dict(PAPER_DEFAULTS[name])
+    """The defaults of one of the paper's tasks (or any task with its own row in `lofit.task_defaults`)."""
+    return defaults_for(name).as_dict()
 
 
 def generic_defaults(objective: str) -> dict[str, float | int]:
-    return dict(GENERIC_DEFAULTS[objective])
+    """The defaults of a task without its own row, by its training objective ("sft" or "dpo")."""
+    return defaults_for(objective).as_dict()
 
 
 @dataclass
@@ -72,13 +60,15 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.objective not in ("sft", "dpo"):
-            raise ValueError(f"Task.objective must be 'sft' or 'dpo', got {self.objective!r}")
+            raise LofitValueError(f"Task.objective must be 'sft' or 'dpo', got {self.objective!r}")
         if self.eval_task not in ("truthfulqa_mc", "mc", "exact_match"):
-            raise ValueError(
+            raise LofitValueError(
                 f"Task.eval_task must be truthfulqa_mc, mc or exact_match, got {self.eval_task!r}"
             )
         if self.extraction not in (None, "mquake", "clutrr"):
-            raise ValueError(f"Task.extraction must be None, 'mquake' or 'clutrr', got {self.extraction!r}")
+            raise LofitValueError(
+                f"Task.extraction must be None, 'mquake' or 'clutrr', got {self.extraction!r}"
+            )
         if self.eval_task == "exact_match" and self.max_new_tokens is None:
             self.max_new_tokens = GENERATION_MAX_NEW_TOKENS
         if self.eval_task == "mc" and not self.eval_options:
@@ -86,7 +76,11 @@ class Task:
             self.eval_options = {"prompt_template": MC_PROMPT_TEMPLATE, "choice_template": " {choice}"}
 
     def summary(self) -> str:
-        """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc test 409"."""
+        """One line, e.g. "truthfulqa: dpo training 326/82, truthfulqa_mc val 82 test 409".
+
+        Returns:
+            The summary.
+        """
         return (
             f"{self.name}: {self.objective} training {len(self.train)}/{len(self.val)}, "
             f"{self.eval_task} val {len(self.val_eval)} test {len(self.test)}"

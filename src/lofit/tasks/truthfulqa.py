@@ -91,13 +91,22 @@ def fold_file(folder: Path, fold: int, split: str) -> Path:
 
 
 def check_fold(fold: int) -> int:
+    """`fold` if it is a TruthfulQA fold (0 or 1); DataError otherwise."""
     if isinstance(fold, bool) or fold not in FOLD_SIZES:
         raise DataError("truthfulqa", None, "fold", f"must be 0 or 1, got {fold!r}", "pass fold=0 or fold=1")
     return fold
 
 
 def load_truthfulqa(data_dir: str | Path | None = None, fold: int = 0) -> Task:
-    """TruthfulQA fold `fold` (0 or 1): DPO train/val pairs, "truthfulqa_mc" val_eval and test."""
+    """TruthfulQA fold `fold` as LoFiT uses it: DPO train/val pairs, "truthfulqa_mc" val_eval and test.
+
+    Args:
+        data_dir: the data root (see `resolve_data_dir`).
+        fold: 0 or 1 (LoFiT's two-fold split).
+
+    Returns:
+        The `Task`.
+    """
     check_fold(fold)
     folder = benchmark_dir("truthfulqa", data_dir)
     rows = {split: read_rows(fold_file(folder, fold, split)) for split in ("train", "val", "test")}

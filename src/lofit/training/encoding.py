@@ -72,6 +72,7 @@ class SequenceEncoder:
                 stacklevel=2,
             )
         self.num_truncated = 0
+        self.num_response_cut = 0  # truncations that cut the response too (not only the prompt)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with the tokenizer's leading special tokens, without an auto-appended EOS."""
@@ -113,6 +114,7 @@ class SequenceEncoder:
         else:
             body = body[len(body) - keep_context :]
             response = response[: self.max_length - len(head) - len(body)]
+            self.num_response_cut += 1
         return head + body + response, len(head) + len(body)
 
 

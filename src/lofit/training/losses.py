@@ -48,6 +48,16 @@ def dpo_losses(
     return -F.logsigmoid(beta * margin)
 
 
+def truncation_description(response_cut: int) -> str:
+    """Which part of the truncated sequences was cut, for the truncation warning."""
+    if not response_cut:
+        return "prompt cut from the left"
+    return (
+        f"prompt cut from the left; in {response_cut} of them the completion/response alone was longer, so "
+        "it was cut on the right too: raise --max-length"
+    )
+
+
 @dataclass
 class LossOutput:
     """Sums over a micro-batch; the trainer divides by the global batch's `units`."""
@@ -80,13 +90,14 @@ class Objective:
 
     def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
         """Tokenise every record (warning once if any sequence had to be cut to max_length)."""
-        before = self.encoder.num_truncated
+        before, cut_before = self.encoder.num_truncated, self.encoder.num_response_cut
         examples = [Example(i, self.encode_record(record)) for i, record in enumerate(records)]
         truncated = self.encoder.num_truncated - before
         if truncated:
             warnings.warn(
                 f"{truncated} of {sum(len(e.sequences) for e in examples)} sequences exceed "
-                f"max_length={self.encoder.max_length} tokens and were truncated (prompt cut from the left)",
+                f"max_length={self.encoder.max_length} tokens and were truncated "
+                f"({truncation_description(self.encoder.num_response_cut - cut_before)})",
                 stacklevel=2,
             )
         return examples
