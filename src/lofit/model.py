@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .heads import HeadGeometry, find_output_projections
+from .integrations.visibility import CAUSAL_LM_SIGNATURE, expose_forward_signature, guard_wrapped_save
 from .layer import HeadVectors, LofitProjection
 from .lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
 from .wrappers import PassThroughModel
@@ -33,6 +34,8 @@ class LofitModel(PassThroughModel):
         self.active_adapter: str = adapter_name
         self._wrap_projections()
         add_contiguous_input_hook(base_model)
+        expose_forward_signature(self, base_model)  # Trainer/TRL read the arguments from it
+        guard_wrapped_save(base_model, lambda module: isinstance(module, LofitProjection))
         try:
             self.add_adapter(adapter_name, config)
         except BaseException:
@@ -40,6 +43,12 @@ class LofitModel(PassThroughModel):
             raise
 
     # ----------------------------------------------------------------------------------- plumbing
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model with the active adapter (an instance shows the wrapped model's signature)."""
+        return super().forward(*args, **kwargs)
+
+    forward.__signature__ = CAUSAL_LM_SIGNATURE  # type: ignore[attr-defined]
+
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
