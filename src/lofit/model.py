@@ -282,12 +282,18 @@ class LofitModel(PassThroughModel):
         save_adapter(self, path, self._check_adapter(adapter_name))
 
     def load_adapter(
-        self, path: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> None:
-        """Load a saved adapter under `adapter_name` (it becomes the active adapter)."""
+        """Load a saved adapter (a folder or a Hub repo id, see `lofit.hub`) under `adapter_name`; it becomes active."""
+        from .hub import resolve_adapter_dir
         from .persistence import load_adapter_into
 
-        load_adapter_into(self, path, adapter_name, is_trainable)
+        load_adapter_into(self, resolve_adapter_dir(path, revision, token), adapter_name, is_trainable)
 
     @classmethod
     def from_pretrained(
@@ -296,10 +302,29 @@ class LofitModel(PassThroughModel):
         path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> LofitModel:
+        """Wrap `base_model` with the adapter saved at `path`: a local folder, or a Hub repo id ("org/name").
+
+        A local path wins; a repo id is fetched through huggingface_hub (its cache, HF_HUB_OFFLINE, tokens)
+        at `revision`, just the adapter files (see `lofit.hub.resolve_adapter_dir`).
+        """
+        from .hub import resolve_adapter_dir
         from .persistence import load_lofit_model
 
-        return load_lofit_model(base_model, path, adapter_name, is_trainable)
+        folder = resolve_adapter_dir(path, revision, token)
+        return load_lofit_model(base_model, folder, adapter_name, is_trainable)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter and a generated model card to the Hub repo `repo_id` (created if missing).
+
+        Keyword arguments: `adapter_name`, `commit_message`, `private`, `token`, `revision`, `create_pr`,
+        `metrics` (shown in the card); see `lofit.hub.push_adapter`. Returns the commit info.
+        """
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, **kwargs)
 
     def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
         """Fold the adapter into the projections' weights and bias; return the plain base model.
