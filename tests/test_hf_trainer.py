@@ -184,3 +184,39 @@ def test_inference_after_a_fused_optimizer_step_sees_the_new_vectors():
     fresh = lofit_model()
     fresh.set_head_params(model.get_head_params())
     assert mean_loss(model, data) == mean_loss(fresh, data) != loss_before
+
+
+def test_lofit_trainer_checkpoints_a_model_with_tied_embeddings(tmp_path):
+    """SmolLM2 and Gemma tie lm_head to the embeddings: a whole state dict cannot even be written as safetensors
+    (plain Trainer fails at its first checkpoint); the adapter folder has no shared tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied_base():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    model = lofit.get_lofit_model(tied_base(), lofit.LofitConfig(heads={1: [1, 3]}))
+    assert wrapped(model).lm_head.weight is wrapped(model).model.embed_tokens.weight
+    trainer = LofitTrainer(model=model, args=args(tmp_path, max_steps=2, save_steps=2, learning_rate=1e-2),
+                           train_dataset=lm_dataset())  # fmt: skip
+    trainer.train()
+    reloaded = lofit.LofitModel.from_pretrained(tied_base(), tmp_path / "checkpoint-2")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_plain_trainer_resumes_its_own_whole_state_checkpoints(tmp_path):
+    """Without LofitTrainer, Trainer's checkpoints hold every weight; resuming from them still continues exactly."""
+    data = lm_dataset()
+    options = dict(max_steps=4, save_steps=2, learning_rate=1e-2, per_device_train_batch_size=4)
+    full = lofit_model()
+    Trainer(model=full, args=args(tmp_path / "a", **options), train_dataset=data).train()
+    resumed = lofit_model()
+    Trainer(model=resumed, args=args(tmp_path / "b", **options), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")
+    )
+    for head, params in full.get_head_params().items():
+        assert torch.allclose(resumed.get_head_params()[head]["offset"], params["offset"], rtol=0, atol=1e-7)
