@@ -220,3 +220,20 @@ def test_plain_trainer_resumes_its_own_whole_state_checkpoints(tmp_path):
     )
     for head, params in full.get_head_params().items():
         assert torch.allclose(resumed.get_head_params()[head]["offset"], params["offset"], rtol=0, atol=1e-7)
+
+
+def test_copies_and_pickles_run_their_own_weights():
+    """The signature-carrying forward is an instance attribute: a deep copy or an unpickled model must run itself."""
+    import copy
+    import pickle
+
+    model = lofit_model()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in clone.adapter_parameters():
+            param.add_(1.0)
+        ids = torch.tensor([[5, 6, 7]])
+        assert clone.forward.__self__ is clone
+        assert not torch.equal(clone(input_ids=ids).logits, model(input_ids=ids).logits)
+        restored = pickle.loads(pickle.dumps(model))
+        assert torch.equal(restored(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -36,7 +36,7 @@ else:
     _TrainerBase = object
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what transformers.Trainer calls it
-_RESUME_ADAPTER = "__lofit_checkpoint__"
+_RESUME_ADAPTER = "lofit_resume"
 
 
 def as_lofit_model(model: nn.Module | None) -> LofitModel | None:
