@@ -237,3 +237,12 @@ def test_copies_and_pickles_run_their_own_weights():
         assert not torch.equal(clone(input_ids=ids).logits, model(input_ids=ids).logits)
         restored = pickle.loads(pickle.dumps(model))
         assert torch.equal(restored(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_lofit_trainer_leaves_other_models_to_trainer(tmp_path):
+    plain = tiny_model("llama", 0)
+    trainer = LofitTrainer(model=plain, args=args(tmp_path, max_steps=1), train_dataset=lm_dataset())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert not (tmp_path / "final" / "lofit_config.json").exists()
