@@ -19,18 +19,36 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
+
+from torch import nn
 
 from ._version import __version__
+from .config import HeadMap, LofitConfig
 from .errors import LofitValueError
 from .persistence import CONFIG_NAME, WEIGHTS_NAME
-
-if TYPE_CHECKING:
-    from .model import LofitModel
 
 SELECTION_FILENAME = "heads.json"  # what `lofit select` / `lofit run` write
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class AdapterSource(Protocol):
+    """What pushing and describing an adapter needs of a `LofitModel` (this module does not import it)."""
+
+    @property
+    def active_adapter(self) -> str: ...
+
+    @property
+    def lofit_config(self) -> Mapping[str, LofitConfig]: ...
+
+    def selected_heads(self, adapter_name: str | None = None) -> HeadMap: ...
+
+    def adapter_parameters(
+        self, adapter_name: str | None = None, kind: str | None = None
+    ) -> list[nn.Parameter]: ...
+
+    def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None) -> None: ...
 
 
 class HubError(LofitValueError):
@@ -129,7 +147,9 @@ def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
     return ["| metric | value |", "|---|---|", *rows] if rows else []
 
 
-def model_card(model: LofitModel, repo_id: str, adapter_name: str | None = None, metrics: Any = None) -> str:
+def model_card(
+    model: AdapterSource, repo_id: str, adapter_name: str | None = None, metrics: Any = None
+) -> str:
     """A README.md for the adapter: YAML front matter (library_name, base_model, tags) and a usage snippet.
 
     Args:
@@ -143,14 +163,15 @@ def model_card(model: LofitModel, repo_id: str, adapter_name: str | None = None,
     """
     heads = model.selected_heads(adapter_name)
     config = model.lofit_config[adapter_name or model.active_adapter]
-    base_id = str(getattr(model.config, "_name_or_path", "") or "")
+    base_config = cast(Any, model).config  # passes through to the wrapped transformers model
+    base_id = str(getattr(base_config, "_name_or_path", "") or "")
     n_params = sum(p.numel() for p in model.adapter_parameters(adapter_name))
     n_heads = sum(len(h) for h in heads.values())
     parts = [("scale A" if config.use_scale else ""), ("offset v" if config.use_offset else "")]
     learned = " and ".join(p for p in parts if p)
     front = ["---", "library_name: lofit"]
     front += [f"base_model: {base_id}"] if looks_like_repo_id(base_id) else []
-    front += ["tags:", "- lofit", "- localized-fine-tuning", f"- {model.config.model_type}", "---"]
+    front += ["tags:", "- lofit", "- localized-fine-tuning", f"- {base_config.model_type}", "---"]
     base_text = f"`{base_id}`" if base_id else "a base model built in memory (no Hub id recorded)"
     lines = [
         *front, "", f"# {repo_id.split('/')[-1]}", "",
@@ -169,7 +190,7 @@ def model_card(model: LofitModel, repo_id: str, adapter_name: str | None = None,
 
 
 def push_adapter(
-    model: LofitModel,
+    model: AdapterSource,
     repo_id: str,
     *,
     adapter_name: str | None = None,
