@@ -246,3 +246,13 @@ def test_lofit_trainer_leaves_other_models_to_trainer(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert not (tmp_path / "final" / "lofit_config.json").exists()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_trainer_with_gradient_checkpointing_still_trains_the_adapter(tmp_path, reentrant):
+    model = lofit_model()
+    before = model.get_head_params()
+    options = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    LofitTrainer(model=model, args=args(tmp_path, max_steps=2, learning_rate=1e-2, **options),
+                 train_dataset=lm_dataset()).train()  # fmt: skip
+    assert all(not torch.equal(before[h]["offset"], p["offset"]) for h, p in model.get_head_params().items())
