@@ -96,7 +96,10 @@ class HeadVectors(Fp32Parameters):
         return self._dense_cache[1], self._dense_cache[2]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        # Trainable vectors are never cached: fused optimizers (torch's AdamW(fused=True), transformers'
+        # default "adamw_torch_fused") update them in place without bumping the version counter.
+        trainable = any(p is not None and p.requires_grad for p in (self.scale, self.offset))
+        if torch.is_grad_enabled() or trainable:
             offset, scale = self.dense_offset(), self.dense_scale()
         else:
             offset, scale = self._cached_dense(hidden)

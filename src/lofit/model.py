@@ -14,6 +14,7 @@ from .adapter_base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
 from .heads import HeadGeometry, find_output_projections
+from .integrations.visibility import CAUSAL_LM_SIGNATURE, expose_forward_signature, guard_wrapped_save
 from .layer import HeadVectors, LofitProjection
 from .lm_head import add_contiguous_input_hook
 from .merge import innermost
@@ -69,6 +70,8 @@ class LofitModel(AdapterModel):
                 module, layer, self.geometry.num_heads, self.geometry.head_dim
             ),
         )
+        expose_forward_signature(self, base_model)  # Trainer/TRL read the arguments from it
+        guard_wrapped_save(base_model, lambda module: isinstance(module, LofitProjection))
         try:
             self.add_adapter(adapter_name, config)
         except BaseException:
@@ -81,6 +84,12 @@ class LofitModel(AdapterModel):
         return self.adapter_configs
 
     # ----------------------------------------------------------------------------------- plumbing
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model with the active adapter (an instance shows the wrapped model's signature)."""
+        return super().forward(*args, **kwargs)
+
+    forward.__signature__ = CAUSAL_LM_SIGNATURE  # type: ignore[attr-defined]
+
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
@@ -297,13 +306,17 @@ class LofitModel(AdapterModel):
         path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load a saved adapter under `adapter_name`; it becomes the active adapter.
+        """Load a saved adapter (a folder or a Hub repo id, see `lofit.hub`) under `adapter_name`; it becomes active.
 
         The other adapters keep their trainable flags; the loaded one trains only if `is_trainable`.
         """
-        config, tensors = self._read_checked(path, self.geometry)
+        from .hub import resolve_adapter_dir
+
+        config, tensors = self._read_checked(resolve_adapter_dir(path, revision, token), self.geometry)
         self._add_vectors(adapter_name, config)
         _copy_tensors(self, adapter_name, tensors, is_trainable)
         self.set_adapter(adapter_name)
@@ -315,21 +328,29 @@ class LofitModel(AdapterModel):
         path: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
         **kwargs: Any,
     ) -> LofitModel:
-        """Wrap `base_model` and load the adapter saved in `path` (checked against the base first).
+        """Wrap `base_model` and load the adapter saved at `path` (checked against the base first).
 
         Args:
             base_model: the base model the adapter was trained on.
-            path: the directory written by `save_pretrained`.
+            path: the directory written by `save_pretrained`, or a Hub repo id ("org/name"): a local path
+                wins; a repo id is fetched through huggingface_hub (see `lofit.hub.resolve_adapter_dir`).
             adapter_name: the name to load it under.
             is_trainable: keep the loaded vectors trainable (default: frozen, for inference).
-            **kwargs: reserved for loaders of other sources (e.g. the Hub); unknown ones are ignored.
+            revision: the Hub revision (branch, tag or commit) of a repo id.
+            token: a Hub token (None: the saved login or HF_TOKEN).
+            **kwargs: reserved for loaders of other sources; unknown ones are ignored.
         """
         if isinstance(base_model, LofitModel):
             raise TypeError(
                 "base_model is already a LofitModel; use model.load_adapter(path, adapter_name) instead"
             )
+        from .hub import resolve_adapter_dir
+
+        path = resolve_adapter_dir(path, revision, token)
         config, tensors = read_checked_adapter(base_model, path, None)  # before touching the base model
         model = cls(base_model, config, adapter_name)
         if not _is_peft_model(base_model):
@@ -337,6 +358,16 @@ class LofitModel(AdapterModel):
                 param.requires_grad_(False)
         _copy_tensors(model, adapter_name, tensors, is_trainable)
         return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter and a generated model card to the Hub repo `repo_id` (created if missing).
+
+        Keyword arguments: `adapter_name`, `commit_message`, `private`, `token`, `revision`, `create_pr`,
+        `metrics` (shown in the card); see `lofit.hub.push_adapter`. Returns the commit info.
+        """
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, **kwargs)
 
     def merge_and_unload(
         self,

@@ -151,9 +151,13 @@ class HeadSelection:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> HeadSelection:
-        """Read a selection written by `save`, checking every field."""
-        path = Path(path)
+    def load(
+        cls, path: str | os.PathLike[str], revision: str | None = None, token: str | bool | None = None
+    ) -> HeadSelection:
+        """Read a selection written by `save` (a file, a folder's heads.json or a Hub repo id's), checking every field."""
+        from .hub import resolve_selection_file
+
+        path = resolve_selection_file(path, revision, token)
         if not path.is_file():
             raise SelectionFileError(f"{path}: no such head-selection file (write one with `lofit select`)")
         try:
