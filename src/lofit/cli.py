@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--k", type=parse_k, help="heads to tune: an int, or a fraction of all heads (default 0.1)"
     )
-    run.add_argument("--select-method", default="lofit", choices=["lofit", "random", "probe"])
+    run.add_argument("--select-method", default="lofit", choices=["lofit", "random", "probe", "gradient"])
     run.add_argument("--lr-select", type=float, help="learning rate of head selection")
     run.add_argument("--lr-train", type=float, help="learning rate of offset training")
     run.add_argument("--l1", type=float, help="L1 strength of head selection")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(select)
     _add_training_args(select)
     select.add_argument("--out", required=True, type=Path)
-    select.add_argument("--method", default="lofit", choices=["lofit", "random", "probe"])
+    select.add_argument("--method", default="lofit", choices=["lofit", "random", "probe", "gradient"])
     select.add_argument("--lr", type=float, help="learning rate (default: the task's)")
     select.add_argument("--l1", type=float, help="L1 strength (default: the task's)")
     select.add_argument("--k", type=parse_k, default=0.1, help="heads marked on the heatmap")
