@@ -368,7 +368,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=["mquake", "truthfulqa", "clutrr"], choices=TASKS)
     parser.add_argument("--max-train", type=int, default=128)
     parser.add_argument("--max-test", type=int, default=200)
     parser.add_argument("--select-epochs", type=int, default=5, help="epochs of L1 selection (paper: 5)")
@@ -403,11 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
     )
     plan: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-    for name in args.tasks:  # selections first, then step 2 selector by selector (the core pair first)
+    for name in args.tasks:  # task by task, in the order given: each finished task is a complete row
         for method in ("gradient", "lofit", "random"):
             plan.append((f"select/{name}/{method}", lambda n=name, m=method: unit_select(bench, n, m)))
-    for selector in args.step2:
-        for name in args.tasks:
+        for selector in args.step2:
             plan.append((f"step2/{name}/{selector}", lambda n=name, s=selector: unit_step2(bench, n, s)))
     for unit, fn in plan:
         if time.time() > deadline:
