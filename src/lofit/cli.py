@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--model", default="smollm2-135m")
     merge.add_argument("--adapter", required=True, type=Path)
-    merge.add_argument("--out", required=True, type=Path)
+    merge.add_argument("--out", type=Path, help="output directory (safetensors checkpoint)")
+    merge.add_argument(
+        "--gguf",
+        type=Path,
+        help="also/instead write a copy of the base's GGUF file with the offsets as attn_output biases "
+        "(GGUF base only: smollm2-135m or a .gguf file)",
+    )
     merge.set_defaults(handler=_cmd_merge)
 
     data = commands.add_parser("data", help="benchmark data: where it is, or download it")
@@ -238,10 +244,18 @@ def _run_options_for_eval(args: argparse.Namespace) -> RunOptions:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter_checkpoint
 
-    path = merge_adapter_checkpoint(args.model, str(args.adapter), str(args.out))
-    print(
-        f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
-    )
+    if args.out is None and args.gguf is None:
+        raise ValueError("lofit merge needs --out DIR (safetensors) and/or --gguf FILE (GGUF copy)")
+    if args.gguf is not None:
+        from .gguf_export import merge_adapter_to_gguf
+
+        written = merge_adapter_to_gguf(args.model, args.adapter, args.gguf)
+        print(f"GGUF with the adapter folded in written to {written}; serve it with llama.cpp / Ollama")
+    if args.out is not None:
+        path = merge_adapter_checkpoint(args.model, str(args.adapter), str(args.out))
+        print(
+            f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
+        )
     return 0
 
 
