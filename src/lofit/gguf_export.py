@@ -174,9 +174,7 @@ def _bias_of_offset(matrix: np.ndarray, offset: torch.Tensor, existing: Any | No
     if existing is not None:
         from gguf.quants import dequantize
 
-        bias = bias + torch.from_numpy(
-            np.asarray(dequantize(existing.data, existing.tensor_type), np.float32)
-        )
+        bias = bias + torch.from_numpy(np.array(dequantize(existing.data, existing.tensor_type), np.float32))
     return bias.numpy().astype(np.float32)
 
 
