@@ -376,7 +376,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=float, default=0.1, help="fraction of heads trained in step 2")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument(
-        "--step2", nargs="+", default=["lofit", "gradient", "random", "fisher"], choices=SELECTORS
+        "--step2", nargs="*", default=["lofit", "gradient", "random", "fisher"], choices=SELECTORS
     )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--commit", action="store_true", help="git-commit the results after each unit")
