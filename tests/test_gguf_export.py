@@ -222,7 +222,7 @@ def test_bundled_model_gguf_round_trip(tmp_path: Path, capsys: pytest.CaptureFix
     config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=out.name)
     config.attention_bias = True  # then it maps attn_output.bias; q/k/v biases (absent) start at zero
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, config=config)
-    assert float(loaded.model.layers[3].self_attn.q_proj.bias.abs().max()) == 0.0
+    assert float(loaded.model.layers[3].self_attn.q_proj.bias.detach().abs().max()) == 0.0
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
