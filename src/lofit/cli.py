@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .errors import LofitError
+from .errors import LofitError, LofitValueError
 from .locking import with_output_lock
 from .options import PRECISIONS, QUANTIZATIONS, SELECT_METHODS, RunOptions, parse_k
 
@@ -168,13 +168,19 @@ def _add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     merge.add_argument("--adapter", required=True, type=Path, help="adapter directory written by lofit")
     merge.add_argument(
-        "--out", required=True, type=Path, help="new directory for the merged checkpoint (never an input)"
+        "--out", type=Path, help="new directory for the merged checkpoint (never an input; or use --gguf)"
     )
     merge.add_argument(
         "--dtype",
         default="auto",
         choices=MERGE_DTYPES,
         help="dtype of the written weights; auto = the checkpoint's own (default)",
+    )
+    merge.add_argument(
+        "--gguf",
+        type=Path,
+        help="also (or, without --out, only) write a copy of the base's GGUF file with the offsets as "
+        "attn_output biases, for llama.cpp / Ollama (GGUF bases only: smollm2-135m or a .gguf file)",
     )
     merge.set_defaults(handler=_cmd_merge)
 
@@ -310,10 +316,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .steps import merge_step
 
-    path = merge_step(args.model, args.adapter, args.out, args.dtype)
-    print(
-        f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
-    )
+    if args.out is None and args.gguf is None:
+        raise LofitValueError("lofit merge needs --out DIR (safetensors) and/or --gguf FILE (GGUF copy)")
+    if args.gguf is not None:
+        from .gguf_export import merge_adapter_to_gguf
+
+        written = merge_adapter_to_gguf(args.model, args.adapter, args.gguf)
+        print(f"GGUF with the adapter folded in written to {written}; serve it with llama.cpp / Ollama")
+    if args.out is not None:
+        path = merge_step(args.model, args.adapter, args.out, args.dtype)
+        print(
+            f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
+        )
     return 0
 
 

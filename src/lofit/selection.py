@@ -1,8 +1,10 @@
 """Step 1 of LoFiT: rank every attention head (`select_heads`) and keep the ranking (`HeadSelection`).
 
 Methods: "lofit" trains a scale A on every head with an L1 penalty and ranks by ‖A‖₂; "probe" ranks by
-the validation accuracy of ITI-style per-head linear probes; "random" is a seeded random ranking. The
-base model is handed back exactly as it came (weights bit-identical, same requires_grad, mode, device).
+the validation accuracy of ITI-style per-head linear probes; "random" is a seeded random ranking;
+"gradient" ranks by the norm of the loss gradient w.r.t. each head's scale at A = 0, in one pass
+(`lofit.gradient_selection`). The base model is handed back exactly as it came (weights bit-identical,
+same requires_grad, mode, device).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .atomic import atomic_write_json
 from .base_state import check_plain_model, preserved_base_model
 from .config import HeadMap, LofitConfig
 from .errors import LofitValueError
+from .gradient_selection import gradient_head_scores
 from .heads import HeadGeometry, find_output_projections
 from .model import LofitModel, get_lofit_model
 from .probe import probe_selection_scores
@@ -36,11 +39,12 @@ from .training.records import Record, train_val_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-METHODS = ("lofit", "random", "probe")
+METHODS = ("lofit", "random", "probe", "gradient")
 SCORE_MEANING = {
     "lofit": "L2 norm of the head's scale A after L1-regularised training",
     "probe": "validation accuracy of the head's logistic-regression probe (ties: lower validation loss)",
     "random": "uniform random number (seeded)",
+    "gradient": "L2 norm of the mean task-loss gradient w.r.t. the head's scale A at A = 0 (one pass)",
 }
 FORMAT_NAME = "lofit-head-selection"
 FORMAT_VERSION = 1
@@ -257,6 +261,12 @@ def select_heads(
         generator = torch.Generator().manual_seed(config.seed)
         scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
         return HeadSelection(scores, rank_heads(scores), method, metadata)
+    if method == "gradient":
+        with preserved_base_model(base_model):
+            scores, info = gradient_head_scores(
+                base_model, tokenizer, records, objective, config, target_modules
+            )
+        return HeadSelection(scores, rank_heads(scores), method, {**metadata, "gradient": info})
     if method == "probe":
         accuracy, loss = probe_selection_scores(
             base_model, tokenizer, records, val_records, objective, config, probe_l2, metadata
