@@ -403,10 +403,12 @@ def lr_search(
     return best[1], best[2], search, best[3]
 
 
-def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit") -> dict[str, Any]:
-    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss."""
+def train_lofit(
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """LoFiT step 2 on `heads` for each learning rate of `lrs`; the model with the lowest validation
+    loss, its test metrics, and the search (the result fields every LoFiT unit shares)."""
     task = h.task(name, fold)
-    heads = heads_for(h, name, fold, source, k)
 
     def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
         base, tok = h.base()
@@ -421,6 +423,21 @@ def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit"
         )
         return model, tok, model.training_history
 
+    model, tok, search, lr = lr_search(h, lrs, train_one)
+    result = {
+        "k": sum(len(v) for v in heads.values()),
+        "heads": {str(layer): v for layer, v in heads.items()},
+        "lr": lr,
+        "search": search,
+        "test": h.evaluate(model, tok, name, fold, "test"),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+    return model, result
+
+
+def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit") -> dict[str, Any]:
+    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss."""
+    heads = heads_for(h, name, fold, source, k)
     # The lr grid is searched once per task/fold, on LoFiT with the large K and its own heads; every
     # other LoFiT unit of that task reuses the chosen lr (the CPU budget allows no search per unit).
     tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
@@ -430,20 +447,10 @@ def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit"
         lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
     else:
         lrs, lr_from = list(h.settings.lofit_lrs[:1]), "first grid value (the tuned unit did not run)"
-    model, tok, search, lr = lr_search(h, lrs, train_one)
-    test = h.evaluate(model, tok, name, fold, "test")
+    model, result = train_lofit(h, name, fold, heads, lrs)
     if name == "truthfulqa" and fold == 0 and source == "lofit":
         torch.save({"heads": heads, "state": trained_state(model)}, h.work_dir / f"lofit_{name}{fold}_{k}.pt")
-    return {
-        "method": f"LoFiT ({source} heads)",
-        "k": sum(len(v) for v in heads.values()),
-        "heads": {str(layer): v for layer, v in heads.items()},
-        "lr": lr,
-        "lr_from": lr_from,
-        "search": search,
-        "test": test,
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
-    }
+    return {"method": f"LoFiT ({source} heads)", **result, "lr_from": lr_from}
 
 
 def expose_for_trainer(model: nn.Module) -> nn.Module:
@@ -470,7 +477,7 @@ def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, A
 
     def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
         base, tok = h.base()
-        seed_everything(42)  # LoRA's A init
+        seed_everything(h.train_kwargs(lr)["seed"])  # LoRA's A init (42 unless a subclass reseeds)
         model = get_lora_model(base) if method == "lora" else get_red_model(base, site="attention")
         history = train_baseline(h, name, fold, model, tok, lr)
         return model, tok, history
