@@ -19,7 +19,6 @@ chunk() {  # rerun one chunk (budget 120 min per process) until a run ends witho
     done
 }
 chunk --stages fig4 --tasks mquake clutrr --methods lofit lora
-chunk --stages fig4 --tasks mquake clutrr --methods red
-chunk --stages fig5 --tasks mquake clutrr
 chunk --stages fig4 --tasks truthfulqa --methods lofit lora
-chunk --stages fig4 --tasks truthfulqa --methods red
+chunk --stages fig4 --tasks mquake clutrr truthfulqa --methods red
+chunk --stages fig5 --tasks mquake clutrr
