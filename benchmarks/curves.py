@@ -67,6 +67,8 @@ CURVE_DEFAULTS: dict[str, Any] = {
     "lofit_lrs": [1e-2, 5e-2],
     "lora_lrs": [1e-3, 5e-3],
     "red_lrs": [1e-2, 5e-2],
+    # fp32: on CPUs without avx512_bf16/AMX, bf16 autocast is emulated (35x slower matmuls measured here).
+    "precision": "fp32",
 }
 
 
@@ -271,6 +273,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(FIG4_METHODS), choices=FIG4_METHODS)
     parser.add_argument("--fractions", nargs="+", type=float, default=list(HEAD_FRACTIONS), help="Fig. 5 K")
     parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--commit", action="store_true", help="git-commit each unit's file as it lands")
@@ -283,7 +286,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {**CURVE_DEFAULTS, **(QUICK if args.quick else {})}
     values["max_train"] = 0  # unused: the training subset is the unit's n
-    for name in ("model", "max_length"):
+    for name in ("model", "max_length", "precision"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return Settings(**values)
