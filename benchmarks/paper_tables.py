@@ -50,7 +50,7 @@ from lofit.baselines.iti import head_activations_at_last_token, mass_mean_direct
 from lofit.baselines.parameters import trainable_parameters  # noqa: E402
 from lofit.config import LofitConfig  # noqa: E402
 from lofit.model import get_lofit_model  # noqa: E402
-from lofit.objectives import make_objective  # noqa: E402
+from lofit.objectives import TokenScorer, make_objective, mean_loss  # noqa: E402
 from lofit.probe import probe_head_scores  # noqa: E402
 from lofit.selection import HeadSelection, probe_texts, rank_heads  # noqa: E402
 from lofit.tasks import load_task  # noqa: E402
@@ -89,6 +89,9 @@ class Settings:
     eval_batch_size: int = 16
     sample_seed: int = 0
     max_length: int | None = None  # truncate training sequences (prompts from the left)
+    # "final": one validation pass after training instead of one per epoch (the lr choice only needs
+    # the last); None = per epoch, as the committed runs did.
+    validate: str | None = None
 
     def key(self, unit: str | None = None) -> str:
         """Hash of the fields `unit` depends on (all fields for most units)."""
@@ -233,6 +236,29 @@ class Harness:
         model.eval()
         with self.autocast(), torch.no_grad():
             return evaluate(model, tok, task.eval_task, self.split(name, fold, split), **kwargs)
+
+    def val_data(self, name: str, fold: int) -> list[Any] | None:
+        """Validation records for the trainer (None when only the final model is validated)."""
+        return None if self.settings.validate == "final" else self.split(name, fold, "val")
+
+    def finish_validation(self, model: nn.Module, tok: Any, name: str, fold: int, history: Any) -> Any:
+        """With validate="final", append the final model's validation loss to `history`."""
+        if self.settings.validate != "final":
+            return history
+        task = self.task(name, fold)
+        objective = make_objective(
+            task.objective, tok, self.settings.max_length, float(task.defaults.get("beta", 0.5))
+        )
+        examples = objective.encode(self.split(name, fold, "val"))
+        model.eval()
+        with self.autocast():
+            device = next(model.parameters()).device
+            scorer = TokenScorer(model)
+            loss = mean_loss(objective, scorer, examples, self.settings.eval_batch_size, device)["loss"]
+        record = {"epoch": self.settings.epochs, "val_loss": float(loss)}
+        validation = history.validation if hasattr(history, "validation") else history["validation"]
+        validation.append(record)
+        return history
 
     def train_kwargs(self, lr: float, seed: int = 42) -> dict[str, Any]:
         s = self.settings
@@ -418,10 +444,10 @@ def train_lofit(
             h.split(name, fold, "train"),
             heads,
             objective=task.objective,
-            val_data=h.split(name, fold, "val"),
+            val_data=h.val_data(name, fold),
             **h.train_kwargs(lr),
         )
-        return model, tok, model.training_history
+        return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
 
     model, tok, search, lr = lr_search(h, lrs, train_one)
     result = {
@@ -466,10 +492,12 @@ def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any,
     config = TrainingConfig(**h.train_kwargs(lr))
     objective = make_objective(task.objective, tok, config.max_length, config.beta)
     train = objective.encode(h.split(name, fold, "train"))
-    val = objective.encode(h.split(name, fold, "val"))
+    val_records = h.val_data(name, fold)
+    val = objective.encode(val_records) if val_records else None
     seed_everything(config.seed)
     trainee: Any = expose_for_trainer(model)  # duck-typed: train_adapter is annotated for LofitModel
-    return train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
+    history = train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
+    return h.finish_validation(model, tok, name, fold, history)
 
 
 def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ chunk() {  # rerun one chunk (budget 120 min per process) until a run ends witho
         grep -q "budget spent" /tmp/curves_chunk.log || return 0
     done
 }
+chunk --stages fig4 --tasks mquake clutrr --methods lofit lora --sizes 16 32 64 100
 chunk --stages fig4 --tasks mquake clutrr --methods lofit lora
 chunk --stages fig4 --tasks truthfulqa --methods lofit lora
 chunk --stages fig4 --tasks mquake clutrr truthfulqa --methods red

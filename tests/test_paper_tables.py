@@ -143,3 +143,30 @@ def test_render_only_keeps_units_of_other_settings(tmp_path: Path) -> None:
     assert (tmp_path / "paper_tables.json").read_text() == before
     with pytest.raises(SystemExit, match="no results file"):
         script.main(["--render-only", "--out", str(tmp_path / "empty")])
+
+
+def test_final_only_validation_equals_the_trainers_last_epoch_loss(tiny_model_dir: Path) -> None:
+    """validate="final" computes the same loss the trainer reports after its last epoch (same model)."""
+    script = load_script()
+    losses = {}
+    for mode in (None, "final"):
+        settings = script.Settings(
+            model=str(tiny_model_dir), max_train=8, max_val=4, epochs=2, precision="fp32"
+        )
+        settings.validate = mode
+        harness = script.Harness(settings, tiny_model_dir / f"r{mode}.json", tiny_model_dir, float("inf"))
+        harness.tasks["mquake0"] = fake_task()
+        heads = {0: [1], 1: [0]}
+        _, result = script.train_lofit(harness, "mquake", 0, heads, [1e-2])
+        losses[mode] = result["search"][0]["val_loss"]
+    assert losses["final"] == pytest.approx(losses[None], rel=1e-5)
+
+
+def fake_task():  # type: ignore[no-untyped-def]
+    from lofit.tasks.task import Task
+
+    train = [{"prompt": f"Q: {c}? A:", "completion": f" {c}{c}"} for c in "abcdefgh"]
+    evals = [{"prompt": f"Q: {c}? A:", "answers": [f" {c}{c}"]} for c in "abcd"]
+    return Task(
+        "mquake", "sft", "exact_match", train, train[:4], evals, evals, "mquake", defaults={"l1": 1e-3}
+    )
