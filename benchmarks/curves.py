@@ -116,8 +116,8 @@ class CurveHarness(Harness):
         self.units_dir.mkdir(parents=True, exist_ok=True)
         for unit, result in self.results["units"].items():
             path = self.units_dir / self.file_name(unit)
-            if path.is_file():
-                continue
+            if path.is_file() and stored_key(path) == result.get("settings_key"):
+                continue  # written already (a file of other settings is replaced)
             atomic_write_json(path, {"unit": unit, **result, "settings": asdict(self.settings)})
             if self.commit_units:
                 commit_file(path, f"curves: unit {unit} ({summary(result)})")
@@ -141,6 +141,13 @@ class CurveHarness(Harness):
         if self.current is not None:
             kwargs["seed"] = self.current[1]
         return kwargs
+
+
+def stored_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("settings_key")
+    except (OSError, ValueError):
+        return None
 
 
 def summary(result: dict[str, Any]) -> str:
