@@ -49,6 +49,7 @@ from lofit.baselines import apply_iti, get_lora_model, get_red_model, iti_offset
 from lofit.baselines.iti import head_activations_at_last_token, mass_mean_directions  # noqa: E402
 from lofit.baselines.parameters import trainable_parameters  # noqa: E402
 from lofit.config import LofitConfig  # noqa: E402
+from lofit.heads import find_output_projections  # noqa: E402
 from lofit.model import get_lofit_model  # noqa: E402
 from lofit.objectives import TokenScorer, make_objective, mean_loss  # noqa: E402
 from lofit.probe import probe_head_scores  # noqa: E402
@@ -92,6 +93,10 @@ class Settings:
     # "final": one validation pass after training instead of one per epoch (the lr choice only needs
     # the last); None = per epoch, as the committed runs did.
     validate: str | None = None
+    # RepE / LoReFT grids (None = the defaults below; None keeps the cache keys of earlier runs).
+    repe_layers: list[float] | None = None
+    repe_alphas: list[float] | None = None
+    loreft_lrs: list[float] | None = None
 
     def key(self, unit: str | None = None) -> str:
         """Hash of the fields `unit` depends on (all fields for most units)."""
@@ -116,6 +121,12 @@ UNIT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+REPE_LAYERS = [0.25, 0.5, 0.75]  # fractions of the depth
+REPE_ALPHAS = [1.0, 5.0]  # α = 5 is the paper's
+LOREFT_LRS = [1e-3, 5e-3]
+LOREFT_SHAPE = {"layers": [0.25, 0.5, 0.75], "rank": 4, "first": 3, "last": 3}  # fixed (CPU): lr grid only
+
+
 def settings_key(values: dict[str, Any], unit: str | None = None) -> str:
     fields = UNIT_FIELDS.get((unit or "").split("/")[0])
     chosen = {k: values[k] for k in fields} if fields else values
@@ -134,6 +145,9 @@ QUICK = {
     "red_lrs": [1e-2],
     "iti_alphas": [15.0],
     "max_length": 96,  # tiny test models accept 128 positions
+    "repe_layers": [0.5],
+    "repe_alphas": [5.0],
+    "loreft_lrs": [1e-3],
 }
 
 
@@ -376,6 +390,87 @@ def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
     }
 
 
+def depth_layers(fractions: Sequence[float], num_layers: int) -> list[int]:
+    """Layer indices at the given fractions of the depth (distinct, in order)."""
+    return sorted({min(int(f * num_layers), num_layers - 1) for f in fractions})
+
+
+def unit_repe(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """RepE: reading (TruthfulQA) or contrast vector (SFT tasks) at one layer, layer and α on validation."""
+    from lofit.baselines.repe import (
+        RepeShift,
+        apply_repe,
+        contrast_vector,
+        reading_vector,
+        residual_at_last_token,
+        residual_scale,
+    )
+
+    task = h.task(name, fold)
+    model, tok = h.base()
+    positives, negatives = probe_texts(h.split(name, fold, "train"), task.objective, h.settings.sample_seed)
+    with h.autocast():
+        pos = residual_at_last_token(model, tok, positives, batch_size=h.settings.eval_batch_size)
+        neg = residual_at_last_token(model, tok, negatives, batch_size=h.settings.eval_batch_size)
+    kind = "reading" if task.objective == "dpo" else "contrast"
+    directions = reading_vector(pos, neg) if kind == "reading" else contrast_vector(pos, neg)
+    scales = residual_scale(torch.cat([pos, neg]))
+    wrapped: Any = model
+    search: list[dict[str, Any]] = []
+    layers = depth_layers(h.settings.repe_layers or REPE_LAYERS, directions.shape[0])
+    for layer in layers:
+        for alpha in h.settings.repe_alphas or REPE_ALPHAS:
+            wrapped = apply_repe(wrapped, RepeShift(layer, directions[layer], alpha, float(scales[layer])))
+            val = h.evaluate(wrapped, tok, name, fold, "val_eval")
+            search.append({"layer": layer, "alpha": alpha, "val": val, "val_score": main_metric(name, val)})
+    best = max(search, key=lambda r: r["val_score"])
+    shift = RepeShift(best["layer"], directions[best["layer"]], best["alpha"], float(scales[best["layer"]]))
+    wrapped = apply_repe(wrapped, shift)
+    return {
+        "method": "RepE",
+        "vector": kind,
+        "layer": best["layer"],
+        "alpha": best["alpha"],
+        "scale": shift.scale,
+        "search": search,
+        "test": h.evaluate(wrapped, tok, name, fold, "test"),
+        "trainable_params": 0,
+    }
+
+
+def unit_loreft(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """LoReFT at fixed layers/rank/positions (LOREFT_SHAPE), lr from the grid by validation loss."""
+    from lofit.baselines.loreft import get_loreft_model
+
+    task = h.task(name, fold)
+    if task.eval_task != "exact_match":
+        raise NotImplementedError(
+            f"LoReFT needs each scored sequence's prompt boundary; {task.eval_task} scoring builds its prompts "
+            "inside the evaluator, so only generation-scored tasks are supported here"
+        )
+    shape = LOREFT_SHAPE
+
+    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
+        base, tok = h.base()
+        seed_everything(h.train_kwargs(lr)["seed"])
+        layers = depth_layers(shape["layers"], len(find_output_projections(base).sites))
+        model = get_loreft_model(base, layers, shape["rank"], shape["first"], shape["last"])
+        prompts = [r["prompt"] for split in ("train", "val", "test") for r in h.split(name, fold, split)]
+        model.register_prompts(tok, prompts)
+        return model, tok, train_baseline(h, name, fold, model, tok, lr)
+
+    model, tok, search, lr = lr_search(h, h.settings.loreft_lrs or LOREFT_LRS, train_one)
+    return {
+        "method": "LoReFT",
+        **shape,
+        "layer_indices": list(model.layer_indices),
+        "lr": lr,
+        "search": search,
+        "test": h.evaluate(model, tok, name, fold, "test"),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+
+
 def heads_for(
     h: Harness, name: str, fold: int, source: str, k: float, seed: int = 42
 ) -> dict[int, list[int]]:
@@ -597,6 +692,8 @@ def plan(
             add(f"lofit/{name}/f{fold}/k{s.k_small}/lofit", unit_lofit, name, fold, s.k_small)
         for name in names:
             add(f"iti/{name}/f{fold}", unit_iti, name, fold)
+        for name in names if fold == 0 else []:  # RepE on fold 0 only (TruthfulQA fold 1: not planned)
+            add(f"repe/{name}/f{fold}", unit_repe, name, fold)
 
     if "table1" in stages:
         table1(0)
@@ -604,6 +701,9 @@ def plan(
         if "table1" not in stages:
             adapters("lora")
         adapters("red")
+        for name in tasks:
+            if name != "truthfulqa":  # see unit_loreft
+                add(f"loreft/{name}/f0", unit_loreft, name, 0)
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from lofit.errors import LofitError
 from lofit.logit_lens import logit_lens_markdown, offset_logit_lens
 from lofit.model import get_lofit_model
 from tiny_models import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def oracle_top(model: torch.nn.Module, layer: int, head: int, v: torch.Tensor, k: int) -> list[int]:
@@ -57,3 +61,27 @@ def test_bad_inputs_raise_lofit_errors() -> None:
         offset_logit_lens(model, tok)
     with pytest.raises(LofitError, match="top_k"):
         offset_logit_lens(model, tok, {(0, 0): torch.zeros(8)}, top_k=0)
+
+
+def test_benchmark_script_reads_a_saved_adapter(tmp_path: Path) -> None:
+    import importlib.util
+
+    model, tok = tiny_model("llama", 0), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    wrapped = get_lofit_model(model, LofitConfig(heads={1: [2]}, use_scale=False, init_std=0.0))
+    v = torch.linspace(-1, 1, model.config.hidden_size // model.config.num_attention_heads)
+    wrapped.set_head_params({(1, 2): {"offset": v}})
+    wrapped.save_pretrained(tmp_path / "adapter")
+    spec = importlib.util.spec_from_file_location("logit_lens_script", ROOT / "benchmarks" / "logit_lens.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "lens.md"
+    argv = [str(tmp_path / "adapter"), "--model", str(tmp_path / "base"), "--top-k", "3", "--out", str(out)]
+    assert script.main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| (1, 2) |")
+    with torch.no_grad():
+        expected = [tok.decode([i]) for i in oracle_top(model, 1, 2, v, 3)]
+    assert all(f"`{t.strip() or repr(t)}`" in lines[2] for t in expected)

@@ -76,6 +76,12 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
         "ood/lora",
     ):
         assert unit in units and "error" not in units[unit], unit
+    for unit in ("repe/truthfulqa/f0", "repe/clutrr/f0", "loreft/mquake/f0", "loreft/clutrr/f0"):
+        assert unit in units and "test" in units[unit], unit
+    assert (
+        units["repe/truthfulqa/f0"]["vector"] == "reading" and units["repe/mquake/f0"]["vector"] == "contrast"
+    )
+    assert units["loreft/mquake/f0"]["trainable_params"] > 0 and "loreft/truthfulqa/f0" not in units
     assert (
         units["lora/truthfulqa/f0"]["trainable_params"]
         > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
