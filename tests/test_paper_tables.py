@@ -176,3 +176,56 @@ def fake_task():  # type: ignore[no-untyped-def]
     return Task(
         "mquake", "sft", "exact_match", train, train[:4], evals, evals, "mquake", defaults={"l1": 1e-3}
     )
+
+
+def load_curves():  # type: ignore[no-untyped-def]
+    load_script()  # curves imports paper_tables by name
+    spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["curves"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curves_subsets_are_nested_and_seeded() -> None:
+    curves = load_curves()
+    records = list(range(50))
+    small, large = curves.nested_subset(records, 8, 42), curves.nested_subset(records, 20, 42)
+    assert large[:8] == small and len(set(large)) == 20
+    assert curves.nested_subset(records, 8, 12450) != small
+    assert sorted(curves.nested_subset(records, 80, 42)) == records  # n above the split: all of it
+
+
+@pytest.mark.skipif(not (DATA / "mquake").is_dir(), reason="benchmark data not available")
+def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    curves = load_curves()
+    out = tmp_path / "curves"
+    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "mquake"]
+    argv += [
+        "--sizes",
+        "4",
+        "8",
+        "--seeds",
+        "1",
+        "2",
+        "--methods",
+        "lofit",
+        "lora",
+        "--stages",
+        "fig4",
+        "fig5",
+    ]
+    argv += ["--fractions", "0.1", "1.0"]
+    assert curves.main(argv) == 0
+    files = sorted(p.name for p in (out / "units").glob("*.json"))
+    assert "fig4__mquake__n4__s1__lofit.json" in files and "fig5__mquake__k1__s2.json" in files
+    unit = json.loads((out / "units" / "fig4__mquake__n8__s2__lora.json").read_text())
+    assert unit["n"] == 8 and unit["seed"] == 2 and "exact_match" in unit["test"]
+    lofit = json.loads((out / "units" / "fig4__mquake__n4__s1__lofit.json").read_text())
+    assert lofit["heads_from"] == "fig4/mquake/n4/s1/select" and lofit["search"][0]["val_loss"] > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")}
+    assert curves.main(argv) == 0  # resumes: nothing reruns, no file is rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")} == stamps
+    text = (out / "curves.md").read_text()
+    assert "### MQuAKE" in text and "| 4 |" in text and "## Fig. 5" in text and (out / "fig4.png").is_file()
