@@ -93,37 +93,43 @@ def offset_logit_lens(
     geometry = model.geometry if isinstance(model, LofitModel) else find_output_projections(model)
     unembed = causal_lm.get_output_embeddings()  # type: ignore[operator]
     normalise = norm if norm is not None else final_norm(model)
-    results = []
-    for (layer, head), v in sorted(offsets.items()):
-        if not (0 <= layer < geometry.num_layers and 0 <= head < geometry.num_heads):
-            raise LofitValueError(
-                f"head ({layer}, {head}) is outside this model's {geometry.num_layers} layers x {geometry.num_heads} heads"
-            )
-        if v.numel() != geometry.head_dim:
-            raise LofitValueError(
-                f"offset of head ({layer}, {head}) has {v.numel()} values, expected {geometry.head_dim}"
-            )
-        projection = causal_lm.get_submodule(geometry.sites[layer].name)
-        projection = getattr(projection, "base_layer", projection)  # a LoFiT-wrapped projection
-        weight = projection_weight_matrix(projection).float()
-        columns = weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim]
-        with torch.no_grad():
-            direction = columns @ v.detach().float().to(columns.device)
-            logits = unembed(
-                normalise(direction.to(_dtype(normalise, direction))[None]).to(_dtype(unembed, direction))
-            )[0]
-        scores, ids = logits.float().topk(min(top_k, logits.numel()))
-        results.append(
-            HeadTokens(
-                layer,
-                head,
-                ids.tolist(),
-                [tokenizer.decode([i]) for i in ids.tolist()],
-                [round(float(s), 4) for s in scores],
-                float(v.float().norm()),
-            )
+    return [
+        _head_tokens(causal_lm, geometry, unembed, normalise, tokenizer, pair, v, top_k)
+        for pair, v in sorted(offsets.items())
+    ]
+
+
+def _head_tokens(
+    causal_lm: nn.Module,
+    geometry: Any,
+    unembed: nn.Module,
+    normalise: nn.Module,
+    tokenizer: Any,
+    pair: tuple[int, int],
+    v: torch.Tensor,
+    top_k: int,
+) -> HeadTokens:
+    layer, head = pair
+    if not (0 <= layer < geometry.num_layers and 0 <= head < geometry.num_heads):
+        raise LofitValueError(
+            f"head ({layer}, {head}) is outside this model's {geometry.num_layers} layers x {geometry.num_heads} heads"
         )
-    return results
+    if v.numel() != geometry.head_dim:
+        raise LofitValueError(
+            f"offset of head ({layer}, {head}) has {v.numel()} values, expected {geometry.head_dim}"
+        )
+    projection = causal_lm.get_submodule(geometry.sites[layer].name)
+    projection = getattr(projection, "base_layer", projection)  # a LoFiT-wrapped projection
+    weight = projection_weight_matrix(projection).float()
+    columns = weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim]
+    with torch.no_grad():
+        direction = columns @ v.detach().float().to(columns.device)
+        normed = normalise(direction.to(_dtype(normalise, direction))[None])
+        logits = unembed(normed.to(_dtype(unembed, direction)))[0]
+    scores, ids = logits.float().topk(min(top_k, logits.numel()))
+    tokens = [tokenizer.decode([i]) for i in ids.tolist()]
+    rounded = [round(float(x), 4) for x in scores]
+    return HeadTokens(layer, head, ids.tolist(), tokens, rounded, float(v.float().norm()))
 
 
 def _dtype(module: nn.Module, fallback: torch.Tensor) -> torch.dtype:

@@ -93,14 +93,8 @@ def residual_at_last_token(
     chunks = []
     try:
         for start in range(0, len(sequences), batch_size):
-            batch = sequences[start : start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), pad_token_id(tokenizer), dtype=torch.long)
-            for row, sequence in enumerate(batch):
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-            lengths = torch.tensor([len(s) for s in batch])
-            mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-            rows, last = torch.arange(len(batch)), lengths - 1
+            ids, mask = _right_padded(sequences[start : start + batch_size], pad_token_id(tokenizer))
+            rows, last = torch.arange(ids.shape[0]), mask.sum(1) - 1
             with torch.no_grad():
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             chunks.append(torch.stack(captured, dim=1))
@@ -108,6 +102,16 @@ def residual_at_last_token(
         for handle in handles:
             handle.remove()
     return torch.cat(chunks)
+
+
+def _right_padded(batch: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] padded on the right with `pad`, and their attention mask."""
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+    lengths = torch.tensor([len(s) for s in batch])
+    return ids, (torch.arange(width)[None, :] < lengths[:, None]).long()
 
 
 def _check_pairs(positive: torch.Tensor, negative: torch.Tensor) -> None:
