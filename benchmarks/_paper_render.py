@@ -121,6 +121,13 @@ def render_markdown(
     rows.append(["random heads", *_fold0(units, f"/k{k_small}/random", tasks)])
     rows.append(["probe (ITI) heads", *_fold0(units, f"/k{k_small}/probe", tasks)])
     rows.append(["another task's heads", *_fold0(units, f"/k{k_small}/other", tasks)])
+    rows.append(
+        [
+            "probing for layers (whole layers by probe accuracy)",
+            *_fold0(units, f"/k{k_small}/probe_layers", tasks),
+        ]
+    )
+    rows.append(["bias-based (top ‖v‖ of offsets on all heads)", *_fold0(units, f"/k{k_small}/bias", tasks)])
     out += [
         "## Table 2: head selection for offset tuning (test, %, fold 0)",
         "",

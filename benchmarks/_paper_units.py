@@ -215,11 +215,63 @@ def heads_for(
         scores = torch.tensor(unit["probe_scores"])
         ranking = [tuple(x) for x in unit["probe_ranking"]]
         return HeadSelection(scores, ranking, "probe").top(k)
+    if source == "probe_layers":
+        return probe_layer_heads(h, name, fold, k)
+    if source == "bias":
+        unit = ensure_unit(h, f"bias_select/{name}/f{fold}", lambda: unit_bias_select(h, name, fold))
+        scores = torch.tensor(unit["scores"])
+        return HeadSelection(scores, rank_heads(scores), "bias").top(k)
     task_name = name if source == "lofit" else source
     task_fold = fold if source == "lofit" else 0
     unit = ensure_selection(h, task_name, task_fold, seed)
     scores = torch.tensor(unit["scores"])
     return HeadSelection(scores, [tuple(x) for x in unit["ranking"]], "lofit").top(k)
+
+
+def probe_layer_heads(h: Harness, name: str, fold: int, k: float) -> dict[int, list[int]]:
+    """ "Probing for layers": layers ranked by mean probe accuracy over their heads; all heads of the best
+    layers until K (the last layer contributes its best-probed heads)."""
+    unit = h.get(f"iti/{name}/f{fold}")
+    if unit is None:
+        raise RuntimeError(f"probe layers need the ITI unit of {name} first")
+    scores = torch.tensor(unit["probe_scores"])  # [L, H] validation accuracy
+    ranking = [tuple(x) for x in unit["probe_ranking"]]
+    wanted = HeadSelection(scores, ranking, "probe").count(k)
+    heads: dict[int, list[int]] = {}
+    for layer in scores.mean(1).argsort(descending=True, stable=True).tolist():
+        room = wanted - sum(len(v) for v in heads.values())
+        if room <= 0:
+            break
+        best = scores[layer].argsort(descending=True, stable=True).tolist()[:room]
+        heads[layer] = sorted(best)
+    return dict(sorted(heads.items()))
+
+
+def unit_bias_select(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """Bias-based selection: offsets trained on every head (the task's tuned LoFiT lr); score = ‖v‖₂."""
+    tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
+    lr = float(tuned["lr"]) if tuned is not None else float(h.settings.lofit_lrs[0])
+    base, _ = h.base()
+    geometry = find_output_projections(base)
+    every = {layer: list(range(geometry.num_heads)) for layer in range(geometry.num_layers)}
+    model, result = train_lofit(h, name, fold, every, [lr])
+    params = model.get_head_params()  # type: ignore[operator]
+    scores = torch.zeros(geometry.num_layers, geometry.num_heads)
+    for (layer, head), entry in params.items():
+        scores[layer, head] = entry["offset"].float().norm()
+    return {
+        "method": "bias-select (offsets on all heads)",
+        "lr": lr,
+        "scores": scores.tolist(),
+        "all_heads": result,
+    }
+
+
+def ensure_unit(h: Harness, unit_id: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    result = h.run(unit_id, fn)
+    if result is None:
+        raise BudgetSpent(unit_id)
+    return result
 
 
 def ensure_selection(h: Harness, name: str, fold: int, seed: int = 42) -> dict[str, Any]:

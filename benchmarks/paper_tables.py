@@ -124,6 +124,7 @@ def plan(
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])
+            sources += ["probe_layers", "bias"]  # issue 15: the two selectors the table lacked
             for source in sources:
                 add(f"lofit/{name}/f0/k{s.k_small}/{source}", unit_lofit, name, 0, s.k_small, source)
     if "stability" in stages:

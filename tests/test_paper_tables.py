@@ -82,6 +82,12 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
         units["repe/truthfulqa/f0"]["vector"] == "reading" and units["repe/mquake/f0"]["vector"] == "contrast"
     )
     assert units["loreft/mquake/f0"]["trainable_params"] > 0 and "loreft/truthfulqa/f0" not in units
+    for unit in (
+        "lofit/mquake/f0/k0.03/bias",
+        "lofit/clutrr/f0/k0.03/probe_layers",
+        "bias_select/truthfulqa/f0",
+    ):
+        assert unit in units and "error" not in units[unit], unit
     assert (
         units["lora/truthfulqa/f0"]["trainable_params"]
         > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
@@ -229,3 +235,13 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     assert {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")} == stamps
     text = (out / "curves.md").read_text()
     assert "### MQuAKE" in text and "| 4 |" in text and "## Fig. 5" in text and (out / "fig4.png").is_file()
+
+
+def test_probe_layer_heads_take_whole_layers_by_mean_probe_accuracy(tmp_path: Path) -> None:
+    script = load_script()
+    harness = script.Harness(script.Settings(), tmp_path / "r.json", tmp_path, float("inf"))
+    scores = [[0.5, 0.6, 0.7, 0.2], [0.9, 0.9, 0.8, 0.8], [0.6, 0.9, 0.5, 0.4]]  # layer means .5 .85 .6
+    ranking = sorted(((a, b) for a in range(3) for b in range(4)), key=lambda x: -scores[x[0]][x[1]])
+    harness.results["units"]["iti/mquake/f0"] = {"probe_scores": scores, "probe_ranking": ranking}
+    # K = 50% of 12 heads = 6: all of layer 1 (best mean), then layer 2's two best-probed heads (1, 0).
+    assert script.heads_for(harness, "mquake", 0, "probe_layers", 0.5) == {1: [0, 1, 2, 3], 2: [0, 1]}
