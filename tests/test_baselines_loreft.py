@@ -88,6 +88,9 @@ def test_edit_mask_reads_padding_and_registered_prompts() -> None:
     wrapped._prompts = {3: {(7, 8, 9)}}  # a registered 3-token prompt
     got = wrapped.edit_mask(ids, mask)
     assert got.tolist() == [[False, False, True, True, True, False], [True, True, True, False, False, False]]
+    # prompt + response tokenized its last prompt token differently (merged): the common prefix is the prompt
+    wrapped._prompts, wrapped._heads = {4: {(7, 8, 99, 1)}}, {3: {(7, 8, 9)}}
+    assert wrapped.edit_mask(ids[1:], mask[1:]).tolist() == [[True, True, True, False, False, False]]
 
 
 def test_generation_edits_the_prompt_once_and_not_new_tokens() -> None:

@@ -14,7 +14,8 @@ found, in this order:
 
 1. the lengths given by `with model.prompt_lengths([...])` (one per row);
 2. the longest prompt registered with `model.register_prompts(...)` that the row starts with (this is
-   how training and scoring sequences, prompt + response, are told apart from their prompt);
+   how training and scoring sequences, prompt + response, are told apart from their prompt), else the
+   longest registered prompt minus its last token (a token merged across the prompt/response boundary);
 3. otherwise the whole row (the prefill step of generation, whose input is exactly the prompt).
 
 Padding is read from the attention mask (left or right). A forward step on a non-empty KV cache is a
@@ -116,6 +117,7 @@ class LoreftModel(PassThroughModel):
         self.disabled = False
         self._lengths: list[int] | None = None
         self._prompts: dict[int, set[tuple[int, ...]]] = {}
+        self._heads: dict[int, set[tuple[int, ...]]] = {}  # registered prompts without their last token
         self._mask: torch.Tensor | None = None  # [B, T] positions to edit in the current forward
         decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else base_model  # type: ignore[operator]
         self._handles = [decoder.register_forward_pre_hook(self._positions_hook, with_kwargs=True)]
@@ -132,6 +134,9 @@ class LoreftModel(PassThroughModel):
             ids = tuple(tokenize_text(tokenizer, prompt))
             if ids:
                 self._prompts.setdefault(len(ids), set()).add(ids)
+                # prompt + response may tokenize the prompt's last token differently (a merge across the
+                # boundary); the objectives then score from the common prefix, so match that too.
+                self._heads.setdefault(len(ids) - 1, set()).add(ids[:-1])
 
     @contextlib.contextmanager
     def prompt_lengths(self, lengths: Sequence[int]) -> Iterator[None]:
@@ -143,9 +148,10 @@ class LoreftModel(PassThroughModel):
             self._lengths = previous
 
     def _prompt_length(self, row: list[int]) -> int:
-        for length in sorted(self._prompts, reverse=True):
-            if length <= len(row) and tuple(row[:length]) in self._prompts[length]:
-                return length
+        for table in (self._prompts, self._heads):
+            for length in sorted(table, reverse=True):
+                if 0 < length <= len(row) and tuple(row[:length]) in table[length]:
+                    return length
         return len(row)
 
     def edit_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
