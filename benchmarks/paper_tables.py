@@ -3,9 +3,10 @@
 Every experiment (task x method x setting) is a cached *unit*: its result is written to the results JSON
 (atomically) as soon as it finishes, and a rerun with the same settings skips finished units, so the run
 is resumable. Units run in a fixed priority order (0-shot, head selection, LoFiT 10%, LoRA, LoFiT 3%,
-ITI, RED, then Table 2, stability, out-of-domain, and TruthfulQA fold 1 last); with `--budget-minutes`
-no new unit starts once the budget is spent and the tables are written from whatever finished ("not run
-(budget)" elsewhere).
+ITI, RED, then Table 2, stability, out-of-domain, RepE and LoReFT, and TruthfulQA fold 1 last); with
+`--budget-minutes` no new unit starts once the budget is spent and the tables are written from whatever
+finished ("not run (budget)" elsewhere). The harness lives in `_paper_harness.py`, the units in
+`_paper_units.py`, the tables in `_paper_render.py`; this file is the plan and the command line.
 
 Hyperparameters are picked on validation data only: learning rates by the final validation loss of the
 training objective (on `--max-val` records of `val`), ITI's α by the validation metric (MC1+MC2 or EM on
@@ -22,510 +23,65 @@ results file says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import hashlib
 import json
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _paper_harness import (  # noqa: E402
+    EVAL_FIELDS,
+    LOREFT_LRS,
+    LOREFT_SHAPE,
+    OOD_SETS,
+    OTHER_TASK,
+    QUICK,
+    REPE_ALPHAS,
+    REPE_LAYERS,
+    RESULTS_NAME,
+    SEEDS,
+    TASKS,
+    UNIT_FIELDS,
+    Harness,
+    Settings,
+    final_val_loss,
+    main_metric,
+    sample,
+    settings_key,
+    summary_line,
+    trained_state,
+)
 from _paper_render import render_markdown  # noqa: E402
-
-from lofit import evaluate, load_model, select_heads, train_offsets  # noqa: E402
-from lofit.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from lofit.baselines import apply_iti, get_lora_model, get_red_model, iti_offsets  # noqa: E402
-from lofit.baselines.iti import head_activations_at_last_token, mass_mean_directions  # noqa: E402
-from lofit.baselines.parameters import trainable_parameters  # noqa: E402
-from lofit.config import LofitConfig  # noqa: E402
-from lofit.model import get_lofit_model  # noqa: E402
-from lofit.objectives import make_objective  # noqa: E402
-from lofit.probe import probe_head_scores  # noqa: E402
-from lofit.selection import HeadSelection, probe_texts, rank_heads  # noqa: E402
-from lofit.tasks import load_task  # noqa: E402
-from lofit.tasks.llm_adapters import load_mc_split  # noqa: E402
-from lofit.trainer import TrainingConfig, seed_everything, train_adapter  # noqa: E402
-from lofit.training.adapter_model import AdapterView  # noqa: E402
-
-TASKS = ("truthfulqa", "mquake", "clutrr")
-OOD_SETS = ("arc_easy", "piqa", "openbookqa")
-OTHER_TASK = {"truthfulqa": "mquake", "mquake": "clutrr", "clutrr": "truthfulqa"}
-SEEDS = (42, 12450)
-RESULTS_NAME = "paper_tables"
-
-
-# ------------------------------------------------------------------------------------ settings
-@dataclass
-class Settings:
-    """Everything that changes a unit's result; its hash keys the cache."""
-
-    model: str = "smollm2-135m"
-    # The defaults are the committed run's (≈70 min on a 2-core CPU); 0 = the whole split, and
-    # `--max-train 0 --max-val 0 --max-test 0 --max-ood 0 --epochs 5` is the paper's scale.
-    max_train: int = 128
-    max_val: int = 32
-    max_test: int = 100
-    max_ood: int = 50
-    epochs: int = 3
-    batch_size: int = 8
-    k_small: float = 0.03
-    k_large: float = 0.10
-    lofit_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
-    lora_lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-3])
-    red_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
-    iti_alphas: list[float] = field(default_factory=lambda: [5.0, 15.0])
-    iti_k: float = 0.03
-    precision: str = "bf16"
-    eval_batch_size: int = 16
-    sample_seed: int = 0
-    max_length: int | None = None  # truncate training sequences (prompts from the left)
-
-    def key(self, unit: str | None = None) -> str:
-        """Hash of the fields `unit` depends on (all fields for most units)."""
-        return settings_key(asdict(self), unit)
-
-
-# Units that depend on only some settings keep their cached result when the others change.
-EVAL_FIELDS = ("model", "max_test", "precision", "eval_batch_size", "sample_seed")
-UNIT_FIELDS: dict[str, tuple[str, ...]] = {
-    "zero_shot": EVAL_FIELDS,
-    "select": (
-        "model",
-        "max_train",
-        "max_val",
-        "epochs",
-        "batch_size",
-        "precision",
-        "sample_seed",
-        "max_length",
-    ),
-    "iti": (*EVAL_FIELDS, "max_train", "max_val", "iti_alphas", "iti_k"),
-}
-
-
-def settings_key(values: dict[str, Any], unit: str | None = None) -> str:
-    fields = UNIT_FIELDS.get((unit or "").split("/")[0])
-    chosen = {k: values[k] for k in fields} if fields else values
-    chosen = {k: v for k, v in chosen.items() if v is not None}  # a new optional field keeps old keys
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
-
-
-QUICK = {
-    "max_train": 8,
-    "max_val": 4,
-    "max_test": 4,
-    "max_ood": 4,
-    "epochs": 1,
-    "lofit_lrs": [1e-2],
-    "lora_lrs": [1e-3],
-    "red_lrs": [1e-2],
-    "iti_alphas": [15.0],
-    "max_length": 96,  # tiny test models accept 128 positions
-}
-
-
-def sample(records: Sequence[Any], limit: int, seed: int) -> list[Any]:
-    """A seeded random subset of `limit` records (all of them, in order, when there are fewer)."""
-    records = list(records)
-    if limit <= 0 or len(records) <= limit:
-        return records
-    picked = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in picked]
-
-
-# ------------------------------------------------------------------------------------ harness
-class Harness:
-    """Loads models and tasks, runs units, and keeps the results JSON up to date."""
-
-    def __init__(self, settings: Settings, results_path: Path, work_dir: Path, deadline: float) -> None:
-        self.settings = settings
-        self.results_path = results_path
-        self.work_dir = work_dir
-        self.deadline = deadline
-        self.started = time.time()
-        self.tasks: dict[str, Any] = {}
-        self.results = self._load_results()
-        self.log_lines: list[str] = []
-
-    # ------------------------------------------------------------------------ bookkeeping
-    def _load_results(self) -> dict[str, Any]:
-        fresh: dict[str, Any] = {"settings": asdict(self.settings), "units": {}, "runs": []}
-        if not self.results_path.is_file():
-            return fresh
-        data = json.loads(self.results_path.read_text(encoding="utf-8"))
-        old_settings = data.get("settings", {})
-        for unit, result in data.get("units", {}).items():
-            key = result.get("settings_key") or settings_key(old_settings, unit)
-            if key == self.settings.key(unit):
-                result["settings_key"] = key
-                fresh["units"][unit] = result
-            else:
-                print(f"[paper] settings changed: dropping cached {unit}", flush=True)
-        fresh["runs"] = data.get("runs", [])
-        return fresh
-
-    def save(self) -> None:
-        atomic_write_json(self.results_path, self.results)
-
-    def done(self, unit: str) -> bool:
-        return unit in self.results["units"]
-
-    def get(self, unit: str) -> dict[str, Any] | None:
-        return self.results["units"].get(unit)
-
-    def over_budget(self) -> bool:
-        return time.time() > self.deadline
-
-    def run(self, unit: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        """Run `fn` unless `unit` is cached; store its result (with wall time) and save at once."""
-        if self.done(unit):
-            return self.get(unit)
-        if self.over_budget():
-            print(f"[paper] budget spent: not starting {unit}", flush=True)
-            return None
-        print(f"[paper] {time.strftime('%H:%M:%S')} start {unit}", flush=True)
-        started = time.perf_counter()
-        result = fn()
-        result["wall_s"] = round(time.perf_counter() - started, 1)
-        result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        result["settings_key"] = self.settings.key(unit)
-        self.results["units"][unit] = result
-        self.save()
-        print(f"[paper] done {unit} in {result['wall_s']}s: {summary_line(result)}", flush=True)
-        return result
-
-    # ------------------------------------------------------------------------ data and models
-    def task(self, name: str, fold: int = 0) -> Any:
-        key = f"{name}{fold}"
-        if key not in self.tasks:
-            self.tasks[key] = load_task(name, fold=fold)
-        return self.tasks[key]
-
-    def split(self, name: str, fold: int, split: str) -> list[Any]:
-        s = self.settings
-        limit = {"train": s.max_train, "val": s.max_val, "val_eval": s.max_val, "test": s.max_test}[split]
-        return sample(getattr(self.task(name, fold), split), limit, s.sample_seed)
-
-    def base(self) -> tuple[nn.Module, Any]:
-        """A fresh copy of the base model (so no wrapper of one unit leaks into another)."""
-        return load_model(self.settings.model)
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.settings.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def evaluate(self, model: nn.Module, tok: Any, name: str, fold: int, split: str) -> dict[str, float]:
-        task = self.task(name, fold)
-        kwargs: dict[str, Any] = {"batch_size": self.settings.eval_batch_size, "progress": False}
-        if task.eval_task == "exact_match":
-            kwargs.update(extraction=task.extraction, max_new_tokens=task.max_new_tokens)
-        model.eval()
-        with self.autocast(), torch.no_grad():
-            return evaluate(model, tok, task.eval_task, self.split(name, fold, split), **kwargs)
-
-    def train_kwargs(self, lr: float, seed: int = 42) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "epochs": s.epochs,
-            "batch_size": s.batch_size,
-            "lr": lr,
-            "seed": seed,
-            "precision": s.precision,
-            "progress": False,
-            **({"max_length": s.max_length} if s.max_length is not None else {}),
-        }
-
-
-def summary_line(result: dict[str, Any]) -> str:
-    test = result.get("test")
-    return json.dumps(test) if test is not None else ", ".join(sorted(result)[:6])
-
-
-def main_metric(name: str, metrics: dict[str, float]) -> float:
-    """One number per task for choosing α: mean of MC1 and MC2, or the exact match."""
-    if name == "truthfulqa":
-        return (metrics["mc1"] + metrics["mc2"]) / 2
-    return metrics["exact_match"]
-
-
-def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def final_val_loss(history: Any) -> float:
-    validation = history.validation if hasattr(history, "validation") else history["validation"]
-    return float(validation[-1]["val_loss"]) if validation else float("nan")
-
-
-# ------------------------------------------------------------------------------------ units
-def unit_zero_shot(h: Harness, name: str, fold: int) -> dict[str, Any]:
-    model, tok = h.base()
-    return {"method": "0-shot", "test": h.evaluate(model, tok, name, fold, "test"), "trainable_params": 0}
-
-
-def unit_select(h: Harness, name: str, fold: int, seed: int) -> dict[str, Any]:
-    """LoFiT step 1 (scale A on every head, L1) -> the full head ranking."""
-    task = h.task(name, fold)
-    model, tok = h.base()
-    selection = select_heads(
-        model,
-        tok,
-        h.split(name, fold, "train"),
-        method="lofit",
-        objective=task.objective,
-        l1=float(task.defaults["l1"]),
-        **h.train_kwargs(float(task.defaults["lr_select"]), seed),
-    )
-    return {
-        "method": "lofit-select",
-        "seed": seed,
-        "l1": float(task.defaults["l1"]),
-        "lr": float(task.defaults["lr_select"]),
-        "scores": selection.scores.tolist(),
-        "ranking": [list(x) for x in selection.ranking],
-        "train_wall_s": (selection.history or {}).get("summary", {}).get("elapsed_s"),
-    }
-
-
-def activations_and_labels(h: Harness, name: str, fold: int, model: nn.Module, tok: Any) -> dict[str, Any]:
-    """Last-token head outputs of true/false texts built from train and val records (ITI's data)."""
-    task = h.task(name, fold)
-    train, val = h.split(name, fold, "train"), h.split(name, fold, "val")
-    positives, negatives = probe_texts(train + val, task.objective, h.settings.sample_seed)
-    acts = head_activations_at_last_token(
-        model, tok, positives + negatives, batch_size=h.settings.eval_batch_size
-    )
-    labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).long()
-    is_train = torch.tensor([i < len(train) for i in range(len(positives))] * 2)
-    return {"acts": acts, "labels": labels, "is_train": is_train}
-
-
-def probe_selection(acts: dict[str, Any]) -> HeadSelection:
-    x, y, is_train = acts["acts"], acts["labels"], acts["is_train"]
-    scores = probe_head_scores(x[is_train], y[is_train], x[~is_train], y[~is_train])
-    return HeadSelection(scores.val_accuracy, rank_heads(scores.val_accuracy, scores.val_loss), "probe")
-
-
-def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
-    """ITI: probe-ranked heads, mass-mean shift α·σ·u at every position; α chosen on validation."""
-    model, tok = h.base()
-    with h.autocast():
-        acts = activations_and_labels(h, name, fold, model, tok)
-    selection = probe_selection(acts)
-    directions = mass_mean_directions(acts["acts"], acts["labels"])
-    heads = selection.top(h.settings.iti_k)
-    wrapped = None
-    search: list[dict[str, Any]] = []
-    for alpha in h.settings.iti_alphas:
-        offsets = iti_offsets(directions.directions, directions.sigmas, heads, alpha)
-        wrapped = apply_iti(wrapped if wrapped is not None else model, offsets)
-        val = h.evaluate(wrapped, tok, name, fold, "val_eval")
-        search.append({"alpha": alpha, "val": val, "val_score": main_metric(name, val)})
-    best = max(search, key=lambda r: r["val_score"])
-    offsets = iti_offsets(directions.directions, directions.sigmas, heads, best["alpha"])
-    assert wrapped is not None
-    wrapped = apply_iti(wrapped, offsets)
-    test = h.evaluate(wrapped, tok, name, fold, "test")
-    torch.save({k: v for k, v in offsets.items()}, h.work_dir / f"iti_{name}{fold}.pt")
-    return {
-        "method": "ITI",
-        "k": selection.count(h.settings.iti_k),
-        "alpha": best["alpha"],
-        "search": search,
-        "test": test,
-        "trainable_params": 0,
-        "probe_scores": selection.scores.tolist(),
-        "probe_ranking": [list(x) for x in selection.ranking],
-    }
-
-
-def heads_for(
-    h: Harness, name: str, fold: int, source: str, k: float, seed: int = 42
-) -> dict[int, list[int]]:
-    """Top-k heads from LoFiT selection (`source`="lofit" or another task's name), probe or random."""
-    if source == "random":
-        model, tok = h.base()
-        train = h.split(name, fold, "train")[:2]
-        task = h.task(name, fold)
-        selection = select_heads(model, tok, train, method="random", objective=task.objective, seed=seed)
-        return selection.top(k)
-    if source == "probe":
-        unit = h.get(f"iti/{name}/f{fold}")
-        if unit is None:
-            raise RuntimeError(f"probe heads need the ITI unit of {name} first")
-        scores = torch.tensor(unit["probe_scores"])
-        ranking = [tuple(x) for x in unit["probe_ranking"]]
-        return HeadSelection(scores, ranking, "probe").top(k)
-    task_name = name if source == "lofit" else source
-    task_fold = fold if source == "lofit" else 0
-    unit = ensure_selection(h, task_name, task_fold, seed)
-    scores = torch.tensor(unit["scores"])
-    return HeadSelection(scores, [tuple(x) for x in unit["ranking"]], "lofit").top(k)
-
-
-def ensure_selection(h: Harness, name: str, fold: int, seed: int = 42) -> dict[str, Any]:
-    unit_id = f"select/{name}/f{fold}/s{seed}"
-    result = h.run(unit_id, lambda: unit_select(h, name, fold, seed))
-    if result is None:
-        raise BudgetSpent(unit_id)
-    return result
-
-
-class BudgetSpent(RuntimeError):
-    """A unit's dependency could not start because the budget is spent."""
-
-
-def lr_search(
-    h: Harness, lrs: Sequence[float], train_one: Callable[[float], tuple[nn.Module, Any, Any]]
-) -> tuple[nn.Module, Any, list[dict[str, Any]], float]:
-    """Train once per learning rate; keep the model with the lowest final validation loss."""
-    best: tuple[float, nn.Module, Any, float] | None = None
-    search = []
-    for lr in lrs:
-        model, tok, history = train_one(lr)
-        loss = final_val_loss(history)
-        elapsed = (history.summary if hasattr(history, "summary") else history["summary"])["elapsed_s"]
-        search.append({"lr": lr, "val_loss": loss, "train_s": round(float(elapsed), 1)})
-        if best is None or loss < best[0]:
-            best = (loss, model, tok, lr)
-    assert best is not None
-    return best[1], best[2], search, best[3]
-
-
-def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit") -> dict[str, Any]:
-    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss."""
-    task = h.task(name, fold)
-    heads = heads_for(h, name, fold, source, k)
-
-    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
-        base, tok = h.base()
-        model = train_offsets(
-            base,
-            tok,
-            h.split(name, fold, "train"),
-            heads,
-            objective=task.objective,
-            val_data=h.split(name, fold, "val"),
-            **h.train_kwargs(lr),
-        )
-        return model, tok, model.training_history
-
-    # The lr grid is searched once per task/fold, on LoFiT with the large K and its own heads; every
-    # other LoFiT unit of that task reuses the chosen lr (the CPU budget allows no search per unit).
-    tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
-    if k == h.settings.k_large and source == "lofit":
-        lrs, lr_from = list(h.settings.lofit_lrs), "searched here"
-    elif tuned is not None:
-        lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
-    else:
-        lrs, lr_from = list(h.settings.lofit_lrs[:1]), "first grid value (the tuned unit did not run)"
-    model, tok, search, lr = lr_search(h, lrs, train_one)
-    test = h.evaluate(model, tok, name, fold, "test")
-    if name == "truthfulqa" and fold == 0 and source == "lofit":
-        torch.save({"heads": heads, "state": trained_state(model)}, h.work_dir / f"lofit_{name}{fold}_{k}.pt")
-    return {
-        "method": f"LoFiT ({source} heads)",
-        "k": sum(len(v) for v in heads.values()),
-        "heads": {str(layer): v for layer, v in heads.items()},
-        "lr": lr,
-        "lr_from": lr_from,
-        "search": search,
-        "test": test,
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
-    }
-
-
-def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any, lr: float) -> Any:
-    """The trainer's loop (objective, AdamW, linear schedule, clipping) on a peft/RED model."""
-    task = h.task(name, fold)
-    config = TrainingConfig(**h.train_kwargs(lr))
-    objective = make_objective(task.objective, tok, config.max_length, config.beta)
-    train = objective.encode(h.split(name, fold, "train"))
-    val = objective.encode(h.split(name, fold, "val"))
-    seed_everything(config.seed)
-    # AdapterView: the trainer's AdapterModel protocol, with the baseline's own parameters and switch
-    trainee = AdapterView(model, trainable_parameters(model))
-    return train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
-
-
-def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, Any]:
-    """LoRA (r=8, α=8, dropout 0.1 on q/v via peft) or RED (scale+bias on attention outputs)."""
-
-    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
-        base, tok = h.base()
-        seed_everything(42)  # LoRA's A init
-        model = get_lora_model(base) if method == "lora" else get_red_model(base, site="attention")
-        history = train_baseline(h, name, fold, model, tok, lr)
-        return model, tok, history
-
-    lrs = h.settings.lora_lrs if method == "lora" else h.settings.red_lrs
-    model, tok, search, lr = lr_search(h, lrs, train_one)
-    test = h.evaluate(model, tok, name, fold, "test")
-    if name == "truthfulqa" and fold == 0 and method == "lora":
-        torch.save(trained_state(model), h.work_dir / f"lora_{name}{fold}.pt")
-    return {
-        "method": "LoRA" if method == "lora" else "RED",
-        "lr": lr,
-        "search": search,
-        "test": test,
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
-    }
-
-
-def unit_ood(h: Harness, method: str) -> dict[str, Any]:
-    """0-shot log-likelihood accuracy on ARC-Easy, PIQA, OpenBookQA of a model trained on TruthfulQA."""
-    base, tok = h.base()
-    model: nn.Module = base
-    source = ""
-    if method == "iti":
-        path = h.work_dir / "iti_truthfulqa0.pt"
-        model = apply_iti(base, torch.load(path))
-        source = str(path)
-    elif method == "lofit":
-        path = h.work_dir / f"lofit_truthfulqa0_{h.settings.k_large}.pt"
-        saved = torch.load(path)
-        model = get_lofit_model(
-            base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
-        )
-        load_state(model, saved["state"])
-        source = str(path)
-    elif method == "lora":
-        path = h.work_dir / "lora_truthfulqa0.pt"
-        model = get_lora_model(base)
-        load_state(model, torch.load(path))
-        source = str(path)
-    model.eval()
-    scores = {}
-    for bench in OOD_SETS:
-        records = sample(load_mc_split(bench, "test"), h.settings.max_ood, h.settings.sample_seed)
-        with h.autocast(), torch.no_grad():
-            metrics = evaluate(
-                model, tok, "mc", records, batch_size=h.settings.eval_batch_size, progress=False
-            )
-        scores[bench] = metrics
-    return {"method": method, "test": scores, "adapter": source}
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = sorted(set(state) - set(params))
-    if missing:
-        raise KeyError(f"saved adapter parameters {missing[:3]} do not exist in the rebuilt model")
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)
+from _paper_units import (  # noqa: E402
+    BudgetSpent,
+    activations_and_labels,
+    depth_layers,
+    ensure_selection,
+    heads_for,
+    load_state,
+    lr_search,
+    probe_selection,
+    train_baseline,
+    train_lofit,
+    unit_iti,
+    unit_lofit,
+    unit_loreft,
+    unit_ood,
+    unit_peft_like,
+    unit_repe,
+    unit_select,
+    unit_zero_shot,
+)
+
+from lofit.atomic import atomic_write_text  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -567,21 +123,21 @@ def plan(
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])
+            sources += ["probe_layers", "bias"]  # issue 15: the two selectors the table lacked
             for source in sources:
-                add(
-                    f"lofit/{name}/f0/k{s.k_small}/{source}",
-                    unit_lofit,
-                    name,
-                    0,
-                    s.k_small,
-                    source,
-                )
+                add(f"lofit/{name}/f0/k{s.k_small}/{source}", unit_lofit, name, 0, s.k_small, source)
     if "stability" in stages:
         for name in tasks:
             add(f"select/{name}/f0/s{SEEDS[1]}", unit_select, name, 0, SEEDS[1])
     if "ood" in stages and "truthfulqa" in tasks:
         for method in ("base", "iti", "lofit", "lora"):
             add(f"ood/{method}", unit_ood, method)
+    if "repe_loreft" in stages:  # Table 1's RepE and Table 3's LoReFT rows (fold 0)
+        for name in tasks:
+            add(f"repe/{name}/f0", unit_repe, name, 0)
+        for name in tasks:
+            if name != "truthfulqa":  # see unit_loreft
+                add(f"loreft/{name}/f0", unit_loreft, name, 0)
     if "table1" in stages and 1 in folds and "truthfulqa" in tasks:
         table1(1)
     return steps
@@ -626,8 +182,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         nargs="+",
-        default=["table1", "table3", "table2", "stability", "ood"],
-        choices=["table1", "table3", "table2", "stability", "ood"],
+        default=["table1", "table3", "table2", "stability", "ood", "repe_loreft"],
+        choices=["table1", "table3", "table2", "stability", "ood", "repe_loreft"],
     )
     for name in ("max_train", "max_val", "max_test", "max_ood", "epochs", "max_length"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
@@ -700,3 +256,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+__all__ = [
+    "EVAL_FIELDS",
+    "LOREFT_LRS",
+    "LOREFT_SHAPE",
+    "OOD_SETS",
+    "OTHER_TASK",
+    "QUICK",
+    "REPE_ALPHAS",
+    "REPE_LAYERS",
+    "RESULTS_NAME",
+    "SEEDS",
+    "TASKS",
+    "UNIT_FIELDS",
+    "BudgetSpent",
+    "Harness",
+    "Settings",
+    "activations_and_labels",
+    "build_settings",
+    "depth_layers",
+    "ensure_selection",
+    "environment",
+    "final_val_loss",
+    "heads_for",
+    "load_state",
+    "lr_search",
+    "main",
+    "main_metric",
+    "parse_args",
+    "plan",
+    "probe_selection",
+    "sample",
+    "settings_key",
+    "summary_line",
+    "train_baseline",
+    "train_lofit",
+    "trained_state",
+    "unit_iti",
+    "unit_lofit",
+    "unit_loreft",
+    "unit_ood",
+    "unit_peft_like",
+    "unit_repe",
+    "unit_select",
+    "unit_zero_shot",
+]

@@ -76,6 +76,18 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
         "ood/lora",
     ):
         assert unit in units and "error" not in units[unit], unit
+    for unit in ("repe/truthfulqa/f0", "repe/clutrr/f0", "loreft/mquake/f0", "loreft/clutrr/f0"):
+        assert unit in units and "test" in units[unit], unit
+    assert (
+        units["repe/truthfulqa/f0"]["vector"] == "reading" and units["repe/mquake/f0"]["vector"] == "contrast"
+    )
+    assert units["loreft/mquake/f0"]["trainable_params"] > 0 and "loreft/truthfulqa/f0" not in units
+    for unit in (
+        "lofit/mquake/f0/k0.03/bias",
+        "lofit/clutrr/f0/k0.03/probe_layers",
+        "bias_select/truthfulqa/f0",
+    ):
+        assert unit in units and "error" not in units[unit], unit
     assert (
         units["lora/truthfulqa/f0"]["trainable_params"]
         > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
@@ -143,3 +155,93 @@ def test_render_only_keeps_units_of_other_settings(tmp_path: Path) -> None:
     assert (tmp_path / "paper_tables.json").read_text() == before
     with pytest.raises(SystemExit, match="no results file"):
         script.main(["--render-only", "--out", str(tmp_path / "empty")])
+
+
+def test_final_only_validation_equals_the_trainers_last_epoch_loss(tiny_model_dir: Path) -> None:
+    """validate="final" computes the same loss the trainer reports after its last epoch (same model)."""
+    script = load_script()
+    losses = {}
+    for mode in (None, "final"):
+        settings = script.Settings(
+            model=str(tiny_model_dir), max_train=8, max_val=4, epochs=2, precision="fp32"
+        )
+        settings.validate = mode
+        harness = script.Harness(settings, tiny_model_dir / f"r{mode}.json", tiny_model_dir, float("inf"))
+        harness.tasks["mquake0"] = fake_task()
+        heads = {0: [1], 1: [0]}
+        _, result = script.train_lofit(harness, "mquake", 0, heads, [1e-2])
+        losses[mode] = result["search"][0]["val_loss"]
+    assert losses["final"] == pytest.approx(losses[None], rel=1e-5)
+
+
+def fake_task():  # type: ignore[no-untyped-def]
+    from lofit.tasks.task import Task
+
+    train = [{"prompt": f"Q: {c}? A:", "completion": f" {c}{c}"} for c in "abcdefgh"]
+    evals = [{"prompt": f"Q: {c}? A:", "answers": [f" {c}{c}"]} for c in "abcd"]
+    return Task(
+        "mquake", "sft", "exact_match", train, train[:4], evals, evals, "mquake", defaults={"l1": 1e-3}
+    )
+
+
+def load_curves():  # type: ignore[no-untyped-def]
+    load_script()  # curves imports paper_tables by name
+    spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["curves"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curves_subsets_are_nested_and_seeded() -> None:
+    curves = load_curves()
+    records = list(range(50))
+    small, large = curves.nested_subset(records, 8, 42), curves.nested_subset(records, 20, 42)
+    assert large[:8] == small and len(set(large)) == 20
+    assert curves.nested_subset(records, 8, 12450) != small
+    assert sorted(curves.nested_subset(records, 80, 42)) == records  # n above the split: all of it
+
+
+@pytest.mark.skipif(not (DATA / "mquake").is_dir(), reason="benchmark data not available")
+def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    curves = load_curves()
+    out = tmp_path / "curves"
+    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "mquake"]
+    argv += [
+        "--sizes",
+        "4",
+        "8",
+        "--seeds",
+        "1",
+        "2",
+        "--methods",
+        "lofit",
+        "lora",
+        "--stages",
+        "fig4",
+        "fig5",
+    ]
+    argv += ["--fractions", "0.1", "1.0"]
+    assert curves.main(argv) == 0
+    files = sorted(p.name for p in (out / "units").glob("*.json"))
+    assert "fig4__mquake__n4__s1__lofit.json" in files and "fig5__mquake__k1__s2.json" in files
+    unit = json.loads((out / "units" / "fig4__mquake__n8__s2__lora.json").read_text())
+    assert unit["n"] == 8 and unit["seed"] == 2 and "exact_match" in unit["test"]
+    lofit = json.loads((out / "units" / "fig4__mquake__n4__s1__lofit.json").read_text())
+    assert lofit["heads_from"] == "fig4/mquake/n4/s1/select" and lofit["search"][0]["val_loss"] > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")}
+    assert curves.main(argv) == 0  # resumes: nothing reruns, no file is rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")} == stamps
+    text = (out / "curves.md").read_text()
+    assert "### MQuAKE" in text and "| 4 |" in text and "## Fig. 5" in text and (out / "fig4.png").is_file()
+
+
+def test_probe_layer_heads_take_whole_layers_by_mean_probe_accuracy(tmp_path: Path) -> None:
+    script = load_script()
+    harness = script.Harness(script.Settings(), tmp_path / "r.json", tmp_path, float("inf"))
+    scores = [[0.5, 0.6, 0.7, 0.2], [0.9, 0.9, 0.8, 0.8], [0.6, 0.9, 0.5, 0.4]]  # layer means .5 .85 .6
+    ranking = sorted(((a, b) for a in range(3) for b in range(4)), key=lambda x: -scores[x[0]][x[1]])
+    harness.results["units"]["iti/mquake/f0"] = {"probe_scores": scores, "probe_ranking": ranking}
+    # K = 50% of 12 heads = 6: all of layer 1 (best mean), then layer 2's two best-probed heads (1, 0).
+    assert script.heads_for(harness, "mquake", 0, "probe_layers", 0.5) == {1: [0, 1, 2, 3], 2: [0, 1]}

@@ -8,19 +8,36 @@ extracts from that text:
 - "clutrr": text after the first "'s\\n" (the end of LoFiT's CLUTRR prompt) up to the next one, then up
   to the first ".", stripped, lower-cased; equal to a gold answer lower-cased. Prompts without "'s\\n"
   use the generated text alone.
+- "number" (SVAMP): the last number in the generated text's first line (commas dropped), written
+  canonically (`canonical_number`: "51.0" -> "51"); equal to a gold answer written the same way.
 - None: the generated text alone (new tokens only), compared exactly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
 from ..errors import LofitValueError
 
-Extraction = Literal["mquake", "clutrr"] | None
-EXTRACTIONS = ("mquake", "clutrr", None)
+Extraction = Literal["mquake", "clutrr", "number"] | None
+EXTRACTIONS = ("mquake", "clutrr", "number", None)
 CLUTRR_ANSWER_MARK = "'s\n"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def canonical_number(text: str) -> str:
+    """A number written one way: commas dropped, integral values without a fraction ("" if none).
+
+    >>> canonical_number("1,200.0"), canonical_number("-0.50"), canonical_number("x")
+    ('1200', '-0.5', '')
+    """
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return ""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def extract(full_text: str, completion: str, extraction: Extraction) -> str:
@@ -44,6 +61,9 @@ def extract(full_text: str, completion: str, extraction: Extraction) -> str:
     if extraction == "clutrr":
         tail = full_text.split(CLUTRR_ANSWER_MARK)[1] if CLUTRR_ANSWER_MARK in full_text else completion
         return tail.split(".")[0].strip().lower()
+    if extraction == "number":
+        found = NUMBER.findall(completion.split("\n")[0])
+        return canonical_number(found[-1]) if found else ""
     if extraction is None:
         return completion
     raise LofitValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
@@ -63,6 +83,8 @@ def matches(
     Returns:
         True on a match.
     """
+    if extraction == "number":
+        return bool(prediction) and prediction in {canonical_number(a) for a in answers}
     golds = [a.lower() for a in answers] if extraction in ("mquake", "clutrr") else list(answers)
     if stripped:
         return prediction.strip() in {g.strip() for g in golds}
@@ -78,4 +100,4 @@ def strips_already(extraction: Extraction) -> bool:
     Returns:
         Whether a separate stripped metric is redundant.
     """
-    return extraction == "clutrr"
+    return extraction in ("clutrr", "number")

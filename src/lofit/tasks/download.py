@@ -109,6 +109,44 @@ SOURCES: dict[str, tuple[RemoteFile, ...]] = {
     "piqa": (
         RemoteFile("piqa/llm_adapters_test.json", f"{LLM_ADAPTERS}/dataset/piqa/test.json", "f7a1c260"),
     ),
+    "arc_challenge": (
+        RemoteFile(
+            "arc_challenge/llm_adapters_train.json",
+            f"{LLM_ADAPTERS}/dataset/ARC-Challenge/train.json",
+            "d7e080b04bff9fd16dd85455fb04481807a088d8",
+        ),
+        RemoteFile(
+            "arc_challenge/llm_adapters_test.json",
+            f"{LLM_ADAPTERS}/dataset/ARC-Challenge/test.json",
+            "9540685439144200b5a7e48dab9ca4655be2af09",
+        ),
+    ),
+    "siqa": (
+        RemoteFile(
+            "siqa/llm_adapters_test.json",
+            f"{LLM_ADAPTERS}/dataset/social_i_qa/test.json",
+            "eadf221799ca394367b144c0f86ee0436db409d2",
+        ),
+    ),
+    "boolq": (
+        RemoteFile(
+            "boolq/llm_adapters_train.json",
+            f"{LLM_ADAPTERS}/dataset/boolq/train.json",
+            "87a7beee26b49f81c450641ef2ff84f55611321f",
+        ),
+        RemoteFile(
+            "boolq/llm_adapters_test.json",
+            f"{LLM_ADAPTERS}/dataset/boolq/test.json",
+            "6d7edb0a8e8a6566b546ccf0d98d24e48db3fdf3",
+        ),
+    ),
+    "svamp": (
+        RemoteFile(
+            "svamp/svamp.json",
+            f"{LLM_ADAPTERS}/dataset/SVAMP/SVAMP.json",
+            "e2b2f9e8db9f9c002d2bff2cb450a4abb40fa61b",
+        ),
+    ),
     "winogrande": (
         RemoteFile(
             "winogrande/llm_adapters_test.json", f"{LLM_ADAPTERS}/dataset/winogrande/test.json", "21257263"

@@ -1,7 +1,9 @@
 """`load_task(name, ...)`: the built-in benchmarks and the generic tasks over user files.
 
 Built-in: truthfulqa (DPO, "truthfulqa_mc"), mquake and clutrr (SFT, "exact_match" with their answer
-extraction), and arc_easy, openbookqa, piqa, winogrande (SFT on the correct option, "mc").
+extraction), arc_easy, arc_challenge, openbookqa, piqa, siqa, winogrande, boolq (SFT on the correct
+option, "mc"), and svamp (SFT on equation + answer, "exact_match" on the final number; `seed` draws its
+350/350/300 split).
 
 Generic tasks read the user's files (jsonl, json or csv; any record format that converts, see
 `convert.py`):
@@ -23,19 +25,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .clutrr import load_clutrr
+from .commonsense import COMMONSENSE_TASKS, load_commonsense
 from .convert import can_convert, convert_records
 from .errors import DataError
 from .generic import describe_source, load_records_with_kind
 from .llm_adapters import STYLES, load_mc_benchmark
 from .mquake import load_mquake
 from .records import Record
+from .svamp import load_svamp
 from .task import Task, generic_defaults, paper_defaults
 from .truthfulqa import check_fold, load_truthfulqa
 
 PAPER_TASKS = ("truthfulqa", "mquake", "clutrr")
-MC_TASKS = tuple(STYLES)
+MC_TASKS = (*STYLES, *COMMONSENSE_TASKS)
+EXACT_MATCH_TASKS = ("svamp",)  # generation scored on the final number
 GENERIC_TASKS = ("sft", "dpo", "mc", "exact_match")
-TASK_NAMES = PAPER_TASKS + MC_TASKS + GENERIC_TASKS
+TASK_NAMES = PAPER_TASKS + MC_TASKS + EXACT_MATCH_TASKS + GENERIC_TASKS
 
 FileArg = str | Path | None
 
@@ -56,7 +61,7 @@ def load_task(
         name: one of `TASK_NAMES`.
         data_dir: where the benchmark files live (see `resolve_data_dir`).
         fold: TruthfulQA's fold (0 or 1).
-        seed: picks CLUTRR's 300 training stories.
+        seed: picks CLUTRR's 300 training stories and SVAMP's split.
         train_file, val_file, test_file: the user's files; for built-in tasks they replace that split.
         needs: the splits the caller uses ("train", "val", "test"); a generic task requires the file of
             each (default: "train" for sft/dpo, "test" for mc/exact_match), so `lofit select --task mc`
@@ -85,6 +90,10 @@ def load_task(
         base = load_mquake(data_dir)
     elif name == "clutrr":
         base = load_clutrr(data_dir, seed)
+    elif name == "svamp":
+        base = load_svamp(data_dir, seed)
+    elif name in COMMONSENSE_TASKS:
+        base = load_commonsense(name, data_dir)
     else:
         base = load_mc_benchmark(name, data_dir)
     return _override(base, files)
@@ -98,6 +107,10 @@ def _builtin_shell(name: str) -> Task:
         return Task(name, "sft", "exact_match", [], [], [], [], "mquake", defaults=paper_defaults(name))
     if name == "clutrr":
         return Task(name, "sft", "exact_match", [], [], [], [], "clutrr", defaults=paper_defaults(name))
+    if name == "svamp":
+        return Task(
+            name, "sft", "exact_match", [], [], [], [], "number", 32, defaults=generic_defaults("sft")
+        )
     return Task(name, "sft", "mc", [], [], [], [], defaults=generic_defaults("sft"))
 
 

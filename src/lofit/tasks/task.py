@@ -13,7 +13,7 @@ MC_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
 Objective = Literal["sft", "dpo"]
 EvalTask = Literal["truthfulqa_mc", "mc", "exact_match"]
-Extraction = Literal["mquake", "clutrr"]
+Extraction = Literal["mquake", "clutrr", "number"]
 
 GENERATION_MAX_NEW_TOKENS = 16  # LoFiT's evaluate_mquake / evaluate_clutrr: greedy, 16 new tokens
 
@@ -65,9 +65,9 @@ class Task:
             raise LofitValueError(
                 f"Task.eval_task must be truthfulqa_mc, mc or exact_match, got {self.eval_task!r}"
             )
-        if self.extraction not in (None, "mquake", "clutrr"):
+        if self.extraction not in (None, "mquake", "clutrr", "number"):
             raise LofitValueError(
-                f"Task.extraction must be None, 'mquake' or 'clutrr', got {self.extraction!r}"
+                f"Task.extraction must be None, 'mquake', 'clutrr' or 'number', got {self.extraction!r}"
             )
         if self.eval_task == "exact_match" and self.max_new_tokens is None:
             self.max_new_tokens = GENERATION_MAX_NEW_TOKENS

@@ -1,0 +1,148 @@
+"""Tables and plots of `curves.py` (Fig. 4 data efficiency, Fig. 5 number of heads) from its unit files."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lofit.atomic import atomic_write_with
+
+TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR"}
+METHOD_TITLES = {"lofit": "LoFiT 10%", "lora": "LoRA r8 q,v", "red": "RED"}
+FIG4 = re.compile(r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red)$")
+FIG5 = re.compile(r"fig5/(?P<task>\w+)/k(?P<k>[\d.e-]+)/s(?P<seed>\d+)$")
+
+
+def metric_of(task: str) -> str:
+    return "mc1" if task == "truthfulqa" else "exact_match"
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (NaN error for one value).
+
+    Example:
+        >>> mean_se([0.2, 0.4])
+        (0.30000000000000004, 0.1)
+    """
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def cell(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean, se = mean_se([100 * v for v in values])
+    return f"{mean:.1f}" + ("" if math.isnan(se) else f" ± {se:.1f}") + f" ({len(values)})"
+
+
+def collect(
+    units: dict[str, Any], pattern: re.Pattern[str], key: str
+) -> dict[tuple[str, str, Any], list[float]]:
+    """{(task, method or '', n or k): [test metric per seed]} for the units that match `pattern`."""
+    out: dict[tuple[str, str, Any], list[float]] = {}
+    for unit, result in sorted(units.items()):
+        match = pattern.match(unit)
+        if not match or "test" not in result:
+            continue
+        task = match["task"]
+        where = (
+            task,
+            match.groupdict().get("method") or "",
+            float(match[key]) if key == "k" else int(match[key]),
+        )
+        out.setdefault(where, []).append(float(result["test"][metric_of(task)]))
+    return out
+
+
+def fig4_table(points: dict[tuple[str, str, Any], list[float]], task: str) -> list[str]:
+    sizes = sorted({n for t, _, n in points if t == task})
+    if not sizes:
+        return []
+    head = ["n", *[METHOD_TITLES[m] for m in METHOD_TITLES], "LoFiT − LoRA (paired by seed)"]
+    lines = [f"### {TITLES[task]} ({metric_of(task)}, %, mean ± SE over seeds (number of seeds))", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in sizes:
+        cells = [cell(points.get((task, m, n), [])) for m in METHOD_TITLES]
+        lofit, lora = points.get((task, "lofit", n), []), points.get((task, "lora", n), [])
+        pairs = min(len(lofit), len(lora))
+        diff = cell([a - b for a, b in zip(lofit[:pairs], lora[:pairs], strict=True)]) if pairs else "–"
+        lines.append("| " + " | ".join([str(n), *cells, diff]) + " |")
+    return [*lines, ""]
+
+
+def fig5_table(points: dict[tuple[str, str, Any], list[float]], tasks: Sequence[str]) -> list[str]:
+    fractions = sorted({k for _, _, k in points})
+    if not fractions:
+        return []
+    head = ["K (% of heads)", *[f"{TITLES[t]} {metric_of(t)}" for t in tasks]]
+    lines = ["## Fig. 5: LoFiT accuracy vs the number of heads (whole training split, test %)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in fractions:
+        lines.append(
+            "| " + " | ".join([f"{100 * k:g}", *[cell(points.get((t, "", k), [])) for t in tasks]]) + " |"
+        )
+    return [*lines, ""]
+
+
+def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool) -> bool:
+    """One panel per task: mean ± SE per method (Fig. 4) or per K (Fig. 5). False when nothing to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = [t for t in TITLES if any(p[0] == t for p in points)]
+    if not tasks:
+        return False
+    figure = Figure(figsize=(4.2 * len(tasks), 3.4))
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks):
+        axes = figure.add_subplot(1, len(tasks), i + 1)
+        for method in [""] if fig5 else list(METHOD_TITLES):
+            xs = sorted(x for t, m, x in points if t == task and m == method)
+            if not xs:
+                continue
+            stats = [mean_se([100 * v for v in points[(task, method, x)]]) for x in xs]
+            xs_plot = [100 * x for x in xs] if fig5 else xs
+            errors = [0.0 if math.isnan(se) else se for _, se in stats]
+            label = "LoFiT" if fig5 else METHOD_TITLES[method]
+            axes.errorbar(xs_plot, [m for m, _ in stats], yerr=errors, marker="o", capsize=3, label=label)
+        axes.set_xscale("log")
+        axes.set_xlabel("% of heads (K)" if fig5 else "training examples (n)")
+        axes.set_ylabel(f"test {metric_of(task)} (%)")
+        axes.set_title(TITLES[task])
+        axes.legend(fontsize=8)
+    atomic_write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return True
+
+
+def render_curves(units: dict[str, Any], settings: dict[str, Any], out: Path) -> str:
+    """The markdown of both curves (and their PNGs in `out`), from whatever units have finished."""
+    fig4 = collect(units, FIG4, "n")
+    fig5 = collect(units, FIG5, "k")
+    lines = ["# LoFiT curves: data efficiency (Fig. 4) and number of heads (Fig. 5)", ""]
+    lines += [
+        f"Settings: model {settings['model']}, {settings['epochs']} epochs, batch {settings['batch_size']}, "
+        f"{settings['precision']}; test: a seeded subset of {settings['max_test'] or 'all'} records per task "
+        f"(the same for every unit); learning rate per unit from LoFiT {settings['lofit_lrs']}, LoRA "
+        f"{settings['lora_lrs']}, RED {settings['red_lrs']} by the final validation loss on "
+        f"{settings['max_val'] or 'all'} validation records. Finished units: {len(units)}.",
+        "",
+        "## Fig. 4: test accuracy vs training examples",
+        "",
+    ]
+    for task in TITLES:
+        lines += fig4_table(fig4, task)
+    if plot(fig4, out / "fig4.png", fig5=False):
+        lines += ["![Fig. 4](fig4.png)", ""]
+    lines += fig5_table(fig5, [t for t in TITLES if any(p[0] == t for p in fig5)])
+    if plot(fig5, out / "fig5.png", fig5=True):
+        lines += ["![Fig. 5](fig5.png)", ""]
+    notes = out / "curves_notes.md"
+    if notes.is_file():
+        lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
+    return "\n".join(lines)

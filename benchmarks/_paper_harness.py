@@ -1,0 +1,271 @@
+"""The paper-tables harness: settings (their hash keys the unit cache), data subsets, the Harness
+that runs cached units and keeps the results JSON up to date. Used by `paper_tables.py` and `curves.py`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lofit import evaluate, load_model
+from lofit.atomic import atomic_write_json
+from lofit.objectives import TokenScorer, make_objective, mean_loss
+from lofit.tasks import load_task
+
+TASKS = ("truthfulqa", "mquake", "clutrr")
+OOD_SETS = ("arc_easy", "piqa", "openbookqa")
+OTHER_TASK = {"truthfulqa": "mquake", "mquake": "clutrr", "clutrr": "truthfulqa"}
+SEEDS = (42, 12450)
+RESULTS_NAME = "paper_tables"
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass
+class Settings:
+    """Everything that changes a unit's result; its hash keys the cache."""
+
+    model: str = "smollm2-135m"
+    # The defaults are the committed run's (≈70 min on a 2-core CPU); 0 = the whole split, and
+    # `--max-train 0 --max-val 0 --max-test 0 --max-ood 0 --epochs 5` is the paper's scale.
+    max_train: int = 128
+    max_val: int = 32
+    max_test: int = 100
+    max_ood: int = 50
+    epochs: int = 3
+    batch_size: int = 8
+    k_small: float = 0.03
+    k_large: float = 0.10
+    lofit_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
+    lora_lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-3])
+    red_lrs: list[float] = field(default_factory=lambda: [1e-2, 5e-2])
+    iti_alphas: list[float] = field(default_factory=lambda: [5.0, 15.0])
+    iti_k: float = 0.03
+    precision: str = "bf16"
+    eval_batch_size: int = 16
+    sample_seed: int = 0
+    max_length: int | None = None  # truncate training sequences (prompts from the left)
+    # "final": one validation pass after training instead of one per epoch (the lr choice only needs
+    # the last); None = per epoch, as the committed runs did.
+    validate: str | None = None
+    # RepE / LoReFT grids (None = the defaults below; None keeps the cache keys of earlier runs).
+    repe_layers: list[float] | None = None
+    repe_alphas: list[float] | None = None
+    loreft_lrs: list[float] | None = None
+
+    def key(self, unit: str | None = None) -> str:
+        """Hash of the fields `unit` depends on (all fields for most units)."""
+        return settings_key(asdict(self), unit)
+
+
+# Units that depend on only some settings keep their cached result when the others change.
+EVAL_FIELDS = ("model", "max_test", "precision", "eval_batch_size", "sample_seed")
+UNIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "zero_shot": EVAL_FIELDS,
+    "select": (
+        "model",
+        "max_train",
+        "max_val",
+        "epochs",
+        "batch_size",
+        "precision",
+        "sample_seed",
+        "max_length",
+    ),
+    "iti": (*EVAL_FIELDS, "max_train", "max_val", "iti_alphas", "iti_k"),
+}
+
+
+REPE_LAYERS = [0.25, 0.5, 0.75]  # fractions of the depth
+REPE_ALPHAS = [1.0, 5.0]  # α = 5 is the paper's
+LOREFT_LRS = [1e-3, 5e-3]
+LOREFT_SHAPE = {"layers": [0.25, 0.5, 0.75], "rank": 4, "first": 3, "last": 3}  # fixed (CPU): lr grid only
+
+
+def settings_key(values: dict[str, Any], unit: str | None = None) -> str:
+    fields = UNIT_FIELDS.get((unit or "").split("/")[0])
+    chosen = {k: values[k] for k in fields} if fields else values
+    chosen = {k: v for k, v in chosen.items() if v is not None}  # a new optional field keeps old keys
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = {
+    "max_train": 8,
+    "max_val": 4,
+    "max_test": 4,
+    "max_ood": 4,
+    "epochs": 1,
+    "lofit_lrs": [1e-2],
+    "lora_lrs": [1e-3],
+    "red_lrs": [1e-2],
+    "iti_alphas": [15.0],
+    "max_length": 96,  # tiny test models accept 128 positions
+    "repe_layers": [0.5],
+    "repe_alphas": [5.0],
+    "loreft_lrs": [1e-3],
+}
+
+
+def sample(records: Sequence[Any], limit: int, seed: int) -> list[Any]:
+    """A seeded random subset of `limit` records (all of them, in order, when there are fewer)."""
+    records = list(records)
+    if limit <= 0 or len(records) <= limit:
+        return records
+    picked = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in picked]
+
+
+# ------------------------------------------------------------------------------------ harness
+class Harness:
+    """Loads models and tasks, runs units, and keeps the results JSON up to date."""
+
+    def __init__(self, settings: Settings, results_path: Path, work_dir: Path, deadline: float) -> None:
+        self.settings = settings
+        self.results_path = results_path
+        self.work_dir = work_dir
+        self.deadline = deadline
+        self.started = time.time()
+        self.tasks: dict[str, Any] = {}
+        self.results = self._load_results()
+        self.log_lines: list[str] = []
+
+    # ------------------------------------------------------------------------ bookkeeping
+    def _load_results(self) -> dict[str, Any]:
+        fresh: dict[str, Any] = {"settings": asdict(self.settings), "units": {}, "runs": []}
+        if not self.results_path.is_file():
+            return fresh
+        data = json.loads(self.results_path.read_text(encoding="utf-8"))
+        old_settings = data.get("settings", {})
+        for unit, result in data.get("units", {}).items():
+            key = result.get("settings_key") or settings_key(old_settings, unit)
+            if key == self.settings.key(unit):
+                result["settings_key"] = key
+                fresh["units"][unit] = result
+            else:
+                print(f"[paper] settings changed: dropping cached {unit}", flush=True)
+        fresh["runs"] = data.get("runs", [])
+        return fresh
+
+    def save(self) -> None:
+        atomic_write_json(self.results_path, self.results)
+
+    def done(self, unit: str) -> bool:
+        return unit in self.results["units"]
+
+    def get(self, unit: str) -> dict[str, Any] | None:
+        return self.results["units"].get(unit)
+
+    def over_budget(self) -> bool:
+        return time.time() > self.deadline
+
+    def run(self, unit: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """Run `fn` unless `unit` is cached; store its result (with wall time) and save at once."""
+        if self.done(unit):
+            return self.get(unit)
+        if self.over_budget():
+            print(f"[paper] budget spent: not starting {unit}", flush=True)
+            return None
+        print(f"[paper] {time.strftime('%H:%M:%S')} start {unit}", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        result["settings_key"] = self.settings.key(unit)
+        self.results["units"][unit] = result
+        self.save()
+        print(f"[paper] done {unit} in {result['wall_s']}s: {summary_line(result)}", flush=True)
+        return result
+
+    # ------------------------------------------------------------------------ data and models
+    def task(self, name: str, fold: int = 0) -> Any:
+        key = f"{name}{fold}"
+        if key not in self.tasks:
+            self.tasks[key] = load_task(name, fold=fold)
+        return self.tasks[key]
+
+    def split(self, name: str, fold: int, split: str) -> list[Any]:
+        s = self.settings
+        limit = {"train": s.max_train, "val": s.max_val, "val_eval": s.max_val, "test": s.max_test}[split]
+        return sample(getattr(self.task(name, fold), split), limit, s.sample_seed)
+
+    def base(self) -> tuple[nn.Module, Any]:
+        """A fresh copy of the base model (so no wrapper of one unit leaks into another)."""
+        return load_model(self.settings.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.settings.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def evaluate(self, model: nn.Module, tok: Any, name: str, fold: int, split: str) -> dict[str, float]:
+        task = self.task(name, fold)
+        kwargs: dict[str, Any] = {"batch_size": self.settings.eval_batch_size, "progress": False}
+        if task.eval_task == "exact_match":
+            kwargs.update(extraction=task.extraction, max_new_tokens=task.max_new_tokens)
+        model.eval()
+        with self.autocast(), torch.no_grad():
+            return evaluate(model, tok, task.eval_task, self.split(name, fold, split), **kwargs)
+
+    def val_data(self, name: str, fold: int) -> list[Any] | None:
+        """Validation records for the trainer (None when only the final model is validated)."""
+        return None if self.settings.validate == "final" else self.split(name, fold, "val")
+
+    def finish_validation(self, model: nn.Module, tok: Any, name: str, fold: int, history: Any) -> Any:
+        """With validate="final", append the final model's validation loss to `history`."""
+        if self.settings.validate != "final":
+            return history
+        task = self.task(name, fold)
+        objective = make_objective(
+            task.objective, tok, self.settings.max_length, float(task.defaults.get("beta", 0.5))
+        )
+        examples = objective.encode(self.split(name, fold, "val"))
+        model.eval()
+        with self.autocast():
+            device = next(model.parameters()).device
+            scorer = TokenScorer(model)
+            loss = mean_loss(objective, scorer, examples, self.settings.eval_batch_size, device)["loss"]
+        record = {"epoch": self.settings.epochs, "val_loss": float(loss)}
+        validation = history.validation if hasattr(history, "validation") else history["validation"]
+        validation.append(record)
+        return history
+
+    def train_kwargs(self, lr: float, seed: int = 42) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "epochs": s.epochs,
+            "batch_size": s.batch_size,
+            "lr": lr,
+            "seed": seed,
+            "precision": s.precision,
+            "progress": False,
+            **({"max_length": s.max_length} if s.max_length is not None else {}),
+        }
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    test = result.get("test")
+    return json.dumps(test) if test is not None else ", ".join(sorted(result)[:6])
+
+
+def main_metric(name: str, metrics: dict[str, float]) -> float:
+    """One number per task for choosing α: mean of MC1 and MC2, or the exact match."""
+    if name == "truthfulqa":
+        return (metrics["mc1"] + metrics["mc2"]) / 2
+    return metrics["exact_match"]
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def final_val_loss(history: Any) -> float:
+    validation = history.validation if hasattr(history, "validation") else history["validation"]
+    return float(validation[-1]["val_loss"]) if validation else float("nan")

@@ -1,0 +1,437 @@
+"""The units of `paper_tables.py`: one function per experiment (task x method x setting), each
+returning the JSON-able result the harness caches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from _paper_harness import (
+    LOREFT_LRS,
+    LOREFT_SHAPE,
+    OOD_SETS,
+    REPE_ALPHAS,
+    REPE_LAYERS,
+    Harness,
+    final_val_loss,
+    main_metric,
+    sample,
+    trained_state,
+)
+from torch import nn
+
+from lofit import evaluate, select_heads, train_offsets
+from lofit.baselines import apply_iti, get_lora_model, get_red_model, iti_offsets
+from lofit.baselines.iti import head_activations_at_last_token, mass_mean_directions
+from lofit.baselines.parameters import trainable_parameters
+from lofit.config import LofitConfig
+from lofit.heads import find_output_projections
+from lofit.model import get_lofit_model
+from lofit.objectives import make_objective
+from lofit.probe import probe_head_scores
+from lofit.selection import HeadSelection, probe_texts, rank_heads
+from lofit.tasks.llm_adapters import load_mc_split
+from lofit.trainer import TrainingConfig, seed_everything, train_adapter
+from lofit.training.adapter_model import AdapterView
+
+
+# ------------------------------------------------------------------------------------ units
+def unit_zero_shot(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    model, tok = h.base()
+    return {"method": "0-shot", "test": h.evaluate(model, tok, name, fold, "test"), "trainable_params": 0}
+
+
+def unit_select(h: Harness, name: str, fold: int, seed: int) -> dict[str, Any]:
+    """LoFiT step 1 (scale A on every head, L1) -> the full head ranking."""
+    task = h.task(name, fold)
+    model, tok = h.base()
+    selection = select_heads(
+        model,
+        tok,
+        h.split(name, fold, "train"),
+        method="lofit",
+        objective=task.objective,
+        l1=float(task.defaults["l1"]),
+        **h.train_kwargs(float(task.defaults["lr_select"]), seed),
+    )
+    return {
+        "method": "lofit-select",
+        "seed": seed,
+        "l1": float(task.defaults["l1"]),
+        "lr": float(task.defaults["lr_select"]),
+        "scores": selection.scores.tolist(),
+        "ranking": [list(x) for x in selection.ranking],
+        "train_wall_s": (selection.history or {}).get("summary", {}).get("elapsed_s"),
+    }
+
+
+def activations_and_labels(h: Harness, name: str, fold: int, model: nn.Module, tok: Any) -> dict[str, Any]:
+    """Last-token head outputs of true/false texts built from train and val records (ITI's data)."""
+    task = h.task(name, fold)
+    train, val = h.split(name, fold, "train"), h.split(name, fold, "val")
+    positives, negatives = probe_texts(train + val, task.objective, h.settings.sample_seed)
+    acts = head_activations_at_last_token(
+        model, tok, positives + negatives, batch_size=h.settings.eval_batch_size
+    )
+    labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).long()
+    is_train = torch.tensor([i < len(train) for i in range(len(positives))] * 2)
+    return {"acts": acts, "labels": labels, "is_train": is_train}
+
+
+def probe_selection(acts: dict[str, Any]) -> HeadSelection:
+    x, y, is_train = acts["acts"], acts["labels"], acts["is_train"]
+    scores = probe_head_scores(x[is_train], y[is_train], x[~is_train], y[~is_train])
+    return HeadSelection(scores.val_accuracy, rank_heads(scores.val_accuracy, scores.val_loss), "probe")
+
+
+def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """ITI: probe-ranked heads, mass-mean shift α·σ·u at every position; α chosen on validation."""
+    model, tok = h.base()
+    with h.autocast():
+        acts = activations_and_labels(h, name, fold, model, tok)
+    selection = probe_selection(acts)
+    directions = mass_mean_directions(acts["acts"], acts["labels"])
+    heads = selection.top(h.settings.iti_k)
+    wrapped = None
+    search: list[dict[str, Any]] = []
+    for alpha in h.settings.iti_alphas:
+        offsets = iti_offsets(directions.directions, directions.sigmas, heads, alpha)
+        wrapped = apply_iti(wrapped if wrapped is not None else model, offsets)
+        val = h.evaluate(wrapped, tok, name, fold, "val_eval")
+        search.append({"alpha": alpha, "val": val, "val_score": main_metric(name, val)})
+    best = max(search, key=lambda r: r["val_score"])
+    offsets = iti_offsets(directions.directions, directions.sigmas, heads, best["alpha"])
+    assert wrapped is not None
+    wrapped = apply_iti(wrapped, offsets)
+    test = h.evaluate(wrapped, tok, name, fold, "test")
+    torch.save({k: v for k, v in offsets.items()}, h.work_dir / f"iti_{name}{fold}.pt")
+    return {
+        "method": "ITI",
+        "k": selection.count(h.settings.iti_k),
+        "alpha": best["alpha"],
+        "search": search,
+        "test": test,
+        "trainable_params": 0,
+        "probe_scores": selection.scores.tolist(),
+        "probe_ranking": [list(x) for x in selection.ranking],
+    }
+
+
+def depth_layers(fractions: Sequence[float], num_layers: int) -> list[int]:
+    """Layer indices at the given fractions of the depth (distinct, in order)."""
+    return sorted({min(int(f * num_layers), num_layers - 1) for f in fractions})
+
+
+def unit_repe(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """RepE: reading (TruthfulQA) or contrast vector (SFT tasks) at one layer, layer and α on validation."""
+    from lofit.baselines.repe import (
+        RepeShift,
+        apply_repe,
+        contrast_vector,
+        reading_vector,
+        residual_at_last_token,
+        residual_scale,
+    )
+
+    task = h.task(name, fold)
+    model, tok = h.base()
+    positives, negatives = probe_texts(h.split(name, fold, "train"), task.objective, h.settings.sample_seed)
+    with h.autocast():
+        pos = residual_at_last_token(model, tok, positives, batch_size=h.settings.eval_batch_size)
+        neg = residual_at_last_token(model, tok, negatives, batch_size=h.settings.eval_batch_size)
+    kind = "reading" if task.objective == "dpo" else "contrast"
+    directions = reading_vector(pos, neg) if kind == "reading" else contrast_vector(pos, neg)
+    scales = residual_scale(torch.cat([pos, neg]))
+    wrapped: Any = model
+    search: list[dict[str, Any]] = []
+    layers = depth_layers(h.settings.repe_layers or REPE_LAYERS, directions.shape[0])
+    for layer in layers:
+        for alpha in h.settings.repe_alphas or REPE_ALPHAS:
+            wrapped = apply_repe(wrapped, RepeShift(layer, directions[layer], alpha, float(scales[layer])))
+            val = h.evaluate(wrapped, tok, name, fold, "val_eval")
+            search.append({"layer": layer, "alpha": alpha, "val": val, "val_score": main_metric(name, val)})
+    best = max(search, key=lambda r: r["val_score"])
+    shift = RepeShift(best["layer"], directions[best["layer"]], best["alpha"], float(scales[best["layer"]]))
+    wrapped = apply_repe(wrapped, shift)
+    return {
+        "method": "RepE",
+        "vector": kind,
+        "layer": best["layer"],
+        "alpha": best["alpha"],
+        "scale": shift.scale,
+        "search": search,
+        "test": h.evaluate(wrapped, tok, name, fold, "test"),
+        "trainable_params": 0,
+    }
+
+
+def unit_loreft(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """LoReFT at fixed layers/rank/positions (LOREFT_SHAPE), lr from the grid by validation loss."""
+    from lofit.baselines.loreft import get_loreft_model
+
+    task = h.task(name, fold)
+    if task.eval_task != "exact_match":
+        raise NotImplementedError(
+            f"LoReFT needs each scored sequence's prompt boundary; {task.eval_task} scoring builds its prompts "
+            "inside the evaluator, so only generation-scored tasks are supported here"
+        )
+    shape = LOREFT_SHAPE
+
+    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
+        base, tok = h.base()
+        seed_everything(h.train_kwargs(lr)["seed"])
+        layers = depth_layers(shape["layers"], len(find_output_projections(base).sites))
+        model = get_loreft_model(base, layers, shape["rank"], shape["first"], shape["last"])
+        prompts = [r["prompt"] for split in ("train", "val", "test") for r in h.split(name, fold, split)]
+        model.register_prompts(tok, prompts)
+        return model, tok, train_baseline(h, name, fold, model, tok, lr)
+
+    model, tok, search, lr = lr_search(h, h.settings.loreft_lrs or LOREFT_LRS, train_one)
+    return {
+        "method": "LoReFT",
+        **shape,
+        "layer_indices": list(model.layer_indices),
+        "lr": lr,
+        "search": search,
+        "test": h.evaluate(model, tok, name, fold, "test"),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+
+
+def heads_for(
+    h: Harness, name: str, fold: int, source: str, k: float, seed: int = 42
+) -> dict[int, list[int]]:
+    """Top-k heads from LoFiT selection (`source`="lofit" or another task's name), probe or random."""
+    if source == "random":
+        model, tok = h.base()
+        train = h.split(name, fold, "train")[:2]
+        task = h.task(name, fold)
+        selection = select_heads(model, tok, train, method="random", objective=task.objective, seed=seed)
+        return selection.top(k)
+    if source == "probe":
+        unit = h.get(f"iti/{name}/f{fold}")
+        if unit is None:
+            raise RuntimeError(f"probe heads need the ITI unit of {name} first")
+        scores = torch.tensor(unit["probe_scores"])
+        ranking = [tuple(x) for x in unit["probe_ranking"]]
+        return HeadSelection(scores, ranking, "probe").top(k)
+    if source == "probe_layers":
+        return probe_layer_heads(h, name, fold, k)
+    if source == "bias":
+        unit = ensure_unit(h, f"bias_select/{name}/f{fold}", lambda: unit_bias_select(h, name, fold))
+        scores = torch.tensor(unit["scores"])
+        return HeadSelection(scores, rank_heads(scores), "bias").top(k)
+    task_name = name if source == "lofit" else source
+    task_fold = fold if source == "lofit" else 0
+    unit = ensure_selection(h, task_name, task_fold, seed)
+    scores = torch.tensor(unit["scores"])
+    return HeadSelection(scores, [tuple(x) for x in unit["ranking"]], "lofit").top(k)
+
+
+def probe_layer_heads(h: Harness, name: str, fold: int, k: float) -> dict[int, list[int]]:
+    """ "Probing for layers": layers ranked by mean probe accuracy over their heads; all heads of the best
+    layers until K (the last layer contributes its best-probed heads)."""
+    unit = h.get(f"iti/{name}/f{fold}")
+    if unit is None:
+        raise RuntimeError(f"probe layers need the ITI unit of {name} first")
+    scores = torch.tensor(unit["probe_scores"])  # [L, H] validation accuracy
+    ranking = [tuple(x) for x in unit["probe_ranking"]]
+    wanted = HeadSelection(scores, ranking, "probe").count(k)
+    heads: dict[int, list[int]] = {}
+    for layer in scores.mean(1).argsort(descending=True, stable=True).tolist():
+        room = wanted - sum(len(v) for v in heads.values())
+        if room <= 0:
+            break
+        best = scores[layer].argsort(descending=True, stable=True).tolist()[:room]
+        heads[layer] = sorted(best)
+    return dict(sorted(heads.items()))
+
+
+def unit_bias_select(h: Harness, name: str, fold: int) -> dict[str, Any]:
+    """Bias-based selection: offsets trained on every head (the task's tuned LoFiT lr); score = ‖v‖₂."""
+    tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
+    lr = float(tuned["lr"]) if tuned is not None else float(h.settings.lofit_lrs[0])
+    base, _ = h.base()
+    geometry = find_output_projections(base)
+    every = {layer: list(range(geometry.num_heads)) for layer in range(geometry.num_layers)}
+    model, result = train_lofit(h, name, fold, every, [lr])
+    params = model.get_head_params()  # type: ignore[operator]
+    scores = torch.zeros(geometry.num_layers, geometry.num_heads)
+    for (layer, head), entry in params.items():
+        scores[layer, head] = entry["offset"].float().norm()
+    return {
+        "method": "bias-select (offsets on all heads)",
+        "lr": lr,
+        "scores": scores.tolist(),
+        "all_heads": result,
+    }
+
+
+def ensure_unit(h: Harness, unit_id: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    result = h.run(unit_id, fn)
+    if result is None:
+        raise BudgetSpent(unit_id)
+    return result
+
+
+def ensure_selection(h: Harness, name: str, fold: int, seed: int = 42) -> dict[str, Any]:
+    unit_id = f"select/{name}/f{fold}/s{seed}"
+    result = h.run(unit_id, lambda: unit_select(h, name, fold, seed))
+    if result is None:
+        raise BudgetSpent(unit_id)
+    return result
+
+
+class BudgetSpent(RuntimeError):
+    """A unit's dependency could not start because the budget is spent."""
+
+
+def lr_search(
+    h: Harness, lrs: Sequence[float], train_one: Callable[[float], tuple[nn.Module, Any, Any]]
+) -> tuple[nn.Module, Any, list[dict[str, Any]], float]:
+    """Train once per learning rate; keep the model with the lowest final validation loss."""
+    best: tuple[float, nn.Module, Any, float] | None = None
+    search = []
+    for lr in lrs:
+        model, tok, history = train_one(lr)
+        loss = final_val_loss(history)
+        elapsed = (history.summary if hasattr(history, "summary") else history["summary"])["elapsed_s"]
+        search.append({"lr": lr, "val_loss": loss, "train_s": round(float(elapsed), 1)})
+        if best is None or loss < best[0]:
+            best = (loss, model, tok, lr)
+    assert best is not None
+    return best[1], best[2], search, best[3]
+
+
+def train_lofit(
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """LoFiT step 2 on `heads` for each learning rate of `lrs`; the model with the lowest validation
+    loss, its test metrics, and the search (the result fields every LoFiT unit shares)."""
+    task = h.task(name, fold)
+
+    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
+        base, tok = h.base()
+        model = train_offsets(
+            base,
+            tok,
+            h.split(name, fold, "train"),
+            heads,
+            objective=task.objective,
+            val_data=h.val_data(name, fold),
+            **h.train_kwargs(lr),
+        )
+        return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
+
+    model, tok, search, lr = lr_search(h, lrs, train_one)
+    result = {
+        "k": sum(len(v) for v in heads.values()),
+        "heads": {str(layer): v for layer, v in heads.items()},
+        "lr": lr,
+        "search": search,
+        "test": h.evaluate(model, tok, name, fold, "test"),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+    return model, result
+
+
+def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit") -> dict[str, Any]:
+    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss."""
+    heads = heads_for(h, name, fold, source, k)
+    # The lr grid is searched once per task/fold, on LoFiT with the large K and its own heads; every
+    # other LoFiT unit of that task reuses the chosen lr (the CPU budget allows no search per unit).
+    tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
+    if k == h.settings.k_large and source == "lofit":
+        lrs, lr_from = list(h.settings.lofit_lrs), "searched here"
+    elif tuned is not None:
+        lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
+    else:
+        lrs, lr_from = list(h.settings.lofit_lrs[:1]), "first grid value (the tuned unit did not run)"
+    model, result = train_lofit(h, name, fold, heads, lrs)
+    if name == "truthfulqa" and fold == 0 and source == "lofit":
+        torch.save({"heads": heads, "state": trained_state(model)}, h.work_dir / f"lofit_{name}{fold}_{k}.pt")
+    return {"method": f"LoFiT ({source} heads)", **result, "lr_from": lr_from}
+
+
+def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any, lr: float) -> Any:
+    """The trainer's loop (objective, AdamW, linear schedule, clipping) on a peft/RED model."""
+    task = h.task(name, fold)
+    config = TrainingConfig(**h.train_kwargs(lr))
+    objective = make_objective(task.objective, tok, config.max_length, config.beta)
+    train = objective.encode(h.split(name, fold, "train"))
+    val_records = h.val_data(name, fold)
+    val = objective.encode(val_records) if val_records else None
+    seed_everything(config.seed)
+    # AdapterView: the trainer's AdapterModel protocol, with the baseline's own parameters and switch
+    trainee = AdapterView(model, trainable_parameters(model))
+    history = train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
+    return h.finish_validation(model, tok, name, fold, history)
+
+
+def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, Any]:
+    """LoRA (r=8, α=8, dropout 0.1 on q/v via peft) or RED (scale+bias on attention outputs)."""
+
+    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
+        base, tok = h.base()
+        seed_everything(h.train_kwargs(lr)["seed"])  # LoRA's A init (42 unless a subclass reseeds)
+        model = get_lora_model(base) if method == "lora" else get_red_model(base, site="attention")
+        history = train_baseline(h, name, fold, model, tok, lr)
+        return model, tok, history
+
+    lrs = h.settings.lora_lrs if method == "lora" else h.settings.red_lrs
+    model, tok, search, lr = lr_search(h, lrs, train_one)
+    test = h.evaluate(model, tok, name, fold, "test")
+    if name == "truthfulqa" and fold == 0 and method == "lora":
+        torch.save(trained_state(model), h.work_dir / f"lora_{name}{fold}.pt")
+    return {
+        "method": "LoRA" if method == "lora" else "RED",
+        "lr": lr,
+        "search": search,
+        "test": test,
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+
+
+def unit_ood(h: Harness, method: str) -> dict[str, Any]:
+    """0-shot log-likelihood accuracy on ARC-Easy, PIQA, OpenBookQA of a model trained on TruthfulQA."""
+    base, tok = h.base()
+    model: nn.Module = base
+    source = ""
+    if method == "iti":
+        path = h.work_dir / "iti_truthfulqa0.pt"
+        model = apply_iti(base, torch.load(path))
+        source = str(path)
+    elif method == "lofit":
+        path = h.work_dir / f"lofit_truthfulqa0_{h.settings.k_large}.pt"
+        saved = torch.load(path)
+        model = get_lofit_model(
+            base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
+        )
+        load_state(model, saved["state"])
+        source = str(path)
+    elif method == "lora":
+        path = h.work_dir / "lora_truthfulqa0.pt"
+        model = get_lora_model(base)
+        load_state(model, torch.load(path))
+        source = str(path)
+    model.eval()
+    scores = {}
+    for bench in OOD_SETS:
+        records = sample(load_mc_split(bench, "test"), h.settings.max_ood, h.settings.sample_seed)
+        with h.autocast(), torch.no_grad():
+            metrics = evaluate(
+                model, tok, "mc", records, batch_size=h.settings.eval_batch_size, progress=False
+            )
+        scores[bench] = metrics
+    return {"method": method, "test": scores, "adapter": source}
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise KeyError(f"saved adapter parameters {missing[:3]} do not exist in the rebuilt model")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)
