@@ -67,11 +67,13 @@ def test_adapter_records_every_base_tensor_not_its_own(saved: Path) -> None:
 def test_fingerprint_ignores_adapter_layers(wrap: str) -> None:
     bare = weights_fingerprint(tiny_model("llama"))
     if wrap == "lofit":
-        wrapped = get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS, init_std=0.1)).base_model
+        wrapped = get_lofit_model(
+            tiny_model("llama"), LofitConfig(heads=HEADS, init_std=0.1)
+        ).get_base_model()
     elif wrap == "red":
         from lofit.baselines.red import RedModel
 
-        wrapped = RedModel(tiny_model("llama")).base_model
+        wrapped = RedModel(tiny_model("llama")).get_base_model()
     else:
         peft = pytest.importorskip("peft")
         wrapped = peft.get_peft_model(

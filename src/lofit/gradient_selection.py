@@ -124,7 +124,7 @@ def _accumulate_gradients(
     assert all(scale is not None for scale in scales)
     summed = [torch.zeros_like(scale) for scale in scales]  # type: ignore[arg-type]
     fisher = torch.zeros(geometry.num_layers, geometry.num_heads)
-    device = model.base_model.get_input_embeddings().weight.device  # type: ignore[operator]
+    device = model.get_base_model().get_input_embeddings().weight.device  # type: ignore[operator]
     scorer = TokenScorer(model)
     loss_scale = 2.0**12 if config.precision == "fp16" else 1.0  # fp16 gradients underflow unscaled
     total_units = sum(task.units(example) for example in examples)

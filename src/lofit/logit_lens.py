@@ -40,7 +40,7 @@ class HeadTokens:
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The final normalisation module before the LM head (e.g. Llama's `model.norm`, GPT-2's `ln_f`)."""
-    causal_lm = model.base_model if isinstance(model, LofitModel) else model
+    causal_lm = model.get_base_model() if isinstance(model, LofitModel) else model
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm  # type: ignore[operator]
     for name in FINAL_NORM_NAMES:
         module = getattr(decoder, name, None)
@@ -89,7 +89,7 @@ def offset_logit_lens(
         offsets = {pair: entry["offset"] for pair, entry in model.get_head_params().items()}
     if not offsets:
         raise LofitValueError("no offsets to read; train an adapter with use_offset=True or pass offsets")
-    causal_lm = model.base_model if isinstance(model, LofitModel) else model
+    causal_lm = model.get_base_model() if isinstance(model, LofitModel) else model
     geometry = model.geometry if isinstance(model, LofitModel) else find_output_projections(model)
     unembed = causal_lm.get_output_embeddings()  # type: ignore[operator]
     normalise = norm if norm is not None else final_norm(model)

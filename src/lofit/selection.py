@@ -247,16 +247,7 @@ def select_heads(
     records, val_records = train_val_records(train_data, val_data, objective)
     target_modules = LofitConfig(target_modules=target_modules).target_modules  # validated
     geometry = find_output_projections(base_model, target_modules)
-    metadata: dict[str, Any] = {
-        "objective": objective,
-        "num_train": len(records),
-        "num_val": len(val_records or []),
-        "model_type": geometry.model_type,
-        "score": SCORE_MEANING[method],
-        "settings": {k: v for k, v in vars(config).items() if k not in ("output_dir", "progress")},
-    }
-    if target_modules is not None:
-        metadata["target_modules"] = target_modules
+    metadata = _selection_metadata(method, objective, records, val_records, geometry, config, target_modules)
     if method == "random":
         generator = torch.Generator().manual_seed(config.seed)
         scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
@@ -276,6 +267,29 @@ def select_heads(
         base_model, tokenizer, records, val_records, objective, config, target_modules
     )
     return HeadSelection(scores, rank_heads(scores), method, metadata, history)
+
+
+def _selection_metadata(
+    method: str,
+    objective: str,
+    records: list[Record],
+    val_records: list[Record] | None,
+    geometry: HeadGeometry,
+    config: TrainingConfig,
+    target_modules: list[str] | None,
+) -> dict[str, Any]:
+    """What heads.json records about how a selection was made."""
+    metadata: dict[str, Any] = {
+        "objective": objective,
+        "num_train": len(records),
+        "num_val": len(val_records or []),
+        "model_type": geometry.model_type,
+        "score": SCORE_MEANING[method],
+        "settings": {k: v for k, v in vars(config).items() if k not in ("output_dir", "progress")},
+    }
+    if target_modules is not None:
+        metadata["target_modules"] = target_modules
+    return metadata
 
 
 def _select_by_lofit(

@@ -99,7 +99,7 @@ class LoreftModel(PassThroughModel):
         self, base_model: nn.Module, layers: Sequence[int], rank: int, first: int, last: int
     ) -> None:
         super().__init__()
-        self.base_model = base_model
+        self.model = base_model
         blocks = decoder_layers(base_model)
         chosen = sorted(set(int(x) for x in layers))
         if not chosen or any(not 0 <= x < len(blocks) for x in chosen):
@@ -208,7 +208,7 @@ class LoreftModel(PassThroughModel):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        return self.base_model
+        return self.model
 
 
 def get_loreft_model(

@@ -204,7 +204,7 @@ class RepeModel(PassThroughModel):
 
     def __init__(self, base_model: nn.Module, shift: RepeShift) -> None:
         super().__init__()
-        self.base_model = base_model
+        self.model = base_model
         self.layers = decoder_layers(base_model)
         self.disabled = False
         self.handle: Any = None
@@ -216,7 +216,7 @@ class RepeModel(PassThroughModel):
             raise RepeError(
                 f"layer {shift.layer} is out of range; this model has layers 0..{len(self.layers) - 1}"
             )
-        embeddings = self.base_model.get_input_embeddings()  # type: ignore[operator]
+        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
         width = int(getattr(embeddings, "embedding_dim", shift.direction.numel()))
         if tuple(shift.direction.shape) != (width,):
             raise RepeError(f"direction must have shape ({width},), got {tuple(shift.direction.shape)}")
@@ -248,7 +248,7 @@ class RepeModel(PassThroughModel):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        return self.base_model
+        return self.model
 
 
 def apply_repe(base_model: nn.Module, shift: RepeShift) -> RepeModel:
