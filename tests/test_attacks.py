@@ -440,7 +440,7 @@ def model_attacks() -> list[Attack]:
                lambda env: env.eval(
                    adapter=adapter_config(env, lambda d: d["base_model"].update(projection_fingerprint="abc"))
                ),
-               ("lofit_config.json", "invalid value")),
+               ("lofit_config.json", "projection_fingerprint")),
         Attack("models", "merge-adapter-missing", lambda env: env.merge(env.root / "m", adapter=env.root / "none"),
                ("--adapter", "none")),
         Attack("models", "merge-disk-full", disk_full_merge,

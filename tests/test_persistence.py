@@ -76,8 +76,8 @@ def test_wrong_base_model(saved: Path, make_base, message: str) -> None:  # type
 def test_already_merged_base_is_refused(tmp_path: Path) -> None:
     model = get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS, init_std=0.3))  # offsets only
     model.save_pretrained(tmp_path / "a")
-    merged = model.merge_and_unload()  # weights unchanged, biases added
-    with pytest.raises(BaseModelMismatchError, match="biases in layer 0"):
+    merged = model.merge_and_unload()  # weights unchanged, biases added (and the config's switch turned on)
+    with pytest.raises(BaseModelMismatchError, match=r"attention_bias|biases in layer 0"):
         LofitModel.from_pretrained(merged, tmp_path / "a")
 
 

@@ -27,8 +27,8 @@ from .locking import with_output_lock
 from .options import PRECISIONS, QUANTIZATIONS, SELECT_METHODS, RunOptions, parse_k
 
 TASK_HELP = (
-    "truthfulqa, mquake, clutrr (their LoFiT splits), arc_easy, openbookqa, piqa, winogrande, or sft, dpo, "
-    "mc, exact_match with your own --train/--val/--test files"
+    "truthfulqa, mquake, clutrr, svamp (their LoFiT splits), arc_easy, arc_challenge, boolq, siqa, openbookqa, "
+    "piqa, winogrande, or sft, dpo, mc, exact_match with your own --train/--val/--test files"
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterLoadError, LofitError, LofitValueError
 from .options import RunOptions
-from .output_paths import check_input_dir, check_input_file
+from .output_paths import check_input_dir, check_input_file, is_hub_adapter
 from .task_defaults import defaults_for
 
 if TYPE_CHECKING:
@@ -183,7 +183,8 @@ def load_adapter(model: nn.Module, adapter: Path) -> LofitModel:
     """
     from .model import LofitModel
 
-    check_input_dir(adapter, "--adapter", ADAPTER_FILES)
+    if not is_hub_adapter(adapter):  # a Hub repo id is resolved (and its errors named) by from_pretrained
+        check_input_dir(adapter, "--adapter", ADAPTER_FILES)
     try:
         return LofitModel.from_pretrained(model, adapter)
     except LofitError:

@@ -215,6 +215,14 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
                 os.close(entry[0])
 
 
+def _below_a_file(path: Path) -> bool:
+    """Whether the nearest existing folder above `path` is in fact a file (no lock can be placed there)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return not parent.is_dir()
+    return False
+
+
 def with_output_lock(handler: Callable[[Any], int]) -> Callable[[Any], int]:
     """Wrap a CLI command handler so that it runs holding the lock of `args.out` (if it has one).
 
@@ -227,7 +235,7 @@ def with_output_lock(handler: Callable[[Any], int]) -> Callable[[Any], int]:
 
     def locked(args: Any) -> int:
         out = getattr(args, "out", None)
-        if out is None:
+        if out is None or _below_a_file(Path(out)):  # the command's own check explains that case
             return handler(args)
         with output_lock(out):
             return handler(args)

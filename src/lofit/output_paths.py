@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ from pathlib import Path
 from .errors import LofitValueError
 
 PathLike = str | os.PathLike[str]
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the shape lofit.hub treats as a repo id
 
 
 def _resolved(path: PathLike) -> Path:
@@ -165,3 +169,25 @@ def check_output_dir(out: PathLike, option: str = "--out") -> None:
             error.errno,
             f"cannot write to the output directory {out}: {error.strerror}; choose another {option}",
         ) from None
+
+
+def is_hub_adapter(path: PathLike) -> bool:
+    """Whether `--adapter` names a Hub repo id ("org/name") rather than a local folder (which always wins).
+
+    Args:
+        path: the `--adapter` value.
+
+    Returns:
+        True when nothing exists at `path` and it has the shape of a repo id.
+
+    Example:
+        >>> is_hub_adapter("org/surely-not-a-local-folder"), is_hub_adapter("./runs/adapter")
+        (True, False)
+    """
+    text = os.fspath(path)
+    return (
+        not Path(text).expanduser().exists()
+        and bool(_REPO_ID.match(text))
+        and not text.startswith(".")
+        and ".." not in text
+    )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import AdapterLoadError, LofitError, LofitRuntimeError, LofitValueError
 from .inputs import ADAPTER_FILES, PreparedData, input_paths, load, load_adapter, load_selection, prepare_data
 from .options import RunOptions
-from .output_paths import check_input_dir, check_output_apart, check_output_dir
+from .output_paths import check_input_dir, check_output_apart, check_output_dir, is_hub_adapter
 
 if TYPE_CHECKING:
     from torch import nn
@@ -370,7 +370,8 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
 
     local_model = model if Path(model).expanduser().exists() else None
     check_output_apart(out, {"--model": local_model, "--adapter": adapter})
-    check_input_dir(adapter, "--adapter", ADAPTER_FILES)
+    if not is_hub_adapter(adapter):  # a Hub repo id is resolved (and its errors named) by from_pretrained
+        check_input_dir(adapter, "--adapter", ADAPTER_FILES)
     try:
         return merge_adapter_checkpoint(model, str(adapter), str(out), dtype=dtype)
     except LofitError:

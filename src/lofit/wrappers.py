@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -39,6 +40,35 @@ class PassThroughModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+
+class SwitchableModel(PassThroughModel):
+    """A pass-through wrapper whose edit is skipped while `disabled` is set (hook-based baselines).
+
+    Example:
+        >>> import torch
+        >>> class Shift(SwitchableModel):
+        ...     def __init__(self, model: nn.Module) -> None:
+        ...         super().__init__()
+        ...         self.model, self.disabled = model, False
+        >>> wrapped = Shift(torch.nn.Identity())
+        >>> with wrapped.disable_adapter():
+        ...     wrapped.disabled
+        True
+        >>> wrapped.disabled
+        False
+    """
+
+    disabled: bool
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model behaves exactly like the base model."""
+        previous, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = previous
 
 
 class Fp32Parameters(nn.Module):

@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..errors import LofitValueError
 from ..layer_checkpointing import decoder_layers
 from ..objectives import tokenize_text
-from ..wrappers import PassThroughModel
+from ..wrappers import SwitchableModel
 
 
 class LoreftError(LofitValueError):
@@ -81,7 +81,7 @@ class LoreftIntervention(nn.Module):
         return (h + edit @ rotation).to(hidden.dtype)
 
 
-class LoreftModel(PassThroughModel):
+class LoreftModel(SwitchableModel):
     """A causal LM with a LoReFT intervention on the output of each layer in `layers`.
 
     Only the interventions' parameters are trainable. `disable_adapter()` gives the base model back.
@@ -194,15 +194,6 @@ class LoreftModel(PassThroughModel):
         return hook
 
     # ------------------------------------------------------------------------ adapter API
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model behaves exactly like the base model."""
-        previous, self.disabled = self.disabled, True
-        try:
-            yield
-        finally:
-            self.disabled = previous
-
     def unload(self) -> nn.Module:
         """Remove the hooks; return the plain base model."""
         for handle in self._handles:

@@ -24,8 +24,7 @@ Choices the paper leaves open, and the ones made here:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 from ..errors import LofitValueError
 from ..layer_checkpointing import decoder_layers
 from ..objectives import pad_token_id, tokenize_text
-from ..wrappers import PassThroughModel
+from ..wrappers import SwitchableModel
 
 REPE_KINDS = ("reading", "contrast")
 
@@ -185,7 +184,7 @@ class RepeShift:
         return self.alpha * self.scale * self.direction.float()
 
 
-class RepeModel(PassThroughModel):
+class RepeModel(SwitchableModel):
     """A base model whose decoder layer `shift.layer` adds `shift.vector` to its output at every position.
 
     Nothing is trained; `disable_adapter()` gives the base model back inside a block.
@@ -233,15 +232,6 @@ class RepeModel(PassThroughModel):
             return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
         self.handle = self.layers[shift.layer].register_forward_hook(hook)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model behaves exactly like the base model."""
-        previous, self.disabled = self.disabled, True
-        try:
-            yield
-        finally:
-            self.disabled = previous
 
     def unload(self) -> nn.Module:
         """Remove the hook; return the plain base model."""
