@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from lofit import LofitConfig, get_lofit_model
 from lofit.errors import LofitError, LofitRuntimeError, LofitValueError
 from lofit.model import LofitModel
-from tiny_models import EOS_ID, PAD_ID, tiny_config, tiny_model
+from tiny_models import ARCHITECTURES, EOS_ID, PAD_ID, tiny_config, tiny_model
 
 NAMES = ["a", "b", "__base__", "c", "a"]
 
@@ -170,3 +170,20 @@ def test_bf16_offset_rows_match_their_solo_run() -> None:
     for row, name in enumerate(names):  # offset-only adapters: the same bf16 add as running alone
         alone = _solo(model, name, lambda: model(input_ids=ids, attention_mask=mask).logits)
         assert torch.equal(mixed[row], alone[row]), (row, name)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_every_architecture_forward_and_cached_generate(model_type: str) -> None:
+    model = get_lofit_model(tiny_model(model_type), LofitConfig(heads={0: [0], 2: [1]}, init_std=0.5), "a")
+    model.add_adapter("b", LofitConfig(heads={1: [3]}, use_scale=True, init_std=0.5))
+    model.eval()
+    ids = torch.randint(3, 100, (3, 5), generator=torch.Generator().manual_seed(0))
+    names = ["b", "__base__", "a"]
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None)
+    generated = model.generate(ids, adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        alone = _solo(model, name, lambda: model(input_ids=ids).logits)
+        assert torch.allclose(mixed[row], alone[row], atol=1e-6, rtol=0), (model_type, name)
+        alone_gen = _solo(model, name, lambda: model.generate(ids, **kwargs))
+        assert torch.equal(generated[row], alone_gen[row]), (model_type, name)
