@@ -187,3 +187,9 @@ def test_every_architecture_forward_and_cached_generate(model_type: str) -> None
         assert torch.allclose(mixed[row], alone[row], atol=1e-6, rtol=0), (model_type, name)
         alone_gen = _solo(model, name, lambda: model.generate(ids, **kwargs))
         assert torch.equal(generated[row], alone_gen[row]), (model_type, name)
+
+
+def test_base_name_is_reserved() -> None:
+    model = _model()
+    with pytest.raises(LofitValueError, match="reserved"):
+        model.add_adapter("__base__", LofitConfig(heads={0: [0]}))

@@ -19,7 +19,7 @@ from .layer import HeadVectors, LofitProjection
 from .lm_head import add_contiguous_input_hook
 from .merge import innermost
 from .merged import complete_merged_model, plan_merged_model
-from .mixed_batch import batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
+from .mixed_batch import BASE_NAME, batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
 from .persistence import CONFIG_NAME, read_adapter_config, read_adapter_tensors, save_adapter
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
@@ -186,6 +186,10 @@ class LofitModel(AdapterModel):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise LofitConfigError(
                 f"adapter_name must be a non-empty string without '.', got {adapter_name!r}"
+            )
+        if adapter_name == BASE_NAME:
+            raise LofitConfigError(
+                f"{BASE_NAME!r} is reserved (it means 'no adapter' in adapter_names=); choose another name"
             )
         if adapter_name in self.adapter_configs:
             raise LofitConfigError(
