@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 import torch
-from lofit.checkpoint import latest_checkpoint, load_checkpoint
 from safetensors.torch import load_file
 
 from lofit import LofitConfig, LofitModel, get_lofit_model
 from lofit.atomic import _LEFTOVER, atomic_write_json
 from lofit.locking import holder, lock_path
+from lofit.training.checkpoints import latest_checkpoint, load_checkpoint
 from tiny_models import tiny_model, tiny_tokenizer
 
 TESTS = Path(__file__).parent
