@@ -17,6 +17,8 @@ MODULES = [
     "lofit.lm_head",
     "lofit.merge",
     "lofit.merged",
+    "lofit.mixed_batch",
+    "lofit.composition",
     "lofit.model",
     "lofit.persistence",
     "lofit.wrappers",

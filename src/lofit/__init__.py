@@ -9,6 +9,7 @@ from ._version import __version__
 from .config import LofitConfig
 
 if TYPE_CHECKING:
+    from .composition import combine_adapters
     from .model import LofitModel, get_lofit_model
 
 # Everything that imports torch loads on first use, so `import lofit` (and `lofit --help`) stays fast.
@@ -20,6 +21,7 @@ _LAZY = {
     "train_offsets": "lofit.tuning",
     "load_model": "lofit.loading",
     "evaluate": "lofit.evaluation",
+    "combine_adapters": "lofit.composition",
 }
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "LofitConfig",
     "LofitModel",
     "__version__",
+    "combine_adapters",
     "evaluate",
     "get_lofit_model",
     "load_model",

@@ -8,10 +8,13 @@ activations: no Python loop over heads, and untouched heads see exactly x * 1 + 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .adapter_base import AdapterLayer
+from .errors import LofitRuntimeError
 from .merge import MergeError, fold_input_edit, refusal_for_scale
 from .wrappers import Fp32Parameters
 
@@ -113,6 +116,35 @@ class HeadVectors(Fp32Parameters):
         return scaled.to(hidden.dtype)
 
 
+@dataclass
+class RowVectors:
+    """One projection's per-row edit: `offset` [B, 1, F] and/or `scale` (1 + A) [B, 1, F], fp32 (None: absent)."""
+
+    offset: torch.Tensor | None
+    scale: torch.Tensor | None
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply row i's vectors to row i of `hidden` ([B, ..., F], batch first)."""
+        reference = self.offset if self.offset is not None else self.scale
+        if reference is None:  # no row's adapter edits this layer
+            return hidden
+        rows = reference.shape[0]
+        if hidden.shape[0] != rows:
+            raise LofitRuntimeError(
+                f"adapter_names gives {rows} row(s) but a forward inside the call got a batch of "
+                f"{hidden.shape[0]}; mixed-adapter batches support plain, sampled and beam-search "
+                "generation (not assisted or other decoding that changes the batch); run those per adapter"
+            )
+        shape = (rows,) + (1,) * (hidden.dim() - 2) + (hidden.shape[-1],)
+        if self.scale is None:
+            assert self.offset is not None
+            return hidden + self.offset.view(shape).to(hidden.dtype)
+        scaled = hidden.float() * self.scale.view(shape)
+        if self.offset is not None:
+            scaled = scaled + self.offset.view(shape)
+        return scaled.to(hidden.dtype)
+
+
 class LofitProjection(AdapterLayer):
     """Wraps an attention output projection; applies the active adapter's head vectors to its input.
 
@@ -142,6 +174,7 @@ class LofitProjection(AdapterLayer):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.lofit_adapters = nn.ModuleDict()
+        self.row_vectors: RowVectors | None = None  # set inside `lofit.mixed_batch.mixed_adapters`
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.lofit_adapters
@@ -175,6 +208,8 @@ class LofitProjection(AdapterLayer):
         fold_input_edit(self.base_layer, vectors.dense_scale(), vectors.dense_offset())
 
     def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.row_vectors is not None:  # a mixed-adapter batch: row i gets its own adapter
+            return self.base_layer(self.row_vectors.apply(hidden), *args, **kwargs)
         vectors = self.active_vectors()
         if vectors is not None:
             hidden = vectors(hidden)

@@ -19,6 +19,7 @@ from .layer import HeadVectors, LofitProjection
 from .lm_head import add_contiguous_input_hook
 from .merge import innermost
 from .merged import complete_merged_model, plan_merged_model
+from .mixed_batch import BASE_NAME, batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
 from .persistence import CONFIG_NAME, read_adapter_config, read_adapter_tensors, save_adapter
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
@@ -84,11 +85,34 @@ class LofitModel(AdapterModel):
         return self.adapter_configs
 
     # ----------------------------------------------------------------------------------- plumbing
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped model with the active adapter (an instance shows the wrapped model's signature)."""
-        return super().forward(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the wrapped model with the active adapter (an instance shows the wrapped model's signature).
+
+        Args:
+            *args, **kwargs: the wrapped model's arguments (`input_ids`, `attention_mask`, `labels`, ...).
+            adapter_names: inference only: one adapter name per batch row (`"__base__"`: no adapter),
+                applied instead of the active adapter (see `lofit.mixed_batch`).
+        """
+        if adapter_names is None:
+            return super().forward(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with mixed_adapters(self, names):
+            return super().forward(*args, **kwargs)
 
     forward.__signature__ = CAUSAL_LM_SIGNATURE  # type: ignore[attr-defined]
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's `generate`; `adapter_names` gives each input row its own adapter.
+
+        Every decoding step of row i (KV cache or not) uses `adapter_names[i]`; rows that `generate`
+        expands (beams, `num_return_sequences`) keep their input row's adapter. Assisted generation is
+        refused with `adapter_names`.
+        """
+        if adapter_names is None:
+            return super().generate(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with mixed_adapters(self, names, generation_expand_size(self, kwargs)):
+            return super().generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
@@ -162,6 +186,10 @@ class LofitModel(AdapterModel):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise LofitConfigError(
                 f"adapter_name must be a non-empty string without '.', got {adapter_name!r}"
+            )
+        if adapter_name == BASE_NAME:
+            raise LofitConfigError(
+                f"{BASE_NAME!r} is reserved (it means 'no adapter' in adapter_names=); choose another name"
             )
         if adapter_name in self.adapter_configs:
             raise LofitConfigError(
