@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default=None, help="override the target's device (e.g. cpu for a dry run)"
     )
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="fp32 weights, no autocast (for CPUs without native bf16, where bf16 is emulated and slow)",
+    )
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
@@ -113,6 +118,8 @@ def resolve_target(args: argparse.Namespace) -> setup.Target:
         target = dataclasses.replace(target, llama=dict(shape))
     if args.layers is not None:
         target = dataclasses.replace(target, llama={**target.llama, "num_hidden_layers": args.layers})
+    if args.fp32:
+        target = dataclasses.replace(target, weight_dtype=torch.float32, autocast=None)
     return target
 
 
