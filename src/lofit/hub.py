@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,11 +25,11 @@ from torch import nn
 from ._version import __version__
 from .config import HeadMap, LofitConfig
 from .errors import LofitValueError
+from .output_paths import REPO_ID
 from .persistence import CONFIG_NAME, WEIGHTS_NAME
 
 SELECTION_FILENAME = "heads.json"  # what `lofit select` / `lofit run` write
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class AdapterSource(Protocol):
@@ -58,7 +57,7 @@ class HubError(LofitValueError):
 def looks_like_repo_id(name: str | os.PathLike[str]) -> bool:
     """Whether `name` has the shape of a Hub repo id ("org/name"), as opposed to a longer or explicit path."""
     text = os.fspath(name)
-    return bool(_REPO_ID.match(text)) and not text.startswith(".") and ".." not in text
+    return bool(REPO_ID.match(text)) and not text.startswith(".") and ".." not in text
 
 
 def _download(repo_id: str, filename: str, revision: str | None, token: str | bool | None) -> Path:

@@ -28,7 +28,7 @@ from .errors import LofitValueError
 PathLike = str | os.PathLike[str]
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the shape lofit.hub treats as a repo id
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the shape of a Hub repo id ("org/name")
 
 
 def _resolved(path: PathLike) -> Path:
@@ -187,7 +187,7 @@ def is_hub_adapter(path: PathLike) -> bool:
     text = os.fspath(path)
     return (
         not Path(text).expanduser().exists()
-        and bool(_REPO_ID.match(text))
+        and bool(REPO_ID.match(text))
         and not text.startswith(".")
         and ".." not in text
     )
