@@ -159,6 +159,13 @@ def test_run_generic_mc_end_to_end(
     ):
         assert (out / name).is_file(), name
     assert "| accuracy |" in (out / "report.md").read_text()
+    # the logit lens of every trained offset (App. E), in metrics.json and in report.md
+    lens = metrics["logit_lens"]
+    assert sorted([e["layer"], e["head"]] for e in lens) == sorted(metrics["heads"])
+    assert all(len(e["tokens"]) == len(e["scores"]) == 10 and e["offset_norm"] > 0 for e in lens)
+    report = (out / "report.md").read_text()
+    assert "## Logit lens of the learned offsets" in report
+    assert f"| ({lens[0]['layer']}, {lens[0]['head']}) |" in report
 
 
 def test_run_generic_dpo_then_eval_and_merge(

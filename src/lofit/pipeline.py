@@ -7,6 +7,7 @@ and are re-exported here for older imports.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .errors import LofitValueError
 from .inputs import PreparedData, input_paths, load, prepare_data
 from .options import RunOptions, parse_k
 from .output_paths import check_output_dir
@@ -116,6 +118,19 @@ def _metrics(
     }
 
 
+def offset_tokens(model: LofitModel, tokenizer: Any, top_k: int = 10) -> list[dict[str, Any]] | str:
+    """The logit lens of the trained offsets (`lofit.logit_lens`), as metrics.json entries.
+
+    Returns a note instead where the lens cannot be read on this model (e.g. no final norm found).
+    """
+    from .logit_lens import offset_logit_lens
+
+    try:
+        return [dataclasses.asdict(entry) for entry in offset_logit_lens(model, tokenizer, top_k=top_k)]
+    except LofitValueError as error:
+        return f"logit lens not available: {error}"
+
+
 def run(options: RunOptions) -> dict[str, Any]:
     """Run the whole LoFiT pipeline and write DIR/{metrics.json, heads.json, heads.png, adapter/, report.md}.
 
@@ -149,6 +164,7 @@ def run(options: RunOptions) -> dict[str, Any]:
     results, eval_timings = _evaluate_both(options, data, lofit_model, tokenizer)
     metrics = {**_metrics(options, data, selection, lofit_model, heads, k), **results}
     metrics["timings"] = timings | eval_timings
+    metrics["logit_lens"] = offset_tokens(lofit_model, tokenizer)
     metrics["environment"] = environment()
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, metrics)

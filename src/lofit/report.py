@@ -103,6 +103,38 @@ def _image(out: Path, relative: str, caption: str) -> str:
     return f"![{caption}]({relative})\n" if (out / relative).exists() else f"({caption}: not written)\n"
 
 
+def logit_lens_section(lens: Any, limit: int = 20) -> list[str]:
+    """The report's logit-lens table (the paper's App. E) from metrics.json's `logit_lens` entries.
+
+    Args:
+        lens: a list of `HeadTokens` fields as dicts (what `lofit run` stores), or a note (str) saying
+            why there is none, or None (older metrics.json: no section).
+        limit: how many heads to show, largest ‖v‖ first.
+
+    Example:
+        >>> entry = {"layer": 3, "head": 1, "token_ids": [5], "tokens": [" mother"], "scores": [2.5],
+        ...          "offset_norm": 0.8}
+        >>> logit_lens_section([entry])[-2].splitlines()[-1]
+        '| (3, 1) | 0.800 | `mother` |'
+    """
+    if lens is None:
+        return []
+    title = ["## Logit lens of the learned offsets", ""]
+    if isinstance(lens, str):
+        return [*title, f"({lens})", ""]
+    from .logit_lens import HeadTokens, logit_lens_markdown
+
+    rows = [HeadTokens(**entry) for entry in lens]
+    return [
+        *title,
+        "The tokens each head's offset v promotes when read through the logit lens: the top entries of "
+        "W_U · norm(W_O[:, head] v) (direction only; heads with the largest ‖v‖ first).",
+        "",
+        logit_lens_markdown(rows, limit=limit),
+        "",
+    ]
+
+
 def render_report(out: Path, metrics: dict[str, Any]) -> str:
     """The text of report.md for the metrics of one `lofit run`.
 
@@ -150,6 +182,7 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         *validation_table(metrics.get("validation", {})),
         _image(out, "select/loss_curve.png", "head selection loss"),
         _image(out, "train/loss_curve.png", "offset training loss"),
+        *logit_lens_section(metrics.get("logit_lens")),
         "## Time",
         "",
         "| step | seconds |",
