@@ -14,6 +14,7 @@ task's adapter hurts). Binomial standard errors (exact match, MC1) are given for
 overlap of the two adapters (Jaccard) too.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/composition.py                    # the real run (long)
+    OMP_NUM_THREADS=1 python benchmarks/composition.py --precision fp32             # CPUs without bf16
     python benchmarks/composition.py --quick --model DIR --pairs mquake+clutrr      # smoke test
 
 Results: OUT/composition.json (every unit, resumable: a finished unit is not rerun with the same
@@ -152,6 +153,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=None, help="default bf16 (fp32 on a CPU without bf16)"
+    )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -165,7 +169,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for name in ("model", "max_train", "max_test", "epochs"):
+    for name in ("model", "max_train", "max_test", "epochs", "precision"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     stem = "composition" + ("_quick" if args.quick else "")

@@ -186,6 +186,34 @@ def test_inference_after_a_fused_optimizer_step_sees_the_new_vectors():
     assert mean_loss(model, data) == mean_loss(fresh, data) != loss_before
 
 
+def test_generate_builds_the_vectors_once_and_sees_a_fused_step_between_calls(monkeypatch):
+    """Inside one generate call the dense vectors are built once per layer (trainable or not); a fused AdamW
+    step between two calls is seen by the second (the cache does not outlive the call)."""
+    from lofit.layer import HeadVectors
+
+    model = lofit_model()
+    model.set_head_params({pair: {"offset": torch.full((8,), 0.5)} for pair in [(1, 0), (1, 2), (2, 3)]})
+    builds = []
+    original = HeadVectors.dense_offset
+    monkeypatch.setattr(HeadVectors, "dense_offset", lambda self: builds.append(1) or original(self))
+
+    def scores(of):  # type: ignore[no-untyped-def]
+        out = of.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=6, min_new_tokens=6,
+                          do_sample=False, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        return torch.stack(out.scores)
+
+    first = scores(model)
+    assert len(builds) == 2  # two adapted layers, one build each for the prefill and all 5 decoding steps
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=0.5, fused=True)
+    batch = {k: torch.tensor(v) for k, v in lm_dataset()[:4].items() if k != "text"}
+    model(**batch).loss.backward()
+    optimizer.step()  # in place, without bumping the vectors' version counters
+    second = scores(model)
+    fresh = lofit_model()
+    fresh.set_head_params(model.get_head_params())
+    assert torch.equal(second, scores(fresh)) and not torch.equal(second, first)
+
+
 def test_lofit_trainer_checkpoints_a_model_with_tied_embeddings(tmp_path):
     """SmolLM2 and Gemma tie lm_head to the embeddings: a whole state dict cannot even be written as safetensors
     (plain Trainer fails at its first checkpoint); the adapter folder has no shared tensors."""

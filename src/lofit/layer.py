@@ -8,6 +8,8 @@ activations: no Python loop over heads, and untouched heads see exactly x * 1 + 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,7 @@ class HeadVectors(Fp32Parameters):
         self.offset = self._init_vector(shape, init_std, device) if use_offset else None
         # Without autograd (inference) the dense vectors are built once and reused until a vector changes.
         self._dense_cache: tuple[tuple[object, ...], torch.Tensor | None, torch.Tensor | None] | None = None
+        self._held_calls = 0  # > 0 inside `vectors_held_fixed`: nothing can change the vectors then
 
     @staticmethod
     def _init_vector(shape: tuple[int, int], std: float, device: torch.device | None) -> nn.Parameter:
@@ -101,8 +104,9 @@ class HeadVectors(Fp32Parameters):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Trainable vectors are never cached: fused optimizers (torch's AdamW(fused=True), transformers'
         # default "adamw_torch_fused") update them in place without bumping the version counter.
+        # Inside `vectors_held_fixed` (one `generate` call) no optimizer runs, so the cache is safe then.
         trainable = any(p is not None and p.requires_grad for p in (self.scale, self.offset))
-        if torch.is_grad_enabled() or trainable:
+        if torch.is_grad_enabled() or (trainable and not self._held_calls):
             offset, scale = self.dense_offset(), self.dense_scale()
         else:
             offset, scale = self._cached_dense(hidden)
@@ -114,6 +118,34 @@ class HeadVectors(Fp32Parameters):
         if offset is not None:
             scaled = scaled + offset
         return scaled.to(hidden.dtype)
+
+
+@contextlib.contextmanager
+def vectors_held_fixed(model: nn.Module) -> Iterator[None]:
+    """A block (one `generate` call) in which no adapter vector changes: dense vectors are built once.
+
+    Outside such a block trainable vectors are rebuilt at every forward, since fused optimizers update
+    them in place without a trace; inside it, the many forwards of one generation reuse one build. The
+    cache is dropped on exit. Blocks nest.
+
+    Example:
+        >>> import torch
+        >>> vectors = HeadVectors([0], num_heads=1, head_dim=2, use_scale=False, use_offset=True, init_std=0.1)
+        >>> with torch.no_grad(), vectors_held_fixed(vectors):
+        ...     first, again = vectors(torch.zeros(1, 2)), vectors(torch.zeros(1, 2))
+        >>> vectors._dense_cache is None, bool(torch.equal(first, again))
+        (True, True)
+    """
+    held = [module for module in model.modules() if isinstance(module, HeadVectors)]
+    for vectors in held:
+        vectors._held_calls += 1
+    try:
+        yield
+    finally:
+        for vectors in held:
+            vectors._held_calls -= 1
+            if not vectors._held_calls:
+                vectors._dense_cache = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
 from .heads import HeadGeometry, find_output_projections
 from .integrations.visibility import CAUSAL_LM_SIGNATURE, expose_forward_signature, guard_wrapped_save
-from .layer import HeadVectors, LofitProjection
+from .layer import HeadVectors, LofitProjection, vectors_held_fixed
 from .lm_head import add_contiguous_input_hook
 from .merge import innermost
 from .merged import complete_merged_model, plan_merged_model
@@ -109,7 +109,8 @@ class LofitModel(AdapterModel):
         refused with `adapter_names`.
         """
         if adapter_names is None:
-            return super().generate(*args, **kwargs)
+            with vectors_held_fixed(self):  # one build of the dense vectors for all decoding steps
+                return super().generate(*args, **kwargs)
         names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
         with mixed_adapters(self, names, generation_expand_size(self, kwargs)):
             return super().generate(*args, **kwargs)
