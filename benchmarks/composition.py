@@ -154,7 +154,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16"], default=None, help="default bf16 (fp32 on a CPU without bf16)"
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="default bf16 (fp32 on a CPU without bf16)",
     )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--out", type=Path, default=HERE / "results")
