@@ -42,8 +42,36 @@ def render_results(out_dir: Path) -> Path:
         if path.exists():
             reports[target] = json.loads(path.read_text())
     md_path = out_dir / "speed.md"
-    atomic_write_text(md_path, render(reports))
+    atomic_write_text(md_path, render(reports) + companion_sections(out_dir))
     return md_path
+
+
+# Results of the other speed benchmarks, shown in speed.md under their own headings (file, heading).
+COMPANIONS = (
+    (
+        "step2_cache/step2_cache.md",
+        "Whole step 2 with the frozen lower layers run once (`benchmarks/step2_cache.py`)",
+    ),
+    ("mixed_batch.md", "Mixed-adapter batches (`benchmarks/mixed_batch.py`)"),
+    ("mixed_batch_generate_rerun.md", "Mixed-adapter batches, generation rerun"),
+)
+
+
+def companion_sections(out_dir: Path) -> str:
+    """The companion benchmarks' markdown found in out_dir, each under a level-2 heading."""
+    parts = []
+    for relative, heading in COMPANIONS:
+        path = out_dir / relative
+        if not path.exists():
+            continue
+        body = [line for line in path.read_text().splitlines() if not line.startswith("# ")]
+        parts += [
+            "",
+            f"## {heading}",
+            "",
+            *[("#" + line if line.startswith("##") else line) for line in body],
+        ]
+    return "\n".join(parts) + "\n" if parts else ""
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -183,6 +183,8 @@ class DPOObjective(Objective):
         missing = [e for e in examples if e.reference_logps is None]
         if not missing:
             return
+        # Batched by length (each pair's value is its own): far less padding than the training order.
+        missing.sort(key=lambda e: max(len(s.input_ids) for s in e.sequences))
         with adapter_disabled(scorer.model), torch.no_grad():
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
