@@ -54,6 +54,10 @@ COMPANIONS = (
     ),
     ("mixed_batch.md", "Mixed-adapter batches (`benchmarks/mixed_batch.py`)"),
     ("mixed_batch_generate_rerun.md", "Mixed-adapter batches, generation rerun"),
+    (
+        "mixed_batch_generate_after_cache.md",
+        "Mixed-adapter batches, generation after one dense-vector build per `generate` call",
+    ),
 )
 
 

@@ -232,3 +232,47 @@ def test_bundled_model_gguf_round_trip(tmp_path: Path, capsys: pytest.CaptureFix
         torch.testing.assert_close(
             bias, merged.model.layers[layer].self_attn.o_proj.bias.detach(), rtol=0, atol=1e-5
         )
+
+
+def llama_cpp_logits(path: Path, token_ids: list[int]) -> np.ndarray:
+    """Every position's logits of `token_ids` under llama.cpp (llama-cpp-python), CPU, fp32 logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (builds llama.cpp)")
+    model = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False, seed=0)
+    try:
+        model.eval(token_ids)
+        return np.array(model.scores[: len(token_ids)], dtype=np.float32)
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_exported_offsets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """llama.cpp itself runs `lofit merge --gguf`'s file: its logit change from the base GGUF is the PyTorch
+    adapter's change from the base (llama.cpp computes Q4_1 x Q8 products, so both are compared as changes)."""
+    from lofit import LofitModel, load_model
+    from lofit.gguf_export import gguf_file_of
+
+    source = gguf_file_of("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")
+    heads = {3: [0, 4], 11: [2], 20: [5], 29: [8]}
+    adapted(model, heads).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "smollm2-lofit.gguf"
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--gguf", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    ids = tokenizer("Q: What is the capital of France?\nA:").input_ids
+    base_cpp, lofit_cpp = llama_cpp_logits(source, ids), llama_cpp_logits(out, ids)
+    lofit_model = LofitModel.from_pretrained(model, tmp_path / "adapter")
+    with torch.no_grad():
+        lofit_torch = lofit_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        with lofit_model.disable_adapter():
+            base_torch = lofit_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    change_cpp, change_torch = lofit_cpp - base_cpp, lofit_torch - base_torch
+    assert np.abs(change_torch).max() > 1.0  # the adapter moves the logits clearly
+    # the same change: highly correlated, same size, and llama.cpp's noise on it far below the change itself
+    correlation = np.corrcoef(change_cpp.ravel(), change_torch.ravel())[0, 1]
+    assert correlation > 0.98, correlation
+    relative = np.linalg.norm(change_cpp - change_torch) / np.linalg.norm(change_torch)
+    assert relative < 0.2, relative
+    # and the next-token choice of the adapted model agrees between the engines at most positions
+    assert (lofit_cpp.argmax(-1) == lofit_torch.argmax(-1)).mean() >= 0.8
