@@ -80,3 +80,52 @@ def test_cache_and_activation_checkpointing_together() -> None:
 
     for a, b in zip(offsets(False), offsets(True), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_auto_caches_when_it_fits_and_trains_without_the_cache_when_not(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import lofit.training.loop as loop
+
+    plain_offsets, _ = run("llama", RECORDS, "sft", cache=False)
+    auto_offsets, auto = run("llama", RECORDS, "sft", cache="auto")  # type: ignore[arg-type]
+    assert auto.summary["lower_layer_cache"]["replayed_forwards"] > 0
+    monkeypatch.setattr(loop, "MAX_CACHE_BYTES", 1000)
+    small_offsets, small = run("llama", RECORDS, "sft", cache="auto")  # type: ignore[arg-type]
+    assert "lower_layer_cache" not in small.summary
+    assert "more than" in small.settings["lower_layer_cache_off"]
+    for a, b, c in zip(plain_offsets, auto_offsets, small_offsets, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("value", ["yes", 1.5, None])
+def test_a_bad_cache_lower_layers_value_is_refused(value) -> None:  # type: ignore[no-untyped-def]
+    from lofit.training import TrainingConfig
+
+    with pytest.raises(LofitValueError, match="cache_lower_layers must be True, False or 'auto'"):
+        TrainingConfig(cache_lower_layers=value)
+
+
+def test_the_cli_caches_in_offset_training_by_default_and_never_in_selection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lofit.options import RunOptions
+    from lofit.steps import training_kwargs
+
+    options = RunOptions(task="generic", out=tmp_path / "o")
+    assert training_kwargs(options, {}, "train")["cache_lower_layers"] == "auto"
+    assert "cache_lower_layers" not in training_kwargs(options, {}, "select")
+    for flag, value in (("on", True), ("off", False)):
+        chosen = RunOptions(task="generic", out=tmp_path / "o", cache_lower_layers=flag)
+        assert training_kwargs(chosen, {}, "train")["cache_lower_layers"] is value
+    with pytest.raises(LofitValueError, match="--cache-lower-layers sometimes: choose one of auto, on, off"):
+        RunOptions(task="generic", out=tmp_path / "o", cache_lower_layers="sometimes")
+
+
+def test_the_cli_flag_reaches_the_options_and_a_bad_value_exits_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    from lofit.cli import build_parser
+
+    parser = build_parser()
+    for command in (["run"], ["train", "--heads", "heads.json"]):
+        common = [*command, "--task", "mquake", "--out", "o"]
+        assert parser.parse_args([*common, "--cache-lower-layers", "off"]).cache_lower_layers == "off"
+        assert parser.parse_args(common).cache_lower_layers == "auto"
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["run", "--task", "mquake", "--out", "o", "--cache-lower-layers", "maybe"])
+    assert exited.value.code == 2 and "--cache-lower-layers" in capsys.readouterr().err

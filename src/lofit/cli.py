@@ -94,6 +94,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute decoder-layer activations in backward: less memory, slower steps",
     )
+    parser.add_argument(
+        "--cache-lower-layers",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="offset training runs the frozen layers below the lowest selected head once and keeps their "
+        "output (exact, faster; auto = when it fits in 8 GiB)",
+    )
 
 
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -259,6 +266,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         resume=getattr(args, "resume", False),
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        cache_lower_layers=getattr(args, "cache_lower_layers", "auto"),
         target_modules=getattr(args, "target_modules", None),
         device_map=args.device_map,
         quantization=args.quantization,

@@ -53,6 +53,10 @@ def parse_k(value: str | float | int) -> float | int:
     return number
 
 
+# `--cache-lower-layers`: on = always (refused if too large), auto = when it fits (the default), off.
+CACHE_LOWER_LAYERS = ("auto", "on", "off")
+
+
 @dataclass
 class RunOptions:
     """Everything the pipeline's steps need; `None` means the task's default (see `lofit.task_defaults`).
@@ -95,6 +99,7 @@ class RunOptions:
     checkpoint_every: int = 0
     resume: bool = False
     gradient_checkpointing: bool = False
+    cache_lower_layers: str = "auto"
     target_modules: list[str] | None = None
     device_map: str | None = None
     quantization: str | None = None
@@ -170,6 +175,7 @@ class RunOptions:
             ("precision", PRECISIONS),
             ("select_method", SELECT_METHODS),
             ("quantization", (None, *QUANTIZATIONS)),
+            ("cache_lower_layers", CACHE_LOWER_LAYERS),
         ):
             if getattr(self, name) not in allowed:
                 raise self._refuse(name, f"choose one of {', '.join(str(a) for a in allowed if a)}")

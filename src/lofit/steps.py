@@ -116,6 +116,10 @@ def training_kwargs(options: RunOptions, defaults: dict[str, Any], step: str) ->
         "checkpoint_every": options.checkpoint_every or None,
         "resume": options.resume or None,
         "gradient_checkpointing": options.gradient_checkpointing or None,
+        # exact and faster; selection adapts every layer from 0, so there is nothing below to cache
+        "cache_lower_layers": {"auto": "auto", "on": True, "off": False}[options.cache_lower_layers]
+        if step == "train"
+        else None,
         "target_modules": list(options.target_modules) if options.target_modules else None,
     }
     return {key: value for key, value in kwargs.items() if value is not None}

@@ -55,10 +55,11 @@ class TrainingConfig:
         default=False,
         metadata={"help": "recompute decoder-layer activations in backward: less memory, slower steps"},
     )
-    cache_lower_layers: bool = field(
+    cache_lower_layers: bool | str = field(
         default=False,
         metadata={
-            "help": "keep the hidden states entering the lowest adapted layer; later epochs start there"
+            "help": "keep the hidden states entering the lowest adapted layer; later passes start there "
+            "(True; 'auto': only when they fit in memory; False: off)"
         },
     )
     eval_batch_size: int | None = field(default=None, metadata={"help": "validation batch (default 2x)"})
@@ -80,6 +81,10 @@ class TrainingConfig:
         if self.precision not in PRECISIONS:
             raise LofitValueError(
                 f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.cache_lower_layers not in (True, False, "auto"):
+            raise LofitValueError(
+                f"cache_lower_layers must be True, False or 'auto', got {self.cache_lower_layers!r}"
             )
         if (self.checkpoint_every or self.resume) and self.checkpoints_path is None:
             raise LofitValueError(

@@ -39,7 +39,7 @@ from .encoding import Example
 from .fsdp import check_weights_loaded, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
 from .history import TrainingHistory
 from .losses import Objective, loss_sums, sums_to_means
-from .lower_layers import LowerLayerCache, check_cache_fits
+from .lower_layers import MAX_CACHE_BYTES, LowerLayerCache, cache_bytes, check_cache_fits
 from .resume import run_identity, start_position
 from .run_state import LoopState, TrainingRun
 from .scoring import TokenScorer
@@ -255,7 +255,15 @@ def _lower_layer_cache(run: TrainingRun) -> LowerLayerCache | None:
     config = getattr(causal_lm, "config", None)
     hidden_size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if isinstance(hidden_size, int):
-        check_cache_fits([*run.train_examples, *run.val_examples], hidden_size)
+        examples = [*run.train_examples, *run.val_examples]
+        needed = cache_bytes(examples, hidden_size)
+        if run.config.cache_lower_layers == "auto" and needed > MAX_CACHE_BYTES:
+            run.history.settings["lower_layer_cache_off"] = (
+                f"'auto': the hidden states would take up to {needed / 2**30:.1f} GiB, "
+                f"more than {MAX_CACHE_BYTES / 2**30:.0f} GiB"
+            )
+            return None
+        check_cache_fits(examples, hidden_size)
     get_decoder = getattr(causal_lm, "get_decoder", None)
     body = get_decoder() if callable(get_decoder) else causal_lm
     if not any(module is decoder_layers[0] for module in body.modules()):

@@ -110,10 +110,15 @@ class LowerLayerCache:
         return forward_or_skip
 
 
+def cache_bytes(examples: Sequence[Example], hidden_size: int) -> int:
+    """An upper bound (fp32) of the memory the cache of `examples` takes."""
+    return sum(len(s.input_ids) for e in examples for s in e.sequences) * hidden_size * 4
+
+
 def check_cache_fits(examples: Sequence[Example], hidden_size: int, limit: int = MAX_CACHE_BYTES) -> None:
     """Refuse a cache larger than `limit` bytes (fp32 upper bound), saying what to change."""
     tokens = sum(len(s.input_ids) for e in examples for s in e.sequences)
-    needed = tokens * hidden_size * 4
+    needed = cache_bytes(examples, hidden_size)
     if needed > limit:
         raise LofitValueError(
             f"cache_lower_layers would keep {needed / 2**30:.1f} GiB of hidden states ({tokens} tokens x "
