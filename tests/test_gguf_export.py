@@ -249,20 +249,20 @@ def llama_cpp_logits(path: Path, token_ids: list[int]) -> np.ndarray:
 def test_llama_cpp_applies_the_exported_offsets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """llama.cpp itself runs `lofit merge --gguf`'s file: its logit change from the base GGUF is the PyTorch
     adapter's change from the base (llama.cpp computes Q4_1 x Q8 products, so both are compared as changes)."""
-    from lofit import LofitModel, load_model
+    from lofit import load_model
     from lofit.gguf_export import gguf_file_of
 
     source = gguf_file_of("smollm2-135m")
     model, tokenizer = load_model("smollm2-135m")
     heads = {3: [0, 4], 11: [2], 20: [5], 29: [8]}
-    adapted(model, heads).save_pretrained(tmp_path / "adapter")
+    lofit_model = adapted(model, heads)
+    lofit_model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "smollm2-lofit.gguf"
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--gguf", str(out)]) == 0, (
         capsys.readouterr().err
     )
     ids = tokenizer("Q: What is the capital of France?\nA:").input_ids
     base_cpp, lofit_cpp = llama_cpp_logits(source, ids), llama_cpp_logits(out, ids)
-    lofit_model = LofitModel.from_pretrained(model, tmp_path / "adapter")
     with torch.no_grad():
         lofit_torch = lofit_model(input_ids=torch.tensor([ids])).logits[0].numpy()
         with lofit_model.disable_adapter():
@@ -271,8 +271,12 @@ def test_llama_cpp_applies_the_exported_offsets(tmp_path: Path, capsys: pytest.C
     assert np.abs(change_torch).max() > 1.0  # the adapter moves the logits clearly
     # the same change: highly correlated, same size, and llama.cpp's noise on it far below the change itself
     correlation = np.corrcoef(change_cpp.ravel(), change_torch.ravel())[0, 1]
-    assert correlation > 0.98, correlation
     relative = np.linalg.norm(change_cpp - change_torch) / np.linalg.norm(change_torch)
+    agreement = (lofit_cpp.argmax(-1) == lofit_torch.argmax(-1)).mean()
+    print(
+        f"llama.cpp vs PyTorch: correlation {correlation:.4f}, relative error {relative:.3f}, argmax {agreement:.2f}"
+    )
+    assert correlation > 0.98, correlation
     assert relative < 0.2, relative
     # and the next-token choice of the adapted model agrees between the engines at most positions
-    assert (lofit_cpp.argmax(-1) == lofit_torch.argmax(-1)).mean() >= 0.8
+    assert agreement >= 0.8, agreement
