@@ -2,8 +2,9 @@
 
 For TruthfulQA (DPO, fold 0), MQuAKE and CLUTRR (SFT) on a seeded subset of the training split:
 - selectors: "lofit" (step 1: L1-regularised scales, `--select-epochs` epochs), "gradient" (one pass,
-  ‖∂L/∂A‖₂ at A = 0), "fisher" (the mean per-batch ‖g_b‖² from the same pass, no extra cost) and
-  "random" (seed 42, a floor);
+  ‖∂L/∂A‖₂ at A = 0), "fisher" (the mean per-batch ‖g_b‖² from the same pass, no extra cost), "adam"
+  (from the same pass: ‖max(0, |ḡ| − λ) / √mean_b m_b²‖, the rate at which step 1's Adam + L1 would move
+  each scale element; `lofit.gradient_selection`) and "random" (seed 42, a floor);
 - cost of each selector: process CPU time (primary clock: the run is single-threaded and the machine is
   shared, so wall time includes other processes' turns) and wall time;
 - Jaccard overlap of each selector's top 3% / 10% with L1's;
@@ -46,7 +47,9 @@ TASKS = ("truthfulqa", "mquake", "clutrr")
 # records, 3 epochs; benchmarks/results/paper_tables.json, units lofit/<task>/f0/k0.1/lofit), used here
 # unchanged for every selector: nothing is tuned on this comparison's test records.
 STEP2_LR = {"truthfulqa": 1e-2, "mquake": 5e-2, "clutrr": 5e-2}
-SELECTORS = ("lofit", "gradient", "fisher", "random")
+SELECTORS = ("lofit", "gradient", "fisher", "adam", "random")
+# Selectors whose scores come free with the gradient pass: their metadata key.
+DERIVED = {"fisher": "fisher_scores", "adam": "adam_scores"}
 
 
 def sample(records: Sequence[Any], limit: int, seed: int = 0) -> list[Any]:
@@ -182,6 +185,8 @@ def unit_select(bench: Bench, name: str, method: str) -> dict[str, Any]:
             lr=float(task.defaults["lr_select"]),
             l1=float(task.defaults["l1"]),
         )
+    if method == "gradient":  # the "adam" score subtracts step 1's λ
+        options.update(l1=float(task.defaults["l1"]))
     cpu, wall = time.process_time(), time.perf_counter()
     selection = select_heads(
         bench.model,
@@ -199,7 +204,8 @@ def unit_select(bench: Bench, name: str, method: str) -> dict[str, Any]:
         "options": options,
     }
     if method == "gradient":
-        result["fisher_scores"] = selection.metadata["gradient"]["fisher_scores"]
+        for key in DERIVED.values():
+            result[key] = selection.metadata["gradient"][key]
     return result
 
 
@@ -308,7 +314,7 @@ def cost_table(units: dict[str, Any]) -> list[str]:
             if source is None:
                 continue
             ratio = f"{l1['cpu_s'] / source['cpu_s']:.1f}×" if l1 and selector != "random" else "–"
-            cpu = "(gradient's pass)" if selector == "fisher" else f"{source['cpu_s']:.1f}"
+            cpu = "(gradient's pass)" if selector in DERIVED else f"{source['cpu_s']:.1f}"
             overlaps = ["–", "–"]
             if l1 is not None:
                 ranking, other = _ranking(units, name, "lofit"), _ranking(units, name, selector)
@@ -345,17 +351,17 @@ def accuracy_table(units: dict[str, Any], k: float) -> list[str]:
 
 
 def _source(units: dict[str, Any], name: str, selector: str) -> dict[str, Any] | None:
-    return units.get(f"select/{name}/{'gradient' if selector == 'fisher' else selector}")
+    return units.get(f"select/{name}/{'gradient' if selector in DERIVED else selector}")
 
 
 def _scores(units: dict[str, Any], name: str, selector: str) -> list[list[float]]:
     source = _source(units, name, selector)
     assert source is not None, f"the {selector} selection of {name} is missing"
-    return source["fisher_scores" if selector == "fisher" else "scores"]
+    return source[DERIVED.get(selector, "scores")]
 
 
 def _ranking(units: dict[str, Any], name: str, selector: str) -> list[tuple[int, int]]:
-    if selector == "fisher":
+    if selector in DERIVED:
         return rank_heads(torch.tensor(_scores(units, name, selector)))
     source = _source(units, name, selector)
     assert source is not None, f"the {selector} selection of {name} is missing"
@@ -376,7 +382,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=float, default=0.1, help="fraction of heads trained in step 2")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument(
-        "--step2", nargs="*", default=["lofit", "gradient", "random", "fisher"], choices=SELECTORS
+        "--step2", nargs="*", default=["lofit", "gradient", "random", "fisher", "adam"], choices=SELECTORS
     )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--commit", action="store_true", help="git-commit the results after each unit")
@@ -403,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
     )
     plan: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    for name in args.tasks:  # a gradient unit from before a derived score existed runs again (one pass)
+        old = bench.results["units"].get(f"select/{name}/gradient")
+        if old is not None and any(key not in old for key in DERIVED.values()):
+            del bench.results["units"][f"select/{name}/gradient"]
     for name in args.tasks:  # task by task, in the order given: each finished task is a complete row
         for method in ("gradient", "lofit", "random"):
             plan.append((f"select/{name}/{method}", lambda n=name, m=method: unit_select(bench, n, m)))

@@ -40,7 +40,11 @@ def _sequence_logp(model: torch.nn.Module, prompt: str, response: str) -> torch.
 
 
 def _oracle_loss(
-    model: torch.nn.Module, scale: torch.Tensor, objective: str, beta: float = 0.5
+    model: torch.nn.Module,
+    scale: torch.Tensor,
+    objective: str,
+    beta: float = 0.5,
+    records: list | None = None,
 ) -> torch.Tensor:
     """Dataset-mean task loss of `model` whose o_proj inputs are multiplied by 1 + scale[layer] (hooks)."""
     handles = []
@@ -54,8 +58,9 @@ def _oracle_loss(
         handles.append(projection.register_forward_pre_hook(hook))
     try:
         if objective == "sft":
-            logps = [_sequence_logp(model, r["prompt"], r["completion"]) for r in SFT]
-            tokens = sum(len(r["completion"]) + 1 for r in SFT)  # completion characters + EOS
+            chosen = SFT if records is None else records
+            logps = [_sequence_logp(model, r["prompt"], r["completion"]) for r in chosen]
+            tokens = sum(len(r["completion"]) + 1 for r in chosen)  # completion characters + EOS
             return -torch.stack(logps).sum() / tokens
         pairs = [
             (
@@ -130,6 +135,26 @@ def test_score_is_batch_size_invariant_but_the_fisher_score_is_not() -> None:
         torch.tensor(info_all["fisher_scores"]), all_at_once.square(), rtol=1e-4, atol=1e-9
     )
     assert not torch.allclose(torch.tensor(info_one["fisher_scores"]), one.square(), rtol=1e-2)
+
+
+def test_adam_score_equals_its_formula_on_independent_per_batch_gradients() -> None:
+    """adam = ‖max(0, |ḡ| − λ) / √(mean_b m_b²)‖ per head, m_b each batch's mean-loss gradient (oracle)."""
+    model = tiny_model("llama")
+    per_batch = []
+    for start in range(0, len(SFT), 4):
+        scale = torch.zeros(LAYERS, HEADS, HEAD_DIM, requires_grad=True)
+        loss = _oracle_loss(model, scale, "sft", records=SFT[start : start + 4])
+        per_batch.append(torch.autograd.grad(loss, scale)[0])
+    scale = torch.zeros(LAYERS, HEADS, HEAD_DIM, requires_grad=True)
+    (mean,) = torch.autograd.grad(_oracle_loss(model, scale, "sft"), scale)
+    l1 = float(mean.abs().median())  # half the elements fall below λ and count zero
+    rms = torch.stack(per_batch).square().mean(0).sqrt()
+    expected = ((mean.abs() - l1).clamp(min=0) / rms).norm(dim=-1)
+    _, info = _scores("sft", batch_size=4, l1=l1)
+    assert info["num_batches"] == 3 and info["adam_l1"] == l1
+    torch.testing.assert_close(torch.tensor(info["adam_scores"]), expected.float(), rtol=1e-3, atol=1e-6)
+    _, free = _scores("sft", batch_size=4, l1=0.0)  # without λ the score grows: no element is clipped
+    assert bool((torch.tensor(free["adam_scores"]) >= torch.tensor(info["adam_scores"])).all())
 
 
 def test_dead_heads_score_zero() -> None:

@@ -15,6 +15,13 @@ steps and beats λ; gradient components whose sign flips from batch to batch can
 do in training, but add up in Σ_b ‖g_b‖². The norm of the summed gradient is the first-order loss
 decrease per unit step of the steepest scale edit on that head.
 
+A third score from the same pass, `"adam_scores"` in the metadata, models what step 1's optimiser does:
+Adam moves each element by about lr · E[g] / √E[g²] per step, and the L1 penalty takes λ off |E[g]|, so
+
+    adam(l, i) = ‖ max(0, |ḡ_e| − λ) / √(mean_b m_be²) ‖₂ over the elements e of A_l^i
+
+with ḡ the dataset-mean gradient, m_b a batch's mean-loss gradient and λ = `config.l1`.
+
 At A = 0 the adapted model is the base model, so for DPO the frozen reference log-probs equal the
 policy's: the reference pass that DPO training needs is skipped (the loss is evaluated with the
 policy's own detached log-probs as reference, which is exact here). Cost: one forward and one backward
@@ -68,8 +75,8 @@ def gradient_head_scores(
 
     Returns:
         (scores [num_layers, num_heads] fp32, metadata) where metadata holds `"fisher_scores"` (the mean
-        over batches of ‖g_b‖², same shape, as nested lists), `"passes": 1`, the batch count and the
-        wall time.
+        over batches of ‖g_b‖², same shape, as nested lists), `"adam_scores"` (see the module docstring),
+        `"passes": 1`, the batch count and the wall time.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -88,11 +95,13 @@ def gradient_head_scores(
         adapter = LofitConfig(use_scale=True, use_offset=False, init_std=0.0, target_modules=target_modules)
         model = get_lofit_model(base_model, adapter)
         try:
-            total, fisher, num_batches = _accumulate_gradients(model, task, examples, config)
+            total, fisher, adam, num_batches = _accumulate_gradients(model, task, examples, config)
         finally:
             model.unload()
     return total, {
         "fisher_scores": fisher.tolist(),
+        "adam_scores": adam.tolist(),
+        "adam_l1": config.l1,
         "passes": 1,
         "num_batches": num_batches,
         "wall_s": time.perf_counter() - started,
@@ -115,14 +124,15 @@ def _handed_back(model: nn.Module) -> Iterator[None]:
 
 def _accumulate_gradients(
     model: LofitModel, task: Objective, examples: list[Example], config: TrainingConfig
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(‖Σ_b g_b‖₂, mean_b ‖g_b‖², number of batches), each [num_layers, num_heads]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(‖Σ_b g_b‖₂, mean_b ‖g_b‖², the Adam-like score, number of batches), each [num_layers, num_heads]."""
     geometry = model.geometry
     vectors = model.adapter_vectors()
     layers = sorted(vectors)
     scales = [vectors[layer].scale for layer in layers]
     assert all(scale is not None for scale in scales)
     summed = [torch.zeros_like(scale) for scale in scales]  # type: ignore[arg-type]
+    squares = [torch.zeros_like(scale) for scale in scales]  # type: ignore[arg-type]  # Σ_b m_b² per element
     fisher = torch.zeros(geometry.num_layers, geometry.num_heads)
     device = model.get_base_model().get_input_embeddings().weight.device  # type: ignore[operator]
     scorer = TokenScorer(model)
@@ -141,11 +151,18 @@ def _accumulate_gradients(
             )
         for index, (layer, grad) in enumerate(zip(layers, grads, strict=True)):
             summed[index] += grad
+            squares[index] += (grad / units).square()
             fisher[layer, vectors[layer].heads.cpu()] += (grad / units).norm(dim=-1).square().cpu()
     scores = torch.zeros(geometry.num_layers, geometry.num_heads)
-    for layer, grad in zip(layers, summed, strict=True):
-        scores[layer, vectors[layer].heads.cpu()] = (grad / total_units).norm(dim=-1).cpu()
-    return scores, fisher / max(len(batches), 1), len(batches)
+    adam = torch.zeros(geometry.num_layers, geometry.num_heads)
+    count = max(len(batches), 1)
+    for layer, grad, square in zip(layers, summed, squares, strict=True):
+        heads = vectors[layer].heads.cpu()
+        mean = grad / total_units
+        scores[layer, heads] = mean.norm(dim=-1).cpu()
+        rate = (mean.abs() - config.l1).clamp(min=0) / (square / count).sqrt().clamp(min=1e-30)
+        adam[layer, heads] = rate.norm(dim=-1).cpu()
+    return scores, fisher / count, adam, len(batches)
 
 
 def _loss_sum_at_identity(
