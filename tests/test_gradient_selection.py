@@ -227,3 +227,26 @@ def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert saved.method == "gradient"
     with pytest.raises(SystemExit):  # argparse's choices refuse an unknown method
         main([*args, "--method", "magic"])
+
+
+def test_select_heads_gradient_adam_ranks_by_the_adam_score_of_the_same_pass(tmp_path: Path) -> None:
+    plain = select_heads(tiny_model("llama"), tiny_tokenizer(), SFT, method="gradient", l1=1e-3)
+    adam = select_heads(tiny_model("llama"), tiny_tokenizer(), SFT, method="gradient-adam", l1=1e-3)
+    assert torch.equal(adam.scores, torch.tensor(plain.metadata["gradient"]["adam_scores"]))
+    assert adam.ranking != plain.ranking  # a different ranking from the same numbers
+    assert adam.method == "gradient-adam" and "l1" in adam.metadata["score"]
+    adam.save(tmp_path / "heads.json")
+    assert HeadSelection.load(tmp_path / "heads.json").ranking == adam.ranking
+
+
+def test_cli_select_method_gradient_adam(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in SFT))
+    out = tmp_path / "sel"
+    args = ["select", "--task", "sft", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
+    code = main([*args, "--method", "gradient-adam", "--k", "2", "--no-progress", "--precision", "fp32"])
+    assert code == 0, capsys.readouterr().err
+    assert HeadSelection.load(out / "heads.json").method == "gradient-adam"

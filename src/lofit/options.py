@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import LofitValueError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SELECT_METHODS = ("lofit", "random", "probe", "gradient")
+SELECT_METHODS = ("lofit", "random", "probe", "gradient", "gradient-adam")
 QUANTIZATIONS = ("4bit", "8bit")
 
 

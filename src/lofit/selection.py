@@ -3,7 +3,8 @@
 Methods: "lofit" trains a scale A on every head with an L1 penalty and ranks by ‖A‖₂; "probe" ranks by
 the validation accuracy of ITI-style per-head linear probes; "random" is a seeded random ranking;
 "gradient" ranks by the norm of the loss gradient w.r.t. each head's scale at A = 0, in one pass
-(`lofit.gradient_selection`). The base model is handed back exactly as it came (weights bit-identical,
+(`lofit.gradient_selection`); "gradient-adam" ranks, from the same pass, by the rate at which step 1's
+Adam + L1 (λ = `l1`) would move each scale element (closer to the L1 ranking, as cheap). The base model is handed back exactly as it came (weights bit-identical,
 same requires_grad, mode, device).
 """
 
@@ -39,12 +40,14 @@ from .training.records import Record, train_val_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-METHODS = ("lofit", "random", "probe", "gradient")
+METHODS = ("lofit", "random", "probe", "gradient", "gradient-adam")
 SCORE_MEANING = {
     "lofit": "L2 norm of the head's scale A after L1-regularised training",
     "probe": "validation accuracy of the head's logistic-regression probe (ties: lower validation loss)",
     "random": "uniform random number (seeded)",
     "gradient": "L2 norm of the mean task-loss gradient w.r.t. the head's scale A at A = 0 (one pass)",
+    "gradient-adam": "L2 norm over the head's scale elements of max(0, |mean gradient| - l1) / RMS of the "
+    "per-batch gradients at A = 0 (one pass)",
 }
 FORMAT_NAME = "lofit-head-selection"
 FORMAT_VERSION = 1
@@ -227,7 +230,8 @@ def select_heads(
         base_model: a plain Hugging Face causal LM; handed back exactly as it came.
         tokenizer: its tokenizer.
         train_data: records {"prompt", "completion"} (SFT) or {"prompt", "chosen", "rejected"} (DPO).
-        method: "lofit" (L1-regularised scales, ranked by ‖A‖₂), "probe" (ITI-style probes) or "random".
+        method: "lofit" (L1-regularised scales, ranked by ‖A‖₂), "probe" (ITI-style probes), "random",
+            "gradient" or "gradient-adam" (one gradient pass at A = 0; see `lofit.gradient_selection`).
         objective: "sft" or "dpo".
         **train_kwargs: `val_data`, `probe_l2` (1.0, method "probe"), `target_modules` and the
             `TrainingConfig` fields (epochs=5, batch_size=8, lr=5e-3, l1=5e-4, beta=0.5, max_length,
@@ -252,11 +256,13 @@ def select_heads(
         generator = torch.Generator().manual_seed(config.seed)
         scores = torch.rand(geometry.num_layers, geometry.num_heads, generator=generator)
         return HeadSelection(scores, rank_heads(scores), method, metadata)
-    if method == "gradient":
+    if method in ("gradient", "gradient-adam"):
         with preserved_base_model(base_model):
             scores, info = gradient_head_scores(
                 base_model, tokenizer, records, objective, config, target_modules
             )
+        if method == "gradient-adam":
+            scores = torch.tensor(info["adam_scores"])
         return HeadSelection(scores, rank_heads(scores), method, {**metadata, "gradient": info})
     if method == "probe":
         accuracy, loss = probe_selection_scores(
