@@ -20,7 +20,9 @@ Adam moves each element by about lr · E[g] / √E[g²] per step, and the L1 pen
 
     adam(l, i) = ‖ max(0, |ḡ_e| − λ) / √(mean_b m_be²) ‖₂ over the elements e of A_l^i
 
-with ḡ the dataset-mean gradient, m_b a batch's mean-loss gradient and λ = `config.l1`.
+with ḡ the dataset-mean gradient, m_b a batch's mean-loss gradient and λ = `config.l1`. The pass
+groups records of similar length into its batches (least padding); ḡ does not depend on the grouping,
+the per-batch scores (Fisher, Adam) do.
 
 At A = 0 the adapted model is the base model, so for DPO the frozen reference log-probs equal the
 policy's: the reference pass that DPO training needs is skipped (the loss is evaluated with the
@@ -139,7 +141,9 @@ def _accumulate_gradients(
     loss_scale = 2.0**12 if config.precision == "fp16" else 1.0  # fp16 gradients underflow unscaled
     total_units = sum(task.units(example) for example in examples)
     model.eval()  # no dropout: the gradient of the network that step 2 will train
-    batches = [examples[i : i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
+    # The summed gradient does not depend on how records are grouped: batches of similar length pad least.
+    ordered = sorted(examples, key=lambda e: max(len(s.input_ids) for s in e.sequences))
+    batches = [ordered[i : i + config.batch_size] for i in range(0, len(ordered), config.batch_size)]
     for batch in batches:
         with _autocast(config.precision, device):
             loss_sum, units = _loss_sum_at_identity(task, scorer, batch, device)
