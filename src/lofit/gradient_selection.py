@@ -43,16 +43,10 @@ from torch import nn
 from .config import LofitConfig
 from .errors import LofitRuntimeError
 from .model import LofitModel, get_lofit_model
-from .objectives import (
-    DPOObjective,
-    Example,
-    Objective,
-    TokenScorer,
-    dpo_losses,
-    encode_train_val,
-    sequence_logps,
-)
-from .trainer import TrainingConfig
+from .training.config import TrainingConfig
+from .training.encoding import Example
+from .training.losses import DPOObjective, Objective, dpo_losses, encode_train_val
+from .training.scoring import TokenScorer, sequence_logps
 
 SCORE_MEANING = "L2 norm of the gradient of the mean task loss w.r.t. the head's scale A at A = 0 (one pass)"
 
@@ -82,7 +76,7 @@ def gradient_head_scores(
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from lofit.trainer import TrainingConfig
+        >>> from lofit.training import TrainingConfig
         >>> from tiny_models import tiny_tokenizer
         >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))

@@ -86,7 +86,7 @@ def resolved_precision(precision: str) -> str:
     Returns:
         The precision name.
     """
-    from .trainer import fastest_precision
+    from .training.config import fastest_precision
 
     return fastest_precision() if precision == "auto" else precision
 

@@ -34,7 +34,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ..errors import LofitValueError
 from ..layer_checkpointing import decoder_layers
-from ..objectives import tokenize_text
+from ..training.encoding import tokenize_text
 from ..wrappers import SwitchableModel
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import LofitValueError
 from ..layer_checkpointing import decoder_layers
-from ..objectives import pad_token_id, tokenize_text
+from ..training.batching import pad_token_id
+from ..training.encoding import tokenize_text
 from ..wrappers import SwitchableModel
 
 REPE_KINDS = ("reading", "contrast")
