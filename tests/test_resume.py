@@ -310,3 +310,28 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "step-00000004")
     assert checkpoint.position.step == 4
     assert all(torch.isfinite(t).all() for k, t in checkpoint.tensors.items() if k.startswith("param."))
+
+
+def test_an_interrupted_run_with_cached_lower_layers_resumes_to_the_uncached_result(
+    tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`lofit run` caches by default (`--cache-lower-layers auto`): a resumed run refills the cache and ends
+    where a run without any cache ends."""
+    heads = {1: [0], 2: [1, 3]}  # nothing in layer 0: layer 0 is cached
+
+    def run(**extra):  # type: ignore[no-untyped-def]
+        return train_offsets(tiny_model("llama"), tiny_tokenizer(), RECORDS, heads, **{**OPTIONS, **extra})
+
+    plain = run()
+    interrupt_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(output_dir=str(tmp_path), checkpoint_every=1, cache_lower_layers="auto")
+    resumed = run(output_dir=str(tmp_path), checkpoint_every=1, resume=True, cache_lower_layers="auto")
+    history = resumed.training_history
+    assert history.settings["resumed_from_step"] == 4 and history.summary["lower_layer_cache"]["layer"] == 1
+    assert history.summary["lower_layer_cache"]["replayed_forwards"] > 0
+    for a, b in zip(offsets(plain), offsets(resumed), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert history.losses() == pytest.approx(
+        plain.training_history.losses()[-len(history.losses()) :], abs=1e-5
+    )
