@@ -250,3 +250,8 @@ def test_cli_select_method_gradient_adam(tmp_path: Path, capsys: pytest.CaptureF
     code = main([*args, "--method", "gradient-adam", "--k", "2", "--no-progress", "--precision", "fp32"])
     assert code == 0, capsys.readouterr().err
     assert HeadSelection.load(out / "heads.json").method == "gradient-adam"
+
+
+def test_gradient_adam_with_an_l1_that_silences_every_head_is_refused() -> None:
+    with pytest.raises(LofitError, match=r"scored every head 0: l1=1e\+06 .* lower l1"):
+        select_heads(tiny_model("llama"), tiny_tokenizer(), SFT, method="gradient-adam", l1=1e6)

@@ -263,6 +263,11 @@ def select_heads(
             )
         if method == "gradient-adam":
             scores = torch.tensor(info["adam_scores"])
+            if not bool((scores > 0).any()):
+                raise LofitValueError(
+                    f"method 'gradient-adam' scored every head 0: l1={config.l1:g} is larger than every "
+                    "element of the loss gradient, so no scale would move; lower l1 (the tasks use 5e-4 to 1e-3)"
+                )
         return HeadSelection(scores, rank_heads(scores), method, {**metadata, "gradient": info})
     if method == "probe":
         accuracy, loss = probe_selection_scores(
