@@ -213,7 +213,8 @@ def test_bad_inputs_give_clear_errors() -> None:
         select_heads(tiny_model("llama"), tok, SFT, method="gradient", epoch=1)
 
 
-def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("method", ["gradient", "gradient-adam"])
+def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str) -> None:
     model_dir = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
@@ -221,10 +222,10 @@ def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixtur
     train.write_text("".join(json.dumps(r) + "\n" for r in SFT))
     out = tmp_path / "sel"
     args = ["select", "--task", "sft", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
-    code = main([*args, "--method", "gradient", "--k", "2", "--no-progress", "--precision", "fp32"])
+    code = main([*args, "--method", method, "--k", "2", "--no-progress", "--precision", "fp32"])
     assert code == 0, capsys.readouterr().err
     saved = HeadSelection.load(out / "heads.json")
-    assert saved.method == "gradient"
+    assert saved.method == method
     with pytest.raises(SystemExit):  # argparse's choices refuse an unknown method
         main([*args, "--method", "magic"])
 
@@ -237,19 +238,6 @@ def test_select_heads_gradient_adam_ranks_by_the_adam_score_of_the_same_pass(tmp
     assert adam.method == "gradient-adam" and "l1" in adam.metadata["score"]
     adam.save(tmp_path / "heads.json")
     assert HeadSelection.load(tmp_path / "heads.json").ranking == adam.ranking
-
-
-def test_cli_select_method_gradient_adam(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in SFT))
-    out = tmp_path / "sel"
-    args = ["select", "--task", "sft", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
-    code = main([*args, "--method", "gradient-adam", "--k", "2", "--no-progress", "--precision", "fp32"])
-    assert code == 0, capsys.readouterr().err
-    assert HeadSelection.load(out / "heads.json").method == "gradient-adam"
 
 
 def test_gradient_adam_with_an_l1_that_silences_every_head_is_refused() -> None:
