@@ -187,6 +187,7 @@ def render_markdown(
         "",
     ]
     out += _choices(units)
+    out += _logit_lens(units)
     if notes is not None and notes.is_file():
         out += ["", notes.read_text(encoding="utf-8")]
     return "\n".join(out) + "\n"
@@ -257,3 +258,19 @@ def _choices(units: dict[str, Any]) -> list[str]:
             source = f"; {unit['lr_from']}" if unit.get("lr_from", "searched here") != "searched here" else ""
             out.append(f"- `{unit_id}`: {how} lr = {unit['lr']:g} ({grid}{source})")
     return out
+
+
+def _logit_lens(units: dict[str, Any], heads: int = 5) -> list[str]:
+    """App. E: per LoFiT unit (its own heads), the offsets with the largest ‖v‖ and their top tokens."""
+    out = []
+    for unit_id, unit in sorted(units.items()):
+        if not unit_id.startswith("lofit/") or not unit_id.endswith("/lofit") or "logit_lens" not in unit:
+            continue
+        rows = sorted(unit["logit_lens"], key=lambda e: -e["offset_norm"])[:heads]
+        out += [f"- `{unit_id}`:"]
+        for e in rows:
+            tokens = ", ".join(f"`{t.strip() or repr(t)}`" for t in e["tokens"])
+            out.append(f"  - ({e['layer']}, {e['head']}), ‖v‖ {e['offset_norm']:.3f}: {tokens}")
+    if not out:
+        return []
+    return ["", "## Logit lens of the learned offsets (App. E; top tokens of W_U · norm(W_O v))", "", *out]

@@ -27,6 +27,7 @@ from lofit.baselines.iti import head_activations_at_last_token, mass_mean_direct
 from lofit.baselines.parameters import trainable_parameters
 from lofit.config import LofitConfig
 from lofit.heads import find_output_projections
+from lofit.logit_lens import offset_logit_lens
 from lofit.model import get_lofit_model
 from lofit.objectives import make_objective
 from lofit.probe import probe_head_scores
@@ -332,6 +333,11 @@ def train_lofit(
         "search": search,
         "test": h.evaluate(model, tok, name, fold, "test"),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+        # App. E: which tokens each learned offset promotes (its top 8 through the logit lens)
+        "logit_lens": [
+            {"layer": e.layer, "head": e.head, "offset_norm": round(e.offset_norm, 4), "tokens": e.tokens}
+            for e in offset_logit_lens(model, tok, top_k=8)
+        ],
     }
     return model, result
 

@@ -95,6 +95,9 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
     text = (out / "paper_tables_quick.md").read_text()
     for title in ("Table 1", "Table 2", "Table 3", "Stability", "Out-of-domain", "Hyperparameter choices"):
         assert title in text
+    lens = units["lofit/mquake/f0/k0.1/lofit"]["logit_lens"]  # App. E: every offset's top tokens
+    assert len(lens) == units["lofit/mquake/f0/k0.1/lofit"]["k"] and all(len(e["tokens"]) == 8 for e in lens)
+    assert "## Logit lens of the learned offsets" in text and "`lofit/mquake/f0/k0.1/lofit`:" in text
     assert "not run (budget)" not in text
     assert (out / "heatmaps_quick" / "truthfulqa.png").is_file()
     # resumable: a second run finds every unit cached and changes none of them
