@@ -165,7 +165,58 @@ def test_run_generic_mc_end_to_end(
     assert all(len(e["tokens"]) == len(e["scores"]) == 10 and e["offset_norm"] > 0 for e in lens)
     report = (out / "report.md").read_text()
     assert "## Logit lens of the learned offsets" in report
+    assert "lower-layer cache in offset training" in report
     assert f"| ({lens[0]['layer']}, {lens[0]['head']}) |" in report
+
+
+@pytest.mark.parametrize(("flag", "cached"), [(None, True), ("off", False)])
+def test_run_caches_the_layers_below_the_selected_heads_by_default(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch, capsys: pytest.CaptureFixture[str], flag, cached
+) -> None:
+    """`lofit run` trains offsets with `--cache-lower-layers auto` unless told otherwise; metrics.json says so."""
+    import torch
+
+    import lofit.pipeline
+    from lofit.selection import HeadSelection, rank_heads
+
+    scores = torch.zeros(3, 4)
+    scores[1, 2], scores[2, 0] = 2.0, 1.0  # the top two heads sit in layers 1 and 2
+    monkeypatch.setattr(
+        lofit.pipeline, "run_selection", lambda *a, **k: HeadSelection(scores, rank_heads(scores), "lofit")
+    )
+    pairs = [{"prompt": f"Q: {i}+1? A:", "chosen": f" {i + 1}", "rejected": f" {i + 2}"} for i in range(8)]
+    train, test = (
+        _write_jsonl(tmp_path / "train.jsonl", pairs[:6]),
+        _write_jsonl(tmp_path / "test.jsonl", pairs[6:]),
+    )
+    args = [
+        "run",
+        "--task",
+        "dpo",
+        "--model",
+        str(tiny_model_dir),
+        "--train",
+        str(train),
+        "--test",
+        str(test),
+    ]
+    args += [
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--k",
+        "2",
+        "--no-progress",
+        "--precision",
+        "fp32",
+    ]
+    assert main(args + (["--cache-lower-layers", flag] if flag else [])) == 0, capsys.readouterr().err
+    cache = json.loads((tmp_path / "run" / "metrics.json").read_text())["lower_layer_cache"]
+    if cached:
+        assert cache["layer"] == 1 and cache["replayed_forwards"] > 0
+    else:
+        assert cache is None
 
 
 def test_run_generic_dpo_then_eval_and_merge(

@@ -115,6 +115,9 @@ def _metrics(
             "select": validation_losses(selection.history),
             "train": validation_losses(model.training_history.to_dict()),
         },
+        # the frozen layers below the adapted heads run once (`--cache-lower-layers`): where, or why not
+        "lower_layer_cache": model.training_history.summary.get("lower_layer_cache")
+        or model.training_history.settings.get("lower_layer_cache_off"),
     }
 
 

@@ -178,6 +178,7 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         f"- head selection ({settings.get('select', {}).get('method')}): `{settings.get('select')}`",
         f"- offset training: `{settings.get('train')}`",
         f"- k: {settings.get('k')}",
+        f"- lower-layer cache in offset training: `{metrics.get('lower_layer_cache')}`",
         "",
         *validation_table(metrics.get("validation", {})),
         _image(out, "select/loss_curve.png", "head selection loss"),
