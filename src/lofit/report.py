@@ -135,6 +135,23 @@ def logit_lens_section(lens: Any, limit: int = 20) -> list[str]:
     ]
 
 
+def training_section(out: Path, metrics: dict[str, Any]) -> list[str]:
+    """The report's training settings, validation losses and loss curves."""
+    settings = metrics.get("settings", {})
+    return [
+        "## Training",
+        "",
+        f"- head selection ({settings.get('select', {}).get('method')}): `{settings.get('select')}`",
+        f"- offset training: `{settings.get('train')}`",
+        f"- k: {settings.get('k')}",
+        f"- lower-layer cache in offset training: `{metrics.get('lower_layer_cache')}`",
+        "",
+        *validation_table(metrics.get("validation", {})),
+        _image(out, "select/loss_curve.png", "head selection loss"),
+        _image(out, "train/loss_curve.png", "offset training loss"),
+    ]
+
+
 def render_report(out: Path, metrics: dict[str, Any]) -> str:
     """The text of report.md for the metrics of one `lofit run`.
 
@@ -173,16 +190,7 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         head_list,
         "",
         _image(out, "heads.png", "head scores (selected heads marked)"),
-        "## Training",
-        "",
-        f"- head selection ({settings.get('select', {}).get('method')}): `{settings.get('select')}`",
-        f"- offset training: `{settings.get('train')}`",
-        f"- k: {settings.get('k')}",
-        f"- lower-layer cache in offset training: `{metrics.get('lower_layer_cache')}`",
-        "",
-        *validation_table(metrics.get("validation", {})),
-        _image(out, "select/loss_curve.png", "head selection loss"),
-        _image(out, "train/loss_curve.png", "offset training loss"),
+        *training_section(out, metrics),
         *logit_lens_section(metrics.get("logit_lens")),
         "## Time",
         "",

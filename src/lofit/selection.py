@@ -262,12 +262,7 @@ def select_heads(
                 base_model, tokenizer, records, objective, config, target_modules
             )
         if method == "gradient-adam":
-            scores = torch.tensor(info["adam_scores"])
-            if not bool((scores > 0).any()):
-                raise LofitValueError(
-                    f"method 'gradient-adam' scored every head 0: l1={config.l1:g} is larger than every "
-                    "element of the loss gradient, so no scale would move; lower l1 (the tasks use 5e-4 to 1e-3)"
-                )
+            scores = _adam_scores(info, config.l1)
         return HeadSelection(scores, rank_heads(scores), method, {**metadata, "gradient": info})
     if method == "probe":
         accuracy, loss = probe_selection_scores(
@@ -278,6 +273,17 @@ def select_heads(
         base_model, tokenizer, records, val_records, objective, config, target_modules
     )
     return HeadSelection(scores, rank_heads(scores), method, metadata, history)
+
+
+def _adam_scores(info: dict[str, Any], l1: float) -> torch.Tensor:
+    """The "gradient-adam" scores of a gradient pass; refused when λ silences every head."""
+    scores = torch.tensor(info["adam_scores"])
+    if not bool((scores > 0).any()):
+        raise LofitValueError(
+            f"method 'gradient-adam' scored every head 0: l1={l1:g} is larger than every element of the "
+            "loss gradient, so no scale would move; lower l1 (the tasks use 5e-4 to 1e-3)"
+        )
+    return scores
 
 
 def _selection_metadata(
