@@ -157,7 +157,8 @@ def summary(result: dict[str, Any]) -> str:
 
 def commit_file(path: Path, message: str) -> None:
     """`git add` + `git commit` of one file; retried (another process may hold the index lock)."""
-    repo = path.resolve().parent
+    path = path.resolve()  # git -C runs from the file's folder: a relative path would not match there
+    repo = path.parent
     for attempt in range(5):
         add = subprocess.run(["git", "-C", str(repo), "add", str(path)], capture_output=True, text=True)
         done = subprocess.run(
