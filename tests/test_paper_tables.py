@@ -248,3 +248,20 @@ def test_probe_layer_heads_take_whole_layers_by_mean_probe_accuracy(tmp_path: Pa
     harness.results["units"]["iti/mquake/f0"] = {"probe_scores": scores, "probe_ranking": ranking}
     # K = 50% of 12 heads = 6: all of layer 1 (best mean), then layer 2's two best-probed heads (1, 0).
     assert script.heads_for(harness, "mquake", 0, "probe_layers", 0.5) == {1: [0, 1, 2, 3], 2: [0, 1]}
+
+
+def test_curves_commit_a_unit_given_a_relative_path(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The run commits each finished unit; `--out` relative to the working directory must work too."""
+    import subprocess
+
+    curves = load_curves()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for key, value in (("user.name", "t"), ("user.email", "t@example.com")):
+        subprocess.run(["git", "-C", str(tmp_path), "config", key, value], check=True)
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "a.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    curves.commit_file(Path("units/a.json"), "unit a")
+    log = subprocess.run(["git", "-C", str(tmp_path), "log", "--name-only", "--format=%s"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert "unit a" in log and "units/a.json" in log
