@@ -10,9 +10,18 @@ from typing import Any
 
 from lofit.atomic import atomic_write_with
 
-TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR"}
-METHOD_TITLES = {"lofit": "LoFiT 10%", "lora": "LoRA r8 q,v", "red": "RED"}
-FIG4 = re.compile(r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red)$")
+TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR", "svamp": "SVAMP"}
+METHOD_TITLES = {
+    "lofit": "LoFiT 10%",
+    "lora": "LoRA r8 q,v",
+    "red": "RED",
+    "repe": "RepE",
+    "loreft": "LoReFT",
+    "zero_shot": "0-shot (base model)",
+}
+FIG4 = re.compile(
+    r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red|repe|loreft|zero_shot)$"
+)
 FIG5 = re.compile(r"fig5/(?P<task>\w+)/k(?P<k>[\d.e-]+)/s(?P<seed>\d+)$")
 
 
@@ -64,11 +73,12 @@ def fig4_table(points: dict[tuple[str, str, Any], list[float]], task: str) -> li
     sizes = sorted({n for t, _, n in points if t == task})
     if not sizes:
         return []
-    head = ["n", *[METHOD_TITLES[m] for m in METHOD_TITLES], "LoFiT − LoRA (paired by seed)"]
+    methods = [m for m in METHOD_TITLES if any(t == task and mm == m for t, mm, _ in points)]
+    head = ["n", *[METHOD_TITLES[m] for m in methods], "LoFiT − LoRA (paired by seed)"]
     lines = [f"### {TITLES[task]} ({metric_of(task)}, %, mean ± SE over seeds (number of seeds))", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in sizes:
-        cells = [cell(points.get((task, m, n), [])) for m in METHOD_TITLES]
+        cells = [cell(points.get((task, m, n), [])) for m in methods]
         lofit, lora = points.get((task, "lofit", n), []), points.get((task, "lora", n), [])
         pairs = min(len(lofit), len(lora))
         diff = cell([a - b for a, b in zip(lofit[:pairs], lora[:pairs], strict=True)]) if pairs else "–"
@@ -88,6 +98,39 @@ def fig5_table(points: dict[tuple[str, str, Any], list[float]], tasks: Sequence[
             "| " + " | ".join([f"{100 * k:g}", *[cell(points.get((t, "", k), [])) for t in tasks]]) + " |"
         )
     return [*lines, ""]
+
+
+def whole_split_table(
+    points: dict[tuple[str, str, Any], list[float]], train_sizes: dict[str, int]
+) -> list[str]:
+    """Tables 1 and 3 on this harness: every method trained on the task's whole training split.
+
+    Example:
+        >>> pts = {("mquake", "lofit", 134): [0.4, 0.5], ("mquake", "lofit", 64): [0.1]}
+        >>> whole_split_table(pts, {"mquake": 134})[4]
+        '| LoFiT 10% | 45.0 ± 5.0 (2) |'
+    """
+    tasks = [
+        t for t in TITLES if t in train_sizes and any((t, m, train_sizes[t]) in points for m in METHOD_TITLES)
+    ]
+    if not tasks:
+        return []
+    head = ["method", *[f"{TITLES[t]} {metric_of(t)} (n = {train_sizes[t]})" for t in tasks]]
+    lines = ["## Tables 1 and 3 on this harness: the whole training split (test %)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, title in METHOD_TITLES.items():
+        cells = [cell(points.get((t, method, train_sizes[t]), [])) for t in tasks]
+        if any(c != "–" for c in cells):
+            lines.append("| " + " | ".join([title, *cells]) + " |")
+    lines += [
+        "",
+        "Mean ± SE over seeds (number of seeds). At the whole split the seeds share the training set and differ "
+        "only in its order and the initialisation; RepE is deterministic given the set, so it runs once. With "
+        "one value the sampling error of an accuracy p on the test subset of m records is √(p(1−p)/m): about "
+        "5 points at p = 0.5, m = 100.",
+        "",
+    ]
+    return lines
 
 
 def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool) -> bool:
@@ -120,8 +163,13 @@ def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool
     return True
 
 
-def render_curves(units: dict[str, Any], settings: dict[str, Any], out: Path) -> str:
-    """The markdown of both curves (and their PNGs in `out`), from whatever units have finished."""
+def render_curves(
+    units: dict[str, Any], settings: dict[str, Any], out: Path, train_sizes: dict[str, int] | None = None
+) -> str:
+    """The markdown of both curves (and their PNGs in `out`), from whatever units have finished.
+
+    `train_sizes` ({task: size of its whole training split}) adds the whole-split table (Tables 1 and 3).
+    """
     fig4 = collect(units, FIG4, "n")
     fig5 = collect(units, FIG5, "k")
     lines = ["# LoFiT curves: data efficiency (Fig. 4) and number of heads (Fig. 5)", ""]
@@ -139,6 +187,7 @@ def render_curves(units: dict[str, Any], settings: dict[str, Any], out: Path) ->
         lines += fig4_table(fig4, task)
     if plot(fig4, out / "fig4.png", fig5=False):
         lines += ["![Fig. 4](fig4.png)", ""]
+    lines += whole_split_table(fig4, train_sizes or {})
     lines += fig5_table(fig5, [t for t in TITLES if any(p[0] == t for p in fig5)])
     if plot(fig5, out / "fig5.png", fig5=True):
         lines += ["![Fig. 5](fig5.png)", ""]

@@ -6,6 +6,8 @@ LoFiT (head selection on the same n records, then offsets on the top 10% of head
 RED are trained, each with its learning rate chosen from a small grid by the final validation loss (on
 `--max-val` validation records). Fig. 5: LoFiT with K% of heads on the whole training split, the heads
 from the largest-n selection of Fig. 4, the learning rate that Fig. 4 chose for 10% at that n.
+`--methods repe loreft zero_shot` adds Table 1's RepE, Table 3's LoReFT and the base model on the same
+subsets; `--tasks svamp` adds Table 3's SVAMP. Their whole-split points are Tables 1 and 3 on this harness.
 
 It reuses the harness of `paper_tables.py` (units, budget) but keeps **one small JSON per unit** under
 `<out>/units/`, so a run can be stopped at any time and resumed from the repository: with `--commit`,
@@ -15,6 +17,7 @@ before RED; MQuAKE and CLUTRR before TruthfulQA; seed 42 before 12450).
 
     PYTHONPATH=src python benchmarks/curves.py --commit --budget-minutes 120      # one chunk of Fig. 4
     PYTHONPATH=src python benchmarks/curves.py --stages fig5 --commit             # Fig. 5
+    PYTHONPATH=src python benchmarks/curves.py --methods repe loreft zero_shot --sizes 300 --seeds 42
     PYTHONPATH=src python benchmarks/curves.py --render-only                      # tables and plots
     PYTHONPATH=src python benchmarks/curves.py --quick --model DIR --out DIR      # smoke test
 """
@@ -48,19 +51,27 @@ from paper_tables import (  # noqa: E402
     Settings,
     environment,
     train_lofit,
+    unit_loreft,
     unit_peft_like,
+    unit_repe,
     unit_select,
+    unit_zero_shot,
 )
 
 from lofit.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from lofit.selection import HeadSelection  # noqa: E402
+from lofit.tasks import DataError  # noqa: E402
 
 SIZES = (16, 32, 64, 100, 200, 300)
 FIRST_CHUNK_SIZES = (16, 32, 64, 100)  # the claim: LoFiT ahead below 100 examples
 HEAD_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.50, 1.00)
-FIG4_METHODS = ("lofit", "lora", "red")
+FIG4_METHODS = ("lofit", "lora", "red")  # the paper's Fig. 4 (the default)
+# Table 1's RepE and Table 3's LoReFT, run through the same subsets (their whole-split points are the
+# tables' rows on this harness); LoReFT needs a generation-scored task (see `unit_loreft`).
+EXTRA_METHODS = ("repe", "loreft", "zero_shot")  # zero_shot: the base model, a reference row
 # Generation-scored tasks first: they are Fig. 4 of the paper; TruthfulQA is the issue's addition.
 CURVE_TASKS = ("mquake", "clutrr", "truthfulqa")
+EXTRA_TASKS = ("svamp",)  # Table 3's SVAMP (the paper's 350/350/300 split, `load_task("svamp")`)
 CURVE_DEFAULTS: dict[str, Any] = {
     "max_val": 64,  # validation records for the learning-rate choice (loss only: cheap)
     "max_test": 100,  # a seeded test subset, the same for every unit (CPU: ~0.3 of a shared core)
@@ -246,7 +257,13 @@ def fig4_plan(
 def method_steps(h: CurveHarness, name: str, n: int, seed: int, method: str) -> list[Step]:
     if method == "lofit":
         return lofit_steps(h, name, n, seed, h.settings.k_large)
-    fn = functools.partial(unit_peft_like, h, name, 0, method)
+    if method == "loreft" and name == "truthfulqa":
+        return []  # its MC scoring builds the prompts inside the evaluator (see unit_loreft)
+    if method in EXTRA_METHODS:
+        unit_fn = {"repe": unit_repe, "loreft": unit_loreft, "zero_shot": unit_zero_shot}[method]
+        fn = functools.partial(unit_fn, h, name, 0)
+    else:
+        fn = functools.partial(unit_peft_like, h, name, 0, method)
     return [curve_step(h, f"fig4/{name}/n{n}/s{seed}/{method}", n, seed, fn)]
 
 
@@ -267,6 +284,17 @@ def fig5_plan(
     return steps
 
 
+def train_sizes(h: Harness) -> dict[str, int]:
+    """{task: size of its whole training split} for the tasks that have units and whose data loads."""
+    sizes: dict[str, int] = {}
+    for name in sorted({unit.split("/")[1] for unit in h.results["units"] if unit.count("/") >= 2}):
+        try:
+            sizes[name] = len(h.task(name).train)
+        except (DataError, OSError):
+            continue  # no data here: the whole-split table leaves the task out
+    return sizes
+
+
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -277,10 +305,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model", default=None, help="bundled name or local directory (default smollm2-135m)"
     )
     parser.add_argument("--stages", nargs="+", default=["fig4"], choices=["fig4", "fig5"])
-    parser.add_argument("--tasks", nargs="+", default=list(CURVE_TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(CURVE_TASKS), choices=[*TASKS, *EXTRA_TASKS])
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="training-set sizes n")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--methods", nargs="+", default=list(FIG4_METHODS), choices=FIG4_METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(FIG4_METHODS), choices=[*FIG4_METHODS, *EXTRA_METHODS]
+    )
     parser.add_argument("--fractions", nargs="+", type=float, default=list(HEAD_FRACTIONS), help="Fig. 5 K")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
@@ -323,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("[curves] budget spent: stopping", flush=True)
                 break
             step()
-    text = render_curves(harness.results["units"], asdict(settings), args.out)
+    text = render_curves(harness.results["units"], asdict(settings), args.out, train_sizes(harness))
     atomic_write_text(args.out / "curves.md", text)
     print(f"[curves] wrote {args.out / 'curves.md'}", flush=True)
     return 0

@@ -265,3 +265,36 @@ def test_curves_commit_a_unit_given_a_relative_path(tmp_path: Path, monkeypatch)
     log = subprocess.run(["git", "-C", str(tmp_path), "log", "--name-only", "--format=%s"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert "unit a" in log and "units/a.json" in log
+
+
+@pytest.mark.skipif(not (DATA / "svamp").is_dir(), reason="benchmark data not available")
+def test_curves_run_repe_loreft_on_svamp_and_render_the_whole_split_table(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    curves = load_curves()
+    out = tmp_path / "curves"
+    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "svamp"]
+    argv += ["--sizes", "4", "350", "--seeds", "1", "--methods", "lofit", "repe", "loreft", "zero_shot"]
+    assert curves.main(argv) == 0
+    files = sorted(p.name for p in (out / "units").glob("*.json"))
+    assert {"fig4__svamp__n350__s1__repe.json", "fig4__svamp__n4__s1__loreft.json"} <= set(files)
+    repe = json.loads((out / "units" / "fig4__svamp__n350__s1__repe.json").read_text())
+    assert repe["method"] == "RepE" and repe["vector"] == "contrast" and "exact_match" in repe["test"]
+    loreft = json.loads((out / "units" / "fig4__svamp__n4__s1__loreft.json").read_text())
+    assert loreft["method"] == "LoReFT" and loreft["n"] == 4 and loreft["trainable_params"] > 0
+    text = (out / "curves.md").read_text()
+    whole = text.split("## Tables 1 and 3 on this harness")[1].split("\n## ")[0]
+    assert "SVAMP exact_match (n = 350)" in whole
+    assert "| RepE |" in whole and "| LoReFT |" in whole and "| LoFiT 10% |" in whole and "| 0-shot" in whole
+    assert "| 4 |" not in whole  # only the whole-split units belong to that table
+
+
+def test_curves_refuse_loreft_on_truthfulqa_by_leaving_it_out(tmp_path: Path) -> None:
+    curves = load_curves()
+    harness = curves.CurveHarness(
+        curves.build_settings(curves.parse_args(["--quick"])), tmp_path / "units", tmp_path, 0.0, False
+    )
+    steps = curves.method_steps(harness, "truthfulqa", 8, 1, "loreft")
+    assert steps == [] and [u for u, _ in curves.method_steps(harness, "mquake", 8, 1, "loreft")] == [
+        "fig4/mquake/n8/s1/loreft"
+    ]
