@@ -16,11 +16,12 @@ METHOD_TITLES = {
     "lora": "LoRA r8 q,v",
     "red": "RED",
     "repe": "RepE",
+    "iti": "ITI",
     "loreft": "LoReFT",
     "zero_shot": "0-shot (base model)",
 }
 FIG4 = re.compile(
-    r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red|repe|loreft|zero_shot)$"
+    r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red|repe|iti|loreft|zero_shot)$"
 )
 FIG5 = re.compile(r"fig5/(?P<task>\w+)/k(?P<k>[\d.e-]+)/s(?P<seed>\d+)$")
 
@@ -101,7 +102,9 @@ def fig5_table(points: dict[tuple[str, str, Any], list[float]], tasks: Sequence[
 
 
 def whole_split_table(
-    points: dict[tuple[str, str, Any], list[float]], train_sizes: dict[str, int]
+    points: dict[tuple[str, str, Any], list[float]],
+    train_sizes: dict[str, int],
+    heads: dict[tuple[str, str, Any], list[float]] | None = None,
 ) -> list[str]:
     """Tables 1 and 3 on this harness: every method trained on the task's whole training split.
 
@@ -118,10 +121,15 @@ def whole_split_table(
     head = ["method", *[f"{TITLES[t]} {metric_of(t)} (n = {train_sizes[t]})" for t in tasks]]
     lines = ["## Tables 1 and 3 on this harness: the whole training split (test %)", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, title in METHOD_TITLES.items():
-        cells = [cell(points.get((t, method, train_sizes[t]), [])) for t in tasks]
-        if any(c != "–" for c in cells):
-            lines.append("| " + " | ".join([title, *cells]) + " |")
+    rows = [
+        (title, [points.get((t, method, train_sizes[t]), []) for t in tasks])
+        for method, title in METHOD_TITLES.items()
+    ]
+    if heads:  # Fig. 5 runs on the whole split too: its K = 3% point is Table 1's "LoFiT 3%"
+        rows.insert(1, ("LoFiT 3% (Fig. 5)", [heads.get((t, "", 0.03), []) for t in tasks]))
+    for title, values in rows:
+        if any(values):
+            lines.append("| " + " | ".join([title, *[cell(v) for v in values]]) + " |")
     lines += [
         "",
         "Mean ± SE over seeds (number of seeds). At the whole split the seeds share the training set and differ "
@@ -187,7 +195,7 @@ def render_curves(
         lines += fig4_table(fig4, task)
     if plot(fig4, out / "fig4.png", fig5=False):
         lines += ["![Fig. 4](fig4.png)", ""]
-    lines += whole_split_table(fig4, train_sizes or {})
+    lines += whole_split_table(fig4, train_sizes or {}, fig5)
     lines += fig5_table(fig5, [t for t in TITLES if any(p[0] == t for p in fig5)])
     if plot(fig5, out / "fig5.png", fig5=True):
         lines += ["![Fig. 5](fig5.png)", ""]

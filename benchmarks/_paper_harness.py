@@ -144,13 +144,20 @@ class Harness:
             return fresh
         data = json.loads(self.results_path.read_text(encoding="utf-8"))
         old_settings = data.get("settings", {})
-        for unit, result in data.get("units", {}).items():
+        # Units of other settings are kept in the file (under "superseded", never lost by a run with new
+        # settings) and come back into use when a later run's settings match theirs again.
+        stored = [*data.get("superseded", {}).values(), *data.get("units", {}).items()]
+        fresh["superseded"] = {}
+        for unit, result in stored:
             key = result.get("settings_key") or settings_key(old_settings, unit)
+            result["settings_key"] = key
             if key == self.settings.key(unit):
-                result["settings_key"] = key
                 fresh["units"][unit] = result
             else:
-                print(f"[paper] settings changed: dropping cached {unit}", flush=True)
+                fresh["superseded"][f"{unit}@{key}"] = (unit, result)
+                print(f"[paper] other settings: keeping {unit} aside (not used by this run)", flush=True)
+        if not fresh["superseded"]:
+            del fresh["superseded"]
         fresh["runs"] = data.get("runs", [])
         return fresh
 

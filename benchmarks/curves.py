@@ -6,7 +6,7 @@ LoFiT (head selection on the same n records, then offsets on the top 10% of head
 RED are trained, each with its learning rate chosen from a small grid by the final validation loss (on
 `--max-val` validation records). Fig. 5: LoFiT with K% of heads on the whole training split, the heads
 from the largest-n selection of Fig. 4, the learning rate that Fig. 4 chose for 10% at that n.
-`--methods repe loreft zero_shot` adds Table 1's RepE, Table 3's LoReFT and the base model on the same
+`--methods repe iti loreft zero_shot` adds Table 1's RepE and ITI, Table 3's LoReFT and the base model on the same
 subsets; `--tasks svamp` adds Table 3's SVAMP. Their whole-split points are Tables 1 and 3 on this harness.
 
 It reuses the harness of `paper_tables.py` (units, budget) but keeps **one small JSON per unit** under
@@ -51,6 +51,7 @@ from paper_tables import (  # noqa: E402
     Settings,
     environment,
     train_lofit,
+    unit_iti,
     unit_loreft,
     unit_peft_like,
     unit_repe,
@@ -68,7 +69,7 @@ HEAD_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.50, 1.00)
 FIG4_METHODS = ("lofit", "lora", "red")  # the paper's Fig. 4 (the default)
 # Table 1's RepE and Table 3's LoReFT, run through the same subsets (their whole-split points are the
 # tables' rows on this harness); LoReFT needs a generation-scored task (see `unit_loreft`).
-EXTRA_METHODS = ("repe", "loreft", "zero_shot")  # zero_shot: the base model, a reference row
+EXTRA_METHODS = ("repe", "loreft", "iti", "zero_shot")  # zero_shot: the base model, a reference row
 # Generation-scored tasks first: they are Fig. 4 of the paper; TruthfulQA is the issue's addition.
 CURVE_TASKS = ("mquake", "clutrr", "truthfulqa")
 EXTRA_TASKS = ("svamp",)  # Table 3's SVAMP (the paper's 350/350/300 split, `load_task("svamp")`)
@@ -260,7 +261,8 @@ def method_steps(h: CurveHarness, name: str, n: int, seed: int, method: str) -> 
     if method == "loreft" and name == "truthfulqa":
         return []  # its MC scoring builds the prompts inside the evaluator (see unit_loreft)
     if method in EXTRA_METHODS:
-        unit_fn = {"repe": unit_repe, "loreft": unit_loreft, "zero_shot": unit_zero_shot}[method]
+        units = {"repe": unit_repe, "loreft": unit_loreft, "iti": unit_iti, "zero_shot": unit_zero_shot}
+        unit_fn = units[method]
         fn = functools.partial(unit_fn, h, name, 0)
     else:
         fn = functools.partial(unit_peft_like, h, name, 0, method)

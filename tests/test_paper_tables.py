@@ -274,7 +274,19 @@ def test_curves_run_repe_loreft_on_svamp_and_render_the_whole_split_table(
     curves = load_curves()
     out = tmp_path / "curves"
     argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "svamp"]
-    argv += ["--sizes", "4", "350", "--seeds", "1", "--methods", "lofit", "repe", "loreft", "zero_shot"]
+    argv += [
+        "--sizes",
+        "4",
+        "350",
+        "--seeds",
+        "1",
+        "--methods",
+        "lofit",
+        "repe",
+        "iti",
+        "loreft",
+        "zero_shot",
+    ]
     assert curves.main(argv) == 0
     files = sorted(p.name for p in (out / "units").glob("*.json"))
     assert {"fig4__svamp__n350__s1__repe.json", "fig4__svamp__n4__s1__loreft.json"} <= set(files)
@@ -285,7 +297,7 @@ def test_curves_run_repe_loreft_on_svamp_and_render_the_whole_split_table(
     text = (out / "curves.md").read_text()
     whole = text.split("## Tables 1 and 3 on this harness")[1].split("\n## ")[0]
     assert "SVAMP exact_match (n = 350)" in whole
-    assert "| RepE |" in whole and "| LoReFT |" in whole and "| LoFiT 10% |" in whole and "| 0-shot" in whole
+    assert all(f"| {row}" in whole for row in ("RepE |", "ITI |", "LoReFT |", "LoFiT 10% |", "0-shot"))
     assert "| 4 |" not in whole  # only the whole-split units belong to that table
 
 
@@ -298,3 +310,18 @@ def test_curves_refuse_loreft_on_truthfulqa_by_leaving_it_out(tmp_path: Path) ->
     assert steps == [] and [u for u, _ in curves.method_steps(harness, "mquake", 8, 1, "loreft")] == [
         "fig4/mquake/n8/s1/loreft"
     ]
+
+
+def test_a_run_with_new_settings_keeps_the_units_of_the_old_ones(tmp_path: Path) -> None:
+    """Changing a setting (e.g. --precision) must not delete finished units from the results file."""
+    script = load_script()
+    old, new = script.Settings(precision="bf16"), script.Settings(precision="fp32")
+    unit = {"method": "0-shot", "test": {"exact_match": 0.5}, "settings_key": old.key("zero_shot/mquake/f0")}
+    path = tmp_path / "paper_tables.json"
+    path.write_text(json.dumps({"settings": {}, "units": {"zero_shot/mquake/f0": unit}, "runs": []}))
+    harness = script.Harness(new, path, tmp_path, float("inf"))
+    assert not harness.done("zero_shot/mquake/f0")  # not a cache hit for the new settings
+    harness.save()
+    assert "zero_shot/mquake/f0" in path.read_text()  # ... but still in the file
+    again = script.Harness(old, path, tmp_path, float("inf"))
+    assert again.get("zero_shot/mquake/f0")["test"] == {"exact_match": 0.5}
