@@ -314,6 +314,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--methods", nargs="+", default=list(FIG4_METHODS), choices=[*FIG4_METHODS, *EXTRA_METHODS]
     )
     parser.add_argument("--fractions", nargs="+", type=float, default=list(HEAD_FRACTIONS), help="Fig. 5 K")
+    for method in ("lofit", "lora", "red"):
+        parser.add_argument(
+            f"--{method}-lrs",
+            nargs="+",
+            type=float,
+            default=None,
+            help=f"{method} lr grid (default in CURVE_DEFAULTS)",
+        )
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
@@ -328,7 +336,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {**CURVE_DEFAULTS, **(QUICK if args.quick else {})}
     values["max_train"] = 0  # unused: the training subset is the unit's n
-    for name in ("model", "max_length", "precision"):
+    for name in ("model", "max_length", "precision", "lofit_lrs", "lora_lrs", "red_lrs"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return Settings(**values)
