@@ -69,7 +69,13 @@ HEAD_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.50, 1.00)
 FIG4_METHODS = ("lofit", "lora", "red")  # the paper's Fig. 4 (the default)
 # Table 1's RepE and Table 3's LoReFT, run through the same subsets (their whole-split points are the
 # tables' rows on this harness); LoReFT needs a generation-scored task (see `unit_loreft`).
-EXTRA_METHODS = ("repe", "loreft", "iti", "zero_shot")  # zero_shot: the base model, a reference row
+EXTRA_UNITS: dict[str, Callable[..., dict[str, Any]]] = {  # zero_shot: the base model, a reference row
+    "repe": unit_repe,
+    "loreft": unit_loreft,
+    "iti": unit_iti,
+    "zero_shot": unit_zero_shot,
+}
+EXTRA_METHODS = tuple(EXTRA_UNITS)
 # Generation-scored tasks first: they are Fig. 4 of the paper; TruthfulQA is the issue's addition.
 CURVE_TASKS = ("mquake", "clutrr", "truthfulqa")
 EXTRA_TASKS = ("svamp",)  # Table 3's SVAMP (the paper's 350/350/300 split, `load_task("svamp")`)
@@ -260,10 +266,8 @@ def method_steps(h: CurveHarness, name: str, n: int, seed: int, method: str) -> 
         return lofit_steps(h, name, n, seed, h.settings.k_large)
     if method == "loreft" and name == "truthfulqa":
         return []  # its MC scoring builds the prompts inside the evaluator (see unit_loreft)
-    if method in EXTRA_METHODS:
-        units = {"repe": unit_repe, "loreft": unit_loreft, "iti": unit_iti, "zero_shot": unit_zero_shot}
-        unit_fn = units[method]
-        fn = functools.partial(unit_fn, h, name, 0)
+    if method in EXTRA_UNITS:
+        fn = functools.partial(EXTRA_UNITS[method], h, name, 0)
     else:
         fn = functools.partial(unit_peft_like, h, name, 0, method)
     return [curve_step(h, f"fig4/{name}/n{n}/s{seed}/{method}", n, seed, fn)]
@@ -330,7 +334,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true", help="write tables and plots, run nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "curves")
     parser.add_argument("--work-dir", type=Path, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for method in ("lofit", "lora", "red"):
+        grid = getattr(args, f"{method}_lrs")
+        if grid is not None and not all(lr > 0 for lr in grid):
+            parser.error(f"--{method}-lrs must be positive learning rates, got {grid}")
+    return args
 
 
 def build_settings(args: argparse.Namespace) -> Settings:

@@ -197,6 +197,11 @@ def load_curves():  # type: ignore[no-untyped-def]
     return module
 
 
+def quick_curves_argv(model_dir: Path, out: Path, task: str, options: str) -> list[str]:
+    """`curves.py --quick` on `model_dir` and `task`, writing to `out`, plus the space-separated `options`."""
+    return ["--quick", "--model", str(model_dir), "--out", str(out), "--tasks", task, *options.split()]
+
+
 def test_curves_subsets_are_nested_and_seeded() -> None:
     curves = load_curves()
     records = list(range(50))
@@ -210,21 +215,9 @@ def test_curves_subsets_are_nested_and_seeded() -> None:
 def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     curves = load_curves()
     out = tmp_path / "curves"
-    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "mquake"]
-    argv += [
-        "--sizes",
-        "4",
-        "8",
-        "--seeds",
-        "1",
-        "2",
-        "--methods",
-        "lofit",
-        "lora",
-        "--stages",
-        "fig4",
-        "fig5",
-    ]
+    argv = quick_curves_argv(
+        tiny_model_dir, out, "mquake", "--sizes 4 8 --seeds 1 2 --methods lofit lora --stages fig4 fig5"
+    )
     argv += ["--fractions", "0.1", "1.0"]
     assert curves.main(argv) == 0
     files = sorted(p.name for p in (out / "units").glob("*.json"))
@@ -273,20 +266,9 @@ def test_curves_run_repe_loreft_on_svamp_and_render_the_whole_split_table(
 ) -> None:
     curves = load_curves()
     out = tmp_path / "curves"
-    argv = ["--quick", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "svamp"]
-    argv += [
-        "--sizes",
-        "4",
-        "350",
-        "--seeds",
-        "1",
-        "--methods",
-        "lofit",
-        "repe",
-        "iti",
-        "loreft",
-        "zero_shot",
-    ]
+    argv = quick_curves_argv(
+        tiny_model_dir, out, "svamp", "--sizes 4 350 --seeds 1 --methods lofit repe iti loreft zero_shot"
+    )
     assert curves.main(argv) == 0
     files = sorted(p.name for p in (out / "units").glob("*.json"))
     assert {"fig4__svamp__n350__s1__repe.json", "fig4__svamp__n4__s1__loreft.json"} <= set(files)
@@ -325,3 +307,10 @@ def test_a_run_with_new_settings_keeps_the_units_of_the_old_ones(tmp_path: Path)
     assert "zero_shot/mquake/f0" in path.read_text()  # ... but still in the file
     again = script.Harness(old, path, tmp_path, float("inf"))
     assert again.get("zero_shot/mquake/f0")["test"] == {"exact_match": 0.5}
+
+
+def test_curves_refuse_a_learning_rate_grid_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    curves = load_curves()
+    with pytest.raises(SystemExit) as exit_info:
+        curves.parse_args(["--lofit-lrs", "0.05", "-0.1"])
+    assert exit_info.value.code == 2 and "--lofit-lrs must be positive" in capsys.readouterr().err
