@@ -5,7 +5,8 @@ seeded permutation of the task's training split, so a larger n contains the smal
 LoFiT (head selection on the same n records, then offsets on the top 10% of heads), LoRA (r 8, q/v) and
 RED are trained, each with its learning rate chosen from a small grid by the final validation loss (on
 `--max-val` validation records). Fig. 5: LoFiT with K% of heads on the whole training split, the heads
-from the largest-n selection of Fig. 4, the learning rate that Fig. 4 chose for 10% at that n.
+from the largest-n selection of Fig. 4, the learning rate that Fig. 4 chose for 10% at that n (at
+K = 100% that rate diverged on MQuAKE, so K >= `FIG5_OWN_LR_FROM` searches {lr/25, lr/5, lr} on validation).
 `--methods repe iti loreft zero_shot` adds Table 1's RepE and ITI, Table 3's LoReFT and the base model on the same
 subsets; `--tasks svamp` adds Table 3's SVAMP. Their whole-split points are Tables 1 and 3 on this harness.
 
@@ -66,6 +67,10 @@ from lofit.tasks import DataError  # noqa: E402
 SIZES = (16, 32, 64, 100, 200, 300)
 FIRST_CHUNK_SIZES = (16, 32, 64, 100)  # the claim: LoFiT ahead below 100 examples
 HEAD_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.50, 1.00)
+# Fig. 5 at K = 100% with Fig. 4's 10% lr diverged on MQuAKE (final validation loss 7.01 vs 2.42 at 10%):
+# from this K on, a unit searches its own lr below Fig. 4's choice, by validation loss like every other.
+FIG5_OWN_LR_FROM = 1.0
+FIG5_LR_DIVISORS = (25.0, 5.0, 1.0)
 FIG4_METHODS = ("lofit", "lora", "red")  # the paper's Fig. 4 (the default)
 # Table 1's RepE and Table 3's LoReFT, run through the same subsets (their whole-split points are the
 # tables' rows on this harness); LoReFT needs a generation-scored task (see `unit_loreft`).
@@ -226,16 +231,28 @@ def curve_step(h: CurveHarness, unit: str, n: int, seed: int, fn: Callable[[], d
     return unit, functools.partial(h.run, unit, run)
 
 
+def fig5_lrs(fig4_lr: float, k: float) -> list[float]:
+    """The lr grid of a Fig. 5 unit: Fig. 4's 10% choice, or below it from `FIG5_OWN_LR_FROM` on.
+
+    Example:
+        >>> fig5_lrs(5e-2, 0.2), [round(lr, 6) for lr in fig5_lrs(5e-2, 1.0)]
+        ([0.05], [0.002, 0.01, 0.05])
+    """
+    if k < FIG5_OWN_LR_FROM:
+        return [fig4_lr]
+    return [fig4_lr / divisor for divisor in FIG5_LR_DIVISORS]
+
+
 def lofit_steps(
     h: CurveHarness, name: str, n: int, seed: int, k: float, unit: str | None = None
 ) -> list[Step]:
-    """Head selection on the subset, then LoFiT with the top-k heads (Fig. 5 reuses Fig. 4's lr)."""
+    """Head selection on the subset, then LoFiT with the top-k heads (Fig. 5: lr from `fig5_lrs`)."""
     prefix = f"fig4/{name}/n{n}/s{seed}"
     select = curve_step(h, f"{prefix}/select", n, seed, functools.partial(unit_select, h, name, 0, seed))
 
     def lofit() -> dict[str, Any]:
         tuned = h.get(f"{prefix}/lofit") if unit is not None else None
-        lrs = [float(tuned["lr"])] if tuned else list(h.settings.lofit_lrs)
+        lrs = fig5_lrs(float(tuned["lr"]), k) if tuned else list(h.settings.lofit_lrs)
         return unit_curve_lofit(h, name, f"{prefix}/select", k, lrs)
 
     return [select, curve_step(h, unit or f"{prefix}/lofit", n, seed, lofit)]

@@ -226,6 +226,15 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     assert unit["n"] == 8 and unit["seed"] == 2 and "exact_match" in unit["test"]
     lofit = json.loads((out / "units" / "fig4__mquake__n4__s1__lofit.json").read_text())
     assert lofit["heads_from"] == "fig4/mquake/n4/s1/select" and lofit["search"][0]["val_loss"] > 0
+    # Fig. 5 reuses Fig. 4's 10% lr, except at K = 100%, which searches its own below it.
+    fig4_lr = json.loads((out / "units" / "fig4__mquake__n8__s2__lofit.json").read_text())["lr"]
+    ten, all_heads = (
+        json.loads((out / "units" / f"fig5__mquake__k{k}__s2.json").read_text()) for k in ("0.1", "1")
+    )
+    assert [entry["lr"] for entry in ten["search"]] == [fig4_lr]
+    assert [entry["lr"] for entry in all_heads["search"]] == pytest.approx(
+        [fig4_lr / 25, fig4_lr / 5, fig4_lr]
+    )
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")}
     assert curves.main(argv) == 0  # resumes: nothing reruns, no file is rewritten
     assert {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")} == stamps
