@@ -3,7 +3,9 @@ returning the JSON-able result the harness caches."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,13 +88,17 @@ def probe_selection(acts: dict[str, Any]) -> HeadSelection:
     return HeadSelection(scores.val_accuracy, rank_heads(scores.val_accuracy, scores.val_loss), "probe")
 
 
+def iti_probe(h: Harness, name: str, fold: int, model: nn.Module, tok: Any) -> tuple[HeadSelection, Any]:
+    """ITI's head ranking (probe accuracy) and mass-mean directions on the task's train + val texts."""
+    with h.autocast():
+        acts = activations_and_labels(h, name, fold, model, tok)
+    return probe_selection(acts), mass_mean_directions(acts["acts"], acts["labels"])
+
+
 def unit_iti(h: Harness, name: str, fold: int) -> dict[str, Any]:
     """ITI: probe-ranked heads, mass-mean shift α·σ·u at every position; α chosen on validation."""
     model, tok = h.base()
-    with h.autocast():
-        acts = activations_and_labels(h, name, fold, model, tok)
-    selection = probe_selection(acts)
-    directions = mass_mean_directions(acts["acts"], acts["labels"])
+    selection, directions = iti_probe(h, name, fold, model, tok)
     heads = selection.top(h.settings.iti_k)
     wrapped = None
     search: list[dict[str, Any]] = []
@@ -305,27 +311,29 @@ def lr_search(
     return best[1], best[2], search, best[3]
 
 
+def fit_lofit(
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lr: float
+) -> tuple[nn.Module, Any, Any]:
+    """One LoFiT step-2 training (offsets on `heads` at `lr`): the model, its tokenizer, its history."""
+    base, tok = h.base()
+    model = train_offsets(
+        base,
+        tok,
+        h.split(name, fold, "train"),
+        heads,
+        objective=h.task(name, fold).objective,
+        val_data=h.val_data(name, fold),
+        **h.train_kwargs(lr),
+    )
+    return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
+
+
 def train_lofit(
     h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float]
 ) -> tuple[nn.Module, dict[str, Any]]:
     """LoFiT step 2 on `heads` for each learning rate of `lrs`; the model with the lowest validation
     loss, its test metrics, and the search (the result fields every LoFiT unit shares)."""
-    task = h.task(name, fold)
-
-    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
-        base, tok = h.base()
-        model = train_offsets(
-            base,
-            tok,
-            h.split(name, fold, "train"),
-            heads,
-            objective=task.objective,
-            val_data=h.val_data(name, fold),
-            **h.train_kwargs(lr),
-        )
-        return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
-
-    model, tok, search, lr = lr_search(h, lrs, train_one)
+    model, tok, search, lr = lr_search(h, lrs, functools.partial(fit_lofit, h, name, fold, heads))
     result = {
         "k": sum(len(v) for v in heads.values()),
         "heads": {str(layer): v for layer, v in heads.items()},
@@ -375,18 +383,19 @@ def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any,
     return h.finish_validation(model, tok, name, fold, history)
 
 
+def fit_peft_like(h: Harness, name: str, fold: int, method: str, lr: float) -> tuple[nn.Module, Any, Any]:
+    """One LoRA or RED training at `lr`: the model, its tokenizer, its history."""
+    base, tok = h.base()
+    seed_everything(h.train_kwargs(lr)["seed"])  # LoRA's A init (42 unless a subclass reseeds)
+    model = get_lora_model(base) if method == "lora" else get_red_model(base, site="attention")
+    return model, tok, train_baseline(h, name, fold, model, tok, lr)
+
+
 def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, Any]:
     """LoRA (r=8, α=8, dropout 0.1 on q/v via peft) or RED (scale+bias on attention outputs)."""
 
-    def train_one(lr: float) -> tuple[nn.Module, Any, Any]:
-        base, tok = h.base()
-        seed_everything(h.train_kwargs(lr)["seed"])  # LoRA's A init (42 unless a subclass reseeds)
-        model = get_lora_model(base) if method == "lora" else get_red_model(base, site="attention")
-        history = train_baseline(h, name, fold, model, tok, lr)
-        return model, tok, history
-
     lrs = h.settings.lora_lrs if method == "lora" else h.settings.red_lrs
-    model, tok, search, lr = lr_search(h, lrs, train_one)
+    model, tok, search, lr = lr_search(h, lrs, functools.partial(fit_peft_like, h, name, fold, method))
     test = h.evaluate(model, tok, name, fold, "test")
     if name == "truthfulqa" and fold == 0 and method == "lora":
         torch.save(trained_state(model), h.work_dir / f"lora_{name}{fold}.pt")
@@ -399,28 +408,71 @@ def unit_peft_like(h: Harness, name: str, fold: int, method: str) -> dict[str, A
     }
 
 
+def ood_source_units(h: Harness) -> dict[str, tuple[str, str]]:
+    """{method: (its TruthfulQA fold-0 unit, the adapter file that unit writes into the work dir)}."""
+    k = h.settings.k_large
+    return {
+        "iti": ("iti/truthfulqa/f0", "iti_truthfulqa0.pt"),
+        "lofit": (f"lofit/truthfulqa/f0/k{k}/lofit", f"lofit_truthfulqa0_{k}.pt"),
+        "lora": ("lora/truthfulqa/f0", "lora_truthfulqa0.pt"),
+    }
+
+
+def ood_adapter(h: Harness, method: str) -> tuple[Path, dict[str, Any]]:
+    """The adapter an OOD unit evaluates, and how it was obtained.
+
+    The work dir is not committed, so on a fresh checkout the adapter is rebuilt from its cached unit: the
+    same heads and lr (LoFiT), lr (LoRA) or α (ITI), one training, which is deterministic on one machine.
+    The rebuilt model's final validation loss is recorded beside the unit's, as a check of that.
+    """
+    unit_name, file_name = ood_source_units(h)[method]
+    path = h.work_dir / file_name
+    if path.is_file():
+        return path, {"rebuilt": False}
+    unit = h.get(unit_name)
+    if unit is None or "error" in unit:
+        raise FileNotFoundError(f"{path} is missing and {unit_name} has not run, so it cannot be rebuilt")
+    check: dict[str, Any] = {"rebuilt": True, "rebuilt_from": unit_name}
+    if method == "iti":
+        base, tok = h.base()
+        selection, directions = iti_probe(h, "truthfulqa", 0, base, tok)
+        heads = selection.top(h.settings.iti_k)
+        torch.save(dict(iti_offsets(directions.directions, directions.sigmas, heads, unit["alpha"])), path)
+        count = selection.count(h.settings.iti_k)
+        check["same_heads"] = [list(x) for x in selection.ranking[:count]] == unit["probe_ranking"][:count]
+        return path, check
+    lr = float(unit["lr"])
+    if method == "lofit":
+        heads = {int(layer): list(v) for layer, v in unit["heads"].items()}
+        model, _, history = fit_lofit(h, "truthfulqa", 0, heads, lr)
+        torch.save({"heads": heads, "state": trained_state(model)}, path)
+    else:
+        model, _, history = fit_peft_like(h, "truthfulqa", 0, method, lr)
+        torch.save(trained_state(model), path)
+    check["unit_val_loss"] = next(r["val_loss"] for r in unit["search"] if r["lr"] == lr)
+    check["rebuilt_val_loss"] = final_val_loss(history)
+    return path, check
+
+
 def unit_ood(h: Harness, method: str) -> dict[str, Any]:
     """0-shot log-likelihood accuracy on ARC-Easy, PIQA, OpenBookQA of a model trained on TruthfulQA."""
+    source, adapter = "", {}
+    if method != "base":
+        path, adapter = ood_adapter(h, method)
+        source = str(path)
     base, tok = h.base()
     model: nn.Module = base
-    source = ""
     if method == "iti":
-        path = h.work_dir / "iti_truthfulqa0.pt"
         model = apply_iti(base, torch.load(path))
-        source = str(path)
     elif method == "lofit":
-        path = h.work_dir / f"lofit_truthfulqa0_{h.settings.k_large}.pt"
         saved = torch.load(path)
         model = get_lofit_model(
             base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
         )
         load_state(model, saved["state"])
-        source = str(path)
     elif method == "lora":
-        path = h.work_dir / "lora_truthfulqa0.pt"
         model = get_lora_model(base)
         load_state(model, torch.load(path))
-        source = str(path)
     model.eval()
     scores = {}
     for bench in OOD_SETS:
@@ -430,7 +482,7 @@ def unit_ood(h: Harness, method: str) -> dict[str, Any]:
                 model, tok, "mc", records, batch_size=h.settings.eval_batch_size, progress=False
             )
         scores[bench] = metrics
-    return {"method": method, "test": scores, "adapter": source}
+    return {"method": method, "test": scores, "adapter": source, **adapter}
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
