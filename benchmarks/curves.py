@@ -120,6 +120,9 @@ class CurveHarness(Harness):
         self.commit_units = commit
         self.current: tuple[int, int] | None = None  # (n, seed) of the unit being run
         super().__init__(settings, units_dir / "_unused.json", work_dir, deadline)
+        # Only what this process ran is ever written: a unit read from a file is not written back, so a
+        # file removed on purpose (to rerun its unit) stays removed while another run is going on.
+        self.loaded = set(self.results["units"])
 
     @staticmethod
     def file_name(unit: str) -> str:
@@ -135,12 +138,12 @@ class CurveHarness(Harness):
         return {"settings": asdict(self.settings), "units": units, "runs": []}
 
     def save(self) -> None:
-        """Write every unit that has no file yet (and commit it with `--commit`)."""
+        """Write every unit this process ran that has no file yet (and commit it with `--commit`)."""
         self.units_dir.mkdir(parents=True, exist_ok=True)
         for unit, result in self.results["units"].items():
             path = self.units_dir / self.file_name(unit)
-            if path.is_file() and stored_key(path) == result.get("settings_key"):
-                continue  # written already (a file of other settings is replaced)
+            if unit in self.loaded or (path.is_file() and stored_key(path) == result.get("settings_key")):
+                continue  # read from its file, or written already (a file of other settings is replaced)
             atomic_write_json(path, {"unit": unit, **result, "settings": asdict(self.settings)})
             if self.commit_units:
                 commit_file(path, f"curves: unit {unit} ({summary(result)})")

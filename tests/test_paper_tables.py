@@ -286,6 +286,30 @@ def test_curves_commit_a_unit_given_a_relative_path(tmp_path: Path, monkeypatch)
     assert "unit a" in log and "units/a.json" in log
 
 
+def test_curves_run_writes_back_no_unit_it_only_read(tmp_path: Path) -> None:
+    """A unit file removed on purpose (so that its unit reruns) is not written back by a run that had read
+    it before; the units that run finishes are written, and a later run reads both."""
+    curves = load_curves()
+    settings = curves.Settings(**{**curves.CURVE_DEFAULTS, "max_train": 0})
+
+    def harness():  # type: ignore[no-untyped-def]
+        return curves.CurveHarness(settings, tmp_path / "units", tmp_path / "work", float("inf"), False)
+
+    first = harness()
+    for unit in ("fig5/mquake/k1/s42", "fig5/mquake/k0.5/s42"):
+        first.results["units"][unit] = {"test": {"exact_match": 1.0}, "settings_key": settings.key(unit)}
+    first.save()
+    running = harness()  # a long run reads both files at its start
+    assert set(running.results["units"]) == {"fig5/mquake/k1/s42", "fig5/mquake/k0.5/s42"}
+    (tmp_path / "units" / "fig5__mquake__k1__s42.json").unlink()  # meanwhile: rerun this one
+    unit = "fig5/mquake/k0.2/s42"
+    running.results["units"][unit] = {"test": {"exact_match": 2.0}, "settings_key": settings.key(unit)}
+    running.save()
+    names = sorted(p.name for p in (tmp_path / "units").glob("*.json"))
+    assert names == ["fig5__mquake__k0.2__s42.json", "fig5__mquake__k0.5__s42.json"]
+    assert set(harness().results["units"]) == {"fig5/mquake/k0.2/s42", "fig5/mquake/k0.5/s42"}
+
+
 @pytest.mark.skipif(not (DATA / "svamp").is_dir(), reason="benchmark data not available")
 def test_curves_run_repe_loreft_on_svamp_and_render_the_whole_split_table(
     tmp_path: Path, tiny_model_dir: Path
