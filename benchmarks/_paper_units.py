@@ -312,7 +312,7 @@ def lr_search(
 
 
 def fit_lofit(
-    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lr: float
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lr: float, seed: int = 42
 ) -> tuple[nn.Module, Any, Any]:
     """One LoFiT step-2 training (offsets on `heads` at `lr`): the model, its tokenizer, its history."""
     base, tok = h.base()
@@ -323,17 +323,18 @@ def fit_lofit(
         heads,
         objective=h.task(name, fold).objective,
         val_data=h.val_data(name, fold),
-        **h.train_kwargs(lr),
+        **h.train_kwargs(lr, seed),
     )
     return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
 
 
 def train_lofit(
-    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float]
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float], seed: int = 42
 ) -> tuple[nn.Module, dict[str, Any]]:
     """LoFiT step 2 on `heads` for each learning rate of `lrs`; the model with the lowest validation
     loss, its test metrics, and the search (the result fields every LoFiT unit shares)."""
-    model, tok, search, lr = lr_search(h, lrs, functools.partial(fit_lofit, h, name, fold, heads))
+    train_one = functools.partial(fit_lofit, h, name, fold, heads, seed=seed)
+    model, tok, search, lr = lr_search(h, lrs, train_one)
     result = {
         "k": sum(len(v) for v in heads.values()),
         "heads": {str(layer): v for layer, v in heads.items()},
@@ -350,22 +351,25 @@ def train_lofit(
     return model, result
 
 
-def unit_lofit(h: Harness, name: str, fold: int, k: float, source: str = "lofit") -> dict[str, Any]:
-    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss."""
-    heads = heads_for(h, name, fold, source, k)
+def unit_lofit(
+    h: Harness, name: str, fold: int, k: float, source: str = "lofit", seed: int = 42
+) -> dict[str, Any]:
+    """LoFiT step 2: offsets on the top-k heads from `source`; lr chosen on validation loss. Another
+    `seed` (Table 1's second seed) selects its heads and trains with that seed, at seed 42's lr."""
+    heads = heads_for(h, name, fold, source, k, seed)
     # The lr grid is searched once per task/fold, on LoFiT with the large K and its own heads; every
     # other LoFiT unit of that task reuses the chosen lr (the CPU budget allows no search per unit).
     tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
-    if k == h.settings.k_large and source == "lofit":
+    if k == h.settings.k_large and source == "lofit" and seed == 42:
         lrs, lr_from = list(h.settings.lofit_lrs), "searched here"
     elif tuned is not None:
         lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
     else:
         lrs, lr_from = list(h.settings.lofit_lrs[:1]), "first grid value (the tuned unit did not run)"
-    model, result = train_lofit(h, name, fold, heads, lrs)
-    if name == "truthfulqa" and fold == 0 and source == "lofit":
+    model, result = train_lofit(h, name, fold, heads, lrs, seed)
+    if name == "truthfulqa" and fold == 0 and source == "lofit" and seed == 42:
         torch.save({"heads": heads, "state": trained_state(model)}, h.work_dir / f"lofit_{name}{fold}_{k}.pt")
-    return {"method": f"LoFiT ({source} heads)", **result, "lr_from": lr_from}
+    return {"method": f"LoFiT ({source} heads)", "seed": seed, **result, "lr_from": lr_from}
 
 
 def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any, lr: float) -> Any:

@@ -3,9 +3,9 @@
 Every experiment (task x method x setting) is a cached *unit*: its result is written to the results JSON
 (atomically) as soon as it finishes, and a rerun with the same settings skips finished units, so the run
 is resumable. Units run in a fixed priority order (0-shot, head selection, LoFiT 10%, LoRA, LoFiT 3%,
-ITI, RED, then Table 2, stability, out-of-domain, RepE and LoReFT, and TruthfulQA fold 1 last); with
-`--budget-minutes` no new unit starts once the budget is spent and the tables are written from whatever
-finished ("not run (budget)" elsewhere). The harness lives in `_paper_harness.py`, the units in
+ITI, RED, then Table 2, stability, Table 1's second seed, out-of-domain, RepE and LoReFT, and
+TruthfulQA fold 1 last); with `--budget-minutes` no new unit starts once the budget is spent and the
+tables are written from whatever finished ("not run (budget)" elsewhere). The harness lives in `_paper_harness.py`, the units in
 `_paper_units.py`, the tables in `_paper_render.py`; this file is the plan and the command line.
 
 Hyperparameters are picked on validation data only: learning rates by the final validation loss of the
@@ -129,6 +129,10 @@ def plan(
     if "stability" in stages:
         for name in tasks:
             add(f"select/{name}/f0/s{SEEDS[1]}", unit_select, name, 0, SEEDS[1])
+    if "seed2" in stages:  # Table 1's second seed (the paper averages two): its own heads and training
+        for k in (s.k_large, s.k_small):
+            for name in tasks:
+                add(f"lofit/{name}/f0/k{k}/lofit_s{SEEDS[1]}", unit_lofit, name, 0, k, "lofit", SEEDS[1])
     if "ood" in stages and "truthfulqa" in tasks:
         for method in ("base", "iti", "lofit", "lora"):
             add(f"ood/{method}", unit_ood, method)
@@ -182,8 +186,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         nargs="+",
-        default=["table1", "table3", "table2", "stability", "ood", "repe_loreft"],
-        choices=["table1", "table3", "table2", "stability", "ood", "repe_loreft"],
+        default=["table1", "table3", "table2", "stability", "seed2", "ood", "repe_loreft"],
+        choices=["table1", "table3", "table2", "stability", "seed2", "ood", "repe_loreft"],
     )
     for name in ("max_train", "max_val", "max_test", "max_ood", "epochs", "max_length"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)

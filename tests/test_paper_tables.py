@@ -92,7 +92,18 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
         units["lora/truthfulqa/f0"]["trainable_params"]
         > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
     )
+    # Table 1's second seed: seed 12450's own heads and training, at seed 42's lr
+    second, first = units["lofit/clutrr/f0/k0.1/lofit_s12450"], units["lofit/clutrr/f0/k0.1/lofit"]
+    selected = units["select/clutrr/f0/s12450"]["ranking"][: second["k"]]
+    assert second["seed"] == 12450 and second["lr"] == first["lr"] and len(second["search"]) == 1
+    assert sorted((int(layer), head) for layer, heads in second["heads"].items() for head in heads) == sorted(
+        tuple(x) for x in selected
+    )
     text = (out / "paper_tables_quick.md").read_text()
+    assert "| LoFiT 3%, seed 12450 |" in text
+    mean_row = next(line for line in text.splitlines() if line.startswith("| LoFiT 10%, mean of seeds"))
+    clutrr_mean = 100 * (first["test"]["exact_match"] + second["test"]["exact_match"]) / 2
+    assert mean_row.split("|")[-2].strip() == f"{clutrr_mean:.1f}"  # the last column is CLUTRR EM
     for title in ("Table 1", "Table 2", "Table 3", "Stability", "Out-of-domain", "Hyperparameter choices"):
         assert title in text
     lens = units["lofit/mquake/f0/k0.1/lofit"]["logit_lens"]  # App. E: every offset's top tokens
