@@ -18,6 +18,7 @@ from torch import nn
 
 from lofit import evaluate, load_model
 from lofit.atomic import atomic_write_json
+from lofit.locking import OutputLockedError, output_lock
 from lofit.objectives import TokenScorer, make_objective, mean_loss
 from lofit.tasks import load_task
 
@@ -124,6 +125,22 @@ def sample(records: Sequence[Any], limit: int, seed: int) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------ harness
+@contextlib.contextmanager
+def waiting_lock(path: Path, timeout_s: float = 120.0) -> Any:
+    """lofit's output lock on `path`, waited for (a save holds it for milliseconds) rather than refused."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(output_lock(path))
+                break
+            except OutputLockedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield
+
+
 class Harness:
     """Loads models and tasks, runs units, and keeps the results JSON up to date."""
 
@@ -162,7 +179,31 @@ class Harness:
         return fresh
 
     def save(self) -> None:
-        atomic_write_json(self.results_path, self.results)
+        """Write the results file, first taking in (under a lock) the units another run on the same file
+        wrote meanwhile, so that two runs on one `--out` never drop each other's results."""
+        with waiting_lock(self.results_path):
+            if self.results_path.is_file():
+                self._merge(json.loads(self.results_path.read_text(encoding="utf-8")))
+            atomic_write_json(self.results_path, self.results)
+
+    def _merge(self, data: dict[str, Any]) -> None:
+        """Add the units and runs of `data` (the file as another run left it) that this run lacks."""
+        units, superseded = self.results["units"], self.results.get("superseded", {})
+        stored = [*data.get("superseded", {}).values(), *data.get("units", {}).items()]
+        for unit, result in stored:
+            key = result.get("settings_key") or settings_key(data.get("settings", {}), unit)
+            if key == self.settings.key(unit):
+                units.setdefault(unit, {**result, "settings_key": key})
+            else:  # another settings' unit: kept aside, as at load
+                superseded.setdefault(f"{unit}@{key}", (unit, {**result, "settings_key": key}))
+        if superseded:
+            self.results["superseded"] = superseded
+        known = {(run.get("command"), run.get("started")) for run in self.results["runs"]}
+        others = [
+            run for run in data.get("runs", []) if (run.get("command"), run.get("started")) not in known
+        ]
+        self.results["runs"].extend(others)
+        self.results["runs"].sort(key=lambda run: run.get("started", ""))
 
     def done(self, unit: str) -> bool:
         return unit in self.results["units"]

@@ -235,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     harness = Harness(settings, results_path, work_dir, deadline)
     command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    runs = harness.results.setdefault("runs", [])
-    runs.append({"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()})
+    this_run = {"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
+    harness.results.setdefault("runs", []).append(this_run)
     harness.save()
     torch.manual_seed(0)
     for unit, step in plan(harness, args.tasks, args.folds, args.stages):
@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as error:  # an OOD unit whose adapter was never trained
             harness.results["units"][unit] = {"error": str(error)}
             harness.save()
-    runs[-1]["wall_s"] = round(time.time() - harness.started, 1)
-    runs[-1]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    this_run["wall_s"] = round(time.time() - harness.started, 1)
+    this_run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     harness.save()
     text = render_markdown(harness.results, args.tasks, heatmap_dir, quick=args.quick, notes=notes)
     atomic_write_text(args.out / f"{stem}.md", text)

@@ -270,6 +270,38 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     assert "### MQuAKE" in text and "| 4 |" in text and "## Fig. 5" in text and (out / "fig4.png").is_file()
 
 
+def test_two_runs_on_one_results_file_keep_each_others_units(tmp_path: Path) -> None:
+    """Two paper_tables runs on the same `--out` (each started before the other saved): every save takes
+    in what the other wrote, so neither drops the other's units or its run record."""
+    script = load_script()
+    path = tmp_path / "paper_tables.json"
+    settings = script.Settings()
+    first, second = (script.Harness(settings, path, tmp_path, float("inf")) for _ in range(2))
+    for harness, unit in ((first, "zero_shot/mquake/f0"), (second, "zero_shot/clutrr/f0")):
+        harness.results["runs"].append({"command": f"run {unit}", "started": unit})
+    first.run("zero_shot/mquake/f0", lambda: {"test": {"exact_match": 0.25}})
+    second.run("zero_shot/clutrr/f0", lambda: {"test": {"exact_match": 0.5}})
+    first.run("select/mquake/f0/s42", lambda: {"scores": [[1.0]], "ranking": [[0, 0]]})
+    stored = json.loads(path.read_text())
+    assert set(stored["units"]) == {"zero_shot/mquake/f0", "zero_shot/clutrr/f0", "select/mquake/f0/s42"}
+    assert stored["units"]["zero_shot/clutrr/f0"]["test"] == {"exact_match": 0.5}
+    assert [run["command"] for run in stored["runs"]] == [
+        "run zero_shot/clutrr/f0",
+        "run zero_shot/mquake/f0",
+    ]
+    # a run of other settings on the same file sets the units aside and loses none of them
+    other = script.Harness(script.Settings(max_test=7), path, tmp_path, float("inf"))
+    other.run("zero_shot/mquake/f0", lambda: {"test": {"exact_match": 0.75}})
+    stored = json.loads(path.read_text())
+    assert stored["units"]["zero_shot/mquake/f0"]["test"] == {"exact_match": 0.75}
+    assert {unit for unit, _ in stored["superseded"].values()} == {
+        "zero_shot/mquake/f0",
+        "zero_shot/clutrr/f0",
+    }
+    assert "select/mquake/f0/s42" in stored["units"]  # the test-set size is not one of its settings
+    assert not (tmp_path / ".paper_tables.json.lofit-lock").exists()  # the lock is released
+
+
 def test_probe_layer_heads_take_whole_layers_by_mean_probe_accuracy(tmp_path: Path) -> None:
     script = load_script()
     harness = script.Harness(script.Settings(), tmp_path / "r.json", tmp_path, float("inf"))
