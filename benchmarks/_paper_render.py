@@ -148,6 +148,7 @@ def render_markdown(
         (f"LoFiT {k_large:.0%}", "lofit", f"/k{k_large}/lofit"),
         ("LoRA (r=8, q/v)", "lora", ""),
         ("RED (attention out)", "red", ""),
+        ("RED(Half) (upper half of the layers)", "red_half", ""),
         ("LoReFT (generation tasks)", "loreft", ""),
     ):
         cells = _fold0(units, suffix, tasks, prefix)

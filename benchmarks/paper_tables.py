@@ -120,6 +120,7 @@ def plan(
         if "table1" not in stages:
             adapters("lora")
         adapters("red")
+        adapters("red_half")
     if "table2" in stages:
         for name in tasks:
             sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])

@@ -209,8 +209,65 @@ def test_red_base_check_tolerates_dtype_like_lofit(tmp_path) -> None:  # type: i
             weight[0, 0] = 100 * weight.std()
     loaded = RedModel.from_pretrained(bf16_base.to(torch.bfloat16), tmp_path)
     assert loaded.get_red_params()[0]["scale"].dtype == torch.float32
-    # A merged base is refused, as for LoFiT.
+    # A merged base is refused, as for LoFiT (its config gained the bias the merge wrote).
     merged = get_red_model(tiny_model("llama"))
     merged.set_red_params(_random_params(merged))
-    with pytest.raises(BaseModelMismatchError, match="differ"):
+    with pytest.raises(
+        BaseModelMismatchError, match="attention_bias=False, but the base model given has attention_bias=True"
+    ):
         RedModel.from_pretrained(merged.merge_and_unload(), tmp_path)
+
+
+def test_red_on_some_layers_matches_a_hook_oracle_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RED(Half): `layers` edits only those decoder layers; the rest stay the base model's."""
+    model = get_red_model(tiny_model("llama"), layers=[2, 1])
+    assert model.red_config.layers == [1, 2] and [p.layer_index for p in model.projections()] == [1, 2]
+    assert model.count_parameters()[0] == 2 * 2 * HIDDEN
+    params = {layer: entry for layer, entry in _random_params(model, seed=7).items() if layer in (1, 2)}
+    model.set_red_params(params)
+    oracle = tiny_model("llama")
+    for layer, name in find_red_sites(oracle, RedConfig()):  # every layer's site, hooked only where edited
+        if layer in params:
+            s, b = params[layer]["scale"], params[layer]["bias"]
+            oracle.get_submodule(name).register_forward_hook(lambda _m, _a, out, s=s, b=b: out * (1 + s) + b)
+    got = _logits(model)
+    assert (got - _logits(oracle)).abs().max().item() < 1e-5
+    assert not isinstance(model.get_base_model().model.layers[0].self_attn.o_proj, RedProjection)
+    with pytest.raises(KeyError, match=r"layer 0 carries no RED; this model edits layers \[1, 2\]"):
+        model.set_red_params({0: {"scale": torch.zeros(HIDDEN)}})
+    model.save_pretrained(tmp_path)
+    loaded = RedModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.red_config.layers == [1, 2] and torch.equal(_logits(loaded), got)
+    assert (_logits(model.merge_and_unload()) - got).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layers", [[], [-1], [0, 0], [True], "1", [1.0]])
+def test_red_layers_that_are_not_layer_indices_are_refused(layers) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RedConfigError, match="layers must be None or a non-empty list"):
+        get_red_model(tiny_model("llama"), layers=layers)
+
+
+def test_red_layers_beyond_the_model_name_its_range() -> None:
+    base = tiny_model("llama")
+    with pytest.raises(
+        RedConfigError, match=r"layers \[3, 7\] do not exist: this model has decoder layers 0..2"
+    ):
+        get_red_model(base, layers=[0, 3, 7])
+    assert not any(isinstance(m, RedProjection) for m in base.modules())  # refused before any wrap
+
+
+def test_red_records_the_whole_base_so_loading_warns_of_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A RED adapter saved now records every base tensor (as LoFiT's does): loading it raises no "older
+    lofit" warning, and a base that differs outside the edited projections is refused."""
+    import warnings
+
+    model = get_red_model(tiny_model("llama"), layers=[2])
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RedModel.from_pretrained(tiny_model("llama"), tmp_path)
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # not a RED site
+    with pytest.raises(BaseModelMismatchError, match="differ"):
+        RedModel.from_pretrained(other, tmp_path)

@@ -70,6 +70,7 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
         "iti/clutrr/f0",
         "lora/truthfulqa/f0",
         "red/mquake/f0",
+        "red_half/clutrr/f0",
         "lofit/clutrr/f0/k0.03/random",
         "lofit/truthfulqa/f0/k0.03/mquake",
         "select/clutrr/f0/s12450",
@@ -91,6 +92,10 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
     assert (
         units["lora/truthfulqa/f0"]["trainable_params"]
         > units["lofit/truthfulqa/f0/k0.1/lofit"]["trainable_params"]
+    )
+    # RED(Half) on the tiny model's 3 layers: the upper half is layers 1 and 2
+    assert (
+        units["red_half/mquake/f0"]["trainable_params"] * 3 == units["red/mquake/f0"]["trainable_params"] * 2
     )
     # Table 1's second seed: seed 12450's own heads and training, at seed 42's lr
     second, first = units["lofit/clutrr/f0/k0.1/lofit_s12450"], units["lofit/clutrr/f0/k0.1/lofit"]
@@ -166,7 +171,10 @@ def test_plan_runs_the_main_comparison_first(tmp_path: Path) -> None:
     assert max(i for i, u in enumerate(units) if u.startswith("lofit/mquake/f0/k0.1/")) < first["lora"]
     assert units[-1].startswith("iti/truthfulqa/f1") and not any("mquake/f1" in u for u in units)
     only3 = [unit for unit, _ in script.plan(harness, tasks, [0], ["table3"])]
-    assert only3 == ["lora/truthfulqa/f0", "lora/mquake/f0", "red/truthfulqa/f0", "red/mquake/f0"]
+    assert only3 == [
+        *("lora/truthfulqa/f0", "lora/mquake/f0", "red/truthfulqa/f0", "red/mquake/f0"),
+        *("red_half/truthfulqa/f0", "red_half/mquake/f0"),
+    ]
 
 
 def test_render_only_keeps_units_of_other_settings(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from ..adapter_base import AdapterLayer, AdapterModel
 from ..architectures import MLP_OUTPUT_SUFFIXES as MLP_OUTPUT_SUFFIXES  # re-exported: the old home
 from ..architectures import OUTPUT_PROJECTION_SUFFIXES
 from ..errors import AdapterLoadError, BaseModelMismatchError, LofitValueError
-from ..fingerprint import check_same_base, projection_fingerprint
+from ..fingerprint import architecture, check_same_base, projection_fingerprint, weights_fingerprint
 from ..heads import layer_sites, projection_out_features, projection_weight_matrix, text_config
 from ..merge import MergeError, fold_output_edit, innermost
 from ..merged import complete_merged_model, plan_merged_model
@@ -54,10 +54,14 @@ class RedConfig:
         site: "attention" (output of the attention output projection) or "mlp" (the FFN output).
         target_modules: suffixes of the edited projection's name; None looks `site` up in
             `lofit.architectures`.
+        layers: the decoder layers to edit (PEFT's `layers_to_transform`), e.g. the upper half for the
+            LoFiT paper's RED(Half); None edits every layer.
 
     Example:
         >>> RedConfig(site="mlp").site
         'mlp'
+        >>> RedConfig(layers=[3, 2]).layers
+        [2, 3]
     """
 
     site: str = field(
@@ -67,6 +71,10 @@ class RedConfig:
     target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "module-name suffixes of the edited projection; None = auto-detect from site"},
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "decoder layers to edit (e.g. the upper half: RED(Half)); None = every layer"},
     )
 
     def __post_init__(self) -> None:
@@ -80,16 +88,43 @@ class RedConfig:
             raise RedConfigError(
                 f"target_modules must be None or a non-empty list of module-name suffixes, got {self.target_modules!r}"
             )
+        if self.layers is not None:
+            layers = list(self.layers) if isinstance(self.layers, (list, tuple, range)) else None
+            if (
+                not layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                or len(set(layers)) != len(layers)
+            ):
+                raise RedConfigError(
+                    f"layers must be None or a non-empty list of distinct layer indices >= 0, got {self.layers!r}"
+                )
+            self.layers = sorted(layers)
 
 
 def find_red_sites(model: nn.Module, config: RedConfig) -> list[tuple[int, str]]:
-    """(layer, qualified module name) of the edited projection in every decoder layer, in layer order.
+    """(layer, qualified module name) of the edited projection in each edited decoder layer, in order.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> find_red_sites(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2)), RedConfig(site="mlp"))
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2))
+        >>> find_red_sites(gpt2, RedConfig(site="mlp"))
         [(0, 'transformer.h.0.mlp.c_proj'), (1, 'transformer.h.1.mlp.c_proj')]
+        >>> find_red_sites(gpt2, RedConfig(site="mlp", layers=[1]))
+        [(1, 'transformer.h.1.mlp.c_proj')]
     """
+    sites = _all_red_sites(model, config)
+    if config.layers is None:
+        return sites
+    missing = sorted(set(config.layers) - {layer for layer, _ in sites})
+    if missing:
+        raise RedConfigError(
+            f"layers {missing} do not exist: this model has decoder layers 0..{len(sites) - 1}; "
+            "pass layers within that range"
+        )
+    return [(layer, name) for layer, name in sites if layer in config.layers]
+
+
+def _all_red_sites(model: nn.Module, config: RedConfig) -> list[tuple[int, str]]:
     if config.target_modules is not None:
         return layer_sites(model, list(config.target_modules), RedConfigError)
     model_type = str(getattr(text_config(getattr(model, "config", None)), "model_type", "unknown"))
@@ -204,12 +239,12 @@ class RedModel(AdapterModel):
 
     def set_red_params(self, params: dict[int, dict[str, torch.Tensor]]) -> None:
         """Inverse of `get_red_params` (a subset of layers and of "scale"/"bias" is fine)."""
-        projections = self.projections()
+        projections = {p.layer_index: p for p in self.projections()}
         with torch.no_grad():
             for layer, entry in params.items():
-                if not 0 <= layer < len(projections):
+                if layer not in projections:
                     raise KeyError(
-                        f"layer {layer} is out of range; this model has layers 0..{len(projections) - 1}"
+                        f"layer {layer} carries no RED; this model edits layers {sorted(projections)}"
                     )
                 for kind, value in entry.items():
                     if kind not in ("scale", "bias"):
@@ -302,6 +337,8 @@ def red_identity(model: nn.Module, site_names: list[str]) -> dict[str, Any]:
         "sites": list(site_names),
         "projection_fingerprint": [projection_fingerprint(projection_weight_matrix(m)) for m in layers],
         "projection_bias_fingerprint": [None if b is None else projection_fingerprint(b) for b in biases],
+        "architecture": architecture(config),
+        "weights_fingerprint": weights_fingerprint(model),  # the whole base, as LoFiT records it
     }
 
 
@@ -335,25 +372,31 @@ def _read_config(directory: Path) -> tuple[RedConfig, dict[str, Any]]:
 
 
 def get_red_model(
-    base_model: nn.Module, site: str = "attention", target_modules: list[str] | None = None
+    base_model: nn.Module,
+    site: str = "attention",
+    target_modules: list[str] | None = None,
+    layers: list[int] | None = None,
 ) -> RedModel:
-    """Wrap `base_model` with RED; only the `red_` vectors (2 x hidden per layer) are trainable.
+    """Wrap `base_model` with RED; only the `red_` vectors (2 x hidden per edited layer) are trainable.
 
     Args:
         base_model: a transformers causal LM.
         site: "attention" (attention output projection) or "mlp" (FFN output).
         target_modules: suffixes of the edited projection; None looks the architecture up.
+        layers: the decoder layers to edit; None edits every layer.
 
     Returns:
         The `RedModel` with the base frozen.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-        >>> get_red_model(base).count_parameters()[0]   # 2 vectors x hidden 32 x 2 layers
+        >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> get_red_model(LlamaForCausalLM(config)).count_parameters()[0]   # 2 vectors x hidden 32 x 2 layers
         128
+        >>> get_red_model(LlamaForCausalLM(config), layers=[1]).count_parameters()[0]   # the upper half only
+        64
     """
-    model = RedModel(base_model, RedConfig(site=site, target_modules=target_modules))
+    model = RedModel(base_model, RedConfig(site=site, target_modules=target_modules, layers=layers))
     model.set_trainable()
     return model
