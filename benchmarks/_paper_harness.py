@@ -26,6 +26,9 @@ TASKS = ("truthfulqa", "mquake", "clutrr")
 OOD_SETS = ("arc_easy", "piqa", "openbookqa")
 OTHER_TASK = {"truthfulqa": "mquake", "mquake": "clutrr", "clutrr": "truthfulqa"}
 SEEDS = (42, 12450)
+# Offsets on every head (270 here) at the lr tuned for 10% of them diverged on MQuAKE (final validation
+# loss 7.0-7.7 vs 2.4; EM 0): training on all heads searches lr / 25, lr / 5 and lr by validation loss.
+ALL_HEADS_LR_DIVISORS = (25.0, 5.0, 1.0)
 RESULTS_NAME = "paper_tables"
 
 

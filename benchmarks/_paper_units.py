@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from _paper_harness import (
+    ALL_HEADS_LR_DIVISORS,
     LOREFT_LRS,
     LOREFT_SHAPE,
     OOD_SETS,
@@ -257,13 +258,15 @@ def probe_layer_heads(h: Harness, name: str, fold: int, k: float) -> dict[int, l
 
 
 def unit_bias_select(h: Harness, name: str, fold: int) -> dict[str, Any]:
-    """Bias-based selection: offsets trained on every head (the task's tuned LoFiT lr); score = ‖v‖₂."""
+    """Bias-based selection: offsets trained on every head, score = ‖v‖₂. The lr is searched below the
+    task's tuned LoFiT 10% lr (`ALL_HEADS_LR_DIVISORS`): at that lr itself all-head training diverged."""
     tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
-    lr = float(tuned["lr"]) if tuned is not None else float(h.settings.lofit_lrs[0])
+    top = float(tuned["lr"]) if tuned is not None else float(h.settings.lofit_lrs[0])
     base, _ = h.base()
     geometry = find_output_projections(base)
     every = {layer: list(range(geometry.num_heads)) for layer in range(geometry.num_layers)}
-    model, result = train_lofit(h, name, fold, every, [lr])
+    model, result = train_lofit(h, name, fold, every, [top / d for d in ALL_HEADS_LR_DIVISORS])
+    lr = result["lr"]
     params = model.get_head_params()  # type: ignore[operator]
     scores = torch.zeros(geometry.num_layers, geometry.num_heads)
     for (layer, head), entry in params.items():

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _curves_render import render_curves  # noqa: E402
+from _paper_harness import ALL_HEADS_LR_DIVISORS  # noqa: E402
 from paper_tables import (  # noqa: E402
     QUICK,
     SEEDS,
@@ -68,9 +69,9 @@ SIZES = (16, 32, 64, 100, 200, 300)
 FIRST_CHUNK_SIZES = (16, 32, 64, 100)  # the claim: LoFiT ahead below 100 examples
 HEAD_FRACTIONS = (0.01, 0.03, 0.05, 0.10, 0.20, 0.50, 1.00)
 # Fig. 5 at K = 100% with Fig. 4's 10% lr diverged on MQuAKE (final validation loss 7.01 vs 2.42 at 10%):
-# from this K on, a unit searches its own lr below Fig. 4's choice, by validation loss like every other.
+# from this K on, a unit searches its own lr below Fig. 4's choice (`ALL_HEADS_LR_DIVISORS`), by
+# validation loss like every other.
 FIG5_OWN_LR_FROM = 1.0
-FIG5_LR_DIVISORS = (25.0, 5.0, 1.0)
 FIG4_METHODS = ("lofit", "lora", "red")  # the paper's Fig. 4 (the default)
 # Table 1's RepE and Table 3's LoReFT, run through the same subsets (their whole-split points are the
 # tables' rows on this harness); LoReFT needs a generation-scored task (see `unit_loreft`).
@@ -243,7 +244,7 @@ def fig5_lrs(fig4_lr: float, k: float) -> list[float]:
     """
     if k < FIG5_OWN_LR_FROM:
         return [fig4_lr]
-    return [fig4_lr / divisor for divisor in FIG5_LR_DIVISORS]
+    return [fig4_lr / divisor for divisor in ALL_HEADS_LR_DIVISORS]
 
 
 def lofit_steps(

@@ -97,6 +97,11 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
     assert (
         units["red_half/mquake/f0"]["trainable_params"] * 3 == units["red/mquake/f0"]["trainable_params"] * 2
     )
+    # bias-based selection trains every head at lrs below the tuned 10% one (that lr itself diverged)
+    top = units["lofit/truthfulqa/f0/k0.1/lofit"]["lr"]
+    searched = [entry["lr"] for entry in units["bias_select/truthfulqa/f0"]["all_heads"]["search"]]
+    assert searched == pytest.approx([top / 25, top / 5, top])
+    assert units["bias_select/truthfulqa/f0"]["lr"] in searched
     # Table 1's second seed: seed 12450's own heads and training, at seed 42's lr
     second, first = units["lofit/clutrr/f0/k0.1/lofit_s12450"], units["lofit/clutrr/f0/k0.1/lofit"]
     selected = units["select/clutrr/f0/s12450"]["ranking"][: second["k"]]
