@@ -366,6 +366,11 @@ def unit_lofit(
     tuned = h.get(f"lofit/{name}/f{fold}/k{h.settings.k_large}/lofit")
     if k == h.settings.k_large and source == "lofit" and seed == 42:
         lrs, lr_from = list(h.settings.lofit_lrs), "searched here"
+    elif tuned is not None and source == "bias":
+        # The bias-based heads sit in the last layers; on MQuAKE the shared lr diverged there (val loss
+        # 4.67, EM 0.0), so this row searches below it, as the all-head run that ranked them did.
+        lrs = [float(tuned["lr"]) / d for d in ALL_HEADS_LR_DIVISORS]
+        lr_from = f"searched at and below lofit/{name}/f{fold}/k{h.settings.k_large}/lofit's lr"
     elif tuned is not None:
         lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
     else:

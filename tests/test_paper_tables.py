@@ -102,6 +102,8 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
     searched = [entry["lr"] for entry in units["bias_select/truthfulqa/f0"]["all_heads"]["search"]]
     assert searched == pytest.approx([top / 25, top / 5, top])
     assert units["bias_select/truthfulqa/f0"]["lr"] in searched
+    bias_row = [entry["lr"] for entry in units["lofit/truthfulqa/f0/k0.03/bias"]["search"]]
+    assert bias_row == pytest.approx([top / 25, top / 5, top])  # the row searches too (see unit_lofit)
     # Table 1's second seed: seed 12450's own heads and training, at seed 42's lr
     second, first = units["lofit/clutrr/f0/k0.1/lofit_s12450"], units["lofit/clutrr/f0/k0.1/lofit"]
     selected = units["select/clutrr/f0/s12450"]["ranking"][: second["k"]]
