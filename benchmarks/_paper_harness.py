@@ -163,22 +163,8 @@ class Harness:
         if not self.results_path.is_file():
             return fresh
         data = json.loads(self.results_path.read_text(encoding="utf-8"))
-        old_settings = data.get("settings", {})
-        # Units of other settings are kept in the file (under "superseded", never lost by a run with new
-        # settings) and come back into use when a later run's settings match theirs again.
-        stored = [*data.get("superseded", {}).values(), *data.get("units", {}).items()]
-        fresh["superseded"] = {}
-        for unit, result in stored:
-            key = result.get("settings_key") or settings_key(old_settings, unit)
-            result["settings_key"] = key
-            if key == self.settings.key(unit):
-                fresh["units"][unit] = result
-            else:
-                fresh["superseded"][f"{unit}@{key}"] = (unit, result)
-                print(f"[paper] other settings: keeping {unit} aside (not used by this run)", flush=True)
-        if not fresh["superseded"]:
-            del fresh["superseded"]
-        fresh["runs"] = data.get("runs", [])
+        self.results = fresh
+        self._take_in(data, announce=True)
         return fresh
 
     def save(self) -> None:
@@ -186,19 +172,25 @@ class Harness:
         wrote meanwhile, so that two runs on one `--out` never drop each other's results."""
         with waiting_lock(self.results_path):
             if self.results_path.is_file():
-                self._merge(json.loads(self.results_path.read_text(encoding="utf-8")))
+                self._take_in(json.loads(self.results_path.read_text(encoding="utf-8")))
             atomic_write_json(self.results_path, self.results)
 
-    def _merge(self, data: dict[str, Any]) -> None:
-        """Add the units and runs of `data` (the file as another run left it) that this run lacks."""
+    def _take_in(self, data: dict[str, Any], announce: bool = False) -> None:
+        """Add the units and runs of `data` (a results file) that `self.results` lacks.
+
+        Units of other settings are kept (under "superseded", never lost by a run with new settings) and
+        come back into use when a later run's settings match theirs again.
+        """
         units, superseded = self.results["units"], self.results.get("superseded", {})
-        stored = [*data.get("superseded", {}).values(), *data.get("units", {}).items()]
+        stored = [*data.get("units", {}).items(), *data.get("superseded", {}).values()]
         for unit, result in stored:
             key = result.get("settings_key") or settings_key(data.get("settings", {}), unit)
             if key == self.settings.key(unit):
                 units.setdefault(unit, {**result, "settings_key": key})
-            else:  # another settings' unit: kept aside, as at load
-                superseded.setdefault(f"{unit}@{key}", (unit, {**result, "settings_key": key}))
+            elif f"{unit}@{key}" not in superseded:
+                superseded[f"{unit}@{key}"] = (unit, {**result, "settings_key": key})
+                if announce:
+                    print(f"[paper] other settings: keeping {unit} aside (not used by this run)", flush=True)
         if superseded:
             self.results["superseded"] = superseded
         known = {(run.get("command"), run.get("started")) for run in self.results["runs"]}
