@@ -93,6 +93,12 @@ def test_merged_save_pretrained_round_trips_without_lofit(tmp_path: Path) -> Non
             for param in red.red_parameters():
                 param.normal_(0.0, 0.3)
         cases[f"red-{arch}"] = red
+    # RED(Half): only some layers edited, so only their projections gain the merged bias
+    half = get_red_model(_base("llama"), layers=[1])
+    with torch.no_grad():
+        for param in half.red_parameters():
+            param.normal_(0.0, 0.3)
+    cases["red-llama-half"] = half
     # Conversion details: tied embeddings, a non-default rope theta.
     tied = get_lofit_model(_base("qwen2", tie_word_embeddings=True), LofitConfig(heads=HEADS, init_std=0.3))
     cases["lofit-qwen2-tied"] = tied
