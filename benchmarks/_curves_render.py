@@ -23,7 +23,8 @@ METHOD_TITLES = {
 FIG4 = re.compile(
     r"fig4/(?P<task>\w+)/n(?P<n>\d+)/s(?P<seed>\d+)/(?P<method>lofit|lora|red|repe|iti|loreft|zero_shot)$"
 )
-FIG5 = re.compile(r"fig5/(?P<task>\w+)/k(?P<k>[\d.e-]+)/s(?P<seed>\d+)$")
+# Fig. 5 on the whole split, or (`n<n>/`) on a training subset of n records: its "method" slot is "n<n>".
+FIG5 = re.compile(r"fig5/(?P<task>\w+)/(?:(?P<method>n\d+)/)?k(?P<k>[\d.e-]+)/s(?P<seed>\d+)$")
 
 
 def metric_of(task: str) -> str:
@@ -88,16 +89,32 @@ def fig4_table(points: dict[tuple[str, str, Any], list[float]], task: str) -> li
 
 
 def fig5_table(points: dict[tuple[str, str, Any], list[float]], tasks: Sequence[str]) -> list[str]:
+    """One column per task and training size: the whole split, or n records (`n<n>` in the method slot).
+
+    Example:
+        >>> pts = {("mquake", "", 0.1): [0.44], ("clutrr", "n64", 0.1): [0.35, 0.37]}
+        >>> for line in fig5_table(pts, ["mquake", "clutrr"])[2:5]:
+        ...     print(line)
+        | K (% of heads) | MQuAKE exact_match | CLUTRR exact_match (n = 64) |
+        |---|---|---|
+        | 10 | 44.0 (1) | 36.0 ± 1.0 (2) |
+    """
     fractions = sorted({k for _, _, k in points})
     if not fractions:
         return []
-    head = ["K (% of heads)", *[f"{TITLES[t]} {metric_of(t)}" for t in tasks]]
-    lines = ["## Fig. 5: LoFiT accuracy vs the number of heads (whole training split, test %)", ""]
+    columns = [(t, at) for t in tasks for at in sorted({a for tt, a, _ in points if tt == t}, key=len)]
+    head = [
+        "K (% of heads)",
+        *[f"{TITLES[t]} {metric_of(t)}" + (f" (n = {at[1:]})" if at else "") for t, at in columns],
+    ]
+    lines = [
+        "## Fig. 5: LoFiT accuracy vs the number of heads (whole training split unless n is given; test %)",
+        "",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in fractions:
-        lines.append(
-            "| " + " | ".join([f"{100 * k:g}", *[cell(points.get((t, "", k), [])) for t in tasks]]) + " |"
-        )
+        cells = [cell(points.get((t, at, k), [])) for t, at in columns]
+        lines.append("| " + " | ".join([f"{100 * k:g}", *cells]) + " |")
     return [*lines, ""]
 
 
@@ -153,14 +170,18 @@ def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool
     FigureCanvasAgg(figure)
     for i, task in enumerate(tasks):
         axes = figure.add_subplot(1, len(tasks), i + 1)
-        for method in [""] if fig5 else list(METHOD_TITLES):
+        curves = sorted({m for t, m, _ in points if t == task}, key=len) if fig5 else list(METHOD_TITLES)
+        for method in curves:
             xs = sorted(x for t, m, x in points if t == task and m == method)
             if not xs:
                 continue
             stats = [mean_se([100 * v for v in points[(task, method, x)]]) for x in xs]
             xs_plot = [100 * x for x in xs] if fig5 else xs
             errors = [0.0 if math.isnan(se) else se for _, se in stats]
-            label = "LoFiT" if fig5 else METHOD_TITLES[method]
+            if fig5:
+                label = "LoFiT" + (f", n = {method[1:]}" if method else ", whole split")
+            else:
+                label = METHOD_TITLES[method]
             axes.errorbar(xs_plot, [m for m, _ in stats], yerr=errors, marker="o", capsize=3, label=label)
         axes.set_xscale("log")
         axes.set_xlabel("% of heads (K)" if fig5 else "training examples (n)")

@@ -18,6 +18,7 @@ before RED; MQuAKE and CLUTRR before TruthfulQA; seed 42 before 12450).
 
     PYTHONPATH=src python benchmarks/curves.py --commit --budget-minutes 120      # one chunk of Fig. 4
     PYTHONPATH=src python benchmarks/curves.py --stages fig5 --commit             # Fig. 5
+    PYTHONPATH=src python benchmarks/curves.py --stages fig5 --tasks clutrr --sizes 64  # Fig. 5 at n = 64
     PYTHONPATH=src python benchmarks/curves.py --methods repe loreft zero_shot --sizes 300 --seeds 42
     PYTHONPATH=src python benchmarks/curves.py --render-only                      # tables and plots
     PYTHONPATH=src python benchmarks/curves.py --quick --model DIR --out DIR      # smoke test
@@ -301,13 +302,18 @@ def fig5_plan(
     seeds: Sequence[int],
     fractions: Sequence[float],
 ) -> list[Step]:
-    """LoFiT with each K on the whole training split (Fig. 4's largest n, its selection and its lr)."""
+    """LoFiT with each K on the largest n of `sizes` (Fig. 4's selection and lr at that n).
+
+    The paper's Fig. 5 uses the whole training split (unit `fig5/<task>/k<K>/s<seed>`); a smaller n, for
+    a machine that cannot afford the whole split, names its units `fig5/<task>/n<n>/k<K>/s<seed>`.
+    """
     steps: list[Step] = []
     for name in tasks:
         n = sizes_for(h, name, sizes)[-1]
+        at = "" if n == len(h.task(name).train) else f"n{n}/"
         for seed in seeds:
             for k in fractions:
-                steps += lofit_steps(h, name, n, seed, k, unit=f"fig5/{name}/k{k:g}/s{seed}")
+                steps += lofit_steps(h, name, n, seed, k, unit=f"fig5/{name}/{at}k{k:g}/s{seed}")
     return steps
 
 

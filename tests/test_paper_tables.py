@@ -264,7 +264,8 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     argv += ["--fractions", "0.1", "1.0"]
     assert curves.main(argv) == 0
     files = sorted(p.name for p in (out / "units").glob("*.json"))
-    assert "fig4__mquake__n4__s1__lofit.json" in files and "fig5__mquake__k1__s2.json" in files
+    # Fig. 5 runs at the largest n asked for: 8 is not MQuAKE's whole split, so its units name it.
+    assert "fig4__mquake__n4__s1__lofit.json" in files and "fig5__mquake__n8__k1__s2.json" in files
     unit = json.loads((out / "units" / "fig4__mquake__n8__s2__lora.json").read_text())
     assert unit["n"] == 8 and unit["seed"] == 2 and "exact_match" in unit["test"]
     lofit = json.loads((out / "units" / "fig4__mquake__n4__s1__lofit.json").read_text())
@@ -272,7 +273,7 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     # Fig. 5 reuses Fig. 4's 10% lr, except at K = 100%, which searches its own below it.
     fig4_lr = json.loads((out / "units" / "fig4__mquake__n8__s2__lofit.json").read_text())["lr"]
     ten, all_heads = (
-        json.loads((out / "units" / f"fig5__mquake__k{k}__s2.json").read_text()) for k in ("0.1", "1")
+        json.loads((out / "units" / f"fig5__mquake__n8__k{k}__s2.json").read_text()) for k in ("0.1", "1")
     )
     assert [entry["lr"] for entry in ten["search"]] == [fig4_lr]
     assert [entry["lr"] for entry in all_heads["search"]] == pytest.approx(
@@ -283,6 +284,23 @@ def test_curves_quick_run_writes_unit_files_and_resumes(tmp_path: Path, tiny_mod
     assert {p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json")} == stamps
     text = (out / "curves.md").read_text()
     assert "### MQuAKE" in text and "| 4 |" in text and "## Fig. 5" in text and (out / "fig4.png").is_file()
+    # A second size gets its own units and its own column, with Fig. 4's selection and lr at that n; the
+    # whole split (any n at or above its size) keeps the paper's unit names.
+    settings = curves.build_settings(curves.parse_args(argv))
+    harness = curves.CurveHarness(settings, out / "units", tmp_path / "work", float("inf"), False)
+    plan = curves.fig5_plan(harness, ["mquake"], [10_000], [1], [0.1])
+    assert [unit for unit, _ in plan] == ["fig4/mquake/n134/s1/select", "fig5/mquake/k0.1/s1"]
+    small = quick_curves_argv(tiny_model_dir, out, "mquake", "--sizes 4 --seeds 1 --stages fig5")
+    assert curves.main([*small, "--fractions", "0.1"]) == 0
+    at_four = json.loads((out / "units" / "fig5__mquake__n4__k0.1__s1.json").read_text())
+    fig4_four = json.loads((out / "units" / "fig4__mquake__n4__s1__lofit.json").read_text())
+    assert at_four["n"] == 4 and at_four["heads_from"] == "fig4/mquake/n4/s1/select"
+    assert [entry["lr"] for entry in at_four["search"]] == [fig4_four["lr"]]
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "units").glob("*.json") if p.name in stamps
+    } == stamps
+    text = (out / "curves.md").read_text()
+    assert "MQuAKE exact_match (n = 4)" in text and "MQuAKE exact_match (n = 8)" in text
 
 
 def test_two_runs_on_one_results_file_keep_each_others_units(tmp_path: Path) -> None:
