@@ -64,6 +64,10 @@ class Settings:
     repe_layers: list[float] | None = None
     repe_alphas: list[float] | None = None
     loreft_lrs: list[float] | None = None
+    # Another results file whose head choices (`BORROWED` units: selections, probes, the tuned LoFiT lr)
+    # this run uses instead of running its own, e.g. a --precision fp32 run of Table 2 on a machine where
+    # bf16 is emulated, on the heads of the bf16 run. None keeps the cache keys of earlier runs.
+    heads_from: str | None = None
 
     def key(self, unit: str | None = None) -> str:
         """Hash of the fields `unit` depends on (all fields for most units)."""
@@ -86,6 +90,34 @@ UNIT_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "iti": (*EVAL_FIELDS, "max_train", "max_val", "iti_alphas", "iti_k"),
 }
+
+
+# The settings that must agree with the other file's (the data the heads were chosen on); precision may not.
+BORROW_FIELDS = (
+    "model",
+    "max_train",
+    "max_val",
+    "max_test",
+    "epochs",
+    "batch_size",
+    "sample_seed",
+    "max_length",
+    "k_large",
+)
+
+
+def is_borrowed(unit: str, k_large: float) -> bool:
+    """Whether a `heads_from` run takes `unit` from the other file.
+
+    Example:
+        >>> [is_borrowed(u, 0.1) for u in ("select/clutrr/f0/s42", "lofit/clutrr/f0/k0.1/lofit",
+        ...                                "lofit/clutrr/f0/k0.03/lofit", "bias_select/clutrr/f0")]
+        [True, True, False, False]
+    """
+    parts = unit.split("/")
+    if unit.startswith(("select/", "iti/")):
+        return True
+    return len(parts) == 5 and parts[0] == "lofit" and parts[3] == f"k{k_large}" and parts[4] == "lofit"
 
 
 REPE_LAYERS = [0.25, 0.5, 0.75]  # fractions of the depth
@@ -156,6 +188,7 @@ class Harness:
         self.tasks: dict[str, Any] = {}
         self.results = self._load_results()
         self.log_lines: list[str] = []
+        self.borrowed = self._load_borrowed()
 
     # ------------------------------------------------------------------------ bookkeeping
     def _load_results(self) -> dict[str, Any]:
@@ -200,11 +233,36 @@ class Harness:
         self.results["runs"].extend(others)
         self.results["runs"].sort(key=lambda run: run.get("started", ""))
 
+    def _load_borrowed(self) -> dict[str, Any]:
+        """The units a `heads_from` run takes from the other file (those of that file's own settings)."""
+        source = self.settings.heads_from
+        if source is None:
+            return {}
+        path = Path(source)
+        if not path.is_file():
+            raise SystemExit(f"--heads-from: no results file at {path}")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        theirs = Settings(**data["settings"])
+        differ = [f for f in BORROW_FIELDS if getattr(theirs, f) != getattr(self.settings, f)]
+        if differ:
+            pairs = ", ".join(
+                f"{f} {getattr(theirs, f)!r} there, {getattr(self.settings, f)!r} here" for f in differ
+            )
+            raise SystemExit(
+                f"--heads-from {path}: its heads were chosen on other data ({pairs}); match them"
+            )
+        return {
+            unit: result
+            for unit, result in data.get("units", {}).items()
+            if is_borrowed(unit, self.settings.k_large)
+            and (result.get("settings_key") or settings_key(data["settings"], unit)) == theirs.key(unit)
+        }
+
     def done(self, unit: str) -> bool:
-        return unit in self.results["units"]
+        return unit in self.results["units"] or unit in self.borrowed
 
     def get(self, unit: str) -> dict[str, Any] | None:
-        return self.results["units"].get(unit)
+        return self.results["units"].get(unit) or self.borrowed.get(unit)
 
     def over_budget(self) -> bool:
         return time.time() > self.deadline
@@ -213,6 +271,10 @@ class Harness:
         """Run `fn` unless `unit` is cached; store its result (with wall time) and save at once."""
         if self.done(unit):
             return self.get(unit)
+        if self.settings.heads_from is not None and is_borrowed(unit, self.settings.k_large):
+            raise RuntimeError(
+                f"{unit} is not in {self.settings.heads_from}: a --heads-from run takes it from there"
+            )
         if self.over_budget():
             print(f"[paper] budget spent: not starting {unit}", flush=True)
             return None

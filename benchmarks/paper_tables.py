@@ -124,7 +124,10 @@ def plan(
         adapters("red_half")
     if "table2" in stages:
         for name in tasks:
-            sources = ["random", "probe"] + ([OTHER_TASK[name]] if OTHER_TASK[name] in tasks else [])
+            other = OTHER_TASK[name]  # its heads: selected here, or cached (or borrowed: --heads-from)
+            sources = ["lofit", "random", "probe"] + (
+                [other] if other in tasks or h.done(f"select/{other}/f0/s42") else []
+            )
             sources += ["probe_layers", "bias"]  # issue 15: the two selectors the table lacked
             for source in sources:
                 add(f"lofit/{name}/f0/k{s.k_small}/{source}", unit_lofit, name, 0, s.k_small, source)
@@ -204,6 +207,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for paper_tables.*")
     parser.add_argument("--work-dir", type=Path, default=None, help="trained adapters for the OOD units")
+    parser.add_argument(
+        "--heads-from",
+        type=Path,
+        default=None,
+        help="another results file whose selections, probes and tuned LoFiT lr this run uses instead of its "
+        "own (same data settings; e.g. a --precision fp32 Table 2 on the heads of the bf16 run)",
+    )
     return parser.parse_args(argv)
 
 
@@ -213,6 +223,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
     for name in (*scalars, "k_small", "k_large", "lofit_lrs", "lora_lrs", "red_lrs", "iti_alphas"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.heads_from is not None:
+        values["heads_from"] = str(args.heads_from)
     return Settings(**values)
 
 

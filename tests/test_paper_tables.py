@@ -440,3 +440,52 @@ def test_curves_refuse_a_learning_rate_grid_that_is_not_positive(capsys: pytest.
     with pytest.raises(SystemExit) as exit_info:
         curves.parse_args(["--lofit-lrs", "0.05", "-0.1"])
     assert exit_info.value.code == 2 and "--lofit-lrs must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "mquake").is_dir(), reason="benchmark data not available")
+def test_a_heads_from_run_trains_table2_on_the_other_files_heads(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`--precision fp32 --heads-from FILE`: Table 2 trained in another precision on the heads (and the tuned
+    lr) that FILE's run chose, which it never recomputes; other data settings or missing heads are refused."""
+    script = load_script()
+    common = ["--quick", "--model", str(tiny_model_dir), "--folds", "0", "--max-train", "4", "--max-val", "2"]
+    common += ["--max-test", "2"]
+    first = tmp_path / "bf16"
+    assert (
+        script.main([*common, "--out", str(first), "--stages", "table1", "--tasks", "mquake", "clutrr"]) == 0
+    )
+    theirs = json.loads((first / "paper_tables_quick.json").read_text())["units"]
+    source = first / "paper_tables_quick.json"
+    second = tmp_path / "fp32"
+    argv = [*common, "--out", str(second), "--precision", "fp32", "--heads-from", str(source)]
+    assert script.main([*argv, "--stages", "table2", "--tasks", "mquake"]) == 0
+    results = json.loads((second / "paper_tables_quick.json").read_text())
+    units = results["units"]
+    assert results["settings"]["heads_from"] == str(source) and results["settings"]["precision"] == "fp32"
+    assert not [u for u in units if u.startswith(("select/", "iti/", "lofit/mquake/f0/k0.1/"))]
+    rows = {
+        source_name: units[f"lofit/mquake/f0/k0.03/{source_name}"]
+        for source_name in ("lofit", "random", "probe", "clutrr", "probe_layers", "bias")
+    }
+
+    def heads(unit: dict) -> list[tuple[int, int]]:  # type: ignore[type-arg]
+        return sorted((int(layer), head) for layer, hs in unit["heads"].items() for head in hs)
+
+    k = rows["lofit"]["k"]
+    assert heads(rows["lofit"]) == sorted(tuple(x) for x in theirs["select/mquake/f0/s42"]["ranking"][:k])
+    assert heads(rows["clutrr"]) == sorted(tuple(x) for x in theirs["select/clutrr/f0/s42"]["ranking"][:k])
+    assert heads(rows["probe"]) == sorted(tuple(x) for x in theirs["iti/mquake/f0"]["probe_ranking"][:k])
+    tuned = theirs["lofit/mquake/f0/k0.1/lofit"]["lr"]
+    assert rows["lofit"]["lr"] == tuned and [e["lr"] for e in rows["lofit"]["search"]] == [tuned]
+    assert [e["lr"] for e in units["bias_select/mquake/f0"]["all_heads"]["search"]] == pytest.approx(
+        [tuned / 25, tuned / 5, tuned]
+    )
+    # the heads were chosen on other data: refused, with what to change
+    with pytest.raises(SystemExit, match="max_train 4 there, 3 here"):
+        script.main([*argv, "--max-train", "3", "--stages", "table2", "--tasks", "mquake"])
+    # heads the other file does not have are never computed here
+    with pytest.raises(RuntimeError, match="select/truthfulqa/f0/s42 is not in"):
+        script.main([*argv, "--stages", "table2", "--tasks", "truthfulqa"])
+    with pytest.raises(SystemExit, match="no results file"):
+        script.main([*common, "--out", str(second), "--heads-from", str(tmp_path / "missing.json")])
