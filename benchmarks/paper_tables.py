@@ -84,12 +84,19 @@ from _paper_units import (  # noqa: E402
 from lofit.atomic import atomic_write_text  # noqa: E402
 from lofit.training.config import fastest_precision  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------ plan
+TABLE2_ROWS = ("lofit", "random", "probe", "other", "probe_layers", "bias")
+
+
 def plan(
-    h: Harness, tasks: Sequence[str], folds: Sequence[int], stages: Sequence[str]
+    h: Harness,
+    tasks: Sequence[str],
+    folds: Sequence[int],
+    stages: Sequence[str],
+    table2_rows: Sequence[str] = TABLE2_ROWS,
 ) -> list[tuple[str, Callable[[], Any]]]:
-    """(unit id, runner) in priority order."""
+    """(unit id, runner) in priority order; `table2_rows` picks Table 2's rows ("other": another task's
+    heads), so that two runs on one results file can share the table's work."""
     s = h.settings
     steps: list[tuple[str, Callable[[], Any]]] = []
 
@@ -125,11 +132,10 @@ def plan(
     if "table2" in stages:
         for name in tasks:
             other = OTHER_TASK[name]  # its heads: selected here, or cached (or borrowed: --heads-from)
-            sources = ["lofit", "random", "probe"] + (
-                [other] if other in tasks or h.done(f"select/{other}/f0/s42") else []
-            )
-            sources += ["probe_layers", "bias"]  # issue 15: the two selectors the table lacked
-            for source in sources:
+            has_other = other in tasks or h.done(f"select/{other}/f0/s42")
+            # probe_layers and bias: issue 15, the two selectors the table lacked
+            rows = [row for row in TABLE2_ROWS if row in table2_rows and (row != "other" or has_other)]
+            for source in [other if row == "other" else row for row in rows]:
                 add(f"lofit/{name}/f0/k{s.k_small}/{source}", unit_lofit, name, 0, s.k_small, source)
     if "stability" in stages:
         for name in tasks:
@@ -208,6 +214,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for paper_tables.*")
     parser.add_argument("--work-dir", type=Path, default=None, help="trained adapters for the OOD units")
     parser.add_argument(
+        "--table2-rows",
+        nargs="+",
+        default=list(TABLE2_ROWS),
+        choices=TABLE2_ROWS,
+        help="Table 2's rows to run (other = another task's heads); two runs can split them",
+    )
+    parser.add_argument(
         "--heads-from",
         type=Path,
         default=None,
@@ -275,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.results.setdefault("runs", []).append(this_run)
     harness.save()
     torch.manual_seed(0)
-    for unit, step in plan(harness, args.tasks, args.folds, args.stages):
+    for unit, step in plan(harness, args.tasks, args.folds, args.stages, args.table2_rows):
         if harness.done(unit):
             continue
         try:

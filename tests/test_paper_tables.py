@@ -182,6 +182,16 @@ def test_plan_runs_the_main_comparison_first(tmp_path: Path) -> None:
         *("lora/truthfulqa/f0", "lora/mquake/f0", "red/truthfulqa/f0", "red/mquake/f0"),
         *("red_half/truthfulqa/f0", "red_half/mquake/f0"),
     ]
+    # Table 2: every row by default (another task's heads only where they can be had); or some rows
+    table2 = [unit for unit, _ in script.plan(harness, ["clutrr"], [0], ["table2"])]
+    assert table2 == [
+        f"lofit/clutrr/f0/k0.03/{r}" for r in ("lofit", "random", "probe", "probe_layers", "bias")
+    ]
+    with_other = [unit for unit, _ in script.plan(harness, tasks, [0], ["table2"], ["other", "bias"])]
+    # (CLUTRR, MQuAKE's other task, is neither in the run nor cached: no such row)
+    assert with_other == [
+        *("lofit/truthfulqa/f0/k0.03/mquake", "lofit/truthfulqa/f0/k0.03/bias", "lofit/mquake/f0/k0.03/bias")
+    ]
 
 
 def test_render_only_keeps_units_of_other_settings(tmp_path: Path) -> None:
