@@ -64,7 +64,7 @@ class Settings:
     repe_layers: list[float] | None = None
     repe_alphas: list[float] | None = None
     loreft_lrs: list[float] | None = None
-    # Another results file whose head choices (`BORROWED` units: selections, probes, the tuned LoFiT lr)
+    # Another results file whose head choices (the units `is_borrowed` names: selections, probes, the tuned lr)
     # this run uses instead of running its own, e.g. a --precision fp32 run of Table 2 on a machine where
     # bf16 is emulated, on the heads of the bf16 run. None keeps the cache keys of earlier runs.
     heads_from: str | None = None
@@ -114,9 +114,9 @@ def is_borrowed(unit: str, k_large: float) -> bool:
         ...                                "lofit/clutrr/f0/k0.03/lofit", "bias_select/clutrr/f0")]
         [True, True, False, False]
     """
-    parts = unit.split("/")
     if unit.startswith(("select/", "iti/")):
         return True
+    parts = unit.split("/")
     return len(parts) == 5 and parts[0] == "lofit" and parts[3] == f"k{k_large}" and parts[4] == "lofit"
 
 
