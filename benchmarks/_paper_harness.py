@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -189,6 +191,7 @@ class Harness:
         self.results = self._load_results()
         self.log_lines: list[str] = []
         self.borrowed = self._load_borrowed()
+        self.held_elsewhere: dict[str, str] = {}  # unit -> the run holding its claim (see `run`)
 
     # ------------------------------------------------------------------------ bookkeeping
     def _load_results(self) -> dict[str, Any]:
@@ -241,8 +244,14 @@ class Harness:
         path = Path(source)
         if not path.is_file():
             raise SystemExit(f"--heads-from: no results file at {path}")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        theirs = Settings(**data["settings"])
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            theirs = Settings(**data["settings"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SystemExit(
+                f"--heads-from {path}: not a paper_tables results file ({type(error).__name__}: {error}); "
+                "pass the paper_tables.json of the run whose heads to use"
+            ) from None
         differ = [f for f in BORROW_FIELDS if getattr(theirs, f) != getattr(self.settings, f)]
         if differ:
             pairs = ", ".join(
@@ -267,8 +276,12 @@ class Harness:
     def over_budget(self) -> bool:
         return time.time() > self.deadline
 
-    def run(self, unit: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        """Run `fn` unless `unit` is cached; store its result (with wall time) and save at once."""
+    def run(self, unit: str, fn: Callable[[], dict[str, Any]], claim: bool = False) -> dict[str, Any] | None:
+        """Run `fn` unless `unit` is cached; store its result (with wall time) and save at once.
+
+        With `claim`, a unit another live run on this work dir is running is skipped (None; its holder is
+        in `held_elsewhere`), so two runs of one command split such units instead of doubling them.
+        """
         if self.done(unit):
             return self.get(unit)
         if self.settings.heads_from is not None and is_borrowed(unit, self.settings.k_large):
@@ -278,6 +291,17 @@ class Harness:
         if self.over_budget():
             print(f"[paper] budget spent: not starting {unit}", flush=True)
             return None
+        with contextlib.ExitStack() as stack:
+            if claim:
+                holder = self._claim(unit)
+                if holder is not None:
+                    self.held_elsewhere[unit] = holder
+                    print(f"[paper] {unit} is being run by {holder}: skipped here", flush=True)
+                    return None
+                stack.callback(self._claim_path(unit).unlink, missing_ok=True)
+            return self._run_now(unit, fn)
+
+    def _run_now(self, unit: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"[paper] {time.strftime('%H:%M:%S')} start {unit}", flush=True)
         started = time.perf_counter()
         result = fn()
@@ -288,6 +312,23 @@ class Harness:
         self.save()
         print(f"[paper] done {unit} in {result['wall_s']}s: {summary_line(result)}", flush=True)
         return result
+
+    def _claim_path(self, unit: str) -> Path:
+        return self.work_dir / "claims" / (unit.replace("/", "+") + ".claim")
+
+    def _claim(self, unit: str) -> str | None:
+        """Take `unit`'s claim file (None), or say who holds it ("pid N on host"). A claim of a process
+        of this host that is no longer alive (a killed run) is taken over."""
+        path = self._claim_path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        with waiting_lock(path.parent / "claims"):  # one claimant at a time: no two take a stale claim
+            if path.is_file():
+                holder = path.read_text(encoding="utf-8").strip()
+                if holder != me and not _claim_is_stale(holder):
+                    return holder
+            path.write_text(me, encoding="utf-8")
+        return None
 
     # ------------------------------------------------------------------------ data and models
     def task(self, name: str, fold: int = 0) -> Any:
@@ -353,6 +394,29 @@ class Harness:
             "progress": False,
             **({"max_length": s.max_length} if s.max_length is not None else {}),
         }
+
+
+def _claim_is_stale(holder: str) -> bool:
+    """Whether a claim ("pid N on host") was left by a process of this host that has ended.
+
+    Example:
+        >>> _claim_is_stale(f"pid {os.getpid()} on {socket.gethostname()}")
+        False
+        >>> _claim_is_stale("pid 1 on another-host")  # another machine's run: not known to have ended
+        False
+    """
+    words = holder.split()
+    if len(words) != 4 or words[0] != "pid" or words[2] != "on" or not words[1].isdigit():
+        return True  # not a claim this harness wrote (an empty file from a crash mid-write)
+    if words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def summary_line(result: dict[str, Any]) -> str:

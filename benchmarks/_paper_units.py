@@ -3,11 +3,13 @@ returning the JSON-able result the harness caches."""
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from _paper_harness import (
     ALL_HEADS_LR_DIVISORS,
@@ -265,7 +267,8 @@ def unit_bias_select(h: Harness, name: str, fold: int) -> dict[str, Any]:
     base, _ = h.base()
     geometry = find_output_projections(base)
     every = {layer: list(range(geometry.num_heads)) for layer in range(geometry.num_layers)}
-    model, result = train_lofit(h, name, fold, every, [top / d for d in ALL_HEADS_LR_DIVISORS])
+    lrs = [top / d for d in ALL_HEADS_LR_DIVISORS]
+    model, result = train_lofit(h, name, fold, every, lrs, unit=f"bias_select/{name}/f{fold}")
     lr = result["lr"]
     params = model.get_head_params()  # type: ignore[operator]
     scores = torch.zeros(geometry.num_layers, geometry.num_heads)
@@ -295,7 +298,7 @@ def ensure_selection(h: Harness, name: str, fold: int, seed: int = 42) -> dict[s
 
 
 class BudgetSpent(RuntimeError):
-    """A unit's dependency could not start because the budget is spent."""
+    """A unit's dependency could not run now: the budget is spent, or another run holds its claim."""
 
 
 def lr_search(
@@ -332,13 +335,95 @@ def fit_lofit(
     return model, tok, h.finish_validation(model, tok, name, fold, model.training_history)
 
 
+def lr_unit(unit: str, lr: float) -> str:
+    """The unit of one learning rate of `unit`'s search.
+
+    Example:
+        >>> lr_unit("bias_select/clutrr/f0", 0.002)
+        'search/bias_select/clutrr/f0/lr0.002'
+    """
+    return f"search/{unit}/lr{lr:g}"
+
+
+def encode_state(state: dict[str, torch.Tensor]) -> str:
+    """Trained parameters as base64 safetensors bytes: exact, and small enough for the results JSON
+    (the 270 offsets of an all-heads run are 92 KB)."""
+    return base64.b64encode(safetensors.torch.save({k: v.contiguous() for k, v in state.items()})).decode()
+
+
+def decode_state(text: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(base64.b64decode(text))
+
+
+def unit_lr_trial(
+    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lr: float, seed: int
+) -> dict[str, Any]:
+    """One training of a chunked search: its validation loss and its trained offsets."""
+    model, _, history = fit_lofit(h, name, fold, heads, lr, seed)
+    summary = history.summary if hasattr(history, "summary") else history["summary"]
+    return {
+        "method": "LoFiT (one lr of a search)",
+        "lr": lr,
+        "val_loss": final_val_loss(history),
+        "train_s": round(float(summary["elapsed_s"]), 1),
+        "heads": {str(layer): v for layer, v in heads.items()},
+        "state": encode_state(trained_state(model)),
+    }
+
+
+def chunked_lr_search(
+    h: Harness,
+    unit: str,
+    name: str,
+    fold: int,
+    heads: dict[int, list[int]],
+    lrs: Sequence[float],
+    seed: int = 42,
+) -> tuple[nn.Module, Any, list[dict[str, Any]], float]:
+    """`lr_search` with each learning rate its own committed unit (`lr_unit`): a search of several ~1 h
+    trainings resumes lr by lr on any machine, and two runs of one command take different lrs (claims).
+    The chosen lr's offsets are loaded into a fresh model, which equals the one its training returned."""
+    trials = {}
+    for lr in lrs:
+        trial = h.run(
+            lr_unit(unit, lr), functools.partial(unit_lr_trial, h, name, fold, heads, lr, seed), claim=True
+        )
+        if trial is not None:
+            trials[lr] = trial
+    missing = [lr_unit(unit, lr) for lr in lrs if lr not in trials]
+    if missing:
+        held = [f"{m} (run by {h.held_elsewhere[m]})" for m in missing if m in h.held_elsewhere]
+        raise BudgetSpent(", ".join(held) if held else missing[0])
+    search = [{k: trials[lr][k] for k in ("lr", "val_loss", "train_s")} for lr in lrs]
+    best = search[0]
+    for entry in search[1:]:  # the first lowest, as `lr_search` keeps it
+        if entry["val_loss"] < best["val_loss"]:
+            best = entry
+    lr = float(best["lr"])
+    base, tok = h.base()
+    model = get_lofit_model(base, LofitConfig(heads=heads, use_scale=False, use_offset=True, init_std=0.0))
+    load_state(model, decode_state(trials[lr]["state"]))
+    model.eval()
+    return model, tok, search, lr
+
+
 def train_lofit(
-    h: Harness, name: str, fold: int, heads: dict[int, list[int]], lrs: Sequence[float], seed: int = 42
+    h: Harness,
+    name: str,
+    fold: int,
+    heads: dict[int, list[int]],
+    lrs: Sequence[float],
+    seed: int = 42,
+    unit: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """LoFiT step 2 on `heads` for each learning rate of `lrs`; the model with the lowest validation
-    loss, its test metrics, and the search (the result fields every LoFiT unit shares)."""
-    train_one = functools.partial(fit_lofit, h, name, fold, heads, seed=seed)
-    model, tok, search, lr = lr_search(h, lrs, train_one)
+    loss, its test metrics, and the search (the result fields every LoFiT unit shares). Given its
+    `unit`, a search of several lrs commits each lr as it finishes (`chunked_lr_search`)."""
+    if unit is not None and len(lrs) > 1:
+        model, tok, search, lr = chunked_lr_search(h, unit, name, fold, heads, lrs, seed)
+    else:
+        train_one = functools.partial(fit_lofit, h, name, fold, heads, seed=seed)
+        model, tok, search, lr = lr_search(h, lrs, train_one)
     result = {
         "k": sum(len(v) for v in heads.values()),
         "heads": {str(layer): v for layer, v in heads.items()},
@@ -375,7 +460,8 @@ def unit_lofit(
         lrs, lr_from = [float(tuned["lr"])], f"chosen by lofit/{name}/f{fold}/k{h.settings.k_large}/lofit"
     else:
         lrs, lr_from = list(h.settings.lofit_lrs[:1]), "first grid value (the tuned unit did not run)"
-    model, result = train_lofit(h, name, fold, heads, lrs, seed)
+    unit = f"lofit/{name}/f{fold}/k{k}/{source}" if seed == 42 else None  # the searching units' ids
+    model, result = train_lofit(h, name, fold, heads, lrs, seed, unit)
     if name == "truthfulqa" and fold == 0 and source == "lofit" and seed == 42:
         torch.save({"heads": heads, "state": trained_state(model)}, h.work_dir / f"lofit_{name}{fold}_{k}.pt")
     return {"method": f"LoFiT ({source} heads)", "seed": seed, **result, "lr_from": lr_from}

@@ -63,11 +63,14 @@ from _paper_render import render_markdown  # noqa: E402
 from _paper_units import (  # noqa: E402
     BudgetSpent,
     activations_and_labels,
+    chunked_lr_search,
+    decode_state,
     depth_layers,
     ensure_selection,
     heads_for,
     load_state,
     lr_search,
+    lr_unit,
     probe_selection,
     train_baseline,
     train_lofit,
@@ -294,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             step()
         except BudgetSpent as error:
-            print(f"[paper] budget spent before dependency {error} of {unit}", flush=True)
+            print(f"[paper] {unit} waits for {error} (budget spent or run elsewhere)", flush=True)
         except FileNotFoundError as error:  # an OOD unit whose adapter was never trained
             harness.results["units"][unit] = {"error": str(error)}
             harness.save()
@@ -329,6 +332,8 @@ __all__ = [
     "Settings",
     "activations_and_labels",
     "build_settings",
+    "chunked_lr_search",
+    "decode_state",
     "depth_layers",
     "ensure_selection",
     "environment",
@@ -336,6 +341,7 @@ __all__ = [
     "heads_for",
     "load_state",
     "lr_search",
+    "lr_unit",
     "main",
     "main_metric",
     "parse_args",

@@ -104,6 +104,8 @@ def test_quick_run_on_tiny_model_writes_all_tables(tmp_path: Path, tiny_model_di
     assert units["bias_select/truthfulqa/f0"]["lr"] in searched
     bias_row = [entry["lr"] for entry in units["lofit/truthfulqa/f0/k0.03/bias"]["search"]]
     assert bias_row == pytest.approx([top / 25, top / 5, top])  # the row searches too (see unit_lofit)
+    for search in ("bias_select/truthfulqa/f0", "lofit/truthfulqa/f0/k0.03/bias"):  # each lr committed
+        assert all(script.lr_unit(search, lr) in units for lr in bias_row)
     # Table 1's second seed: seed 12450's own heads and training, at seed 42's lr
     second, first = units["lofit/clutrr/f0/k0.1/lofit_s12450"], units["lofit/clutrr/f0/k0.1/lofit"]
     selected = units["select/clutrr/f0/s12450"]["ranking"][: second["k"]]
@@ -499,3 +501,82 @@ def test_a_heads_from_run_trains_table2_on_the_other_files_heads(
         script.main([*argv, "--stages", "table2", "--tasks", "truthfulqa"])
     with pytest.raises(SystemExit, match="no results file"):
         script.main([*common, "--out", str(second), "--heads-from", str(tmp_path / "missing.json")])
+
+
+def test_a_chunked_lr_search_equals_the_plain_search_and_resumes_lr_by_lr(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each lr of a search is its own committed unit; the chosen lr's offsets, loaded into a fresh model,
+    give the same test metrics as the model the plain search kept (same trainings, same seeds)."""
+    script = load_script()
+    settings = script.Settings(model=str(tiny_model_dir), max_train=8, max_val=4, epochs=2, precision="fp32")
+    heads, lrs, unit = {0: [1], 1: [0]}, [1e-3, 5e-2, 1e-2], "lofit/mquake/f0/k0.03/bias"
+    plain = script.Harness(settings, tiny_model_dir / "plain.json", tiny_model_dir, float("inf"))
+    plain.tasks["mquake0"] = fake_task()
+    kept, expected = script.train_lofit(plain, "mquake", 0, heads, lrs)
+    path = tiny_model_dir / "chunked.json"
+    chunked = script.Harness(settings, path, tiny_model_dir / "work", float("inf"))
+    chunked.tasks["mquake0"] = fake_task()
+    _, result = script.train_lofit(chunked, "mquake", 0, heads, lrs, unit=unit)
+    assert [e["lr"] for e in result["search"]] == lrs
+    assert [e["val_loss"] for e in result["search"]] == pytest.approx(
+        [e["val_loss"] for e in expected["search"]]
+    )
+    assert result["lr"] == expected["lr"]
+    assert result["test"] == pytest.approx(expected["test"])
+    assert result["logit_lens"] == expected["logit_lens"]
+    # the committed offsets are exactly the trained ones
+    stored = json.loads(path.read_text())["units"][script.lr_unit(unit, expected["lr"])]
+    state, trained = script.decode_state(stored["state"]), script.trained_state(kept)
+    assert set(state) == set(trained) and all(torch.equal(state[n], trained[n]) for n in trained)
+    # a later run on the same file trains nothing: every lr is a cached unit
+    units = sys.modules["_paper_units"]
+    monkeypatch.setattr(units, "fit_lofit", lambda *a, **k: pytest.fail("a cached lr was trained again"))
+    again = script.Harness(settings, path, tiny_model_dir / "work", float("inf"))
+    again.tasks["mquake0"] = fake_task()
+    _, resumed = script.train_lofit(again, "mquake", 0, heads, lrs, unit=unit)
+    assert resumed["test"] == pytest.approx(expected["test"])
+
+
+def test_a_unit_claimed_by_a_live_run_is_skipped_and_a_dead_runs_claim_is_taken(tmp_path: Path) -> None:
+    """Two runs of one command split a chunked search: a claimed lr is left to its holder (the search
+    waits, naming it), and the claim of a killed run is taken over."""
+    import socket
+    import subprocess
+
+    script = load_script()
+    harness = script.Harness(script.Settings(), tmp_path / "r.json", tmp_path / "work", float("inf"))
+    unit = script.lr_unit("bias_select/mquake/f0", 0.01)
+    claim = tmp_path / "work" / "claims" / (unit.replace("/", "+") + ".claim")
+    claim.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim.write_text(f"pid {sleeper.pid} on {socket.gethostname()}")
+        ran: list[str] = []
+        assert harness.run(unit, lambda: ran.append(unit) or {"val_loss": 1.0}, claim=True) is None
+        assert ran == [] and harness.held_elsewhere[unit] == f"pid {sleeper.pid} on {socket.gethostname()}"
+        trial = {"lr": 0.01, "val_loss": 1.0, "train_s": 1.0, "state": ""}
+        with pytest.raises(script.BudgetSpent, match=f"run by pid {sleeper.pid}"):
+            harness.tasks["mquake0"] = fake_task()
+            script.chunked_lr_search(harness, "bias_select/mquake/f0", "mquake", 0, {0: [0]}, [0.01])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone: its claim is stale, this run takes the unit and releases the claim after it
+    assert harness.run(unit, lambda: dict(trial), claim=True) is not None
+    assert unit in harness.results["units"] and not claim.exists()
+
+
+@pytest.mark.parametrize(
+    "content", [b"not json", b"\xff\xfe", b"[1, 2]", b'{"units": {}}', b'{"settings": {"x": 1}}']
+)
+def test_heads_from_a_file_that_is_no_results_file_is_refused_and_left_alone(
+    tmp_path: Path, content: bytes
+) -> None:
+    script = load_script()
+    source = tmp_path / "heads.json"
+    source.write_bytes(content)
+    settings = script.Settings(heads_from=str(source))
+    with pytest.raises(SystemExit, match="not a paper_tables results file"):
+        script.Harness(settings, tmp_path / "r.json", tmp_path, float("inf"))
+    assert source.read_bytes() == content
