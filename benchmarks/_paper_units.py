@@ -305,17 +305,31 @@ def lr_search(
     h: Harness, lrs: Sequence[float], train_one: Callable[[float], tuple[nn.Module, Any, Any]]
 ) -> tuple[nn.Module, Any, list[dict[str, Any]], float]:
     """Train once per learning rate; keep the model with the lowest final validation loss."""
-    best: tuple[float, nn.Module, Any, float] | None = None
-    search = []
+    search: list[dict[str, Any]] = []
+    kept: tuple[nn.Module, Any] | None = None
     for lr in lrs:
         model, tok, history = train_one(lr)
-        loss = final_val_loss(history)
-        elapsed = (history.summary if hasattr(history, "summary") else history["summary"])["elapsed_s"]
-        search.append({"lr": lr, "val_loss": loss, "train_s": round(float(elapsed), 1)})
-        if best is None or loss < best[0]:
-            best = (loss, model, tok, lr)
-    assert best is not None
-    return best[1], best[2], search, best[3]
+        search.append(search_entry(lr, history))
+        if first_lowest(search) == len(search) - 1:  # only the best model so far is kept in memory
+            kept = (model, tok)
+    assert kept is not None
+    return kept[0], kept[1], search, float(search[first_lowest(search)]["lr"])
+
+
+def search_entry(lr: float, history: Any) -> dict[str, Any]:
+    """One learning rate's line of a search: its final validation loss and training seconds."""
+    summary = history.summary if hasattr(history, "summary") else history["summary"]
+    return {"lr": lr, "val_loss": final_val_loss(history), "train_s": round(float(summary["elapsed_s"]), 1)}
+
+
+def first_lowest(search: Sequence[dict[str, Any]]) -> int:
+    """The index of the first entry with the lowest validation loss (ties keep the earlier lr).
+
+    Example:
+        >>> first_lowest([{"val_loss": 0.9}, {"val_loss": 0.7}, {"val_loss": 0.7}])
+        1
+    """
+    return min(range(len(search)), key=lambda i: (search[i]["val_loss"], i))
 
 
 def fit_lofit(
@@ -360,12 +374,9 @@ def unit_lr_trial(
 ) -> dict[str, Any]:
     """One training of a chunked search: its validation loss and its trained offsets."""
     model, _, history = fit_lofit(h, name, fold, heads, lr, seed)
-    summary = history.summary if hasattr(history, "summary") else history["summary"]
     return {
         "method": "LoFiT (one lr of a search)",
-        "lr": lr,
-        "val_loss": final_val_loss(history),
-        "train_s": round(float(summary["elapsed_s"]), 1),
+        **search_entry(lr, history),
         "heads": {str(layer): v for layer, v in heads.items()},
         "state": encode_state(trained_state(model)),
     }
@@ -395,11 +406,7 @@ def chunked_lr_search(
         held = [f"{m} (run by {h.held_elsewhere[m]})" for m in missing if m in h.held_elsewhere]
         raise BudgetSpent(", ".join(held) if held else missing[0])
     search = [{k: trials[lr][k] for k in ("lr", "val_loss", "train_s")} for lr in lrs]
-    best = search[0]
-    for entry in search[1:]:  # the first lowest, as `lr_search` keeps it
-        if entry["val_loss"] < best["val_loss"]:
-            best = entry
-    lr = float(best["lr"])
+    lr = float(search[first_lowest(search)]["lr"])
     base, tok = h.base()
     model = get_lofit_model(base, LofitConfig(heads=heads, use_scale=False, use_offset=True, init_std=0.0))
     load_state(model, decode_state(trials[lr]["state"]))
