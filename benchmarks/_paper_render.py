@@ -120,7 +120,12 @@ def render_markdown(
             rows.append([f"LoFiT {k:.0%}, mean of seeds 42 and 12450", *_seed_means(units, k, tasks)])
     out += ["## Table 1: 0-shot vs ITI vs RepE vs LoFiT (test, %)", "", table(["method", *cols], rows), ""]
     if any(row[0].startswith("LoFiT") and "seed 12450" in row[0] for row in rows):
-        out += ["Seed 12450 rows: fold 0 only (its own head selection and training seed, seed 42's lr).", ""]
+        out += [
+            "Seed 12450 rows: fold 0 only (its own head selection and training seed, seed 42's lr); the mean "
+            "rows average fold 0 of both seeds (the seed-42 rows above them average folds 0 and 1 on "
+            "TruthfulQA).",
+            "",
+        ]
     # Table 2
     rows = [[f"LoFiT heads ({k_small:.0%})", *_fold0(units, f"/k{k_small}/lofit", tasks)]]
     rows.append(["random heads", *_fold0(units, f"/k{k_small}/random", tasks)])
@@ -191,6 +196,7 @@ def render_markdown(
         "",
         table(["model", *OOD_TITLES.values()], rows),
         "",
+        *_ood_rebuilds(units),
     ]
     out += _choices(units)
     out += _logit_lens(units)
@@ -292,3 +298,18 @@ def _logit_lens(units: dict[str, Any], heads: int = 5) -> list[str]:
     if not out:
         return []
     return ["", "## Logit lens of the learned offsets (App. E; top tokens of W_U · norm(W_O v))", "", *out]
+
+
+def _ood_rebuilds(units: dict[str, Any]) -> list[str]:
+    """How far each adapter an OOD unit rebuilt (the work dir is not committed) is from its source unit."""
+    lines = []
+    for method in ("iti", "lofit", "lora"):
+        unit = units.get(f"ood/{method}") or {}
+        if not unit.get("rebuilt"):
+            continue
+        if "same_heads" in unit:
+            check = f"the refitted probes chose {'the same' if unit['same_heads'] else 'other'} heads"
+        else:
+            check = f"final validation loss {unit['rebuilt_val_loss']:.4f} vs the unit's {unit['unit_val_loss']:.4f}"
+        lines.append(f"- {method}: rebuilt from `{unit['rebuilt_from']}` on this run's machine ({check}).")
+    return [*lines, ""] if lines else []

@@ -580,3 +580,28 @@ def test_heads_from_a_file_that_is_no_results_file_is_refused_and_left_alone(
     with pytest.raises(SystemExit, match="not a paper_tables results file"):
         script.Harness(settings, tmp_path / "r.json", tmp_path, float("inf"))
     assert source.read_bytes() == content
+
+
+def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> None:
+    load_script()
+    from _paper_render import _ood_rebuilds
+
+    units = {
+        "ood/base": {"method": "base", "test": {}},
+        "ood/iti": {"rebuilt": True, "rebuilt_from": "iti/truthfulqa/f0", "same_heads": False},
+        "ood/lofit": {"rebuilt": False},
+        "ood/lora": {
+            "rebuilt": True,
+            "rebuilt_from": "lora/truthfulqa/f0",
+            "unit_val_loss": 0.5123,
+            "rebuilt_val_loss": 0.6389,
+        },
+    }
+    lines = _ood_rebuilds(units)
+    assert (
+        lines[0]
+        == "- iti: rebuilt from `iti/truthfulqa/f0` on this run's machine (the refitted probes chose other heads)."
+    )
+    assert "0.6389 vs the unit's 0.5123" in lines[1] and lines[1].startswith("- lora:")
+    assert len(lines) == 3 and lines[2] == ""  # lofit's own file was used: no line
+    assert _ood_rebuilds({}) == []

@@ -1,0 +1,73 @@
+"""Score the adapters an out-of-domain run rebuilt on their source task (TruthfulQA fold 0, test).
+
+`paper_tables.py --stages ood` on a fresh checkout retrains the TruthfulQA LoFiT / LoRA adapters (and
+refits ITI's probes) from their cached units, because the work dir is not committed. This script checks
+how close a rebuilt adapter is to the unit it was rebuilt from: it evaluates the saved files of the work
+dir on TruthfulQA's fold-0 test set, as Tables 1 and 3 did, and prints them beside the units' scores. It
+writes nothing into the results file.
+
+    PYTHONPATH=src python benchmarks/check_ood_adapters.py --results benchmarks/results/paper_scale \\
+        --work-dir /work/paper_full/work --methods lora lofit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from _paper_harness import Harness, Settings
+from _paper_units import load_state, ood_source_units
+
+from lofit.baselines import apply_iti, get_lora_model
+from lofit.config import LofitConfig
+from lofit.model import get_lofit_model
+
+
+def rebuilt_model(h: Harness, method: str, path: Path) -> torch.nn.Module:
+    base, _ = h.base()
+    if method == "iti":
+        return apply_iti(base, torch.load(path))
+    if method == "lofit":
+        saved = torch.load(path)
+        config = LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
+        model = get_lofit_model(base, config)
+        load_state(model, saved["state"])
+        return model
+    model = get_lora_model(base)
+    load_state(model, torch.load(path))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", type=Path, required=True, help="folder of paper_tables.json")
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument(
+        "--methods", nargs="+", default=["lofit", "lora", "iti"], choices=["lofit", "lora", "iti"]
+    )
+    args = parser.parse_args()
+    stored = json.loads((args.results / "paper_tables.json").read_text(encoding="utf-8"))
+    settings = Settings(**stored["settings"])
+    with tempfile.TemporaryDirectory() as scratch:  # a copy: this check never writes the results file
+        copy = Path(scratch) / "paper_tables.json"
+        copy.write_text(json.dumps(stored), encoding="utf-8")
+        h = Harness(settings, copy, args.work_dir, float("inf"))
+        for method in args.methods:
+            unit_name, file_name = ood_source_units(h)[method]
+            model = rebuilt_model(h, method, args.work_dir / file_name)
+            _, tok = h.base()
+            scores = h.evaluate(model, tok, "truthfulqa", 0, "test")
+            print(
+                json.dumps(
+                    {"method": method, "rebuilt": scores, unit_name: stored["units"][unit_name]["test"]}
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
