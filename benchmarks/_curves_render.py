@@ -162,6 +162,7 @@ def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool
     """One panel per task: mean ± SE per method (Fig. 4) or per K (Fig. 5). False when nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     tasks = [t for t in TITLES if any(p[0] == t for p in points)]
     if not tasks:
@@ -184,6 +185,9 @@ def plot(points: dict[tuple[str, str, Any], list[float]], path: Path, fig5: bool
                 label = METHOD_TITLES[method]
             axes.errorbar(xs_plot, [m for m, _ in stats], yerr=errors, marker="o", capsize=3, label=label)
         axes.set_xscale("log")
+        ticks = sorted({100 * x if fig5 else x for t, _, x in points if t == task})
+        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the measured n / K, not 2×10¹-style labels
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.set_xlabel("% of heads (K)" if fig5 else "training examples (n)")
         axes.set_ylabel(f"test {metric_of(task)} (%)")
         axes.set_title(TITLES[task])
