@@ -572,25 +572,31 @@ def ood_adapter(h: Harness, method: str) -> tuple[Path, dict[str, Any]]:
     return path, check
 
 
+def ood_model(h: Harness, method: str, path: Path | None) -> tuple[nn.Module, Any]:
+    """The base model with the TruthfulQA adapter saved at `path` ("iti", "lofit", "lora"; "base": none)."""
+    base, tok = h.base()
+    if method == "base" or path is None:
+        return base, tok
+    if method == "iti":
+        return apply_iti(base, torch.load(path)), tok
+    if method == "lofit":
+        saved = torch.load(path)
+        config = LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
+        model: nn.Module = get_lofit_model(base, config)
+        load_state(model, saved["state"])
+        return model, tok
+    model = get_lora_model(base)
+    load_state(model, torch.load(path))
+    return model, tok
+
+
 def unit_ood(h: Harness, method: str) -> dict[str, Any]:
     """0-shot log-likelihood accuracy on ARC-Easy, PIQA, OpenBookQA of a model trained on TruthfulQA."""
     source, adapter = "", {}
     if method != "base":
         path, adapter = ood_adapter(h, method)
         source = str(path)
-    base, tok = h.base()
-    model: nn.Module = base
-    if method == "iti":
-        model = apply_iti(base, torch.load(path))
-    elif method == "lofit":
-        saved = torch.load(path)
-        model = get_lofit_model(
-            base, LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
-        )
-        load_state(model, saved["state"])
-    elif method == "lora":
-        model = get_lora_model(base)
-        load_state(model, torch.load(path))
+    model, tok = ood_model(h, method, Path(source) if source else None)
     model.eval()
     scores = {}
     for bench in OOD_SETS:

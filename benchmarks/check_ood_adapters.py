@@ -17,31 +17,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 from _paper_harness import Harness, Settings
-from _paper_units import load_state, ood_source_units
-
-from lofit.baselines import apply_iti, get_lora_model
-from lofit.config import LofitConfig
-from lofit.model import get_lofit_model
+from _paper_units import ood_model, ood_source_units
 
 
-def rebuilt_model(h: Harness, method: str, path: Path) -> torch.nn.Module:
-    base, _ = h.base()
-    if method == "iti":
-        return apply_iti(base, torch.load(path))
-    if method == "lofit":
-        saved = torch.load(path)
-        config = LofitConfig(heads=saved["heads"], use_scale=False, use_offset=True, init_std=0.0)
-        model = get_lofit_model(base, config)
-        load_state(model, saved["state"])
-        return model
-    model = get_lora_model(base)
-    load_state(model, torch.load(path))
-    return model
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -50,7 +30,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["lofit", "lora", "iti"], choices=["lofit", "lora", "iti"]
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     stored = json.loads((args.results / "paper_tables.json").read_text(encoding="utf-8"))
     settings = Settings(**stored["settings"])
     with tempfile.TemporaryDirectory() as scratch:  # a copy: this check never writes the results file
@@ -59,8 +39,10 @@ def main() -> None:
         h = Harness(settings, copy, args.work_dir, float("inf"))
         for method in args.methods:
             unit_name, file_name = ood_source_units(h)[method]
-            model = rebuilt_model(h, method, args.work_dir / file_name)
-            _, tok = h.base()
+            path = args.work_dir / file_name
+            if not path.is_file():
+                raise SystemExit(f"no {path}: run `paper_tables.py --stages ood` with this --work-dir first")
+            model, tok = ood_model(h, method, path)
             scores = h.evaluate(model, tok, "truthfulqa", 0, "test")
             print(
                 json.dumps(

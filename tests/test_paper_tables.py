@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -605,3 +606,20 @@ def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> N
     assert "0.6389 vs the unit's 0.5123" in lines[1] and lines[1].startswith("- lora:")
     assert len(lines) == 3 and lines[2] == ""  # lofit's own file was used: no line
     assert _ood_rebuilds({}) == []
+
+
+def test_check_ood_adapters_refuses_a_work_dir_without_the_adapter_and_writes_nothing(tmp_path: Path) -> None:
+    script = load_script()
+    spec = importlib.util.spec_from_file_location("check_ood", ROOT / "benchmarks" / "check_ood_adapters.py")
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    results = tmp_path / "results"
+    results.mkdir()
+    settings = script.Settings()
+    stored = {"settings": dataclasses.asdict(settings), "units": {}, "runs": []}
+    (results / "paper_tables.json").write_text(json.dumps(stored), encoding="utf-8")
+    before = (results / "paper_tables.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"run `paper_tables\.py --stages ood`"):
+        check.main(["--results", str(results), "--work-dir", str(tmp_path / "empty"), "--methods", "lora"])
+    assert (results / "paper_tables.json").read_bytes() == before
