@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lofit.atomic import atomic_write_with
+from lofit.io.atomic import atomic_write_with
 
 TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR", "svamp": "SVAMP"}
 METHOD_TITLES = {

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from lofit import evaluate, load_model
-from lofit.atomic import atomic_write_json
-from lofit.locking import OutputLockedError, output_lock
-from lofit.objectives import TokenScorer, make_objective, mean_loss
+from lofit.io.atomic import atomic_write_json
+from lofit.io.locking import OutputLockedError, output_lock
 from lofit.tasks import load_task
+from lofit.training.losses import make_objective, mean_loss
+from lofit.training.scoring import TokenScorer
 
 TASKS = ("truthfulqa", "mquake", "clutrr")
 OOD_SETS = ("arc_easy", "piqa", "openbookqa")

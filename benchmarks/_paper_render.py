@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lofit.selection import HeadSelection
+from lofit.selection.select import HeadSelection
 
 NOT_RUN = "not run (budget)"
 TASK_TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR"}

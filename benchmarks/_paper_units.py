@@ -27,20 +27,22 @@ from _paper_harness import (
 from torch import nn
 
 from lofit import evaluate, select_heads, train_offsets
+from lofit.adapters.config import LofitConfig
+from lofit.adapters.heads import find_output_projections
+from lofit.adapters.model import get_lofit_model
 from lofit.baselines import apply_iti, get_lora_model, get_red_model, iti_offsets
 from lofit.baselines.iti import head_activations_at_last_token, mass_mean_directions
 from lofit.baselines.parameters import trainable_parameters
 from lofit.baselines.red import RedConfig, find_red_sites
-from lofit.config import LofitConfig
-from lofit.heads import find_output_projections
-from lofit.logit_lens import offset_logit_lens
-from lofit.model import get_lofit_model
-from lofit.objectives import make_objective
-from lofit.probe import probe_head_scores
-from lofit.selection import HeadSelection, probe_texts, rank_heads
+from lofit.evaluation.logit_lens import offset_logit_lens
+from lofit.selection.probe import probe_head_scores
+from lofit.selection.select import HeadSelection, probe_texts, rank_heads
 from lofit.tasks.llm_adapters import load_mc_split
-from lofit.trainer import TrainingConfig, seed_everything, train_adapter
 from lofit.training.adapter_model import AdapterView
+from lofit.training.config import TrainingConfig
+from lofit.training.distributed import seed_everything
+from lofit.training.loop import train_adapter
+from lofit.training.losses import make_objective
 
 
 # ------------------------------------------------------------------------------------ units

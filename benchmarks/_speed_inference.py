@@ -1,7 +1,7 @@
 """Inference speed: the base model vs the same model with a LoFiT adapter, unmerged and merged.
 
 Three models in the inference dtype: the base model (frozen, with the LM-head pre-hook every LoFiT
-model has, see `lofit.lm_head`), a copy wrapped with the offset adapter (unmerged), and a copy of that
+model has, see `lofit.adapters.lm_head`), a copy wrapped with the offset adapter (unmerged), and a copy of that
 folded into its weights (`merge_and_unload`). They run interleaved with a second pass of the base model
 (an A/A control: how much two identical models differ by noise) and two other views of the base (without
 the pre-hook; with requires_grad=True weights, as `from_pretrained` returns it), in rotated orders so
@@ -24,10 +24,10 @@ from _speed_methods import Bench
 from _speed_timing import synchronize
 from torch import nn
 
-from lofit.config import LofitConfig
-from lofit.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
-from lofit.model import get_lofit_model
-from lofit.objectives import Example
+from lofit.adapters.config import LofitConfig
+from lofit.adapters.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
+from lofit.adapters.model import get_lofit_model
+from lofit.training.encoding import Example
 
 VARIANTS = ("base", "unmerged", "merged", "base_no_hook", "base_again", "base_trainable")
 LABELS = {
@@ -80,7 +80,7 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
     base: the plain model, weights frozen like the others; unmerged: a copy wrapped with the adapter;
     merged: a copy of that after `merge_and_unload()` (only the adapted o_proj gain a bias);
     base_again: the base object again (A/A control); base_no_hook: the base without the LM-head
-    pre-hook of `lofit.lm_head`; base_trainable: the same with requires_grad=True on its weights, as
+    pre-hook of `lofit.adapters.lm_head`; base_trainable: the same with requires_grad=True on its weights, as
     `from_pretrained` returns it (see `TrainableWeights`).
     """
     heads = bench.lofit.selected_heads(adapter_name)
@@ -114,7 +114,7 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
 
 
 class WithoutLmHeadHook(nn.Module):
-    """Runs `model` with the LM-head pre-hook of `lofit.lm_head` taken off (restored after each call)."""
+    """Runs `model` with the LM-head pre-hook of `lofit.adapters.lm_head` taken off (restored after each call)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class TrainableWeights(nn.Module):
     On CPU, torch.matmul does not fold a non-contiguous [batch, 1, hidden] input times a weight that
     needs no grad into one matrix product: it expands the weight per batch row and copies it. HF
     generate hits this at the LM head of every prefill (`lm_head(hidden[:, -1:, :])`), so a frozen
-    model without `lofit.lm_head`'s pre-hook and with requires_grad=False generates slower than the
+    model without `lofit.adapters.lm_head`'s pre-hook and with requires_grad=False generates slower than the
     same model as `from_pretrained` returns it. This variant measures that gap.
     """
 

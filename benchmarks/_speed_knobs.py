@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lofit.layer import HeadVectors
-from lofit.layer_checkpointing import checkpointing as lofit_checkpointing
-from lofit.layer_checkpointing import decoder_layers as lofit_decoder_layers
-from lofit.objectives import TokenScorer
+from lofit.adapters.layer import HeadVectors
+from lofit.training.activation_checkpointing import checkpointing as lofit_checkpointing
+from lofit.training.activation_checkpointing import decoder_layers as lofit_decoder_layers
+from lofit.training.scoring import TokenScorer
 
 
 @contextlib.contextmanager

@@ -19,9 +19,11 @@ import _speed_knobs as knobs
 import torch
 from torch import nn
 
-from lofit.config import HeadMap, LofitConfig
-from lofit.model import LofitModel, get_lofit_model
-from lofit.objectives import DPOObjective, Example, Objective, SFTObjective, TokenScorer
+from lofit.adapters.config import HeadMap, LofitConfig
+from lofit.adapters.model import LofitModel, get_lofit_model
+from lofit.training.encoding import Example
+from lofit.training.losses import DPOObjective, Objective, SFTObjective
+from lofit.training.scoring import TokenScorer
 
 STEP1_L1 = 5e-4  # λ of step 1 (TruthfulQA's); only its cost matters here
 
@@ -47,7 +49,7 @@ class Method:
     precision: str = "default"  # "default" (the target's autocast), "fp32" or "bf16"
     input_grads: bool = False  # force gradients down to layer 0 (embedding outputs require grad)
     checkpointing: str = "off"  # "off", "layers" (non-reentrant, per layer) or "hf" (HF's enable)
-    head_op: str = "vectorised"  # "vectorised" (lofit.layer) or "loop" (a Python loop over heads)
+    head_op: str = "vectorised"  # "vectorised" (lofit.adapters.layer) or "loop" (a Python loop over heads)
     compile: bool = False  # torch.compile every decoder layer
     attention: str = "default"  # attention implementation: "default" (the bench's), "eager" or "sdpa"
     weights: str = "default"  # frozen base weights: "default" (as loaded) or "fp32" (cast for the step)

@@ -8,7 +8,7 @@ from typing import Any
 
 from _speed_timing import paired_ratio
 
-from lofit.atomic import atomic_write_json, atomic_write_text
+from lofit.io.atomic import atomic_write_json, atomic_write_text
 
 TARGET_ORDER = ("cpu", "gpu", "tiny")
 NOISE_FLOOR = 0.02  # "within noise" band for inference ratios: max(this, the A/A control's deviation)
@@ -280,7 +280,7 @@ def closing_note(report: dict[str, Any]) -> list[str]:
         )
         if hooked:
             lines.append(
-                "- **Contiguous LM-head input** (`lofit.lm_head`: on CPU a frozen linear layer runs a "
+                "- **Contiguous LM-head input** (`lofit.adapters.lm_head`: on CPU a frozen linear layer runs a "
                 "non-contiguous input ~2× slower, and transformers' prefill slices `hidden[:, -1:]`): "
                 + "; ".join(hooked)
                 + "."

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lofit.config import HeadMap
-from lofit.objectives import EncodedSequence, Example
+from lofit.adapters.config import HeadMap
+from lofit.training.encoding import EncodedSequence, Example
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ TARGETS: dict[str, Target] = {
 def build_model(target: Target, seed: int = 0) -> tuple[nn.Module, Any]:
     """The target's causal LM (eval mode, on its device) and tokenizer (a stub for random models)."""
     if target.model == "smollm2-135m":
-        from lofit.loading import load_model
+        from lofit.io.loading import load_model
 
         model, tokenizer = load_model("smollm2-135m", dtype=target.weight_dtype)
         model.to(target.device)
@@ -182,7 +182,7 @@ def sft_examples(
     if target.model == "smollm2-135m":
         import warnings
 
-        from lofit.objectives import SFTObjective
+        from lofit.training.losses import SFTObjective
 
         objective = SFTObjective(tokenizer, max_length=target.seq_len)
         with warnings.catch_warnings():
@@ -240,7 +240,7 @@ def heads_from_file(path: Path, k: int) -> HeadMap:
     """Top-`k` heads of a saved `HeadSelection`, or all heads of a JSON list of [layer, head] pairs."""
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict) and "ranking" in data:
-        from lofit.selection import HeadSelection
+        from lofit.selection.select import HeadSelection
 
         return HeadSelection.load(path).top(k)
     pairs = data.get("heads", data) if isinstance(data, dict) else data

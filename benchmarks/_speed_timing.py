@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from _speed_methods import Bench, Method
 
-from lofit.objectives import Example
+from lofit.training.encoding import Example
 
 CLOCKS = ("wall", "cpu")
 

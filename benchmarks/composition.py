@@ -1,4 +1,4 @@
-"""Adapter composition: do task adapters interfere when combined? (issue 16, item 4)
+"""Adapter composition: do task adapters interfere when combined?
 
 For each task of the pairs (default: MQuAKE + CLUTRR and TruthfulQA + MQuAKE) a LoFiT adapter is made
 the usual way on the bundled model (step 1: L1 head selection with the task's λ and lr; step 2: offsets
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paper_harness import QUICK, Harness, Settings
 
 from lofit import LofitModel, combine_adapters, select_heads, train_offsets
-from lofit.atomic import atomic_write_text
+from lofit.io.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 PAIRS = ("mquake+clutrr", "truthfulqa+mquake")
@@ -115,7 +115,7 @@ def unit_pair(h: Harness, pair: str) -> dict[str, Any]:
 
 def render(h: Harness, pairs: Sequence[str], command: str) -> str:
     lines = [
-        "# Adapter composition: interference between task adapters (issue 16, item 4)",
+        "# Adapter composition: interference between task adapters",
         "",
         f"Command: `{command}`",
         f"Settings: {h.settings.model}, {h.settings.max_train} training / {h.settings.max_test} test records"

@@ -1,4 +1,4 @@
-"""The paper's curves on one model: data efficiency (Fig. 4) and the number of heads (Fig. 5), issue 15.
+"""The paper's curves on one model: data efficiency (Fig. 4) and the number of heads (Fig. 5).
 
 Fig. 4: for each task, training-set size n and seed, a seeded training subset (nested: the first n of a
 seeded permutation of the task's training split, so a larger n contains the smaller ones), on which
@@ -62,8 +62,8 @@ from paper_tables import (  # noqa: E402
     unit_zero_shot,
 )
 
-from lofit.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from lofit.selection import HeadSelection  # noqa: E402
+from lofit.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from lofit.selection.select import HeadSelection  # noqa: E402
 from lofit.tasks import DataError  # noqa: E402
 
 SIZES = (16, 32, 64, 100, 200, 300)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lofit import LofitModel, load_model
-from lofit.atomic import atomic_write_text
-from lofit.logit_lens import logit_lens_markdown, offset_logit_lens
+from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
+from lofit.io.atomic import atomic_write_text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

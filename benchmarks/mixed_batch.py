@@ -1,4 +1,4 @@
-"""Mixed-adapter batches vs one adapter (issue 16, item 3): the cost of `adapter_names=`.
+"""Mixed-adapter batches vs one adapter: the cost of `adapter_names=`.
 
 On the bundled SmolLM2-135M (CPU, one thread), 8 offset adapters (each on its own random `--k` of the
 heads) serve a batch of 16 rows, 2 rows each, through `model(..., adapter_names=[...])` and
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.atomic import atomic_write_json, atomic_write_text
+from lofit.io.atomic import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ADAPTERS = 8
@@ -158,7 +158,7 @@ def machine() -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
-        "# Mixed-adapter batches vs one adapter (issue 16, item 3)",
+        "# Mixed-adapter batches vs one adapter",
         "",
         f"Command: `{report['command']}`",
         f"Machine: {m['cpu']}, {m['cpu_threads']} thread(s) of {m['cpu_count']} cores, load average "

@@ -1,4 +1,4 @@
-"""Reproduce the LoFiT paper's tables on one model, with every baseline in the same harness (issue #7).
+"""Reproduce the LoFiT paper's tables on one model, with every baseline in the same harness.
 
 Every experiment (task x method x setting) is a cached *unit*: its result is written to the results JSON
 (atomically) as soon as it finishes, and a rerun with the same settings skips finished units, so the run
@@ -84,7 +84,7 @@ from _paper_units import (  # noqa: E402
     unit_zero_shot,
 )
 
-from lofit.atomic import atomic_write_text  # noqa: E402
+from lofit.io.atomic import atomic_write_text  # noqa: E402
 from lofit.training.config import fastest_precision  # noqa: E402
 
 # ------------------------------------------------------------------------------------ plan
@@ -136,7 +136,7 @@ def plan(
         for name in tasks:
             other = OTHER_TASK[name]  # its heads: selected here, or cached (or borrowed: --heads-from)
             has_other = other in tasks or h.done(f"select/{other}/f0/s42")
-            # probe_layers and bias: issue 15, the two selectors the table lacked
+            # probe_layers and bias: the two selectors the table lacked
             rows = [row for row in TABLE2_ROWS if row in table2_rows and (row != "other" or has_other)]
             for source in [other if row == "other" else row for row in rows]:
                 add(f"lofit/{name}/f0/k{s.k_small}/{source}", unit_lofit, name, 0, s.k_small, source)
@@ -166,7 +166,7 @@ def environment() -> dict[str, Any]:
     import peft
     import transformers
 
-    from lofit import _version
+    import lofit as _version
 
     try:
         cpu = next(

@@ -1,10 +1,10 @@
-"""Cheap head selection vs LoFiT's L1 selection on the bundled model (issue 16, item 2).
+"""Cheap head selection vs LoFiT's L1 selection on the bundled model.
 
 For TruthfulQA (DPO, fold 0), MQuAKE and CLUTRR (SFT) on a seeded subset of the training split:
 - selectors: "lofit" (step 1: L1-regularised scales, `--select-epochs` epochs), "gradient" (one pass,
   ‖∂L/∂A‖₂ at A = 0), "fisher" (the mean per-batch ‖g_b‖² from the same pass, no extra cost), "adam"
   (from the same pass: ‖max(0, |ḡ| − λ) / √mean_b m_b²‖, the rate at which step 1's Adam + L1 would move
-  each scale element; `lofit.gradient_selection`) and "random" (seed 42, a floor);
+  each scale element; `lofit.selection.gradient`) and "random" (seed 42, a floor);
 - cost of each selector: process CPU time (primary clock: the run is single-threaded and the machine is
   shared, so wall time includes other processes' turns) and wall time;
 - Jaccard overlap of each selector's top 3% / 10% with L1's;
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from lofit import evaluate, load_model, select_heads, train_offsets
-from lofit.atomic import atomic_write_json, atomic_write_text
-from lofit.selection import HeadSelection, rank_heads
+from lofit.io.atomic import atomic_write_json, atomic_write_text
+from lofit.selection.select import HeadSelection, rank_heads
 from lofit.tasks import load_task
 
 HERE = Path(__file__).resolve().parent

@@ -134,7 +134,7 @@ DEFAULTS = {  # rounds, steps, warmup, ablation rounds, inference repeats
 def head_sets_for(
     args: argparse.Namespace, target: setup.Target, model: Any, tokenizer: Any, info: dict[str, Any]
 ) -> dict[str, dict[int, list[int]]]:
-    from lofit.heads import find_output_projections
+    from lofit.adapters.heads import find_output_projections
 
     geometry = find_output_projections(model)
     k = setup.head_count(geometry.num_layers, geometry.num_heads, target.head_fraction)
@@ -183,7 +183,7 @@ def build_data(
     if target.model != "smollm2-135m" or not dpo:
         return {}
     from lofit.tasks import load_task
-    from lofit.trainer import epoch_batches
+    from lofit.training.batching import epoch_batches
 
     task = load_task("truthfulqa", fold=0, data_dir=args.data_dir)
     pairs = bench.objectives["dpo"].encode(task.train)

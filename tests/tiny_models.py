@@ -95,7 +95,7 @@ def tiny_tokenizer():  # type: ignore[no-untyped-def]
 
 
 # ---------------------------------------------------------------------------------------- oracle
-# Written from the architectures' source, independently of lofit.heads: the attention output projection
+# Written from the architectures' source, independently of lofit.adapters.heads: the attention output projection
 # of each tiny model and the width of one head's slice of its input.
 OUTPUT_PROJECTION = {
     "llama": "self_attn.o_proj",

@@ -5,23 +5,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .config import LofitConfig
+__version__ = "0.1.0"  # first, so submodules may import it during `import lofit`
+
+from .adapters.config import LofitConfig
 
 if TYPE_CHECKING:
-    from .composition import combine_adapters
-    from .model import LofitModel, get_lofit_model
+    from .adapters.composition import combine_adapters
+    from .adapters.model import LofitModel, get_lofit_model
 
 # Everything that imports torch loads on first use, so `import lofit` (and `lofit --help`) stays fast.
 _LAZY = {
-    "LofitModel": "lofit.model",
-    "get_lofit_model": "lofit.model",
-    "HeadSelection": "lofit.selection",
-    "select_heads": "lofit.selection",
-    "train_offsets": "lofit.tuning",
-    "load_model": "lofit.loading",
+    "LofitModel": "lofit.adapters.model",
+    "get_lofit_model": "lofit.adapters.model",
+    "HeadSelection": "lofit.selection.select",
+    "select_heads": "lofit.selection.select",
+    "train_offsets": "lofit.training.offsets",
+    "load_model": "lofit.io.loading",
     "evaluate": "lofit.evaluation",
-    "combine_adapters": "lofit.composition",
+    "combine_adapters": "lofit.adapters.composition",
 }
 
 __all__ = [

@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lofit import LofitConfig, LofitModel, get_lofit_model, load_model  # noqa: E402
-from lofit.merge import MergeError  # noqa: E402
-from lofit.selection import select_heads  # noqa: E402
-from lofit.tuning import train_offsets  # noqa: E402
+from lofit.adapters.folding import MergeError  # noqa: E402
+from lofit.selection.select import select_heads  # noqa: E402
+from lofit.training.offsets import train_offsets  # noqa: E402
 from tiny_models import EOS_ID, PAD_ID, tiny_tokenizer  # noqa: E402
 
 RECORDS = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}."} for a in range(6) for b in range(4)]

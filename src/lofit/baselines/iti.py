@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import HeadMap, LofitConfig
-from ..heads import find_output_projections
-from ..model import LofitModel, get_lofit_model
+from ..adapters.config import HeadMap, LofitConfig
+from ..adapters.heads import find_output_projections
+from ..adapters.model import LofitModel, get_lofit_model
 
 HeadOffsets = dict[tuple[int, int], torch.Tensor]
 TQA_ITI_TEMPLATE = "Q: {question} A: {answer}"  # honest_llama's format_truthfulqa
@@ -181,7 +181,7 @@ def head_activations_at_last_token(
 
     Read after any active LoFiT adapter (ITI shifts what the model actually computes).
     """
-    from ..activations import text_head_activations
+    from ..selection.activations import text_head_activations
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..architectures import LORA_TARGET_MODULES as LORA_TARGET_MODULES  # re-exported: the old home
-from ..heads import text_config
+from ..adapters.architectures import LORA_TARGET_MODULES as LORA_TARGET_MODULES  # re-exported: the old home
+from ..adapters.heads import text_config
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

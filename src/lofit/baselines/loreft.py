@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from ..adapters.wrappers import SwitchableModel
 from ..errors import LofitValueError
-from ..layer_checkpointing import decoder_layers
+from ..training.activation_checkpointing import decoder_layers
 from ..training.encoding import tokenize_text
-from ..wrappers import SwitchableModel
 
 
 class LoreftError(LofitValueError):

@@ -2,14 +2,14 @@
 
 Each decoder layer learns a scale s and a bias b (hidden size each) that edit one representation:
 h <- h ⊙ (1 + s) + b. lofit's baseline edits the attention output (the output of the attention output
-projection, `site="attention"`, as issue #7 specifies); the RED paper and code edit the FFN output
+projection, `site="attention"`, lofit's default); the RED paper and code edit the FFN output
 (the output of `down_proj`, `site="mlp"`). RED's code stores the scale itself, initialised to ones; we
 store s = scale − 1, initialised to zeros, in fp32 (the same function, exact identity at init, and 1 + s
 keeps its precision when the model runs in bf16).
 
-RED is a config, a layer and a model on `lofit.adapter_base`, the machinery LoFiT uses: the same site
-finding (`lofit.heads.layer_sites`, tables in `lofit.architectures`), file format code
-(`lofit.persistence`), base-model check (`lofit.fingerprint`) and merged-model path (`lofit.merged`).
+RED is a config, a layer and a model on `lofit.adapters.base`, the machinery LoFiT uses: the same site
+finding (`lofit.adapters.heads.layer_sites`, tables in `lofit.adapters.architectures`), file format code
+(`lofit.adapters.persistence`), base-model check (`lofit.adapters.fingerprint`) and merged-model path (`lofit.adapters.merged`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._version import __version__
-from ..adapter_base import AdapterLayer, AdapterModel
-from ..architectures import MLP_OUTPUT_SUFFIXES as MLP_OUTPUT_SUFFIXES  # re-exported: the old home
-from ..architectures import OUTPUT_PROJECTION_SUFFIXES
+from .. import __version__
+from ..adapters.architectures import MLP_OUTPUT_SUFFIXES as MLP_OUTPUT_SUFFIXES  # re-exported: the old home
+from ..adapters.architectures import OUTPUT_PROJECTION_SUFFIXES
+from ..adapters.base import AdapterLayer, AdapterModel
+from ..adapters.fingerprint import architecture, check_same_base, projection_fingerprint, weights_fingerprint
+from ..adapters.folding import MergeError, fold_output_edit, innermost
+from ..adapters.heads import layer_sites, projection_out_features, projection_weight_matrix, text_config
+from ..adapters.merged import complete_merged_model, plan_merged_model
+from ..adapters.persistence import read_document, read_tensors, write_adapter_files
+from ..adapters.wrappers import Fp32Parameters
 from ..errors import AdapterLoadError, BaseModelMismatchError, LofitValueError
-from ..fingerprint import architecture, check_same_base, projection_fingerprint, weights_fingerprint
-from ..heads import layer_sites, projection_out_features, projection_weight_matrix, text_config
-from ..merge import MergeError, fold_output_edit, innermost
-from ..merged import complete_merged_model, plan_merged_model
-from ..persistence import read_document, read_tensors, write_adapter_files
-from ..wrappers import Fp32Parameters
 
 CONFIG_NAME = "red_config.json"
 WEIGHTS_NAME = "red_model.safetensors"
@@ -53,7 +53,7 @@ class RedConfig:
     Args:
         site: "attention" (output of the attention output projection) or "mlp" (the FFN output).
         target_modules: suffixes of the edited projection's name; None looks `site` up in
-            `lofit.architectures`.
+            `lofit.adapters.architectures`.
         layers: the decoder layers to edit (PEFT's `layers_to_transform`), e.g. the upper half for the
             LoFiT paper's RED(Half); None edits every layer.
 
@@ -261,7 +261,7 @@ class RedModel(AdapterModel):
     def merge_and_unload(self, **kwargs: Any) -> nn.Module:
         """Fold RED into the projections' weights and biases; return a plain transformers model.
 
-        As for LoFiT (`lofit.merged`), the result is what its config says, so its `save_pretrained`
+        As for LoFiT (`lofit.adapters.merged`), the result is what its config says, so its `save_pretrained`
         keeps the edit: the config's bias switch is turned on, or Mistral/Qwen2/Phi-3 become the
         equivalent Llama; where neither is possible the merge is refused before a weight changes.
         """
@@ -323,7 +323,7 @@ class RedModel(AdapterModel):
 
 
 def red_identity(model: nn.Module, site_names: list[str]) -> dict[str, Any]:
-    """The base-model identity RED records: lofit.fingerprint's fields for the edited projections."""
+    """The base-model identity RED records: lofit.adapters.fingerprint's fields for the edited projections."""
     config = text_config(getattr(model, "config", None))
     layers = [innermost(model.get_submodule(name)) for name in site_names]
     biases = [getattr(layer, "bias", None) for layer in layers]
@@ -345,7 +345,7 @@ def red_identity(model: nn.Module, site_names: list[str]) -> dict[str, Any]:
 def check_same_red_base(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
     """Raise BaseModelMismatchError unless `current` is the base the RED adapter was saved for.
 
-    The same check as LoFiT's (`lofit.fingerprint.check_same_base`, with its dtype tolerance), plus the
+    The same check as LoFiT's (`lofit.adapters.fingerprint.check_same_base`, with its dtype tolerance), plus the
     edited sites and their width. Files written before sizes were recorded are checked on the rest.
     """
     for key in ("width", "sites"):

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.wrappers import SwitchableModel
 from ..errors import LofitValueError
-from ..layer_checkpointing import decoder_layers
+from ..training.activation_checkpointing import decoder_layers
 from ..training.batching import pad_token_id
 from ..training.encoding import tokenize_text
-from ..wrappers import SwitchableModel
 
 REPE_KINDS = ("reading", "contrast")
 

@@ -15,29 +15,15 @@ extracts from that text:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Literal
 
 from ..errors import LofitValueError
+from ..tasks.numbers import NUMBER, canonical_number
 
 Extraction = Literal["mquake", "clutrr", "number"] | None
 EXTRACTIONS = ("mquake", "clutrr", "number", None)
 CLUTRR_ANSWER_MARK = "'s\n"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def canonical_number(text: str) -> str:
-    """A number written one way: commas dropped, integral values without a fraction ("" if none).
-
-    >>> canonical_number("1,200.0"), canonical_number("-0.50"), canonical_number("x")
-    ('1200', '-0.5', '')
-    """
-    try:
-        value = float(text.replace(",", ""))
-    except ValueError:
-        return ""
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def extract(full_text: str, completion: str, extraction: Extraction) -> str:

@@ -21,7 +21,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
     Returns:
         The causal LM module.
     """
-    from ..model import LofitModel
+    from ..adapters.model import LofitModel
 
     return model.get_base_model() if isinstance(model, LofitModel) else model
 

@@ -1,6 +1,6 @@
 """Glue between lofit and the Hugging Face training stack (transformers' Trainer, TRL).
 
-`lofit.integrations.visibility` is imported by `LofitModel` itself and stays light; the trainer classes are
+`lofit.adapters.visibility` is imported by `LofitModel` itself and stays light; the trainer classes are
 imported on first use, so `import lofit` never imports TRL.
 
 Example:

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..adapters.persistence import CONFIG_NAME
 from ..errors import AdapterLoadError
-from ..persistence import CONFIG_NAME
 
 if TYPE_CHECKING:
-    from ..model import LofitModel
+    from ..adapters.model import LofitModel
 
     _TrainerBase = Trainer
 else:
@@ -43,7 +43,7 @@ def as_lofit_model(model: nn.Module | None) -> LofitModel | None:
     """`model` if it is a LofitModel (after unwrapping DDP/compile containers), else None."""
     from accelerate.utils import extract_model_from_parallel
 
-    from ..model import LofitModel
+    from ..adapters.model import LofitModel
 
     if model is None:
         return None

@@ -24,7 +24,7 @@ from ..errors import LofitValueError
 from .trainer import LofitCheckpointing, as_lofit_model
 
 if TYPE_CHECKING:
-    from ..model import LofitModel
+    from ..adapters.model import LofitModel
 
 
 def _wrapped(model: LofitModel) -> nn.Module:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_write_text, atomic_write_with
+from ..io.atomic import atomic_write_text, atomic_write_with
 from .datadir import cache_dir as default_cache_dir
 from .errors import DataError
 

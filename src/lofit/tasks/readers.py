@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..output_paths import describe_not_regular
+from ..io.output_paths import describe_not_regular
 from .errors import DataError
 from .records import Where
 

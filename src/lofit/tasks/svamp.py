@@ -17,9 +17,9 @@ import random
 import re
 from pathlib import Path
 
-from ..evaluation.extraction import NUMBER, canonical_number
 from .datadir import benchmark_dir, find_split_file
 from .errors import DataError
+from .numbers import NUMBER, canonical_number
 from .readers import RawRow, read_rows
 from .records import Record, validate_record
 from .task import Task, generic_defaults

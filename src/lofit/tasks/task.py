@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import LofitValueError
-from ..task_defaults import defaults_for
+from .defaults import defaults_for
 from .records import Record
 
 MC_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -19,7 +19,7 @@ GENERATION_MAX_NEW_TOKENS = 16  # LoFiT's evaluate_mquake / evaluate_clutrr: gre
 
 
 def paper_defaults(name: str) -> dict[str, float | int]:
-    """The defaults of one of the paper's tasks (or any task with its own row in `lofit.task_defaults`)."""
+    """The defaults of one of the paper's tasks (or any task with its own row in `lofit.tasks.defaults`)."""
     return defaults_for(name).as_dict()
 
 

@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..adapters.wrappers import PassThroughModel
 from ..errors import LofitValueError
-from ..wrappers import PassThroughModel
 
 
 class NoAdapterSwitchError(LofitValueError, TypeError):

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_directory, remove_leftovers
 from ..errors import LofitValueError
+from ..io.atomic import atomic_directory, remove_leftovers
 
 FORMAT_NAME = "lofit-training-checkpoint"
 FORMAT_VERSION = 1

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_text
 from ..errors import LofitValueError
+from ..io.atomic import atomic_write_text
 from . import activation_checkpointing
 from .adapter_model import AdapterModel, causal_lm_of
 from .batching import epoch_batches
@@ -96,7 +96,7 @@ def train_adapter(
     finally:
         _finish(run, state)
     if run.output_dir is not None and run.history.steps:
-        from ..plotting import plot_loss_curve
+        from .plots import plot_loss_curve
 
         plot_loss_curve(run.history, run.output_dir / CURVE_NAME, title=description)
     return run.history

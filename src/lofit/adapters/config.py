@@ -1,0 +1,123 @@
+"""`LofitConfig`: which heads an adapter touches and which vectors it learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LofitValueError
+
+HeadMap = dict[int, list[int]]
+
+
+class LofitConfigError(LofitValueError):
+    """An adapter configuration is invalid; the message says which field to change."""
+
+
+def normalize_heads(heads: Any) -> HeadMap | None:
+    """Validate a `{layer: [head, ...]}` mapping and return it with int keys and sorted unique heads.
+
+    JSON turns int keys into strings, so string keys such as `"3"` are accepted too.
+    """
+    if heads is None:
+        return None
+    if not isinstance(heads, dict):
+        raise LofitConfigError(
+            f"heads must be a dict mapping layer index -> list of head indices, got {type(heads).__name__}"
+        )
+    normalized: HeadMap = {}
+    for raw_layer, raw_heads in heads.items():
+        try:
+            layer = int(raw_layer)
+        except (TypeError, ValueError):
+            raise LofitConfigError(f"heads: layer key {raw_layer!r} is not an integer") from None
+        if layer < 0:
+            raise LofitConfigError(f"heads: layer index {layer} is negative")
+        if isinstance(raw_heads, int):
+            raw_heads = [raw_heads]
+        if not isinstance(raw_heads, (list, tuple, set)):
+            raise LofitConfigError(f"heads[{layer}] must be a list of head indices, got {raw_heads!r}")
+        indices = []
+        for head in raw_heads:
+            if isinstance(head, bool) or not isinstance(head, int):
+                raise LofitConfigError(f"heads[{layer}] holds {head!r}, which is not an integer head index")
+            if head < 0:
+                raise LofitConfigError(f"heads[{layer}] holds negative head index {head}")
+            indices.append(head)
+        if indices:
+            normalized[layer] = sorted(set(indices))
+    return dict(sorted(normalized.items()))
+
+
+@dataclass
+class LofitConfig:
+    """Configuration of one LoFiT adapter.
+
+    Args:
+        heads: layer -> head indices to adapt (JSON's string keys are accepted); None adapts every head.
+        use_scale: learn A, applied as z <- (1 + A) * z (the head-selection step).
+        use_offset: learn v, applied as z <- z + v (the offset-tuning step).
+        init_std: standard deviation of the N(0, init_std) initialisation; 0.0 is an exact identity.
+        target_modules: suffixes of the attention output projection's name; None auto-detects it
+            (`lofit.adapters.architectures.OUTPUT_PROJECTION_SUFFIXES`).
+
+    Example:
+        >>> LofitConfig(heads={0: [1, 3]}, use_offset=True).num_selected_heads()
+        2
+        >>> LofitConfig.from_dict(LofitConfig(heads={"2": [0]}).to_dict()).heads
+        {2: [0]}
+    """
+
+    heads: HeadMap | None = field(
+        default=None,
+        metadata={"help": "layer -> head indices to adapt; None adapts every head of every layer"},
+    )
+    use_scale: bool = field(default=False, metadata={"help": "learn A: z <- (1 + A) * z (head selection)"})
+    use_offset: bool = field(default=True, metadata={"help": "learn v: z <- z + v (offset tuning)"})
+    init_std: float = field(
+        default=1e-3,
+        metadata={"help": "standard deviation of the N(0, init_std) init; 0.0 is an exact identity"},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "module-name suffixes of the attention output projection; None = auto-detect"},
+    )
+
+    def __post_init__(self) -> None:
+        self.heads = normalize_heads(self.heads)
+        if not (self.use_scale or self.use_offset):
+            raise LofitConfigError("at least one of use_scale and use_offset must be True")
+        if (
+            not isinstance(self.init_std, (int, float))
+            or not math.isfinite(self.init_std)
+            or self.init_std < 0
+        ):
+            raise LofitConfigError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+        self.init_std = float(self.init_std)
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise LofitConfigError("target_modules must be a non-empty list of module-name suffixes")
+            self.target_modules = list(self.target_modules)
+
+    def num_selected_heads(self) -> int | None:
+        return None if self.heads is None else sum(len(h) for h in self.heads.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.heads is not None:
+            data["heads"] = {str(layer): heads for layer, heads in self.heads.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LofitConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise LofitConfigError(
+                f"unknown LofitConfig fields {sorted(unknown)}; known fields: {sorted(known)}"
+            )
+        return cls(**data)

@@ -1,0 +1,509 @@
+"""`LofitModel`: a Hugging Face causal LM with named LoFiT adapters on its attention heads."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdapterModel
+from .config import HeadMap, LofitConfig, LofitConfigError
+from .fingerprint import base_model_identity, check_same_base
+from .folding import innermost
+from .heads import HeadGeometry, find_output_projections
+from .layer import HeadVectors, LofitProjection, vectors_held_fixed
+from .lm_head import add_contiguous_input_hook
+from .merged import complete_merged_model, plan_merged_model
+from .mixed_batch import BASE_NAME, batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
+from .persistence import CONFIG_NAME, read_adapter_config, read_adapter_tensors, save_adapter
+from .visibility import CAUSAL_LM_SIGNATURE, expose_forward_signature, guard_wrapped_save
+
+HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` carries PEFT adapters (a PeftModel or injected tuner layers)."""
+    return any(type(m).__module__.split(".", 1)[0] == "peft" for m in model.modules())
+
+
+class LofitModel(AdapterModel):
+    """A base model whose attention output projections carry LoFiT adapters.
+
+    `forward`, `generate` and every other attribute pass through to the wrapped model, so the wrapper
+    is used like the causal LM itself. PEFT's names work: `get_base_model()` is the wrapped causal LM,
+    `base_model` its decoder stack (as for any transformers causal LM), `active_adapter(s)`,
+    `set_adapter`, `add_adapter`, `delete_adapter`, `disable_adapter()`, `enable_adapter_layers()` /
+    `disable_adapter_layers()`, `merge_adapter()` / `unmerge_adapter()`, `merge_and_unload()`, `unload()`.
+    `lofit_config` maps each adapter name to its `LofitConfig` (PEFT's `peft_config`; lofit does not use
+    that name, because PEFT takes a model with a `peft_config` attribute for one of its own).
+
+    Args:
+        base_model: a transformers causal LM (or a PEFT model wrapping one).
+        config: the first adapter's configuration.
+        adapter_name: its name.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> model = LofitModel(base, LofitConfig(heads={0: [1]}))
+        >>> model.add_adapter("other", LofitConfig(heads={1: [0, 3]}))
+        >>> model.active_adapters, model.adapter_names
+        (['default'], ['default', 'other'])
+        >>> [p.requires_grad for p in model.adapter_parameters("default") + model.adapter_parameters("other")]
+        [False, True]
+        >>> model.get_base_model() is base, type(model.base_model).__name__
+        (True, 'LlamaModel')
+    """
+
+    layer_class = LofitProjection
+
+    def __init__(self, base_model: nn.Module, config: LofitConfig, adapter_name: str = "default") -> None:
+        super().__init__(base_model)
+        self.geometry: HeadGeometry = find_output_projections(base_model, config.target_modules)
+        self._wrap_sites(
+            [(site.layer, site.name) for site in self.geometry.sites],
+            lambda module, layer: LofitProjection(
+                module, layer, self.geometry.num_heads, self.geometry.head_dim
+            ),
+        )
+        expose_forward_signature(self, base_model)  # Trainer/TRL read the arguments from it
+        guard_wrapped_save(base_model, lambda module: isinstance(module, LofitProjection))
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self.unload()  # a bad config must not leave the caller's model wrapped
+            raise
+
+    @property
+    def lofit_config(self) -> dict[str, LofitConfig]:
+        """adapter name -> its `LofitConfig` (PEFT's `peft_config` mapping)."""
+        return self.adapter_configs
+
+    # ----------------------------------------------------------------------------------- plumbing
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the wrapped model with the active adapter (an instance shows the wrapped model's signature).
+
+        Args:
+            *args, **kwargs: the wrapped model's arguments (`input_ids`, `attention_mask`, `labels`, ...).
+            adapter_names: inference only: one adapter name per batch row (`"__base__"`: no adapter),
+                applied instead of the active adapter (see `lofit.adapters.mixed_batch`).
+        """
+        if adapter_names is None:
+            return super().forward(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with mixed_adapters(self, names):
+            return super().forward(*args, **kwargs)
+
+    forward.__signature__ = CAUSAL_LM_SIGNATURE  # type: ignore[attr-defined]
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's `generate`; `adapter_names` gives each input row its own adapter.
+
+        Every decoding step of row i (KV cache or not) uses `adapter_names[i]`; rows that `generate`
+        expands (beams, `num_return_sequences`) keep their input row's adapter. Assisted generation is
+        refused with `adapter_names`.
+        """
+        if adapter_names is None:
+            with vectors_held_fixed(self):  # one build of the dense vectors for all decoding steps
+                return super().generate(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, batch_size_of(args, kwargs))
+        with mixed_adapters(self, names, generation_expand_size(self, kwargs)):
+            return super().generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Enable activation checkpointing, with gradients able to reach the adapter.
+
+        Non-reentrant by default: it needs no input that requires grad, so backward still stops at the
+        lowest adapted layer (transformers makes the embedding output require grad; that is undone
+        here). With `use_reentrant=True`, a checkpointed block whose inputs do not require grad returns
+        outputs without a graph, so the embedding outputs must require grad (as PEFT does).
+        `train_adapter` honours the switch even though it runs the base in eval mode, where transformers'
+        own checkpointing is inert (see `lofit.layer_checkpointing`).
+        """
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        base = self.model
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if callable(enable):  # transformers >= 5 (gradient_checkpointing_enable is its deprecated alias)
+            enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)  # type: ignore[operator]
+        if options["use_reentrant"]:
+            if not getattr(base, "_require_grads_hooks", None) and hasattr(
+                base, "enable_input_require_grads"
+            ):
+                base.enable_input_require_grads()  # type: ignore[operator]
+        elif hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()  # type: ignore[operator]
+
+    def projections(self) -> list[LofitProjection]:
+        """The wrapped output projection of every layer, in layer order."""
+        return self.adapter_layers()  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------- adapters
+    def _resolve_heads(self, heads: HeadMap | None) -> HeadMap:
+        geometry = self.geometry
+        if heads is None:
+            return {layer: list(range(geometry.num_heads)) for layer in range(geometry.num_layers)}
+        for layer, layer_heads in heads.items():
+            if layer >= geometry.num_layers:
+                raise LofitConfigError(
+                    f"heads: layer {layer} is out of range; this model has layers 0..{geometry.num_layers - 1}"
+                )
+            bad = [h for h in layer_heads if h >= geometry.num_heads]
+            if bad:
+                raise LofitConfigError(
+                    f"heads[{layer}]: head indices {bad} are out of range; this model has heads "
+                    f"0..{geometry.num_heads - 1} in each layer"
+                )
+        if not any(heads.values()):
+            raise LofitConfigError(
+                "heads selects no head at all; pass at least one (layer, head) or None for all"
+            )
+        return heads
+
+    def add_adapter(self, adapter_name: str, config: LofitConfig) -> None:
+        """Add a new adapter with freshly initialised vectors; it alone of the adapters is trainable.
+
+        As in PEFT, the other adapters' vectors are frozen (the base model's flags are left alone) and
+        the active adapter stays the active one (the first adapter becomes active).
+
+        Args:
+            adapter_name: a new, non-empty name without ".".
+            config: the adapter's configuration (its `target_modules` must match the model's).
+        """
+        self._add_vectors(adapter_name, config)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name == adapter_name)
+
+    def _add_vectors(self, adapter_name: str, config: LofitConfig) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise LofitConfigError(
+                f"adapter_name must be a non-empty string without '.', got {adapter_name!r}"
+            )
+        if adapter_name == BASE_NAME:
+            raise LofitConfigError(
+                f"{BASE_NAME!r} is reserved (it means 'no adapter' in adapter_names=); choose another name"
+            )
+        if adapter_name in self.adapter_configs:
+            raise LofitConfigError(
+                f"an adapter named {adapter_name!r} exists already; delete_adapter() it first"
+            )
+        heads = self._resolve_heads(config.heads)
+        for projection in self.projections():
+            layer_heads = heads.get(projection.layer_index)
+            if layer_heads:
+                projection.lofit_adapters[adapter_name] = HeadVectors(
+                    layer_heads,
+                    projection.num_heads,
+                    projection.head_dim,
+                    config.use_scale,
+                    config.use_offset,
+                    config.init_std,
+                    device=projection.weight.device,
+                )
+        self.adapter_configs[adapter_name] = config
+        if len(self.adapter_configs) == 1:
+            self.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining one becomes active."""
+        self._check_adapter(adapter_name)
+        for projection in self.projections():
+            if adapter_name in projection.lofit_adapters:
+                if projection.merged_adapters == [adapter_name]:
+                    projection.unmerge()
+                del projection.lofit_adapters[adapter_name]
+        self._forget_adapter(adapter_name)
+
+    def adapter_vectors(self, adapter_name: str | None = None) -> dict[int, HeadVectors]:
+        """layer -> that layer's vectors for the adapter (layers without selected heads are absent)."""
+        name = self._check_adapter(adapter_name)
+        return {p.layer_index: p.vectors(name) for p in self.projections() if p.has_adapter(name)}
+
+    def adapter_parameters(
+        self, adapter_name: str | None = None, kind: str | None = None
+    ) -> list[nn.Parameter]:
+        """The adapter's parameters (default: the active adapter's); `kind` "scale" or "offset" picks one sort."""
+        params: list[nn.Parameter] = []
+        for vectors in self.adapter_vectors(adapter_name).values():
+            for name in ("scale", "offset"):
+                param = getattr(vectors, name)
+                if param is not None and (kind is None or kind == name):
+                    params.append(param)
+        return params
+
+    def selected_heads(self, adapter_name: str | None = None) -> HeadMap:
+        """layer -> the head indices the adapter edits."""
+        return {layer: v.heads.tolist() for layer, v in self.adapter_vectors(adapter_name).items()}
+
+    # ----------------------------------------------------------------------------- head params
+    def get_head_params(self, adapter_name: str | None = None) -> HeadParams:
+        """{(layer, head): {"scale": A, "offset": v}}; a part the adapter does not learn is zeros."""
+        result: HeadParams = {}
+        for layer, vectors in self.adapter_vectors(adapter_name).items():
+            for row, head in enumerate(vectors.heads.tolist()):
+                entry = {}
+                for name in ("scale", "offset"):
+                    param = getattr(vectors, name)
+                    entry[name] = (
+                        param[row].detach().clone()
+                        if param is not None
+                        else torch.zeros(vectors.head_dim, device=vectors.heads.device)
+                    )
+                result[(layer, head)] = entry
+        return result
+
+    def set_head_params(self, params: HeadParams, adapter_name: str | None = None) -> None:
+        """Inverse of `get_head_params`: copy [head_dim] tensors into the adapter's vectors."""
+        vectors_by_layer = self.adapter_vectors(adapter_name)
+        with torch.no_grad():
+            for (layer, head), entry in params.items():
+                vectors = vectors_by_layer.get(layer)
+                rows = [] if vectors is None else (vectors.heads == head).nonzero().flatten().tolist()
+                if vectors is None or not rows:
+                    raise KeyError(f"head ({layer}, {head}) is not part of this adapter")
+                for name, value in entry.items():
+                    if name not in ("scale", "offset"):
+                        raise KeyError(f"unknown head parameter {name!r}; expected 'scale' or 'offset'")
+                    param = getattr(vectors, name)
+                    value = torch.as_tensor(value)
+                    if value.shape != (vectors.head_dim,):
+                        raise ValueError(
+                            f"head ({layer}, {head}) {name}: expected shape ({vectors.head_dim},), got "
+                            f"{tuple(value.shape)}"
+                        )
+                    if param is None:
+                        if torch.any(value != 0):
+                            raise ValueError(
+                                f"this adapter does not learn a {name}; cannot set a non-zero one"
+                            )
+                        continue
+                    param[rows[0]].copy_(value.to(param))
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the plain base model (weights untouched)."""
+        return super().unload()
+
+    # ------------------------------------------------------------------------- save / load / merge
+    def save_pretrained(
+        self, path: str | os.PathLike[str], adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Write `lofit_config.json` and `lofit_model.safetensors` (atomically) into `path`.
+
+        Args:
+            path: the adapter directory (created if needed; files in it are replaced atomically).
+            adapter_name: the adapter to save; None saves the active one.
+            **kwargs: accepted for compatibility with callers of transformers' `save_pretrained`
+                (e.g. `safe_serialization`, `state_dict`); they do not change what is written.
+        """
+        name = self._check_adapter(adapter_name)
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, vectors in self.adapter_vectors(name).items():
+            tensors[f"layers.{layer}.heads"] = vectors.heads.detach().cpu().contiguous()
+            for kind in ("scale", "offset"):
+                param = getattr(vectors, kind)
+                if param is not None:
+                    tensors[f"layers.{layer}.{kind}"] = param.detach().float().cpu().contiguous()
+        save_adapter(path, self.adapter_configs[name], tensors, self._base_identity())
+
+    def _base_identity(self) -> dict[str, Any]:
+        """The base model's identity, of the unmerged weights even while an adapter is merged."""
+        merged = [p for p in self.projections() if p.merged]
+        for projection in merged:
+            projection.unmerge()
+        try:
+            return base_model_identity(self.model, self.geometry)
+        finally:
+            for projection in merged:
+                projection.merge()
+
+    def _read_checked(
+        self, path: str | os.PathLike[str], geometry: HeadGeometry | None
+    ) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
+        return read_checked_adapter(self.model, path, geometry)
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter (a folder or a Hub repo id, see `lofit.adapters.hub`) under `adapter_name`; it becomes active.
+
+        The other adapters keep their trainable flags; the loaded one trains only if `is_trainable`.
+        """
+        from .hub import resolve_adapter_dir
+
+        config, tensors = self._read_checked(resolve_adapter_dir(path, revision, token), self.geometry)
+        self._add_vectors(adapter_name, config)
+        _copy_tensors(self, adapter_name, tensors, is_trainable)
+        self.set_adapter(adapter_name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        path: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> LofitModel:
+        """Wrap `base_model` and load the adapter saved at `path` (checked against the base first).
+
+        Args:
+            base_model: the base model the adapter was trained on.
+            path: the directory written by `save_pretrained`, or a Hub repo id ("org/name"): a local path
+                wins; a repo id is fetched through huggingface_hub (see `lofit.adapters.hub.resolve_adapter_dir`).
+            adapter_name: the name to load it under.
+            is_trainable: keep the loaded vectors trainable (default: frozen, for inference).
+            revision: the Hub revision (branch, tag or commit) of a repo id.
+            token: a Hub token (None: the saved login or HF_TOKEN).
+            **kwargs: reserved for loaders of other sources; unknown ones are ignored.
+        """
+        if isinstance(base_model, LofitModel):
+            raise TypeError(
+                "base_model is already a LofitModel; use model.load_adapter(path, adapter_name) instead"
+            )
+        from .hub import resolve_adapter_dir
+
+        path = resolve_adapter_dir(path, revision, token)
+        config, tensors = read_checked_adapter(base_model, path, None)  # before touching the base model
+        model = cls(base_model, config, adapter_name)
+        if not _is_peft_model(base_model):
+            for param in model.model.parameters():
+                param.requires_grad_(False)
+        _copy_tensors(model, adapter_name, tensors, is_trainable)
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter and a generated model card to the Hub repo `repo_id` (created if missing).
+
+        Keyword arguments: `adapter_name`, `commit_message`, `private`, `token`, `revision`, `create_pr`,
+        `metrics` (shown in the card); see `lofit.adapters.hub.push_adapter`. Returns the commit info.
+        """
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, **kwargs)
+
+    def merge_and_unload(
+        self,
+        adapter_name: str | None = None,
+        progressbar: bool = False,
+        safe_merge: bool = True,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Fold the adapter into the projections' weights and biases; return a plain transformers model.
+
+        The result is what its config says: `save_pretrained` + `AutoModelForCausalLM.from_pretrained`
+        (without lofit) gives the adapted logits. Offsets become output-projection biases, so the
+        config's bias switch is turned on (with zero biases where it implies them), or, for Mistral,
+        Qwen2 and Phi-3 (whose o_proj cannot hold a bias), an equivalent `LlamaForCausalLM` is returned
+        (see `lofit.adapters.merged`). Anything that cannot be expressed is refused before a weight changes.
+        The LM head keeps the pre-hook of `lofit.adapters.lm_head` (fast frozen-weight generation).
+
+        Args:
+            adapter_name: the adapter to fold; None folds the active one.
+            progressbar, safe_merge, **kwargs: PEFT's arguments, accepted for compatibility (the merge
+                always checks for NaN/inf before writing).
+
+        Returns:
+            The merged transformers model (the wrapped class, or `LlamaForCausalLM`).
+        """
+        name = self._check_adapter(adapter_name)
+        plan = self._plan_merge(name)
+        quantized = sum(
+            not p.get_base_layer().weight.dtype.is_floating_point
+            for p in self.projections()
+            if p.has_adapter(name)
+        )
+        merged = complete_merged_model(self._fold_and_unwrap(name), plan)
+        add_contiguous_input_hook(merged)
+        if quantized:
+            warnings.warn(
+                f"{quantized} adapted attention output projection(s) are quantised: only the offsets were "
+                "merged, into their (float) bias; the quantised weights are unchanged",
+                stacklevel=2,
+            )
+        return merged
+
+    def _plan_merge(self, adapter_name: str) -> Any:
+        for projection in self.projections():  # refuse before changing any layer
+            refusal = projection.refusal(adapter_name)
+            if refusal is not None:
+                raise refusal
+        new_biases = [
+            name
+            for name, projection in zip(self.site_names, self.projections(), strict=True)
+            if projection.has_adapter(adapter_name)
+            and projection.vectors(adapter_name).offset is not None
+            and getattr(innermost(projection), "bias", None) is None
+        ]
+        return plan_merged_model(self.model, new_biases, site="attention")
+
+
+def read_checked_adapter(
+    base_model: nn.Module, path: str | os.PathLike[str], geometry: HeadGeometry | None
+) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory and check it fits `base_model`; returns (config, tensors)."""
+    config, saved_identity = read_adapter_config(path)
+    geometry = geometry or find_output_projections(base_model, config.target_modules)
+    check_same_base(saved_identity, base_model_identity(base_model, geometry), Path(path) / CONFIG_NAME)
+    tensors = read_adapter_tensors(path, config, geometry.head_dim)
+    return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
+
+
+def _copy_tensors(
+    model: LofitModel, adapter_name: str, tensors: dict[str, torch.Tensor], trainable: bool
+) -> None:
+    with torch.no_grad():
+        for layer, vectors in model.adapter_vectors(adapter_name).items():
+            for kind in ("scale", "offset"):
+                param = getattr(vectors, kind)
+                if param is not None:
+                    param.copy_(tensors[f"layers.{layer}.{kind}"].to(param))
+    for param in model.adapter_parameters(adapter_name):
+        param.requires_grad_(trainable)
+
+
+def get_lofit_model(base_model: nn.Module, config: LofitConfig, adapter_name: str = "default") -> LofitModel:
+    """Wrap `base_model` with a trainable LoFiT adapter; the base weights are frozen.
+
+    A base that carries PEFT adapters (LoRA, ...) keeps its trainable flags as they are, so LoFiT and
+    LoRA can train together; only the LoFiT vectors are switched on.
+
+    Args:
+        base_model: a transformers causal LM (or a PEFT model wrapping one).
+        config: the adapter's configuration.
+        adapter_name: its name.
+
+    Returns:
+        The `LofitModel`, with only the adapter's vectors trainable.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> model = get_lofit_model(base, LofitConfig(heads={1: [0, 2]}))
+        >>> model.count_parameters()[0]   # 2 heads x head_dim 8
+        16
+    """
+    model = LofitModel(base_model, config, adapter_name)
+    if _is_peft_model(base_model):
+        for param in model.adapter_parameters(adapter_name):
+            param.requires_grad_(True)
+    else:
+        model.set_trainable(adapter_name)
+    return model

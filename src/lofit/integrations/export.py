@@ -1,0 +1,80 @@
+"""Write a merged model as a plain transformers checkpoint (`lofit merge`, `export_merged`).
+
+A merged model from `LofitModel.merge_and_unload()` (or `RedModel.merge_and_unload()`) is already what
+its config says (`lofit.adapters.merged`), so its own `save_pretrained` is enough; `export_merged` adds the checks
+and the atomic write: it refuses a model whose saved form would drop parameters or leave some random,
+and never leaves a partial directory.
+
+Example:
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    >>> from lofit import LofitConfig, get_lofit_model
+    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    >>> merged = get_lofit_model(base, LofitConfig(heads={0: [1]}, init_std=0.1)).merge_and_unload()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     reloaded = AutoModelForCausalLM.from_pretrained(export_merged(merged, tmp))
+    >>> reloaded.config.attention_bias
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters.folding import MergeError as MergeError  # re-exported: callers catch it from here
+from ..adapters.merged import check_complete
+from ..adapters.model import LofitModel
+from ..io.atomic import atomic_directory
+
+
+def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: object | None = None) -> Path:
+    """Save a merged model (from `merge_and_unload`) as a checkpoint that plain transformers loads.
+
+    Args:
+        merged: the merged model.
+        path: the output directory; files in it are replaced, others kept. The files are written into
+            a temporary directory and moved into `path` only once all are complete.
+        tokenizer: saved alongside when given.
+
+    Returns:
+        `path` as a `Path`.
+
+    Raises:
+        MergeError: the checkpoint would not reload as this model (nothing is written then).
+    """
+    directory = Path(path)
+    check_complete(merged)
+    with atomic_directory(directory) as tmp:
+        merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+    return directory
+
+
+def merge_adapter_checkpoint(
+    base: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | str | None = None
+) -> Path:
+    """Load `base` (see `load_model`), fold the adapter saved in `adapter_dir` into it, export to `out_dir`.
+
+    The result (weights, config, tokenizer) loads with plain `AutoModelForCausalLM.from_pretrained`; for
+    Mistral, Qwen2 and Phi-3 bases with offsets it is the equivalent `LlamaForCausalLM`.
+
+    Args:
+        base: a Hugging Face id, a local path or "smollm2-135m".
+        adapter_dir: the directory written by `LofitModel.save_pretrained`.
+        out_dir: where to write the merged checkpoint.
+        dtype: load (and so save) the base in this dtype; None keeps the checkpoint's.
+
+    Returns:
+        `out_dir` as a `Path`.
+    """
+    from ..io.loading import load_model
+
+    model, tokenizer = load_model(base, dtype=dtype)
+    merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return export_merged(merged, out_dir, tokenizer)
