@@ -1,0 +1,260 @@
+"""The scale question (issue 31, item 4): does the LoFiT − LoRA gap shrink with model size?
+
+LoFiT 10%, LoRA (r 8, q/v) and RED at n ∈ {16, 64, 256} on MQuAKE and CLUTRR, seeds 42 and 12450, each
+method's learning rate chosen on validation, on two models: SmolLM2-135M (the bundled default) and Gemma 3
+270M. Two sizes, not a trend. Each model is one `curves.py` Fig. 4 run (its protocol and settings, one JSON
+per unit, `--commit`, reruns skip finished units) under `results/scale/<model>/`; this script runs them
+and renders one table and one plot over both (`results/scale/scale.md`, `scale.png`). MQuAKE's training
+split has 134 records, so its n = 256 point is n = 134, the whole split.
+
+    PYTHONPATH=src python benchmarks/scale.py --models smollm2-135m --commit    # one model's units
+    PYTHONPATH=src python benchmarks/scale.py --models gemma3-270m --commit --budget-minutes 120
+    PYTHONPATH=src python benchmarks/scale.py --render-only                      # scale.md + scale.png
+
+Any other option goes to `curves.py` after the scale defaults (the last value wins), e.g. `--sizes 16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import curves  # noqa: E402
+from _curves_render import FIG4, TITLES, mean_se, metric_of  # noqa: E402
+
+from lofit.atomic import atomic_write_text, atomic_write_with  # noqa: E402
+from lofit.tasks import DataError, load_task  # noqa: E402
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+MODEL_TITLES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+TASKS = ("mquake", "clutrr")
+SIZES = (16, 64, 256)
+SEEDS = (42, 12450)
+METHODS = ("lofit", "lora", "red")
+SCALE_ARGS = [
+    "--stages", "fig4",
+    "--tasks", *TASKS,
+    "--sizes", *map(str, SIZES),
+    "--seeds", *map(str, SEEDS),
+    "--methods", *METHODS,
+]  # fmt: skip
+OUT = HERE / "results" / "scale"
+
+
+def model_dir_name(model: str) -> str:
+    """The results folder of `model` (a bundled name, or the last part of a path).
+
+    Example:
+        >>> model_dir_name("gemma3-270m"), model_dir_name("/tmp/x/tiny/")
+        ('gemma3-270m', 'tiny')
+    """
+    return Path(model).name or model
+
+
+def curves_argv(model: str, out: Path, extra: Sequence[str]) -> list[str]:
+    return [*SCALE_ARGS, *extra, "--model", model, "--out", str(out / model_dir_name(model))]
+
+
+# ------------------------------------------------------------------------------------ render
+Points = dict[tuple[str, str, str, int], dict[int, float]]  # (model, task, method, n) -> {seed: metric}
+
+
+def load_points(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> tuple[Points, dict[str, Any]]:
+    """Test metrics of the finished units of each model whose settings key matches its curves run's,
+    and their wall times ({(model, task, method, n): [wall_s]})."""
+    points: Points = {}
+    walls: dict[tuple[str, str, str, int], list[float]] = {}
+    for model in models:
+        settings = curves.build_settings(curves.parse_args(curves_argv(model, out, extra)))
+        for path in sorted((out / model_dir_name(model) / "units").glob("*.json")):
+            result = json.loads(path.read_text(encoding="utf-8"))
+            unit = result.get("unit", "")
+            kind = re.match(r"fig4/(\w+)/n(\d+)/s(\d+)/(\w+)$", unit)
+            if not kind or result.get("settings_key") != settings.key(unit):
+                continue
+            task, n, seed, method = kind[1], int(kind[2]), int(kind[3]), kind[4]
+            if task not in TASKS or seed not in SEEDS or method not in (*METHODS, "select"):
+                continue
+            walls.setdefault((model, task, method, n), []).append(float(result.get("wall_s", math.nan)))
+            if FIG4.match(unit) and "test" in result:
+                points.setdefault((model, task, method, n), {})[seed] = float(result["test"][metric_of(task)])
+    return points, walls
+
+
+def fmt(values: Sequence[float]) -> str:
+    """Mean ± SE over seeds in points, with the number of seeds ('–' for none).
+
+    Example:
+        >>> fmt([0.2, 0.3]), fmt([0.25]), fmt([])
+        ('25.0 ± 5.0 (2)', '25.0 (1)', '–')
+    """
+    if not values:
+        return "–"
+    mean, se = mean_se([100 * v for v in values])
+    return f"{mean:.1f}" + ("" if math.isnan(se) else f" ± {se:.1f}") + f" ({len(values)})"
+
+
+def paired(points: Points, model: str, task: str, n: int, other: str = "lora") -> list[float]:
+    """LoFiT minus `other`, paired by seed (only the seeds both have)."""
+    a, b = points.get((model, task, "lofit", n), {}), points.get((model, task, other, n), {})
+    return [a[s] - b[s] for s in sorted(a) if s in b]
+
+
+def scale_table(points: Points, planned: dict[str, list[int]], models: Sequence[str]) -> list[str]:
+    head = ["task", "n", "model", "LoFiT 10%", "LoRA r8 q,v", "RED", "LoFiT − LoRA (paired)", "LoFiT − RED"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in TASKS:
+        for n in sorted({*planned.get(task, []), *(k[3] for k in points if k[1] == task)}):
+            for model in models:
+                cells = [fmt(list(points.get((model, task, m, n), {}).values())) for m in METHODS]
+                diffs = [fmt(paired(points, model, task, n, other)) for other in ("lora", "red")]
+                title = MODEL_TITLES.get(model, model)
+                lines.append("| " + " | ".join([TITLES[task], str(n), title, *cells, *diffs]) + " |")
+    return lines
+
+
+def missing(points: Points, models: Sequence[str], sizes: dict[str, list[int]]) -> list[str]:
+    """The (model, task, n, seed, method) cells the plan has and no finished unit fills."""
+    gaps = []
+    for model in models:
+        for task in TASKS:
+            for n in sizes[task]:
+                for method in METHODS:
+                    have = points.get((model, task, method, n), {})
+                    seeds = [str(s) for s in SEEDS if s not in have]
+                    if seeds:
+                        gaps.append(
+                            f"{MODEL_TITLES.get(model, model)} {TITLES[task]} n {n} {method}: "
+                            f"seed {', '.join(seeds)}"
+                        )
+    return gaps
+
+
+def planned_sizes(task: str, sizes: Sequence[int]) -> list[int]:
+    """The n of `task` a run of `sizes` trains on (the whole split replaces any n above it)."""
+    try:
+        total = len(load_task(task).train)
+    except (DataError, OSError):
+        return sorted(sizes)
+    return sorted({min(n, total) for n in sizes})
+
+
+def cost_table(walls: dict[tuple[str, str, str, int], list[float]], models: Sequence[str]) -> list[str]:
+    head = ["model", "task", "n", "select", "LoFiT", "LoRA", "RED"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        for task in TASKS:
+            for n in sorted({n for (m, t, _, n) in walls if m == model and t == task}):
+                cells = []
+                for method in ("select", *METHODS):
+                    times = walls.get((model, task, method, n), [])
+                    cells.append(f"{sum(times) / len(times) / 60:.1f}" if times else "–")
+                lines.append(
+                    "| " + " | ".join([MODEL_TITLES.get(model, model), TITLES[task], str(n), *cells]) + " |"
+                )
+    return lines
+
+
+def plot(points: Points, models: Sequence[str], path: Path) -> bool:
+    """One panel per task: LoFiT − LoRA (paired, mean ± SE over seeds) against n, one line per model."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    tasks = [t for t in TASKS if any(k[1] == t for k in points)]
+    if not tasks:
+        return False
+    figure = Figure(figsize=(4.4 * len(tasks), 3.4))
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks):
+        axes = figure.add_subplot(1, len(tasks), i + 1)
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        sizes = sorted({n for (_, t, _, n) in points if t == task})
+        for model in models:
+            xs, ys, errors = [], [], []
+            for n in sizes:
+                diffs = paired(points, model, task, n)
+                if diffs:
+                    mean, se = mean_se([100 * d for d in diffs])
+                    xs.append(n), ys.append(mean), errors.append(0.0 if math.isnan(se) else se)
+            if xs:
+                label = MODEL_TITLES.get(model, model)
+                axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+        axes.set_xscale("log")
+        axes.set_xticks(sizes, [str(n) for n in sizes])
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.set_xlabel("training examples (n)")
+        axes.set_ylabel(f"LoFiT − LoRA, test {metric_of(task)} (points)")
+        axes.set_title(TITLES[task])
+        axes.legend(fontsize=8)
+    atomic_write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return True
+
+
+def render(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> str:
+    """scale.md (returned and written) and scale.png in `out`, from whatever units have finished."""
+    points, walls = load_points(out, models, extra)
+    settings = curves.build_settings(curves.parse_args(curves_argv(models[0], out, extra)))
+    planned = {
+        t: planned_sizes(t, curves.parse_args(curves_argv(models[0], out, extra)).sizes) for t in TASKS
+    }
+    lines = [
+        "# The scale question: LoFiT − LoRA on two model sizes (issue 31, item 4)",
+        "",
+        f"Models: {', '.join(MODEL_TITLES.get(m, m) for m in models)}. Protocol: `curves.py` Fig. 4 "
+        f"(nested seeded training subsets; {settings.epochs} epochs, batch {settings.batch_size}, "
+        f"{settings.precision}; lr per unit from LoFiT {settings.lofit_lrs}, LoRA {settings.lora_lrs}, RED "
+        f"{settings.red_lrs} by the final validation loss on {settings.max_val} validation records; test: "
+        f"the same seeded {settings.max_test} test records for every unit). Test %, mean ± SE over seeds "
+        "(number of seeds); differences are paired by seed on the same test records. The SE over two seeds "
+        "leaves out the test-sampling error (about 4.6 points for one accuracy near 30% on 100 records). "
+        "MQuAKE's training split has 134 records: its largest n is 134 (the whole split), not 256.",
+        "",
+        *scale_table(points, planned, models),
+        "",
+    ]
+    if plot(points, models, out / "scale.png"):
+        lines += ["![LoFiT − LoRA against n, per model](scale.png)", ""]
+    gaps = missing(points, models, planned)
+    lines += ["## Cells not finished yet", ""]
+    lines += [f"- {gap}" for gap in gaps] or ["None: every planned cell has both seeds."]
+    lines += ["", "## Wall time per unit (minutes, mean over the finished units)", ""]
+    lines += [*cost_table(walls, models), ""]
+    notes = out / "scale_notes.md"
+    if notes.is_file():
+        lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
+    text = "\n".join(lines)
+    atomic_write_text(out / "scale.md", text)
+    return text
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="bundled names or local dirs")
+    parser.add_argument("--render-only", action="store_true", help="write scale.md and scale.png only")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args, extra = parser.parse_known_args(argv)
+    if not args.render_only:
+        for model in args.models:
+            code = curves.main(curves_argv(model, args.out, extra))
+            if code:
+                return code
+    render(args.out, args.models, extra)
+    print(f"[scale] wrote {args.out / 'scale.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
