@@ -183,7 +183,10 @@ class CurveHarness(Harness):
                 continue  # read from its file, or written already (a file of other settings is replaced)
             atomic_write_json(path, {"unit": unit, **result, "settings": asdict(self.settings)})
             if self.commit_units:
-                commit_file(path, f"curves: unit {unit} ({summary(result)})")
+                model = (
+                    "" if self.settings.model == Settings.model else f" ({Path(self.settings.model).name})"
+                )
+                commit_file(path, f"curves{model}: unit {unit} ({summary(result)})")
 
     @contextlib.contextmanager
     def subset(self, n: int, seed: int) -> Iterator[None]:
