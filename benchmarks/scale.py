@@ -68,9 +68,12 @@ def curves_argv(model: str, out: Path, extra: Sequence[str]) -> list[str]:
 Points = dict[tuple[str, str, str, int], dict[int, float]]  # (model, task, method, n) -> {seed: metric}
 
 
-def load_points(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> tuple[Points, dict[str, Any]]:
-    """Test metrics of the finished units of each model whose settings key matches its curves run's,
-    and their wall times ({(model, task, method, n): [wall_s]})."""
+def load_points(
+    out: Path, models: Sequence[str], extra: Sequence[str] = (), metric: str | None = None
+) -> tuple[Points, dict[str, Any]]:
+    """Test metrics (the task's paper metric, or `metric` where a unit has it) of the finished units of each
+    model whose settings key matches its curves run's, and their wall times ({(model, task, method, n):
+    [wall_s]})."""
     points: Points = {}
     walls: dict[tuple[str, str, str, int], list[float]] = {}
     for model in models:
@@ -85,8 +88,9 @@ def load_points(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> 
             if task not in TASKS or seed not in SEEDS or method not in (*METHODS, "select"):
                 continue
             walls.setdefault((model, task, method, n), []).append(float(result.get("wall_s", math.nan)))
-            if FIG4.match(unit) and "test" in result:
-                points.setdefault((model, task, method, n), {})[seed] = float(result["test"][metric_of(task)])
+            value = (result.get("test") or {}).get(metric or metric_of(task))
+            if FIG4.match(unit) and value is not None:
+                points.setdefault((model, task, method, n), {})[seed] = float(value)
     return points, walls
 
 
@@ -109,10 +113,12 @@ def paired(points: Points, model: str, task: str, n: int, other: str = "lora") -
     return [a[s] - b[s] for s in sorted(a) if s in b]
 
 
-def scale_table(points: Points, planned: dict[str, list[int]], models: Sequence[str]) -> list[str]:
+def scale_table(
+    points: Points, planned: dict[str, list[int]], models: Sequence[str], tasks: Sequence[str] = TASKS
+) -> list[str]:
     head = ["task", "n", "model", "LoFiT 10%", "LoRA r8 q,v", "RED", "LoFiT − LoRA (paired)", "LoFiT − RED"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for task in TASKS:
+    for task in tasks:
         for n in sorted({*planned.get(task, []), *(k[3] for k in points if k[1] == task)}):
             for model in models:
                 cells = [fmt(list(points.get((model, task, m, n), {}).values())) for m in METHODS]
@@ -222,6 +228,16 @@ def render(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> str:
         *scale_table(points, planned, models),
         "",
     ]
+    stripped, _ = load_points(out, models, extra, metric="exact_match_stripped")
+    if any(key[1] == "mquake" for key in stripped):
+        lines += [
+            'MQuAKE\'s paper rule does not strip whitespace (the answer must follow "A:" with no space); '
+            "the same units scored with whitespace stripped (`exact_match_stripped`), to show whether a "
+            "difference is only a leading space:",
+            "",
+            *scale_table(stripped, planned, models, ("mquake",)),
+            "",
+        ]
     if plot(points, models, out / "scale.png"):
         lines += ["![LoFiT − LoRA against n, per model](scale.png)", ""]
     gaps = missing(points, models, planned)
