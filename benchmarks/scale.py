@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 import curves  # noqa: E402
 from _curves_render import FIG4, TITLES, mean_se, metric_of  # noqa: E402
 
-from lofit.atomic import atomic_write_text, atomic_write_with  # noqa: E402
+from lofit.io.atomic import atomic_write_text, atomic_write_with  # noqa: E402
 from lofit.tasks import DataError, load_task  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")

@@ -11,7 +11,7 @@ import pytest
 
 from tiny_models import tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"  # ../shared next to the checkout, as in CI
 
 
