@@ -11,7 +11,8 @@ split has 134 records, so its n = 256 point is n = 134, the whole split.
     PYTHONPATH=src python benchmarks/scale.py --models gemma3-270m --commit --budget-minutes 120
     PYTHONPATH=src python benchmarks/scale.py --render-only                      # scale.md + scale.png
 
-Any other option goes to `curves.py` after the scale defaults (the last value wins), e.g. `--sizes 16`.
+Units run small n first: at each n (ascending) each model's LoFiT and LoRA, then its RED. Any other option
+goes to `curves.py` after the scale defaults (the last value wins), e.g. `--tasks clutrr`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -261,13 +263,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="bundled names or local dirs")
     parser.add_argument("--render-only", action="store_true", help="write scale.md and scale.png only")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="training-set sizes n")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     args, extra = parser.parse_known_args(argv)
+    deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes is not None else math.inf
     if not args.render_only:
-        for model in args.models:
-            code = curves.main(curves_argv(model, args.out, extra))
-            if code:
-                return code
-    render(args.out, args.models, extra)
+        # Small n first, both models at each n (each n: LoFiT and LoRA, then RED; see curves.fig4_plan).
+        for n in sorted(args.sizes):
+            for model in args.models:
+                left = (deadline - time.time()) / 60
+                if left <= 0:
+                    break
+                budget = [] if math.isinf(left) else ["--budget-minutes", f"{left:.2f}"]
+                code = curves.main(curves_argv(model, args.out, [*extra, "--sizes", str(n), *budget]))
+                if code:
+                    return code
+    render(args.out, args.models, [*extra, "--sizes", *map(str, args.sizes)])
     print(f"[scale] wrote {args.out / 'scale.md'}", flush=True)
     return 0
 

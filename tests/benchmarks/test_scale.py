@@ -44,17 +44,32 @@ def test_scale_runs_units_per_model_and_renders_the_table_and_plot(tmp_path: Pat
     tiny_model("llama", 0).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "scale"
-    argv = ["--models", str(model_dir), "--out", str(out), "--quick", "--tasks", "mquake", "--sizes", "4"]
+    argv = [
+        "--models",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--quick",
+        "--tasks",
+        "mquake",
+        "--sizes",
+        "6",
+        "4",
+    ]
     argv += ["--seeds", "42"]
     assert scale.main(argv) == 0
     units = out / "tiny" / "units"
     names = sorted(p.name for p in units.glob("*.json"))
-    assert names == [f"fig4__mquake__n4__s42__{m}.json" for m in ("lofit", "lora", "red", "select")]
+    methods = ("lofit", "lora", "red", "select")
+    assert names == [f"fig4__mquake__n{n}__s42__{m}.json" for n in (4, 6) for m in methods]
+    finished = {name: json.loads((units / name).read_text())["finished_at"] for name in names}
+    assert finished["fig4__mquake__n4__s42__red.json"] <= finished["fig4__mquake__n6__s42__select.json"]
     assert json.loads((units / "fig4__mquake__n4__s42__lora.json").read_text())["settings"]["model"] == str(
         model_dir
     )
     text = (out / "scale.md").read_text()
     assert "| MQuAKE | 4 | " + str(model_dir) + " |" in text and (out / "scale.png").is_file()
+    assert "| MQuAKE | 6 | " + str(model_dir) + " |" in text
     assert "MQuAKE n 4 lofit: seed 12450" in text  # the planned second seed is listed as missing
     stamps = {p.name: p.stat().st_mtime_ns for p in units.glob("*.json")}
     assert scale.main(argv) == 0  # resumes: nothing reruns
