@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LofitValueError
+from ..errors import LofitRuntimeError, LofitValueError
 from .folding import innermost
 from .heads import module_tensor
 from .lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
@@ -152,6 +152,8 @@ class AdapterModel(PassThroughModel):
         self.site_names: list[str] = []
         self.adapter_configs: dict[str, Any] = {}
         self._active_adapter: str = ""
+        # "unload()" or "merge_and_unload()" once the sites are unwrapped
+        self._unloaded_by: str | None = None
 
     # ----------------------------------------------------------------------------------- sites
     @property
@@ -179,17 +181,24 @@ class AdapterModel(PassThroughModel):
 
     def adapter_layers(self) -> list[AdapterLayer]:
         """The wrapped projection of every layer, in layer order."""
+        if self._unloaded_by is not None:
+            raise LofitRuntimeError(
+                f"this {type(self).__name__} was unwrapped by {self._unloaded_by} and holds no adapter "
+                "layers any more; use the model that call returned, or wrap a base model again "
+                "(get_lofit_model / from_pretrained)"
+            )
         wrapped = [self.model.get_submodule(name) for name in self.site_names]
         assert all(isinstance(m, self.layer_class) for m in wrapped)
         return wrapped  # type: ignore[return-value]
 
-    def _unwrap(self) -> nn.Module:
+    def _unwrap(self, by: str = "unload()") -> nn.Module:
         for name in self.site_names:
             wrapper = self.model.get_submodule(name)
             if isinstance(wrapper, self.layer_class):
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent_name), child, wrapper.base_layer)
         remove_contiguous_input_hook(self.model)
+        self._unloaded_by = by
         return self.model
 
     # ----------------------------------------------------------------------------------- names
@@ -302,7 +311,7 @@ class AdapterModel(PassThroughModel):
                 layer.unmerge()
             if layer.has_adapter(adapter_name):
                 layer._fold(adapter_name)
-        return self._unwrap()
+        return self._unwrap("merge_and_unload()")
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging; return the plain base model."""

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LofitValueError
 from .config import LofitConfig
-from .model import LofitModel
+from .model import LofitModel, compute_dtype
 
 
 def _check(model: object, names: object, weights: object) -> tuple[list[str], list[float]]:
@@ -133,6 +133,20 @@ def _fill(
         if not used:
             for entry in combined.values():
                 del entry[kind]
+    _check_finite(combined, values, compute_dtype(model.get_base_model()))
     model.set_head_params(combined, new_name)
     for param in model.adapter_parameters(new_name):
         param.requires_grad_(False)
+
+
+def _check_finite(
+    combined: dict[tuple[int, int], dict[str, torch.Tensor]], values: list[float], dtype: torch.dtype
+) -> None:
+    """Refuse a combination whose vectors overflow (in float32, or in the model's dtype `dtype`)."""
+    for (layer, head), entry in combined.items():
+        for kind, value in entry.items():
+            if not (torch.isfinite(value).all() and torch.isfinite(value.to(dtype)).all()):
+                raise LofitValueError(
+                    f"combine_adapters: with weights {values} the combined {kind} of head ({layer}, {head}) "
+                    f"is not finite in {dtype} (the weighted vectors overflow); use smaller weights"
+                )

@@ -11,6 +11,10 @@ from ..errors import LofitValueError
 
 HeadMap = dict[int, list[int]]
 
+# Layer and head indices above this are refused before any message formats them (no model has so many;
+# Python refuses to print an int of more than 4,300 digits).
+MAX_INDEX = 1 << 20
+
 
 class LofitConfigError(LofitValueError):
     """An adapter configuration is invalid; the message says which field to change."""
@@ -29,12 +33,7 @@ def normalize_heads(heads: Any) -> HeadMap | None:
         )
     normalized: HeadMap = {}
     for raw_layer, raw_heads in heads.items():
-        try:
-            layer = int(raw_layer)
-        except (TypeError, ValueError):
-            raise LofitConfigError(f"heads: layer key {raw_layer!r} is not an integer") from None
-        if layer < 0:
-            raise LofitConfigError(f"heads: layer index {layer} is negative")
+        layer = _layer_index(raw_layer)
         if isinstance(raw_heads, int):
             raw_heads = [raw_heads]
         if not isinstance(raw_heads, (list, tuple, set)):
@@ -42,13 +41,49 @@ def normalize_heads(heads: Any) -> HeadMap | None:
         indices = []
         for head in raw_heads:
             if isinstance(head, bool) or not isinstance(head, int):
-                raise LofitConfigError(f"heads[{layer}] holds {head!r}, which is not an integer head index")
+                raise LofitConfigError(
+                    f"heads[{layer}] holds {_short(head)}, which is not an integer head index"
+                )
             if head < 0:
-                raise LofitConfigError(f"heads[{layer}] holds negative head index {head}")
+                raise LofitConfigError(f"heads[{layer}] holds negative head index {_short(head)}")
+            if head > MAX_INDEX:
+                raise LofitConfigError(
+                    f"heads[{layer}] holds head index {_short(head)}; head indices are 0 <= h < the "
+                    "model's number of heads"
+                )
             indices.append(head)
         if indices:
             normalized[layer] = sorted(set(indices))
     return dict(sorted(normalized.items()))
+
+
+def _short(value: Any) -> str:
+    """`repr(value)`, shortened to 40 characters (an int of thousands of digits cannot even be printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+        return f"{'-' if value < 0 else ''}<an integer of more than 40 digits>"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _layer_index(raw_layer: Any) -> int:
+    """A layer key as an int: an int, or the decimal digits JSON keys hold (no sign, space or "+")."""
+    if isinstance(raw_layer, str):
+        if not (raw_layer.isascii() and raw_layer.isdecimal()) or len(raw_layer) > 7:
+            raise LofitConfigError(
+                f'heads: layer key {_short(raw_layer)} is not a layer index; write it as digits only, e.g. "3"'
+            )
+        layer = int(raw_layer)
+    elif isinstance(raw_layer, int) and not isinstance(raw_layer, bool):
+        layer = raw_layer
+    else:
+        raise LofitConfigError(f"heads: layer key {_short(raw_layer)} is not an integer")
+    if layer < 0:
+        raise LofitConfigError(f"heads: layer index {_short(layer)} is negative")
+    if layer > MAX_INDEX:
+        raise LofitConfigError(
+            f"heads: layer index {_short(layer)} is out of range; layers are numbered 0 <= l < num_layers"
+        )
+    return layer
 
 
 @dataclass
@@ -87,19 +122,28 @@ class LofitConfig:
 
     def __post_init__(self) -> None:
         self.heads = normalize_heads(self.heads)
+        for name in ("use_scale", "use_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise LofitConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
         if not (self.use_scale or self.use_offset):
             raise LofitConfigError("at least one of use_scale and use_offset must be True")
         if (
-            not isinstance(self.init_std, (int, float))
-            or not math.isfinite(self.init_std)
-            or self.init_std < 0
+            isinstance(self.init_std, bool)
+            or not isinstance(self.init_std, (int, float))
+            or not (0 <= self.init_std < math.inf)  # False for NaN; an int of any size compares fine
         ):
-            raise LofitConfigError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+            raise LofitConfigError(f"init_std must be a finite number >= 0, got {_short(self.init_std)}")
+        if self.init_std > 1e6:
+            raise LofitConfigError(f"init_std {_short(self.init_std)} is far too large; use e.g. 1e-3")
         self.init_std = float(self.init_std)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            if (
+                not isinstance(self.target_modules, (list, tuple))
+                or not self.target_modules
+                or not all(isinstance(t, str) and t.strip() == t and t for t in self.target_modules)
+            ):
                 raise LofitConfigError("target_modules must be a non-empty list of module-name suffixes")
             self.target_modules = list(self.target_modules)
 
@@ -114,6 +158,8 @@ class LofitConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LofitConfig:
+        if not isinstance(data, dict):
+            raise LofitConfigError(f"a LofitConfig is a JSON object of fields, got {_short(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LofitRuntimeError
 from .base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
@@ -63,6 +64,12 @@ class LofitModel(AdapterModel):
     layer_class = LofitProjection
 
     def __init__(self, base_model: nn.Module, config: LofitConfig, adapter_name: str = "default") -> None:
+        check_base_model(base_model, type(self).__name__)
+        if not isinstance(config, LofitConfig):
+            raise LofitConfigError(
+                f"config must be a LofitConfig, got {type(config).__name__}"
+                + ("; build it with LofitConfig(**your_dict)" if isinstance(config, dict) else "")
+            )
         super().__init__(base_model)
         self.geometry: HeadGeometry = find_output_projections(base_model, config.target_modules)
         self._wrap_sites(
@@ -184,10 +191,9 @@ class LofitModel(AdapterModel):
                 param.requires_grad_(name == adapter_name)
 
     def _add_vectors(self, adapter_name: str, config: LofitConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise LofitConfigError(
-                f"adapter_name must be a non-empty string without '.', got {adapter_name!r}"
-            )
+        check_adapter_name(adapter_name)
+        if not isinstance(config, LofitConfig):
+            raise LofitConfigError(f"config must be a LofitConfig, got {type(config).__name__}")
         if adapter_name == BASE_NAME:
             raise LofitConfigError(
                 f"{BASE_NAME!r} is reserved (it means 'no adapter' in adapter_names=); choose another name"
@@ -345,6 +351,8 @@ class LofitModel(AdapterModel):
         """
         from .hub import resolve_adapter_dir
 
+        check_adapter_name(adapter_name)
+        check_adapter_path(path)
         config, tensors = self._read_checked(resolve_adapter_dir(path, revision, token), self.geometry)
         self._add_vectors(adapter_name, config)
         _copy_tensors(self, adapter_name, tensors, is_trainable)
@@ -368,15 +376,21 @@ class LofitModel(AdapterModel):
             path: the directory written by `save_pretrained`, or a Hub repo id ("org/name"): a local path
                 wins; a repo id is fetched through huggingface_hub (see `lofit.adapters.hub.resolve_adapter_dir`).
             adapter_name: the name to load it under.
-            is_trainable: keep the loaded vectors trainable (default: frozen, for inference).
+            is_trainable: False (default): the model is returned in eval mode with frozen vectors, for
+                inference (as PEFT); True: in train mode with trainable vectors.
             revision: the Hub revision (branch, tag or commit) of a repo id.
             token: a Hub token (None: the saved login or HF_TOKEN).
             **kwargs: reserved for loaders of other sources; unknown ones are ignored.
         """
         if isinstance(base_model, LofitModel):
-            raise TypeError(
+            raise AdapterStateError(
                 "base_model is already a LofitModel; use model.load_adapter(path, adapter_name) instead"
             )
+        check_base_model(base_model, "LofitModel.from_pretrained")
+        check_adapter_name(adapter_name)
+        check_adapter_path(path)
+        if not isinstance(is_trainable, bool):
+            raise LofitConfigError(f"is_trainable must be True or False, got {type(is_trainable).__name__}")
         from .hub import resolve_adapter_dir
 
         path = resolve_adapter_dir(path, revision, token)
@@ -386,6 +400,7 @@ class LofitModel(AdapterModel):
             for param in model.model.parameters():
                 param.requires_grad_(False)
         _copy_tensors(model, adapter_name, tensors, is_trainable)
+        model.train(is_trainable)  # PEFT: eval mode for inference unless is_trainable
         return model
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
@@ -461,8 +476,76 @@ def read_checked_adapter(
     config, saved_identity = read_adapter_config(path)
     geometry = geometry or find_output_projections(base_model, config.target_modules)
     check_same_base(saved_identity, base_model_identity(base_model, geometry), Path(path) / CONFIG_NAME)
-    tensors = read_adapter_tensors(path, config, geometry.head_dim)
+    tensors = read_adapter_tensors(path, config, geometry.head_dim, compute_dtype(base_model))
     return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
+
+
+class AdapterStateError(LofitRuntimeError, TypeError):
+    """A call that the model's state does not allow (e.g. wrapping a model that is already wrapped)."""
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype `model` computes in (float32 when it reports none, e.g. a quantised model)."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def check_base_model(base_model: object, owner: str) -> None:
+    """Refuse anything but a torch module as the base model, naming what to pass instead."""
+    if not isinstance(base_model, nn.Module):
+        hint = (
+            "; load it first, e.g. AutoModelForCausalLM.from_pretrained(name)"
+            if isinstance(base_model, (str, os.PathLike))
+            else ""
+        )
+        raise LofitConfigError(
+            f"{owner} needs a transformers causal LM (a torch.nn.Module) as base model, got "
+            f"{type(base_model).__name__}{hint}"
+        )
+
+
+MAX_NAME_LENGTH = 128
+
+
+def check_adapter_name(adapter_name: object) -> None:
+    """An adapter name is a non-empty, printable string without '.', surrounding spaces or line breaks.
+
+    Example:
+        >>> check_adapter_name("truthful")
+        >>> try:
+        ...     check_adapter_name("default\\n")
+        ... except LofitConfigError as error:
+        ...     print(str(error)[-15:])
+        got 'default\\n'
+    """
+    if (
+        not isinstance(adapter_name, str)
+        or not adapter_name.strip()
+        or adapter_name != adapter_name.strip()
+        or not adapter_name.isprintable()
+        or "." in adapter_name
+        or len(adapter_name) > MAX_NAME_LENGTH
+    ):
+        shown = repr(adapter_name)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LofitConfigError(
+            f"adapter_name must be a non-empty printable name of at most {MAX_NAME_LENGTH} characters, "
+            f"without '.', surrounding spaces or line breaks, e.g. 'default' or 'truthful'; got {shown}"
+        )
+
+
+def check_adapter_path(path: object) -> None:
+    """Refuse an adapter path that is not a str/PathLike, or that holds a NUL byte (no file has one)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise LofitConfigError(
+            f"the adapter path must be a directory path or a Hub repo id, got {type(path).__name__}"
+        )
+    text = os.fspath(path)
+    if "\x00" in str(text):
+        raise LofitConfigError(
+            f"the adapter path {str(text)[:60]!r} holds a NUL byte, which no path can contain; pass the directory "
+            "written by save_pretrained"
+        )
 
 
 def _copy_tensors(
