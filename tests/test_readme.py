@@ -37,6 +37,7 @@ def test_readme_integration_example_runs(tmp_path: Path, monkeypatch: pytest.Mon
     exec(compile(section_code(), str(README), "exec"), namespace)
 
     assert sorted(p.name for p in (tmp_path / "out" / "adapter").iterdir()) == [
+        "adapter_config.json",
         "lofit_config.json",
         "lofit_model.safetensors",
     ]

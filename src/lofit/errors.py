@@ -36,3 +36,7 @@ class BaseModelMismatchError(AdapterLoadError):
 
 class ModelLoadError(LofitRuntimeError):
     """A model could not be loaded; the message says what to install, pass or delete."""
+
+
+class NotPeftError(LofitError, TypeError):
+    """A lofit object was handed to PEFT, TRL or transformers' PEFT integration; the message names lofit's call."""

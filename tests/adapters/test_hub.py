@@ -174,6 +174,7 @@ def test_push_to_hub_uploads_the_adapter_and_a_model_card(tmp_path, monkeypatch)
     assert api.calls[1][2]["commit_message"] == "Upload LoFiT adapter"
     assert sorted(p.name for p in api.uploaded.iterdir()) == [
         "README.md",
+        "adapter_config.json",
         "lofit_config.json",
         "lofit_model.safetensors",
     ]

@@ -33,7 +33,7 @@ def saved(tmp_path: Path) -> Path:
 
 
 def test_files_and_round_trip(saved: Path) -> None:
-    assert sorted(p.name for p in saved.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", CONFIG_NAME, WEIGHTS_NAME]
     document = json.loads((saved / CONFIG_NAME).read_text())
     assert document["format"] == "lofit-adapter"
     assert document["adapter"]["heads"] == {"0": [0, 2], "2": [1, 3]}

@@ -64,9 +64,13 @@ class CacheApi:
 
 def test_the_page_has_the_sections_it_promises():
     assert DOC.read_text(encoding="utf-8").startswith("# With Trainer, TRL, PEFT and the Hub")
-    assert {"transformers.Trainer", "TRL: SFTTrainer and DPOTrainer", "PEFT's manners", "The Hub"} <= set(
-        SECTIONS
-    )
+    assert {
+        "transformers.Trainer",
+        "TRL: SFTTrainer and DPOTrainer",
+        "PEFT's manners",
+        "The Hub",
+        "Coming from PEFT",
+    } <= set(SECTIONS)
 
 
 @pytest.mark.parametrize("title", sorted(SECTIONS))

@@ -142,12 +142,21 @@ def test_load_best_model_at_end_restores_the_adapter(tmp_path):
         assert torch.equal(model.get_head_params()[head]["offset"], params["offset"])
 
 
-def test_plain_trainer_checkpoint_is_refused_clearly_on_resume_with_lofit_trainer(tmp_path):
+def test_lofit_trainer_resumes_from_a_plain_trainer_checkpoint(tmp_path):
     data = lm_dataset()
-    Trainer(model=lofit_model(), args=args(tmp_path / "plain", max_steps=1), train_dataset=data).train()
-    trainer = LofitTrainer(model=lofit_model(), args=args(tmp_path / "b", max_steps=2), train_dataset=data)
-    with pytest.raises(AdapterLoadError, match=r"lofit\.integrations\.LofitTrainer"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-1"))
+    options = dict(max_steps=4, save_steps=2, learning_rate=1e-2, per_device_train_batch_size=4)
+    full = lofit_model()
+    Trainer(model=full, args=args(tmp_path / "plain", **options), train_dataset=data).train()
+    resumed = lofit_model()
+    trainer = LofitTrainer(model=resumed, args=args(tmp_path / "b", **options), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    for head, params in full.get_head_params().items():
+        assert torch.allclose(resumed.get_head_params()[head]["offset"], params["offset"], rtol=0, atol=1e-7)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterLoadError, match=r"neither lofit_config\.json nor model\.safetensors"):
+        LofitTrainer(model=lofit_model(), args=args(tmp_path / "c", max_steps=2), train_dataset=data).train(
+            resume_from_checkpoint=str(tmp_path / "empty")
+        )
 
 
 def test_the_wrapped_base_refuses_a_save_that_transformers_would_load_with_random_weights(tmp_path):
@@ -215,8 +224,8 @@ def test_generate_builds_the_vectors_once_and_sees_a_fused_step_between_calls(mo
 
 
 def test_lofit_trainer_checkpoints_a_model_with_tied_embeddings(tmp_path):
-    """SmolLM2 and Gemma tie lm_head to the embeddings: a whole state dict cannot even be written as safetensors
-    (plain Trainer fails at its first checkpoint); the adapter folder has no shared tensors."""
+    """SmolLM2 and Gemma tie lm_head to the embeddings (a whole state dict cannot be written as safetensors):
+    the adapter folder has no shared tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def tied_base():  # type: ignore[no-untyped-def]
@@ -236,18 +245,78 @@ def test_lofit_trainer_checkpoints_a_model_with_tied_embeddings(tmp_path):
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_plain_trainer_resumes_its_own_whole_state_checkpoints(tmp_path):
-    """Without LofitTrainer, Trainer's checkpoints hold every weight; resuming from them still continues exactly."""
+def tied_base():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "untied"])
+def test_plain_trainer_saves_checkpoints_and_resumes_the_adapter(tmp_path, tied):
+    """transformers.Trainer writes `model.state_dict()`: for a LofitModel the adapter (vectors + config), a few
+    KB with no shared tensors, that from_pretrained loads exactly; resuming from it equals an uninterrupted run."""
+    make_base = tied_base if tied else (lambda: tiny_model("llama", 0))
     data = lm_dataset()
     options = dict(max_steps=4, save_steps=2, learning_rate=1e-2, per_device_train_batch_size=4)
-    full = lofit_model()
-    Trainer(model=full, args=args(tmp_path / "a", **options), train_dataset=data).train()
-    resumed = lofit_model()
+    full = lofit.get_lofit_model(make_base(), lofit.LofitConfig(heads=HEADS))
+    assert (wrapped(full).lm_head.weight is wrapped(full).model.embed_tokens.weight) == tied
+    trainer = Trainer(model=full, args=args(tmp_path / "a", **options), train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "checkpoint-4", tmp_path / "final"):
+        assert (folder / "model.safetensors").stat().st_size < 16_000  # the adapter, not the base
+    ids = torch.tensor([data["input_ids"][0]])
+    reloaded = lofit.LofitModel.from_pretrained(make_base(), tmp_path / "final")
+    assert reloaded.selected_heads() == HEADS and not any(p.requires_grad for p in reloaded.parameters())
+    for head, params in full.get_head_params().items():
+        assert torch.equal(reloaded.get_head_params()[head]["offset"], params["offset"])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, full(input_ids=ids).logits)
+    resumed = lofit.get_lofit_model(make_base(), lofit.LofitConfig(heads=HEADS))
     Trainer(model=resumed, args=args(tmp_path / "b", **options), train_dataset=data).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")
     )
     for head, params in full.get_head_params().items():
         assert torch.allclose(resumed.get_head_params()[head]["offset"], params["offset"], rtol=0, atol=1e-7)
+
+
+def test_plain_trainer_loads_the_best_adapter_at_the_end(tmp_path):
+    model, data = lofit_model(), lm_dataset()
+    options = dict(max_steps=4, save_steps=2, eval_steps=2, eval_strategy="steps", learning_rate=1e-2)
+    trainer = Trainer(model=model, args=args(tmp_path, load_best_model_at_end=True, **options),
+                      train_dataset=data, eval_dataset=data)  # fmt: skip
+    trainer.train()
+    best = lofit.LofitModel.from_pretrained(tiny_model("llama", 0), trainer.state.best_model_checkpoint)
+    for head, params in best.get_head_params().items():
+        assert torch.equal(model.get_head_params()[head]["offset"], params["offset"])
+
+
+def test_state_dict_is_the_adapter_and_load_state_dict_refuses_what_does_not_fit():
+    from lofit.errors import BaseModelMismatchError
+
+    model = lofit_model()
+    state = model.state_dict()
+    assert sorted(state) == [
+        "layers.1.heads",
+        "layers.1.offset",
+        "layers.2.heads",
+        "layers.2.offset",
+        "lofit_config",
+    ]
+    other = lofit.get_lofit_model(tiny_model("llama", 0), lofit.LofitConfig(heads=HEADS, init_std=0.5))
+    other.load_state_dict(state)
+    assert all(torch.equal(a["offset"], b["offset"]) for a, b in
+               zip(model.get_head_params().values(), other.get_head_params().values(), strict=True))  # fmt: skip
+    assert all(p.requires_grad for p in other.adapter_parameters())  # trainable flags kept
+    with pytest.raises(AdapterLoadError, match="active adapter 'default' has heads"):
+        lofit_model(heads={0: [1]}).load_state_dict(state)
+    with pytest.raises(BaseModelMismatchError):
+        lofit.get_lofit_model(tiny_model("llama", 5), lofit.LofitConfig(heads=HEADS)).load_state_dict(state)
+    with pytest.raises(AdapterLoadError, match=r"get_base_model\(\)\.load_state_dict"):
+        model.load_state_dict(wrapped(model).state_dict())
 
 
 def test_copies_and_pickles_run_their_own_weights():

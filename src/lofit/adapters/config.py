@@ -7,13 +7,33 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import LofitValueError
+from ..errors import LofitValueError, NotPeftError
 
 HeadMap = dict[int, list[int]]
 
 # Layer and head indices above this are refused before any message formats them (no model has so many;
 # Python refuses to print an int of more than 4,300 digits).
 MAX_INDEX = 1 << 20
+
+
+NOT_PEFT_CONFIG = (
+    "LofitConfig is lofit's adapter configuration, not a peft.PeftConfig: PEFT, TRL and transformers' "
+    "add_adapter cannot build a LoFiT adapter. Use model = lofit.get_lofit_model(base_model, config) (PEFT's "
+    "get_peft_model), then train it with transformers.Trainer or trl.SFTTrainer(model=model, ...) without "
+    "peft_config, or lofit.integrations.LofitSFTTrainer(model=base_model, peft_config=config, ...); "
+    "see 'Coming from PEFT' in docs/integrations.md"
+)
+
+
+def _not_peft(name: str) -> property:
+    """An attribute that PEFT reads or sets on its configs: raises `NotPeftError` with lofit's advice."""
+
+    def refuse(self: object, *value: object) -> Any:
+        raise NotPeftError(f"{NOT_PEFT_CONFIG} (PEFT asked for LofitConfig.{name})")
+
+    return property(
+        refuse, refuse, doc=f"PEFT's `{name}`: not a LofitConfig attribute (raises NotPeftError)."
+    )
 
 
 class LofitConfigError(LofitValueError):
@@ -146,6 +166,12 @@ class LofitConfig:
             ):
                 raise LofitConfigError("target_modules must be a non-empty list of module-name suffixes")
             self.target_modules = list(self.target_modules)
+
+    # What peft.get_peft_model / PeftModel / inject_adapter_in_model read first: fail in lofit's words.
+    peft_type = _not_peft("peft_type")
+    base_model_name_or_path = _not_peft("base_model_name_or_path")
+    task_type = _not_peft("task_type")
+    is_prompt_learning = _not_peft("is_prompt_learning")
 
     def num_selected_heads(self) -> int | None:
         return None if self.heads is None else sum(len(h) for h in self.heads.values())

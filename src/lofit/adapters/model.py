@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import LofitRuntimeError
+from ..errors import AdapterLoadError, LofitRuntimeError
 from .base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
@@ -20,7 +21,19 @@ from .layer import HeadVectors, LofitProjection, vectors_held_fixed
 from .lm_head import add_contiguous_input_hook
 from .merged import complete_merged_model, plan_merged_model
 from .mixed_batch import BASE_NAME, batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
-from .persistence import CONFIG_NAME, read_adapter_config, read_adapter_tensors, save_adapter
+from .persistence import (
+    CONFIG_NAME,
+    STATE_CONFIG_KEY,
+    adapter_document,
+    adapter_state,
+    check_adapter_tensors,
+    parse_adapter_document,
+    read_adapter_config,
+    read_adapter_tensors,
+    save_adapter,
+    state_document,
+    state_file,
+)
 from .visibility import CAUSAL_LM_SIGNATURE, expose_forward_signature, guard_wrapped_save
 
 HeadParams = dict[tuple[int, int], dict[str, torch.Tensor]]
@@ -300,17 +313,27 @@ class LofitModel(AdapterModel):
 
     # ------------------------------------------------------------------------- save / load / merge
     def save_pretrained(
-        self, path: str | os.PathLike[str], adapter_name: str | None = None, **kwargs: Any
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Write `lofit_config.json` and `lofit_model.safetensors` (atomically) into `path`.
 
         Args:
             path: the adapter directory (created if needed; files in it are replaced atomically).
             adapter_name: the adapter to save; None saves the active one.
+            state_dict: what `state_dict()` returned (callers of transformers' `save_pretrained` pass it;
+                lofit saves the adapter's own vectors, which it holds).
             **kwargs: accepted for compatibility with callers of transformers' `save_pretrained`
-                (e.g. `safe_serialization`, `state_dict`); they do not change what is written.
+                (e.g. `safe_serialization`, `is_main_process`); they do not change what is written.
         """
         name = self._check_adapter(adapter_name)
+        save_adapter(path, self.adapter_configs[name], self._adapter_tensors(name), self._base_identity())
+
+    def _adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of adapter `name` as the adapter file stores them (fp32, on the CPU)."""
         tensors: dict[str, torch.Tensor] = {}
         for layer, vectors in self.adapter_vectors(name).items():
             tensors[f"layers.{layer}.heads"] = vectors.heads.detach().cpu().contiguous()
@@ -318,7 +341,73 @@ class LofitModel(AdapterModel):
                 param = getattr(vectors, kind)
                 if param is not None:
                     tensors[f"layers.{layer}.{kind}"] = param.detach().float().cpu().contiguous()
-        save_adapter(path, self.adapter_configs[name], tensors, self._base_identity())
+        return tensors
+
+    # ---------------------------------------------------------------------- state dict (Trainer's)
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: dict[str, Any] | None = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The active adapter, not the base model's weights: its vectors and its config (base identity included).
+
+        transformers' Trainer saves what `state_dict()` returns for a model that is not a `PreTrainedModel`
+        (`model.safetensors` in `save_model()` and in every checkpoint) and loads it back with
+        `load_state_dict` on `resume_from_checkpoint` / `load_best_model_at_end`; so a plain Trainer writes
+        a few-KB file that `LofitModel.from_pretrained(base, folder)` loads. The base model's own weights
+        are `model.get_base_model().state_dict()`.
+
+        Args:
+            destination, prefix: as `torch.nn.Module.state_dict` (keys are prefixed).
+            keep_vars: ignored; the tensors are detached fp32 copies on the CPU.
+        """
+        name = self._check_adapter(None)
+        tensors = self._adapter_tensors(name)
+        document = adapter_document(self.adapter_configs[name], tensors, self._base_identity())
+        out = destination if destination is not None else {}
+        for key, value in adapter_state(document, tensors).items():
+            out[prefix + key] = value
+        return out
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Copy an adapter state (what `state_dict()` returned) into the active adapter, in place.
+
+        The state must come from the same base model (checked as `from_pretrained` checks) and cover the
+        same heads and vectors as the active adapter; trainable flags stay as they are (the optimizer keeps
+        its parameters). `strict` and `assign` are accepted for torch's signature: the copy is always
+        exact and complete.
+
+        Raises:
+            AdapterLoadError: the state is not a LoFiT adapter state, or covers other heads or vectors.
+            BaseModelMismatchError: it was saved from another base model.
+        """
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        source = "the state dict given to LofitModel.load_state_dict"
+        state = {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
+        document = state_document(state, source)
+        config, identity = parse_adapter_document(document, Path(source))
+        name = self._check_adapter(None)
+        check_same_base(identity, self._base_identity(), Path(source))
+        current = self.adapter_configs[name]
+        if config.heads != self.selected_heads(name) or (config.use_scale, config.use_offset) != (
+            current.use_scale,
+            current.use_offset,
+        ):
+            raise AdapterLoadError(
+                f"{source}: it holds an adapter of heads {config.heads} (scale {config.use_scale}, offset "
+                f"{config.use_offset}), the active adapter {name!r} has heads {self.selected_heads(name)} (scale "
+                f"{current.use_scale}, offset {current.use_offset}); load it with LofitModel.from_pretrained"
+            )
+        tensors = {key: value for key, value in state.items() if key != STATE_CONFIG_KEY}
+        check_adapter_tensors(
+            tensors, config, self.geometry.head_dim, Path(source), compute_dtype(self.model)
+        )
+        flags = [param.requires_grad for param in self.adapter_parameters(name)]
+        _copy_tensors(self, name, tensors, trainable=False)
+        for param, flag in zip(self.adapter_parameters(name), flags, strict=True):
+            param.requires_grad_(flag)
+        return _IncompatibleKeys([], [])
 
     def _base_identity(self) -> dict[str, Any]:
         """The base model's identity, of the unmerged weights even while an adapter is merged."""
@@ -475,7 +564,8 @@ def read_checked_adapter(
     """Read an adapter directory and check it fits `base_model`; returns (config, tensors)."""
     config, saved_identity = read_adapter_config(path)
     geometry = geometry or find_output_projections(base_model, config.target_modules)
-    check_same_base(saved_identity, base_model_identity(base_model, geometry), Path(path) / CONFIG_NAME)
+    source = state_file(path) or Path(path) / CONFIG_NAME
+    check_same_base(saved_identity, base_model_identity(base_model, geometry), source)
     tensors = read_adapter_tensors(path, config, geometry.head_dim, compute_dtype(base_model))
     return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
 

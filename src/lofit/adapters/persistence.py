@@ -38,6 +38,24 @@ CONFIG_NAME = "lofit_config.json"
 WEIGHTS_NAME = "lofit_model.safetensors"
 FORMAT_NAME = "lofit-adapter"
 FORMAT_VERSION = 1
+PEFT_CONFIG_NAME = "adapter_config.json"
+# PEFT's loaders (PeftModel / AutoPeftModelForCausalLM.from_pretrained, PeftConfig.from_pretrained,
+# transformers' model.load_adapter) read adapter_config.json first and fail on an unknown "peft_type" with a
+# KeyError that shows its value: so the value is lofit's advice, and those calls answer in lofit's words.
+PEFT_SIGNPOST = (
+    json.dumps(
+        {
+            "peft_type": "LOFIT (this folder is a LoFiT adapter, not a PEFT one: load it with "
+            "lofit.LofitModel.from_pretrained(base_model, path); for PEFT, export an offsets-only adapter with "
+            "lofit.integrations.peft.export_peft_adapter(model, path))",
+            "lofit_adapter": CONFIG_NAME,
+        },
+        indent=2,
+    )
+    + "\n"
+)
+STATE_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it cannot save_pretrained
+STATE_CONFIG_KEY = "lofit_config"  # the config document inside `LofitModel.state_dict()` (UTF-8 bytes)
 MAX_CONFIG_BYTES = 16 << 20  # a config holds a few hundred head indices; anything larger is not one
 
 
@@ -48,8 +66,11 @@ def write_adapter_files(
     tensors: dict[str, torch.Tensor],
     config_name: str,
     weights_name: str,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write `document` as JSON and `tensors` as safetensors into the directory `path`, atomically.
+
+    `extra_files` (name -> text) are written with them.
 
     Both files appear together (a new directory is renamed into place), or, over an existing adapter,
     each is replaced atomically: a crash or a full disk never leaves a partial file. Non-finite tensors
@@ -64,6 +85,8 @@ def write_adapter_files(
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
         (tmp / config_name).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
 def read_document(
@@ -93,6 +116,13 @@ def read_document(
         ) from None
     except RecursionError:
         raise AdapterLoadError(f"{config_path}: the JSON is nested too deeply; the file is corrupt") from None
+    return check_document(document, config_path, format_name, format_version, label)
+
+
+def check_document(
+    document: Any, config_path: str | os.PathLike[str], format_name: str, format_version: int, label: str
+) -> dict[str, Any]:
+    """`document` if it is a config of `format_name` in a supported `format_version`, else AdapterLoadError."""
     if not isinstance(document, dict) or document.get("format") != format_name:
         raise AdapterLoadError(f'{config_path}: not a {label} config (missing "format": "{format_name}")')
     version = document.get("format_version")
@@ -144,40 +174,105 @@ def read_tensors(path: str | os.PathLike[str], weights_name: str) -> dict[str, t
 
 
 # ------------------------------------------------------------------------------------- LoFiT
-def save_adapter(
-    path: str | os.PathLike[str],
-    config: LofitConfig,
-    tensors: dict[str, torch.Tensor],
-    base_identity: dict[str, Any],
-) -> None:
-    """Write a LoFiT adapter: `config` (its heads as stored in `tensors`) and the base identity."""
+def adapter_document(
+    config: LofitConfig, tensors: dict[str, torch.Tensor], base_identity: dict[str, Any]
+) -> dict[str, Any]:
+    """The config document of a LoFiT adapter: `config` (its heads as stored in `tensors`), the base identity."""
     adapter = config.to_dict()
     adapter["heads"] = {
         key.split(".")[1]: value.tolist() for key, value in tensors.items() if key.endswith(".heads")
     }
-    document = {
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lofit_version": __version__,
         "adapter": adapter,
         "base_model": base_identity,
     }
-    write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME)
+
+
+def save_adapter(
+    path: str | os.PathLike[str],
+    config: LofitConfig,
+    tensors: dict[str, torch.Tensor],
+    base_identity: dict[str, Any],
+) -> None:
+    """Write a LoFiT adapter: `config` (its heads as stored in `tensors`), the base identity, PEFT's signpost."""
+    document = adapter_document(config, tensors, base_identity)
+    write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME, {PEFT_CONFIG_NAME: PEFT_SIGNPOST})
+
+
+# ------------------------------------------------------------- the adapter as one state dict
+def adapter_state(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter as one flat dict of tensors: `tensors` plus the config document as UTF-8 bytes.
+
+    This is `LofitModel.state_dict()`, which transformers' Trainer writes as `model.safetensors` (it cannot
+    write anything but tensors); `LofitModel.from_pretrained` reads such a folder like an adapter folder.
+
+    Example:
+        >>> document = {"format": "lofit-adapter", "format_version": 1}
+        >>> state = adapter_state(document, {"layers.0.offset": torch.zeros(1, 2)})
+        >>> sorted(state), state_document(state, "x")["format"]
+        (['layers.0.offset', 'lofit_config'], 'lofit-adapter')
+    """
+    raw = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    return {STATE_CONFIG_KEY: torch.tensor(list(raw), dtype=torch.uint8), **tensors}
+
+
+def state_document(state: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config document inside an `adapter_state` dict, format-checked; `source` names it in errors."""
+    raw = state.get(STATE_CONFIG_KEY)
+    if raw is None or raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() > MAX_CONFIG_BYTES:
+        raise AdapterLoadError(
+            f"{source}: no {STATE_CONFIG_KEY!r} entry: this is not the state of a LofitModel (a LoFiT adapter "
+            "saved by transformers.Trainer). Load base weights with model.get_base_model().load_state_dict(...)"
+        )
+    try:
+        document = json.loads(bytes(raw.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise AdapterLoadError(f"{source}: entry {STATE_CONFIG_KEY!r} is not valid JSON ({error})") from None
+    return check_document(document, source, FORMAT_NAME, FORMAT_VERSION, "LoFiT adapter")
+
+
+def state_file(path: str | os.PathLike[str]) -> Path | None:
+    """`path/model.safetensors` if `path` is a folder transformers' Trainer wrote for a LofitModel, else None."""
+    candidate = Path(path) / STATE_NAME
+    return candidate if not (Path(path) / CONFIG_NAME).exists() and candidate.is_file() else None
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> tuple[LofitConfig, dict[str, Any]]:
-    """Parse and validate `lofit_config.json`; returns the adapter config and the base-model identity."""
+    """Parse and validate the adapter's config; returns the adapter config and the base-model identity.
+
+    `path` is a folder written by `save_pretrained` (`lofit_config.json`) or by transformers' Trainer
+    (`model.safetensors` holding `LofitModel.state_dict()`).
+    """
+    trainer_file = state_file(path)
+    if trainer_file is not None:
+        document = state_document(read_tensors(path, STATE_NAME), trainer_file)
+        return parse_adapter_document(document, trainer_file)
     config_path = Path(path) / CONFIG_NAME
+    if not config_path.exists() and not config_path.is_symlink():
+        recover(path)  # a replacement of this folder killed half way leaves a backup to restore
+    if not config_path.exists() and (Path(path) / PEFT_CONFIG_NAME).is_file():
+        raise AdapterLoadError(
+            f"{path} is a PEFT adapter ({PEFT_CONFIG_NAME}, no {CONFIG_NAME}), not a LoFiT one: load it with "
+            "peft.PeftModel.from_pretrained(base_model, path)"
+        )
     document = read_document(path, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, "LoFiT adapter")
+    return parse_adapter_document(document, config_path)
+
+
+def parse_adapter_document(document: dict[str, Any], source: Path) -> tuple[LofitConfig, dict[str, Any]]:
+    """The adapter config and base identity of a config document; `source` names it in errors."""
     for key in ("adapter", "base_model"):
         if not isinstance(document.get(key), dict):
-            raise AdapterLoadError(f"{config_path}: field {key!r} is missing or not an object")
+            raise AdapterLoadError(f"{source}: field {key!r} is missing or not an object")
     try:
         config = LofitConfig.from_dict(document["adapter"])
     except (LofitConfigError, TypeError) as error:
-        raise AdapterLoadError(f"{config_path}: field 'adapter' is invalid: {error}") from None
+        raise AdapterLoadError(f"{source}: field 'adapter' is invalid: {error}") from None
     if not config.heads:
-        raise AdapterLoadError(f"{config_path}: field 'adapter.heads' lists no head")
+        raise AdapterLoadError(f"{source}: field 'adapter.heads' lists no head")
     return config, document["base_model"]
 
 
@@ -206,8 +301,21 @@ def read_adapter_tensors(
     Raises:
         AdapterLoadError: naming the file, the tensor and what is wrong.
     """
-    weights_path = Path(path) / WEIGHTS_NAME
-    tensors = read_tensors(path, WEIGHTS_NAME)
+    name = WEIGHTS_NAME if state_file(path) is None else STATE_NAME
+    tensors = read_tensors(path, name)
+    tensors.pop(STATE_CONFIG_KEY, None)
+    check_adapter_tensors(tensors, config, head_dim, Path(path) / name, compute_dtype)
+    return tensors
+
+
+def check_adapter_tensors(
+    tensors: dict[str, torch.Tensor],
+    config: LofitConfig,
+    head_dim: int,
+    weights_path: Path,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Refuse `tensors` unless they are exactly the ones `config` names, well typed and shaped (see above)."""
     assert config.heads is not None
     expected = set()
     for layer, heads in config.heads.items():
@@ -240,7 +348,6 @@ def read_adapter_tensors(
             f"{weights_path}: holds {len(unnamed)} tensor(s) that {CONFIG_NAME} does not name ({shown}); "
             "the two files do not belong together. Save the adapter again"
         )
-    return tensors
 
 
 def _check_vector(

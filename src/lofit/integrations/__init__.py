@@ -6,20 +6,27 @@ imported on first use, so `import lofit` never imports TRL.
 Example:
     >>> import lofit.integrations as integrations
     >>> sorted(integrations.__all__)
-    ['LofitDPOTrainer', 'LofitSFTTrainer', 'LofitTrainer', 'adapter_disabled_reference']
+    ['LofitDPOTrainer', 'LofitSFTTrainer', 'LofitTrainer', 'adapter_disabled_reference', 'export_peft_adapter']
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LofitDPOTrainer", "LofitSFTTrainer", "LofitTrainer", "adapter_disabled_reference"]
+__all__ = [
+    "LofitDPOTrainer",
+    "LofitSFTTrainer",
+    "LofitTrainer",
+    "adapter_disabled_reference",
+    "export_peft_adapter",
+]
 
 _HOMES = {
     "LofitTrainer": "lofit.integrations.trainer",
     "LofitSFTTrainer": "lofit.integrations.trl",
     "LofitDPOTrainer": "lofit.integrations.trl",
     "adapter_disabled_reference": "lofit.integrations.trl",
+    "export_peft_adapter": "lofit.integrations.peft",
 }
 
 

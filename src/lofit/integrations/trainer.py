@@ -1,18 +1,24 @@
-"""`transformers.Trainer` checkpoints that hold a LoFiT adapter, not the base model.
+"""`LofitTrainer`: `transformers.Trainer` whose checkpoints are LoFiT adapter folders.
 
-transformers' Trainer writes `save_pretrained` folders only for `PreTrainedModel` and (through an isinstance
-check) PEFT's `PeftModel`; any other module gets its whole state dict dumped into `model.safetensors` — for a
-LoFiT model that is every frozen base weight, and no `lofit_config.json`. `LofitCheckpointing` does for a
-`LofitModel` what Trainer does for a `PeftModel`, without depending on peft:
+A plain `transformers.Trainer(model=lofit_model, ...)` already trains, checkpoints and resumes a `LofitModel`:
+Trainer writes `model.state_dict()` for a model that is not a `PreTrainedModel`, and a LofitModel's state dict
+is its active adapter (vectors, config and base identity; `LofitModel.state_dict`), so `save_model()` and every
+checkpoint hold a few-KB `model.safetensors` that `LofitModel.from_pretrained(base, folder)` loads, and
+`resume_from_checkpoint` / `load_best_model_at_end` copy it back with `load_state_dict`.
 
-- `_save` (checkpoints and `trainer.save_model()`) writes the adapter folder (`lofit_config.json` +
-  `lofit_model.safetensors`, atomically) next to the tokenizer and `training_args.bin`;
+What `LofitCheckpointing` (and so `LofitTrainer`, `LofitSFTTrainer`, `LofitDPOTrainer`) adds: its folders are
+the canonical adapter folder that `save_pretrained` writes (`lofit_config.json`, readable, +
+`lofit_model.safetensors`, + the `adapter_config.json` that makes PEFT's loaders name lofit), which
+`lofit eval --adapter`, `lofit merge` and the Hub upload take as they are;
+
+- `_save` (checkpoints and `trainer.save_model()`) writes that folder next to the tokenizer and
+  `training_args.bin`;
 - `_load_from_checkpoint` (`train(resume_from_checkpoint=...)`) and `_load_best_model`
   (`load_best_model_at_end`) copy the saved vectors into the adapter being trained, in place (the optimizer
-  keeps its parameters), after checking the base model is the one the adapter was trained on.
+  keeps its parameters), from either kind of folder, after checking the base model is the one the adapter
+  was trained on.
 
-A model that is not a LofitModel is handled by Trainer's own code. `LofitTrainer` is `transformers.Trainer` with
-the mixin; `lofit.integrations.trl` gives TRL's trainers the same.
+A model that is not a LofitModel is handled by Trainer's own code.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..adapters.persistence import CONFIG_NAME
+from ..adapters.persistence import CONFIG_NAME, state_file
 from ..errors import AdapterLoadError
 
 if TYPE_CHECKING:
@@ -58,15 +64,15 @@ def load_checkpoint_into(model: LofitModel, path: str | os.PathLike[str]) -> Non
 
     Args:
         model: the model being trained.
-        path: a folder written by `LofitModel.save_pretrained` (a checkpoint of `LofitTrainer`).
+        path: a folder written by `LofitModel.save_pretrained` or by transformers' Trainer.
 
     Raises:
         AdapterLoadError: the folder holds no adapter, another base model's, or other heads.
     """
-    if not (Path(path) / CONFIG_NAME).is_file():
+    if not (Path(path) / CONFIG_NAME).is_file() and state_file(path) is None:
         raise AdapterLoadError(
-            f"{path} holds no {CONFIG_NAME}: it is not a checkpoint of a LoFiT adapter (was it written by a "
-            "plain transformers.Trainer? train with lofit.integrations.LofitTrainer to get adapter checkpoints)"
+            f"{path} holds neither {CONFIG_NAME} nor model.safetensors: it is not a checkpoint of a LoFiT "
+            "adapter (written by transformers.Trainer or lofit.integrations.LofitTrainer with a LofitModel)"
         )
     active = model.active_adapter
     flags = [param.requires_grad for param in model.parameters()]

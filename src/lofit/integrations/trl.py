@@ -102,18 +102,52 @@ def adapter_disabled_reference(model: LofitModel) -> AdapterDisabledReference:
     return AdapterDisabledReference(model)
 
 
+def _wrap_for_lofit_config(model: Any, kwargs: dict[str, Any]) -> Any:
+    """`model` wrapped by `get_lofit_model` when `kwargs["peft_config"]` is a `LofitConfig` (which is removed).
+
+    TRL's own trainers take `peft_config=` as a PEFT config only; these take a `LofitConfig` there too, so
+    `LofitSFTTrainer(model=base, peft_config=LofitConfig(...))` reads like TRL with PEFT.
+    """
+    from ..adapters.config import LofitConfig
+    from ..adapters.model import get_lofit_model
+
+    config = kwargs.get("peft_config")
+    if not isinstance(config, LofitConfig):
+        return model
+    del kwargs["peft_config"]
+    if isinstance(model, str):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model)
+    if as_lofit_model(model) is not None:
+        raise LofitValueError(
+            "model is already a LofitModel and peft_config a LofitConfig: pass one of them (the model as it is, "
+            "or its base model with peft_config)"
+        )
+    return get_lofit_model(model, config)
+
+
 class LofitSFTTrainer(LofitCheckpointing, SFTTrainer):
-    """TRL's `SFTTrainer` whose checkpoints of a `LofitModel` are LoFiT adapter folders."""
+    """TRL's `SFTTrainer` whose checkpoints of a `LofitModel` are LoFiT adapter folders.
+
+    `peft_config` may be a `LofitConfig`: the model (a module or a model id) is then wrapped with
+    `lofit.get_lofit_model(model, peft_config)`, as TRL wraps it with PEFT for a PEFT config.
+    """
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_wrap_for_lofit_config(model, kwargs), *args, **kwargs)
 
 
 class LofitDPOTrainer(LofitCheckpointing, DPOTrainer):
     """TRL's `DPOTrainer` for a `LofitModel`: the reference is the base (adapter disabled); adapter checkpoints.
 
     Arguments are DPOTrainer's. With `ref_model=None` and a LofitModel as `model`, the reference is
-    `adapter_disabled_reference(model)`; pass a `ref_model` to use another one.
+    `adapter_disabled_reference(model)`; pass a `ref_model` to use another one. `peft_config` may be a
+    `LofitConfig` (see `LofitSFTTrainer`).
     """
 
     def __init__(self, model: Any, ref_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        model = _wrap_for_lofit_config(model, kwargs)
         lofit_model = as_lofit_model(model) if isinstance(model, nn.Module) else None
         if ref_model is None and lofit_model is not None:
             training_args = kwargs.get("args", args[0] if args else None)
