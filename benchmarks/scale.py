@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import curves  # noqa: E402
-from _curves_render import FIG4, TITLES, mean_se, metric_of  # noqa: E402
+from _curves_render import METHOD_TITLES, TITLES, mean_se, metric_of  # noqa: E402
 
 from lofit.io.atomic import atomic_write_text, atomic_write_with  # noqa: E402
 from lofit.tasks import DataError, load_task  # noqa: E402
@@ -70,14 +70,12 @@ def curves_argv(model: str, out: Path, extra: Sequence[str]) -> list[str]:
 Points = dict[tuple[str, str, str, int], dict[int, float]]  # (model, task, method, n) -> {seed: metric}
 
 
-def load_points(
-    out: Path, models: Sequence[str], extra: Sequence[str] = (), metric: str | None = None
-) -> tuple[Points, dict[str, Any]]:
-    """Test metrics (the task's paper metric, or `metric` where a unit has it) of the finished units of each
-    model whose settings key matches its curves run's, and their wall times ({(model, task, method, n):
-    [wall_s]})."""
-    points: Points = {}
-    walls: dict[tuple[str, str, str, int], list[float]] = {}
+Unit = tuple[str, str, int, int, str, dict[str, Any]]  # model, task, n, seed, method, result
+
+
+def finished_units(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> list[Unit]:
+    """The scale units of each model whose settings key matches its curves run's."""
+    found: list[Unit] = []
     for model in models:
         settings = curves.build_settings(curves.parse_args(curves_argv(model, out, extra)))
         for path in sorted((out / model_dir_name(model) / "units").glob("*.json")):
@@ -87,13 +85,45 @@ def load_points(
             if not kind or result.get("settings_key") != settings.key(unit):
                 continue
             task, n, seed, method = kind[1], int(kind[2]), int(kind[3]), kind[4]
-            if task not in TASKS or seed not in SEEDS or method not in (*METHODS, "select"):
-                continue
-            walls.setdefault((model, task, method, n), []).append(float(result.get("wall_s", math.nan)))
-            value = (result.get("test") or {}).get(metric or metric_of(task))
-            if FIG4.match(unit) and value is not None:
-                points.setdefault((model, task, method, n), {})[seed] = float(value)
+            if task in TASKS and seed in SEEDS and method in (*METHODS, "select"):
+                found.append((model, task, n, seed, method, result))
+    return found
+
+
+def load_points(
+    out: Path, models: Sequence[str], extra: Sequence[str] = (), metric: str | None = None
+) -> tuple[Points, dict[str, Any]]:
+    """Test metrics (the task's paper metric, or `metric` where a unit has it) of the finished units, and
+    their wall times ({(model, task, method, n): [wall_s]})."""
+    points: Points = {}
+    walls: dict[tuple[str, str, str, int], list[float]] = {}
+    for model, task, n, seed, method, result in finished_units(out, models, extra):
+        walls.setdefault((model, task, method, n), []).append(float(result.get("wall_s", math.nan)))
+        value = (result.get("test") or {}).get(metric or metric_of(task))
+        if method != "select" and value is not None:
+            points.setdefault((model, task, method, n), {})[seed] = float(value)
     return points, walls
+
+
+def lr_table(units: Sequence[Unit], models: Sequence[str]) -> list[str]:
+    """How often each lr of each method's grid won on validation (an edge that always wins: widen the grid).
+
+    Example:
+        >>> lr_table([("m", "mquake", 16, 42, "lora", {"lr": 1e-3}), ("m", "clutrr", 16, 42, "lora",
+        ...           {"lr": 1e-3})], ["m"])[2]
+        '| m | LoRA r8 q,v | 0.001: 2 |'
+    """
+    lines = ["| model | method | chosen lr: units |", "|---|---|---|"]
+    for model in models:
+        for method in METHODS:
+            counts: dict[float, int] = {}
+            for m, _, _, _, meth, result in units:
+                if m == model and meth == method and "lr" in result:
+                    counts[float(result["lr"])] = counts.get(float(result["lr"]), 0) + 1
+            if counts:
+                tally = ", ".join(f"{lr:g}: {c}" for lr, c in sorted(counts.items()))
+                lines.append(f"| {MODEL_TITLES.get(model, model)} | {METHOD_TITLES[method]} | {tally} |")
+    return lines
 
 
 def fmt(values: Sequence[float]) -> str:
@@ -245,6 +275,12 @@ def render(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> str:
     gaps = missing(points, models, planned)
     lines += ["## Cells not finished yet", ""]
     lines += [f"- {gap}" for gap in gaps] or ["None: every planned cell has both seeds."]
+    lines += [
+        "",
+        "## Learning rates chosen on validation (grid edges winning every time: the grid is narrow)",
+        "",
+    ]
+    lines += [*lr_table(finished_units(out, models, extra), models)]
     lines += ["", "## Wall time per unit (minutes, mean over the finished units)", ""]
     lines += [*cost_table(walls, models), ""]
     notes = out / "scale_notes.md"
