@@ -13,13 +13,13 @@ interference of a combination on a task is its score minus the own adapter's (ne
 task's adapter hurts). Binomial standard errors (exact match, MC1) are given for each score; the head
 overlap of the two adapters (Jaccard) too.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/composition.py                    # the real run (long)
-    OMP_NUM_THREADS=1 python benchmarks/composition.py --precision fp32             # CPUs without bf16
-    python benchmarks/composition.py --quick --model DIR --pairs mquake+clutrr      # smoke test
+    OMP_NUM_THREADS=1 nice -n 5 python -m benchmarks.composition                    # the real run (long)
+    OMP_NUM_THREADS=1 python -m benchmarks.composition --precision fp32             # CPUs without bf16
+    python -m benchmarks.composition --quick --model DIR --pairs mquake+clutrr      # smoke test
 
 Results: OUT/composition.json (every unit, resumable: a finished unit is not rerun with the same
 settings) and OUT/composition.md; `--quick` writes composition_quick.*. Reuses the paper-tables harness
-(`_paper_harness.py`: settings, seeded data subsets, cached units).
+(`benchmarks.harness.units`: settings, seeded data subsets, cached units).
 """
 
 from __future__ import annotations
@@ -34,17 +34,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _paper_harness import QUICK, Harness, Settings
-
 from lofit import LofitModel, combine_adapters, select_heads, train_offsets
-from lofit.io.atomic import atomic_write_text
 
-HERE = Path(__file__).resolve().parent
+from . import RESULTS
+from .harness.internals import atomic_write_text
+from .harness.units import QUICK, Harness, Settings
+
 PAIRS = ("mquake+clutrr", "truthfulqa+mquake")
-# Step-2 learning rates chosen on the validation split by benchmarks/paper_tables.py (128 training
+# Step-2 learning rates chosen on the validation split by benchmarks.paper (128 training
 # records, 3 epochs; benchmarks/results/paper_tables.json, units lofit/<task>/f0/k0.1/lofit), as
-# benchmarks/selector_comparison.py uses them: nothing is tuned on this comparison's test records.
+# benchmarks.selector_comparison uses them: nothing is tuned on this comparison's test records.
 STEP2_LR = {"truthfulqa": 1e-2, "mquake": 5e-2, "clutrr": 5e-2}
 COMBINATIONS = {"sum": (1.0, 1.0), "mean": (0.5, 0.5)}
 
@@ -160,7 +159,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="default bf16 (fp32 on a CPU without bf16)",
     )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for pair in args.pairs:
         names = pair.split("+")
@@ -179,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_minutes * 60 if args.budget_minutes is not None else float("inf")
     h = Harness(Settings(**values), args.out / f"{stem}.json", args.out / f".{stem}_work", deadline)
-    command = "python benchmarks/composition.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.composition " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(0)
     for pair in args.pairs:
         names = pair.split("+")

@@ -1,6 +1,6 @@
 """Logit lens of a saved LoFiT adapter's offsets (the paper's App. E): top tokens per head, as markdown.
 
-    PYTHONPATH=src python benchmarks/logit_lens.py ADAPTER_DIR [--model smollm2-135m] [--top-k 10] [--out FILE]
+    python -m benchmarks.logit_lens ADAPTER_DIR [--model smollm2-135m] [--top-k 10] [--out FILE]
 
 ADAPTER_DIR is what `lofit run` / `model.save_pretrained` wrote. The paper reads CLUTRR heads as family
 words and TruthfulQA heads as hedging words; this prints what the bundled model's offsets decode to.
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lofit import LofitModel, load_model
-from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
-from lofit.io.atomic import atomic_write_text
+
+from .harness.internals import atomic_write_text, logit_lens_markdown, offset_logit_lens
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ side, interleaved and alternating which goes first, `--repeats` times; the overh
 their median times (process CPU time, the primary clock, since the machine is shared; wall time too).
 Before timing, the mixed rows are checked against each adapter run alone on the same batch.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/mixed_batch.py
+    OMP_NUM_THREADS=1 nice -n 5 python -m benchmarks.mixed_batch
 
 Writes benchmarks/results/mixed_batch.json and .md (`--out` elsewhere). `--tiny` runs a few-layer random
 llama for smoke tests.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -32,9 +31,11 @@ import torch
 from torch import nn
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.io.atomic import atomic_write_json, atomic_write_text
 
-HERE = Path(__file__).resolve().parent
+from . import RESULTS
+from .harness.environment import environment
+from .harness.internals import atomic_write_json, atomic_write_text
+
 ADAPTERS = 8
 ROWS = 16
 
@@ -135,26 +136,6 @@ def run(model: Any, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def machine() -> dict[str, Any]:
-    import transformers
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        "unknown",
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
@@ -212,7 +193,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--workloads", nargs="+", choices=["forward", "generate"], default=["forward", "generate"]
     )
     parser.add_argument("--name", default="mixed_batch", help="stem of the result files")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -236,9 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = load(args)
     report: dict[str, Any] = {
         "command": " ".join(
-            ["python", "benchmarks/mixed_batch.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python", "-m", "benchmarks.mixed_batch", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "machine": machine(),
+        "machine": environment(),
         "settings": {
             "model": "tiny random llama" if args.tiny else args.model,
             "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),

@@ -14,9 +14,10 @@ For TruthfulQA (DPO, fold 0), MQuAKE and CLUTRR (SFT) on a seeded subset of the 
 Results go to OUT/selectors.json (every unit, resumable) and OUT/selectors.md; with `--commit` each
 finished unit is committed (`git commit` of OUT) as it lands.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/selector_comparison.py --commit
+    OMP_NUM_THREADS=1 nice -n 5 python -m benchmarks.selector_comparison --commit
+    python -m benchmarks.selector_comparison --model DIR --tasks truthfulqa --max-train 8 --max-test 4 \
+        --select-epochs 1 --train-epochs 1 --max-length 96 --out DIR      # smoke test
 
-(Not named selectors.py: run as a script, that would shadow the standard library's `selectors`.)
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,64 +34,23 @@ from typing import Any
 import torch
 
 from lofit import evaluate, load_model, select_heads, train_offsets
-from lofit.io.atomic import atomic_write_json, atomic_write_text
-from lofit.selection.select import HeadSelection, rank_heads
+from lofit.selection import HeadSelection
 from lofit.tasks import load_task
 
-HERE = Path(__file__).resolve().parent
+from . import RESULTS
+from .harness.commits import commit_path
+from .harness.environment import environment
+from .harness.internals import atomic_write_json, atomic_write_text, rank_heads
+from .harness.stats import jaccard, mean_se, sample
+
 TASKS = ("truthfulqa", "mquake", "clutrr")
-# Step-2 learning rates chosen on the validation split by benchmarks/paper_tables.py (128 training
+# Step-2 learning rates chosen on the validation split by benchmarks.paper (128 training
 # records, 3 epochs; benchmarks/results/paper_tables.json, units lofit/<task>/f0/k0.1/lofit), used here
 # unchanged for every selector: nothing is tuned on this comparison's test records.
 STEP2_LR = {"truthfulqa": 1e-2, "mquake": 5e-2, "clutrr": 5e-2}
 SELECTORS = ("lofit", "gradient", "fisher", "adam", "random")
 # Selectors whose scores come free with the gradient pass: their metadata key.
 DERIVED = {"fisher": "fisher_scores", "adam": "adam_scores"}
-
-
-def sample(records: Sequence[Any], limit: int, seed: int = 0) -> list[Any]:
-    """The seeded subset paper_tables.py uses (all records, in order, when there are fewer)."""
-    records = list(records)
-    if limit <= 0 or len(records) <= limit:
-        return records
-    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), limit))]
-
-
-def jaccard(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> float:
-    first, second = set(map(tuple, a)), set(map(tuple, b))
-    return len(first & second) / max(len(first | second), 1)
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n))."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
-
-
-def environment() -> dict[str, Any]:
-    import transformers
-
-    from lofit import __version__
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "machine": f"{platform.machine()} {cpu}, {os.cpu_count()} logical CPUs",
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lofit": __version__,
-    }
 
 
 class Bench:
@@ -118,6 +74,8 @@ class Bench:
             "step2_lr": STEP2_LR,
             "sample_seed": 0,
         }
+        if args.max_length is not None:  # absent by default: the committed run's settings stay equal
+            self.settings["max_length"] = args.max_length
         if self.results.get("settings") not in (None, self.settings):
             raise SystemExit(f"{self.path} holds results of other settings; pass another --out")
         self.results["settings"] = self.settings
@@ -131,7 +89,7 @@ class Bench:
 
     def split(self, name: str, split: str) -> list[Any]:
         limit = self.args.max_train if split == "train" else self.args.max_test
-        return sample(getattr(self.task(name), split), limit)
+        return sample(getattr(self.task(name), split), limit, seed=0)
 
     def save(self) -> None:
         atomic_write_json(self.path, self.results)
@@ -153,22 +111,8 @@ class Bench:
             flush=True,
         )
         if self.args.commit:
-            commit(self.args.out, f"benchmarks/selectors: {unit}")
+            commit_path(self.args.out, f"benchmarks/selectors: {unit}")
         return result
-
-
-def commit(out: Path, message: str) -> None:
-    """Commit `out` only; a failure (e.g. the index locked by a concurrent git command) is retried, then
-    reported and left for the next unit's commit, never fatal to the run."""
-    for attempt in range(5):
-        added = subprocess.run(["git", "add", str(out)], cwd=HERE.parent, capture_output=True)
-        done = subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", str(out)], cwd=HERE.parent, capture_output=True
-        )
-        if added.returncode == 0 and (done.returncode == 0 or b"nothing" in done.stdout + done.stderr):
-            return
-        time.sleep(2 + 3 * attempt)
-    print(f"[selectors] could not commit {out}: {done.stderr.decode().strip()}", flush=True)
 
 
 def unit_select(bench: Bench, name: str, method: str) -> dict[str, Any]:
@@ -178,6 +122,7 @@ def unit_select(bench: Bench, name: str, method: str) -> dict[str, Any]:
         "seed": 42,
         "precision": bench.args.precision,
         "progress": False,
+        **length_option(bench),
     }
     if method == "lofit":
         options.update(
@@ -209,6 +154,11 @@ def unit_select(bench: Bench, name: str, method: str) -> dict[str, Any]:
     return result
 
 
+def length_option(bench: Bench) -> dict[str, Any]:
+    """`max_length` for selection and training, when `--max-length` is given."""
+    return {} if bench.args.max_length is None else {"max_length": bench.args.max_length}
+
+
 def selection_of(bench: Bench, name: str, selector: str) -> HeadSelection:
     units = bench.results["units"]
     scores = torch.tensor(_scores(units, name, selector))
@@ -236,6 +186,7 @@ def unit_step2(bench: Bench, name: str, selector: str) -> dict[str, Any]:
         seed=42,
         precision=bench.args.precision,
         progress=False,
+        **length_option(bench),
     )
     try:
         model.eval()
@@ -277,7 +228,7 @@ def render(results: dict[str, Any]) -> str:
     for run in results["runs"]:
         lines.append(
             f"- `{run['command']}` started {run['started']}; {run['machine']}; torch threads "
-            f"{run['torch_threads']}; python {run['python']}, torch {run['torch']}, transformers "
+            f"{run.get('torch_threads', run.get('cpu_threads'))}; python {run['python']}, torch {run['torch']}, transformers "
             f"{run['transformers']}, lofit {run['lofit']}; load average at start {run['load_average_at_start']}"
         )
     lines += [
@@ -294,7 +245,7 @@ def render(results: dict[str, Any]) -> str:
     ]
     lines += cost_table(units)
     lines += accuracy_table(units, settings["k"])
-    notes = HERE / "results" / "selectors" / "selectors_notes.md"
+    notes = RESULTS / "selectors" / "selectors_notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
@@ -381,13 +332,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-epochs", type=int, default=3, help="epochs of step 2")
     parser.add_argument("--k", type=float, default=0.1, help="fraction of heads trained in step 2")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--max-length", type=int, default=None, help="truncate training sequences")
     parser.add_argument(
         "--step2", nargs="*", default=["lofit", "gradient", "random", "fisher", "adam"], choices=SELECTORS
     )
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--commit", action="store_true", help="git-commit the results after each unit")
     parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "selectors")
+    parser.add_argument("--out", type=Path, default=RESULTS / "selectors")
     return parser.parse_args(argv)
 
 
@@ -402,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else math.inf
     bench = Bench(args)
-    command = "python benchmarks/selector_comparison.py " + " ".join(
+    command = "python -m benchmarks.selector_comparison " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     bench.results["runs"].append(

@@ -5,7 +5,7 @@ objective), batch 8, fp32, through lofit's one training loop: LoFiT offsets via 
 `train_offsets(..., cache_lower_layers=...)`, LoRA (r 8, α 8 on q, v; `lofit.baselines.get_lora_model`)
 via `train_adapter(AdapterView(peft_model), ...)`. The head sets are the ones the paper-scale run's
 `select_heads` picked for TruthfulQA fold 0 (top 3% and 10%, `results/paper_scale/paper_tables.json`) and
-speed.py's upper-half set. Each run is a fresh process (so peak RSS is its own); runs are interleaved
+the speed benchmark's upper-half set. Each run is a fresh process (so peak RSS is its own); runs are interleaved
 (A B C ..., then ... C B A) and timed by process CPU time of the training call (one torch thread: the
 machine is shared and CPU time leaves out the time other processes hold the core), wall time beside.
 
@@ -13,7 +13,9 @@ The layer-count bound of each cached run: LoRA runs the DPO reference pass (30 l
 per epoch 30 layers forward and 30 backward; a LoFiT run whose lowest adapted layer is L runs 30 forward
 in the reference pass, which fills the cache, and then per epoch (30 - L) forward and (30 - L) backward.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/step2_cache.py --records 128 --rounds 2
+    OMP_NUM_THREADS=1 python -m benchmarks.step2_cache --records 128 --rounds 2
+    python -m benchmarks.step2_cache --model DIR --configs lora upper_cached --records 4 --epochs 1 \\
+        --rounds 1 --max-length 96 --out DIR  # smoke test (the selected sets need the bundled model)
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from . import RESULTS
+from .harness.environment import child_env, environment
+from .harness.internals import atomic_write_json, atomic_write_text
+
 PAPER = RESULTS / "paper_scale" / "paper_tables.json"
 CONFIGS = (
     "lora",
@@ -52,35 +55,41 @@ LABELS = {
 
 
 def head_set(config: str, num_layers: int = 30, num_heads: int = 9) -> dict[int, list[int]]:
-    """The heads of a LoFiT configuration (paper-scale selections, or speed.py's upper-half set)."""
+    """The heads of a LoFiT configuration (paper-scale selections, or the speed benchmark's upper half).
+
+    Example:
+        >>> head_set("upper_cached", num_layers=4, num_heads=4)  # 10% of 16 heads, in layers 2-3
+        {2: [0], 3: [0]}
+    """
     family = config.removesuffix("_cached")
     if family == "upper":
-        sys.path.insert(0, str(HERE))
-        from _speed_setup import standard_head_sets
+        from .speed.targets import head_count, standard_head_sets
 
-        return standard_head_sets(num_layers, num_heads, 27)["upper"]
+        return standard_head_sets(num_layers, num_heads, head_count(num_layers, num_heads, 0.1))["upper"]
     unit = {"lofit3": "lofit/truthfulqa/f0/k0.03/lofit", "lofit10": "lofit/truthfulqa/f0/k0.1/lofit"}[family]
     heads = json.loads(PAPER.read_text())["units"][unit]["heads"]
     return {int(layer): [int(h) for h in chosen] for layer, chosen in heads.items()}
 
 
-def train_one(config: str, records: int, epochs: int) -> dict[str, Any]:
+def train_one(
+    config: str, records: int, epochs: int, model_name: str, max_length: int | None = None
+) -> dict[str, Any]:
     """Train one configuration in this process; return its timing, memory and losses."""
     import torch
 
     import lofit
     from lofit.baselines import get_lora_model, trainable_parameters
     from lofit.tasks import load_task
-    from lofit.training import TrainingConfig, train_adapter
-    from lofit.training.adapter_model import AdapterView
-    from lofit.training.losses import make_objective
+    from lofit.training import AdapterView, TrainingConfig, make_objective, train_adapter
 
     torch.manual_seed(0)
-    model, tokenizer = lofit.load_model()
+    model, tokenizer = lofit.load_model(model_name)
     model.float()
     data = load_task("truthfulqa", fold=0).train[:records]
     rss_after_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     options = dict(epochs=epochs, batch_size=8, lr=1e-2, precision="fp32", progress=False, seed=42)
+    if max_length is not None:
+        options["max_length"] = max_length
     started_cpu, started_wall = time.process_time(), time.perf_counter()
     if config == "lora":
         peft_model = get_lora_model(model)
@@ -91,7 +100,7 @@ def train_one(config: str, records: int, epochs: int) -> dict[str, Any]:
         history = train_adapter(view, objective, examples, train_config, description="lora")
         lowest = 0
     else:
-        heads = head_set(config)
+        heads = head_set(config, model.config.num_hidden_layers, model.config.num_attention_heads)
         trained = lofit.train_offsets(
             model,
             tokenizer,
@@ -102,7 +111,7 @@ def train_one(config: str, records: int, epochs: int) -> dict[str, Any]:
             **options,
         )
         history = trained.training_history
-        examples = make_objective("dpo", tokenizer).encode(data)
+        examples = make_objective("dpo", tokenizer, max_length).encode(data)
         lowest = min(layer for layer, chosen in heads.items() if chosen)
     cpu_s, wall_s = time.process_time() - started_cpu, time.perf_counter() - started_wall
     tokens = sum(len(s.input_ids) for e in examples for s in e.sequences)
@@ -128,9 +137,10 @@ def layer_bound(lowest: int, epochs: int, num_layers: int = 30) -> float:
 
 def run_worker(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in a fresh process (its own peak RSS), return its JSON line."""
-    command = [sys.executable, __file__, "--worker", config, "--records", str(args.records)]
-    command += ["--epochs", str(args.epochs)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "benchmarks.step2_cache", "--worker", config, "--model", args.model]
+    command += ["--records", str(args.records), "--epochs", str(args.epochs)]
+    command += [] if args.max_length is None else ["--max-length", str(args.max_length)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=child_env())
     if done.returncode != 0:
         raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -176,7 +186,8 @@ def render(report: dict[str, Any]) -> str:
         "# Step 2 with the frozen lower layers run once vs PEFT LoRA",
         "",
         f"- command: `{report['command']}`",
-        f"- date: {report['date']}; machine: {info['machine']}; versions: {info['versions']}",
+        f"- date: {report['date']}; machine: {info['machine']}; versions: "
+        + (info.get("versions") or f"torch {info['torch']}, transformers {info['transformers']}"),
         f"- {info['records']} TruthfulQA fold-0 training pairs (DPO, batch 8, {info['epochs']} epochs, fp32), "
         f"{info['tokens_per_epoch']:,} tokens per epoch; {info['rounds']} interleaved rounds, one fresh "
         "process per run; × LoRA is the median of the per-round ratios of process CPU time (range in brackets).",
@@ -208,30 +219,28 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="bundled name or local directory")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate sequences (prompt first)")
     parser.add_argument("--records", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--worker", choices=CONFIGS)
     parser.add_argument("--out", type=Path, default=RESULTS / "step2_cache")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(train_one(args.worker, args.records, args.epochs)))
-        return
-    import torch
-    import transformers
-
+        print(json.dumps(train_one(args.worker, args.records, args.epochs, args.model, args.max_length)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/step2_cache.py "
-        + " ".join(sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python -m benchmarks.step2_cache "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "info": {
-            "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+            **environment(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "records": args.records,
             "epochs": args.epochs,
             "rounds": args.rounds,
@@ -249,9 +258,10 @@ def main() -> None:
             report["info"]["tokens_per_epoch"] = run["tokens_per_epoch"]
             if any(r["config"] == "lora" for r in report["runs"]):
                 report["summary"] = summarise(report["runs"], args.epochs)
-                (args.out / "step2_cache.md").write_text(render(report))
-            (args.out / "step2_cache.json").write_text(json.dumps(report, indent=1))
+                atomic_write_text(args.out / "step2_cache.md", render(report))
+            atomic_write_json(args.out / "step2_cache.json", report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

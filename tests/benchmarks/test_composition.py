@@ -1,10 +1,8 @@
-"""Smoke test of benchmarks/composition.py --quick on a tiny random Llama (the real run is long)."""
+"""Smoke test of `python -m benchmarks.composition --quick` on a tiny random Llama (the real run is long)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,9 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def load_script():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("composition", ROOT / "benchmarks" / "composition.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["composition"] = module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import composition
+
+    return composition
 
 
 @pytest.mark.skipif(

@@ -1,21 +1,16 @@
-"""Smoke test of benchmarks/mixed_batch.py --tiny (the real run uses the bundled SmolLM2-135M)."""
+"""Smoke test of `python -m benchmarks.mixed_batch --tiny` (the real run uses the bundled SmolLM2-135M)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_run_writes_results_and_checks_exactness(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("mixed_batch", ROOT / "benchmarks" / "mixed_batch.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mixed_batch"] = module
-    spec.loader.exec_module(module)
+    from benchmarks import mixed_batch as module
+
     argv = ["--tiny", "--repeats", "1", "--seq-len", "8", "--prompt-len", "4", "--new-tokens", "2"]
     module.main([*argv, "--out", str(tmp_path)])
     report = json.loads((tmp_path / "mixed_batch.json").read_text())

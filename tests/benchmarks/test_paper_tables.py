@@ -1,9 +1,8 @@
-"""Smoke test of benchmarks/paper_tables.py --quick on a tiny random Llama."""
+"""Smoke tests of `python -m benchmarks.paper` and `benchmarks.curves` (--quick) on a tiny random Llama."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,13 +25,9 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 
 
 def load_script():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "benchmarks" / "paper_tables.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_tables"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks.paper import run
+
+    return run
 
 
 def test_sample_is_seeded_subset() -> None:
@@ -44,10 +39,10 @@ def test_sample_is_seeded_subset() -> None:
 
 
 def test_jaccard_matches_hand_count() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _paper_render import jaccard
+    from benchmarks.harness.internals import rank_heads
+    from benchmarks.paper.render import top_jaccard as jaccard
 
-    from lofit.selection.select import HeadSelection, rank_heads
+    from lofit.selection import HeadSelection
 
     a = torch.tensor([[4.0, 3.0], [2.0, 1.0]])  # top 2: (0,0), (0,1)
     b = torch.tensor([[4.0, 1.0], [3.0, 2.0]])  # top 2: (0,0), (1,0)
@@ -244,17 +239,13 @@ def fake_task():  # type: ignore[no-untyped-def]
 
 
 def load_curves():  # type: ignore[no-untyped-def]
-    load_script()  # curves imports paper_tables by name
-    spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["curves"] = module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks.curves import run
+
+    return run
 
 
 def quick_curves_argv(model_dir: Path, out: Path, task: str, options: str) -> list[str]:
-    """`curves.py --quick` on `model_dir` and `task`, writing to `out`, plus the space-separated `options`."""
+    """`python -m benchmarks.curves --quick` on `model_dir` and `task`, writing to `out`, plus the space-separated `options`."""
     return ["--quick", "--model", str(model_dir), "--out", str(out), "--tasks", task, *options.split()]
 
 
@@ -362,14 +353,15 @@ def test_curves_commit_a_unit_given_a_relative_path(tmp_path: Path, monkeypatch)
     """The run commits each finished unit; `--out` relative to the working directory must work too."""
     import subprocess
 
-    curves = load_curves()
+    from benchmarks.harness.commits import commit_path
+
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     for key, value in (("user.name", "t"), ("user.email", "t@example.com")):
         subprocess.run(["git", "-C", str(tmp_path), "config", key, value], check=True)
     (tmp_path / "units").mkdir()
     (tmp_path / "units" / "a.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    curves.commit_file(Path("units/a.json"), "unit a")
+    assert commit_path(Path("units/a.json"), "unit a")
     log = subprocess.run(["git", "-C", str(tmp_path), "log", "--name-only", "--format=%s"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert "unit a" in log and "units/a.json" in log
@@ -531,7 +523,8 @@ def test_a_chunked_lr_search_equals_the_plain_search_and_resumes_lr_by_lr(
     state, trained = script.decode_state(stored["state"]), script.trained_state(kept)
     assert set(state) == set(trained) and all(torch.equal(state[n], trained[n]) for n in trained)
     # a later run on the same file trains nothing: every lr is a cached unit
-    units = sys.modules["_paper_units"]
+    from benchmarks.paper import units
+
     monkeypatch.setattr(units, "fit_lofit", lambda *a, **k: pytest.fail("a cached lr was trained again"))
     again = script.Harness(settings, path, tiny_model_dir / "work", float("inf"))
     again.tasks["mquake0"] = fake_task()
@@ -584,8 +577,7 @@ def test_heads_from_a_file_that_is_no_results_file_is_refused_and_left_alone(
 
 
 def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> None:
-    load_script()
-    from _paper_render import _ood_rebuilds
+    from benchmarks.paper.render import _ood_rebuilds
 
     units = {
         "ood/base": {"method": "base", "test": {}},
@@ -610,16 +602,14 @@ def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> N
 
 def test_check_ood_adapters_refuses_a_work_dir_without_the_adapter_and_writes_nothing(tmp_path: Path) -> None:
     script = load_script()
-    spec = importlib.util.spec_from_file_location("check_ood", ROOT / "benchmarks" / "check_ood_adapters.py")
-    assert spec is not None and spec.loader is not None
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    from benchmarks.paper import check_ood as check
+
     results = tmp_path / "results"
     results.mkdir()
     settings = script.Settings()
     stored = {"settings": dataclasses.asdict(settings), "units": {}, "runs": []}
     (results / "paper_tables.json").write_text(json.dumps(stored), encoding="utf-8")
     before = (results / "paper_tables.json").read_bytes()
-    with pytest.raises(SystemExit, match=r"run `paper_tables\.py --stages ood`"):
+    with pytest.raises(SystemExit, match=r"run `python -m benchmarks\.paper --stages ood`"):
         check.main(["--results", str(results), "--work-dir", str(tmp_path / "empty"), "--methods", "lora"])
     assert (results / "paper_tables.json").read_bytes() == before

@@ -1,34 +1,28 @@
-"""Smoke and oracle tests of benchmarks/speed.py's pieces on a tiny random llama (no downloads)."""
+"""Smoke and oracle tests of `benchmarks.speed`'s pieces on a tiny random llama (no downloads)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmarks.speed import knobs, targets
+from benchmarks.speed import report as report_mod
+from benchmarks.speed.ablations import ablation_sets
+from benchmarks.speed.inference import inference_models, measure_inference
+from benchmarks.speed.methods import Bench, Method, main_methods
+from benchmarks.speed.timing import batch_tokens, time_interleaved
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from lofit.training import EncodedSequence, Example
 
-import _speed_knobs as knobs  # noqa: E402
-import _speed_report as report_mod  # noqa: E402
-import _speed_setup as setup  # noqa: E402
-from _speed_ablations import ablation_sets  # noqa: E402
-from _speed_inference import inference_models, measure_inference  # noqa: E402
-from _speed_methods import Bench, Method, main_methods  # noqa: E402
-from _speed_timing import batch_tokens, time_interleaved  # noqa: E402
-
-from lofit.training.encoding import EncodedSequence, Example  # noqa: E402
-
-TINY = setup.TARGETS["tiny"]
+TINY = targets.TARGETS["tiny"]
 LAYERS, HEADS = TINY.llama["num_hidden_layers"], TINY.llama["num_attention_heads"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models run fastest on one thread (and speed.py sets 1 thread itself); restore afterwards."""
+    """Tiny models run fastest on one thread (and the speed benchmark sets 1 thread itself); restore afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,29 +31,29 @@ def _one_thread():
 
 def make_bench(seed: int = 0) -> tuple[Bench, dict[str, Method]]:
     torch.manual_seed(seed)
-    model, tokenizer = setup.build_model(TINY, seed)
-    heads = setup.standard_head_sets(LAYERS, HEADS, 4)
+    model, tokenizer = targets.build_model(TINY, seed)
+    heads = targets.standard_head_sets(LAYERS, HEADS, 4)
     bench = Bench.build(model, tokenizer, heads, None)
-    bench.data["sft"] = setup.batches_of(setup.sft_examples(TINY, tokenizer, 8, None), 4)
+    bench.data["sft"] = targets.batches_of(targets.sft_examples(TINY, tokenizer, 8, None), 4)
     return bench, {m.name: m for m in main_methods(heads, True, True)}
 
 
 # ---------------------------------------------------------------------------------- head sets
 def test_evenly_spaced_heads_cover_the_layer_range() -> None:
-    spread = setup.evenly_spaced_heads(range(30), 9, 27)
+    spread = targets.evenly_spaced_heads(range(30), 9, 27)
     assert sum(len(h) for h in spread.values()) == 27
     assert spread[0] == [0]  # the first head of the first layer: backward must reach layer 0
-    upper = setup.evenly_spaced_heads(range(15, 30), 9, 27)
+    upper = targets.evenly_spaced_heads(range(15, 30), 9, 27)
     assert min(upper) == 15 and max(upper) <= 29
     assert sum(len(h) for h in upper.values()) == 27
     with pytest.raises(ValueError, match="do not fit"):
-        setup.evenly_spaced_heads(range(2), 2, 5)
+        targets.evenly_spaced_heads(range(2), 2, 5)
 
 
 def test_head_count_and_description() -> None:
-    assert setup.head_count(30, 9, 0.1) == 27
-    assert setup.head_count(32, 32, 0.1) == 102
-    assert setup.describe_heads({3: [1], 7: [0, 2]}) == {
+    assert targets.head_count(30, 9, 0.1) == 27
+    assert targets.head_count(32, 32, 0.1) == 102
+    assert targets.describe_heads({3: [1], 7: [0, 2]}) == {
         "count": 3,
         "layers": 2,
         "lowest_layer": 3,
@@ -72,16 +66,16 @@ def test_heads_from_file_reads_pairs_and_selections(tmp_path: Path) -> None:
 
     pairs = tmp_path / "heads.json"
     pairs.write_text(json.dumps({"heads": [[2, 1], [0, 3], [2, 0]]}))
-    assert setup.heads_from_file(pairs, 99) == {0: [3], 2: [0, 1]}
+    assert targets.heads_from_file(pairs, 99) == {0: [3], 2: [0, 1]}
     scores = torch.tensor([[0.1, 0.9], [0.5, 0.2]])
     selection = HeadSelection(scores, [(0, 1), (1, 0), (1, 1), (0, 0)], "lofit")
     path = tmp_path / "selection.json"
     selection.save(path)
-    assert setup.heads_from_file(path, 2) == {0: [1], 1: [0]}
+    assert targets.heads_from_file(path, 2) == {0: [1], 1: [0]}
 
 
 def test_random_examples_score_the_tail() -> None:
-    examples = setup.random_examples(3, 16, 50, 0.25, seed=1)
+    examples = targets.random_examples(3, 16, 50, 0.25, seed=1)
     assert all(e.num_tokens == 16 and e.sequences[0].response_start == 12 for e in examples)
     assert all(3 <= t < 50 for e in examples for t in e.sequences[0].input_ids)
 
@@ -115,7 +109,7 @@ def test_each_method_trains_only_its_own_parameters() -> None:
 
 def test_all_off_is_the_base_model_exactly() -> None:
     torch.manual_seed(0)
-    plain, _ = setup.build_model(TINY, seed=0)
+    plain, _ = targets.build_model(TINY, seed=0)
     ids = torch.randint(3, 256, (2, 12))
     with torch.no_grad():
         expected = plain(input_ids=ids).logits
@@ -337,7 +331,7 @@ def test_checks_apply_the_thresholds() -> None:
 
 
 def test_speed_script_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
-    import speed
+    from benchmarks.speed import run as speed
 
     report = speed.main(["--target", "tiny", "--out", str(tmp_path), "--skip", "memory", "--rounds", "1"])
     assert {
@@ -356,11 +350,11 @@ def test_speed_script_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
 
 
 def test_memory_probe_runs_in_a_fresh_process(tmp_path: Path) -> None:
-    import speed
+    from benchmarks.speed import run as speed
 
     args = speed.parse_args(["--target", "tiny"])
     args.threads = 1
-    heads = setup.standard_head_sets(LAYERS, HEADS, 4)
+    heads = targets.standard_head_sets(LAYERS, HEADS, 4)
     upper = next(m for m in main_methods(heads, False, False) if m.name == "lofit_offsets_upper")
     memory = speed.cpu_memory(args, [upper], heads)
     peak, after_setup, how = memory["lofit_offsets_upper"]
@@ -373,7 +367,7 @@ def test_inference_cache_follows_every_change_of_the_vectors() -> None:
     from lofit.adapters.model import get_lofit_model
 
     torch.manual_seed(0)
-    base, _ = setup.build_model(TINY, seed=0)
+    base, _ = targets.build_model(TINY, seed=0)
     model = get_lofit_model(base, LofitConfig(heads={0: [1], 2: [0, 3]}, use_scale=True, use_offset=True))
     ids = torch.randint(3, 256, (2, 9))
 

@@ -64,7 +64,7 @@ def test_bad_inputs_raise_lofit_errors() -> None:
 
 
 def test_benchmark_script_reads_a_saved_adapter(tmp_path: Path) -> None:
-    import importlib.util
+    from benchmarks import logit_lens as script
 
     model, tok = tiny_model("llama", 0), tiny_tokenizer()
     model.save_pretrained(tmp_path / "base")
@@ -73,10 +73,6 @@ def test_benchmark_script_reads_a_saved_adapter(tmp_path: Path) -> None:
     v = torch.linspace(-1, 1, model.config.hidden_size // model.config.num_attention_heads)
     wrapped.set_head_params({(1, 2): {"offset": v}})
     wrapped.save_pretrained(tmp_path / "adapter")
-    spec = importlib.util.spec_from_file_location("logit_lens_script", ROOT / "benchmarks" / "logit_lens.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "lens.md"
     argv = [str(tmp_path / "adapter"), "--model", str(tmp_path / "base"), "--top-k", "3", "--out", str(out)]
     assert script.main(argv) == 0

@@ -19,7 +19,7 @@ Choices the paper leaves open, and the ones made here:
   s = mean ‖h‖₂ / √hidden over the texts' last-token residuals, so that α means the same on models
   whose residual norms differ by orders of magnitude (α = 5 shifts by 5 RMS coordinates, about
   5/√hidden of a typical residual's norm).
-- *Layer and α:* chosen on validation data by the caller (see `benchmarks/paper_tables.py`).
+- *Layer and α:* chosen on validation data by the caller (see `benchmarks.paper.units`).
 """
 
 from __future__ import annotations

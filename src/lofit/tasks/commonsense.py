@@ -4,7 +4,7 @@ SIQA (`dataset/social_i_qa/test.json`) and ARC-Challenge (`dataset/ARC-Challenge
 use ARC-Easy's layout and are parsed and checked by `llm_adapters.llm_adapters_record`. LLM-Adapters
 has SIQA's training rows only inside `ft-training_set/commonsense_170k.json`, so SIQA has a test split
 only here. The paper's splits (100 training examples each; validation 100 / 299 / 100) are subsets the
-caller draws (e.g. `benchmarks/paper_tables.py`'s seeded `sample`).
+caller draws (e.g. the seeded `sample` of `benchmarks.harness.stats`).
 
 BoolQ (`dataset/boolq/{train,test}.json`): LLM-Adapters renders each row as
 

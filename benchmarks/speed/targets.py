@@ -1,4 +1,4 @@
-"""What `speed.py` measures on: the target's model, its token batches and the head sets.
+"""What `benchmarks.speed` measures on: the target's model, its token batches and the head sets.
 
 Targets: "cpu" is the bundled SmolLM2-135M-Instruct (fp32 weights, bf16 autocast) on TruthfulQA-like
 text; "gpu" a Llama-2-7B-shaped llama with random weights (bf16) on random tokens; "tiny" a few-layer
@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lofit.adapters.config import HeadMap
-from lofit.training.encoding import EncodedSequence, Example
+from lofit.training import EncodedSequence, Example
+
+from ..harness.internals import HeadMap
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ TARGETS: dict[str, Target] = {
 def build_model(target: Target, seed: int = 0) -> tuple[nn.Module, Any]:
     """The target's causal LM (eval mode, on its device) and tokenizer (a stub for random models)."""
     if target.model == "smollm2-135m":
-        from lofit.io.loading import load_model
+        from lofit import load_model
 
         model, tokenizer = load_model("smollm2-135m", dtype=target.weight_dtype)
         model.to(target.device)
@@ -155,7 +156,7 @@ def random_llama(sizes: dict[str, int], dtype: torch.dtype, device: str, seed: i
 # -------------------------------------------------------------------------------------- data
 def truthfulqa_sft_records(data_root: Path | None, count: int, seed: int = 0) -> list[dict[str, str]]:
     """TruthfulQA-like SFT records: instruction + 6-shot primer + "Q: ...\\nA:" and the best answer."""
-    from lofit.tasks.datadir import benchmark_dir
+    from ..harness.internals import benchmark_dir
 
     data_dir = benchmark_dir("truthfulqa", data_root)
     instruction = (data_dir / "instruction_prompt.txt").read_text().strip()
@@ -182,7 +183,7 @@ def sft_examples(
     if target.model == "smollm2-135m":
         import warnings
 
-        from lofit.training.losses import SFTObjective
+        from lofit.training import SFTObjective
 
         objective = SFTObjective(tokenizer, max_length=target.seq_len)
         with warnings.catch_warnings():
@@ -240,7 +241,7 @@ def heads_from_file(path: Path, k: int) -> HeadMap:
     """Top-`k` heads of a saved `HeadSelection`, or all heads of a JSON list of [layer, head] pairs."""
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict) and "ranking" in data:
-        from lofit.selection.select import HeadSelection
+        from lofit import HeadSelection
 
         return HeadSelection.load(path).top(k)
     pairs = data.get("heads", data) if isinstance(data, dict) else data

@@ -1,4 +1,4 @@
-"""Markdown tables and heatmaps from the results JSON of `paper_tables.py`."""
+"""Markdown tables and heatmaps from the results JSON of `benchmarks.paper`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from lofit.selection.select import HeadSelection
+from lofit.selection import HeadSelection
+
+from ..harness.stats import jaccard
 
 NOT_RUN = "not run (budget)"
 TASK_TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR"}
@@ -71,9 +73,9 @@ def selection_of(unit: dict[str, Any] | None) -> HeadSelection | None:
     return HeadSelection(torch.tensor(unit["scores"]), [tuple(x) for x in unit["ranking"]], "lofit")
 
 
-def jaccard(a: HeadSelection, b: HeadSelection, k: float) -> float:
-    x, y = set(a.top_heads(k)), set(b.top_heads(k))
-    return len(x & y) / len(x | y)
+def top_jaccard(a: HeadSelection, b: HeadSelection, k: float) -> float:
+    """Overlap of two selections' top `k` heads."""
+    return jaccard(a.top_heads(k), b.top_heads(k))
 
 
 def render_markdown(
@@ -241,11 +243,11 @@ def _stability(
         b = selection_of(units.get(f"select/{name}/f0/s12450"))
         if a is not None:
             selections[name] = a
-        cells = [f"{jaccard(a, b, k):.2f}" if a and b else NOT_RUN for k in (k_small, k_large)]
+        cells = [f"{top_jaccard(a, b, k):.2f}" if a and b else NOT_RUN for k in (k_small, k_large)]
         rows.append([f"{TASK_TITLES[name]}: seed 42 vs 12450", *cells])
     for x, y in itertools.combinations(tasks, 2):
         if x in selections and y in selections:
-            cells = [f"{jaccard(selections[x], selections[y], k):.2f}" for k in (k_small, k_large)]
+            cells = [f"{top_jaccard(selections[x], selections[y], k):.2f}" for k in (k_small, k_large)]
         else:
             cells = [NOT_RUN, NOT_RUN]
         rows.append([f"{TASK_TITLES[x]} vs {TASK_TITLES[y]} (seed 42)", *cells])

@@ -1,12 +1,12 @@
 """Score the adapters an out-of-domain run rebuilt on their source task (TruthfulQA fold 0, test).
 
-`paper_tables.py --stages ood` on a fresh checkout retrains the TruthfulQA LoFiT / LoRA adapters (and
+`python -m benchmarks.paper --stages ood` on a fresh checkout retrains the TruthfulQA LoFiT / LoRA adapters (and
 refits ITI's probes) from their cached units, because the work dir is not committed. This script checks
 how close a rebuilt adapter is to the unit it was rebuilt from: it evaluates the saved files of the work
 dir on TruthfulQA's fold-0 test set, as Tables 1 and 3 did, and prints them beside the units' scores. It
 writes nothing into the results file.
 
-    PYTHONPATH=src python benchmarks/check_ood_adapters.py --results benchmarks/results/paper_scale \\
+    python -m benchmarks.paper.check_ood --results benchmarks/results/paper_scale \\
         --work-dir /work/paper_full/work --methods lora lofit
 """
 
@@ -17,11 +17,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from _paper_harness import Harness, Settings
-from _paper_units import ood_model, ood_source_units
+from ..harness.units import Harness, Settings
+from .units import ood_model, ood_source_units
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
             unit_name, file_name = ood_source_units(h)[method]
             path = args.work_dir / file_name
             if not path.is_file():
-                raise SystemExit(f"no {path}: run `paper_tables.py --stages ood` with this --work-dir first")
+                raise SystemExit(
+                    f"no {path}: run `python -m benchmarks.paper --stages ood` with this --work-dir first"
+                )
             model, tok = ood_model(h, method, path)
             scores = h.evaluate(model, tok, "truthfulqa", 0, "test")
             print(
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                     {"method": method, "rebuilt": scores, unit_name: stored["units"][unit_name]["test"]}
                 )
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from _speed_methods import Method
+from .methods import Method
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,20 @@ Every experiment (task x method x setting) is a cached *unit*: its result is wri
 is resumable. Units run in a fixed priority order (0-shot, head selection, LoFiT 10%, LoRA, LoFiT 3%,
 ITI, RED, then Table 2, stability, Table 1's second seed, out-of-domain, RepE and LoReFT, and
 TruthfulQA fold 1 last); with `--budget-minutes` no new unit starts once the budget is spent and the
-tables are written from whatever finished ("not run (budget)" elsewhere). The harness lives in `_paper_harness.py`, the units in
-`_paper_units.py`, the tables in `_paper_render.py`; this file is the plan and the command line.
+tables are written from whatever finished ("not run (budget)" elsewhere). The harness lives in
+`benchmarks.harness.units`, the units in `benchmarks.paper.units`, the tables in `benchmarks.paper.render`;
+this module is the plan and the command line.
 
 Hyperparameters are picked on validation data only: learning rates by the final validation loss of the
 training objective (on `--max-val` records of `val`), ITI's α by the validation metric (MC1+MC2 or EM on
 `--max-val` records of `val_eval`). Test sets may be subsampled (`--max-test`, a seeded sample); the
 results file says so.
 
-    PYTHONPATH=src python benchmarks/paper_tables.py                      # the committed run (~70 min CPU)
-    PYTHONPATH=src python benchmarks/paper_tables.py --max-train 0 --max-val 0 --max-test 0 --max-ood 0 \
-        --epochs 5 --out DIR                                               # paper scale (whole splits)
-    PYTHONPATH=src python benchmarks/paper_tables.py --quick              # smoke test (a few examples)
-    PYTHONPATH=src python benchmarks/paper_tables.py --quick --model DIR  # smoke test on a tiny model
+    python -m benchmarks.paper                      # the committed run (~70 min CPU)
+    python -m benchmarks.paper --max-train 0 --max-val 0 --max-test 0 --max-ood 0 \
+        --epochs 5 --out DIR                        # paper scale (whole splits)
+    python -m benchmarks.paper --quick              # smoke test (a few examples)
+    python -m benchmarks.paper --quick --model DIR  # smoke test on a tiny model
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +34,13 @@ from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from lofit.training import fastest_precision
 
-from _paper_harness import (  # noqa: E402
+from .. import RESULTS
+from ..harness.environment import environment
+from ..harness.internals import atomic_write_text
+from ..harness.stats import sample
+from ..harness.units import (
     EVAL_FIELDS,
     LOREFT_LRS,
     LOREFT_SHAPE,
@@ -54,13 +57,12 @@ from _paper_harness import (  # noqa: E402
     Settings,
     final_val_loss,
     main_metric,
-    sample,
     settings_key,
     summary_line,
     trained_state,
 )
-from _paper_render import render_markdown  # noqa: E402
-from _paper_units import (  # noqa: E402
+from .render import render_markdown
+from .units import (
     BudgetSpent,
     activations_and_labels,
     chunked_lr_search,
@@ -83,9 +85,6 @@ from _paper_units import (  # noqa: E402
     unit_select,
     unit_zero_shot,
 )
-
-from lofit.io.atomic import atomic_write_text  # noqa: E402
-from lofit.training.config import fastest_precision  # noqa: E402
 
 # ------------------------------------------------------------------------------------ plan
 TABLE2_ROWS = ("lofit", "random", "probe", "other", "probe_layers", "bias")
@@ -162,31 +161,6 @@ def plan(
 
 
 # ------------------------------------------------------------------------------------ main
-def environment() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    import lofit as _version
-
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return {
-        "machine": f"{platform.node()} {platform.machine()} {cpu}",
-        "cpu_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "lofit": _version.__version__,
-    }
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,7 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--render-only", action="store_true", help="write the tables from the results JSON, run nothing"
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for paper_tables.*")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for paper_tables.*")
     parser.add_argument("--work-dir", type=Path, default=None, help="trained adapters for the OOD units")
     parser.add_argument(
         "--table2-rows",
@@ -286,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = args.work_dir or args.out / f".{stem}_work"
     work_dir.mkdir(parents=True, exist_ok=True)
     harness = Harness(settings, results_path, work_dir, deadline)
-    command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.paper " + " ".join(argv if argv is not None else sys.argv[1:])
     this_run = {"command": command.strip(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
     harness.results.setdefault("runs", []).append(this_run)
     harness.save()

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _speed_methods import Bench, Method
 
-from lofit.training.encoding import Example
+from lofit.training import Example
+
+from ..harness.environment import child_env
+from .methods import Bench, Method
 
 CLOCKS = ("wall", "cpu")
 
@@ -187,14 +189,14 @@ PROBE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_":
 
 
 def probe_memory_subprocess(argv: list[str], timeout: float = 600.0) -> dict[str, Any]:
-    """Run `speed.py --memory-probe ...` in a fresh interpreter; return the JSON it prints last."""
+    """Run `python -m benchmarks.speed --memory-probe ...` in a fresh interpreter; return the JSON it prints last."""
     completed = subprocess.run(
         [sys.executable, *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        env={**os.environ, **PROBE_MALLOC_ENV},
+        env=child_env(**PROBE_MALLOC_ENV),
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:

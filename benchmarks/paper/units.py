@@ -1,4 +1,4 @@
-"""The units of `paper_tables.py`: one function per experiment (task x method x setting), each
+"""The units of `benchmarks.paper`: one function per experiment (task x method x setting), each
 returning the JSON-able result the harness caches."""
 
 from __future__ import annotations
@@ -11,7 +11,33 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from _paper_harness import (
+from torch import nn
+
+from lofit import LofitConfig, evaluate, get_lofit_model, select_heads, train_offsets
+from lofit.baselines import (
+    RedConfig,
+    apply_iti,
+    get_lora_model,
+    get_red_model,
+    head_activations_at_last_token,
+    iti_offsets,
+    mass_mean_directions,
+    trainable_parameters,
+)
+from lofit.selection import HeadSelection
+from lofit.tasks import load_mc_split
+from lofit.training import AdapterView, TrainingConfig, make_objective, seed_everything, train_adapter
+
+from ..harness.internals import (
+    find_output_projections,
+    find_red_sites,
+    offset_logit_lens,
+    probe_head_scores,
+    probe_texts,
+    rank_heads,
+)
+from ..harness.stats import sample
+from ..harness.units import (
     ALL_HEADS_LR_DIVISORS,
     LOREFT_LRS,
     LOREFT_SHAPE,
@@ -21,28 +47,8 @@ from _paper_harness import (
     Harness,
     final_val_loss,
     main_metric,
-    sample,
     trained_state,
 )
-from torch import nn
-
-from lofit import evaluate, select_heads, train_offsets
-from lofit.adapters.config import LofitConfig
-from lofit.adapters.heads import find_output_projections
-from lofit.adapters.model import get_lofit_model
-from lofit.baselines import apply_iti, get_lora_model, get_red_model, iti_offsets
-from lofit.baselines.iti import head_activations_at_last_token, mass_mean_directions
-from lofit.baselines.parameters import trainable_parameters
-from lofit.baselines.red import RedConfig, find_red_sites
-from lofit.evaluation.logit_lens import offset_logit_lens
-from lofit.selection.probe import probe_head_scores
-from lofit.selection.select import HeadSelection, probe_texts, rank_heads
-from lofit.tasks.llm_adapters import load_mc_split
-from lofit.training.adapter_model import AdapterView
-from lofit.training.config import TrainingConfig
-from lofit.training.distributed import seed_everything
-from lofit.training.loop import train_adapter
-from lofit.training.losses import make_objective
 
 
 # ------------------------------------------------------------------------------------ units
@@ -138,14 +144,9 @@ def depth_layers(fractions: Sequence[float], num_layers: int) -> list[int]:
 
 def unit_repe(h: Harness, name: str, fold: int) -> dict[str, Any]:
     """RepE: reading (TruthfulQA) or contrast vector (SFT tasks) at one layer, layer and α on validation."""
-    from lofit.baselines.repe import (
-        RepeShift,
-        apply_repe,
-        contrast_vector,
-        reading_vector,
-        residual_at_last_token,
-        residual_scale,
-    )
+    from lofit.baselines import RepeShift, apply_repe, contrast_vector, reading_vector, residual_at_last_token
+
+    from ..harness.internals import residual_scale
 
     task = h.task(name, fold)
     model, tok = h.base()
@@ -181,7 +182,7 @@ def unit_repe(h: Harness, name: str, fold: int) -> dict[str, Any]:
 
 def unit_loreft(h: Harness, name: str, fold: int) -> dict[str, Any]:
     """LoReFT at fixed layers/rank/positions (LOREFT_SHAPE), lr from the grid by validation loss."""
-    from lofit.baselines.loreft import get_loreft_model
+    from lofit.baselines import get_loreft_model
 
     task = h.task(name, fold)
     if task.eval_task != "exact_match":

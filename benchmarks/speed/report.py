@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _speed_timing import paired_ratio
-
-from lofit.io.atomic import atomic_write_json, atomic_write_text
+from ..harness.internals import atomic_write_json, atomic_write_text
+from .timing import paired_ratio
 
 TARGET_ORDER = ("cpu", "gpu", "tiny")
 NOISE_FLOOR = 0.02  # "within noise" band for inference ratios: max(this, the A/A control's deviation)
@@ -50,9 +49,9 @@ def render_results(out_dir: Path) -> Path:
 COMPANIONS = (
     (
         "step2_cache/step2_cache.md",
-        "Whole step 2 with the frozen lower layers run once (`benchmarks/step2_cache.py`)",
+        "Whole step 2 with the frozen lower layers run once (`python -m benchmarks.step2_cache`)",
     ),
-    ("mixed_batch.md", "Mixed-adapter batches (`benchmarks/mixed_batch.py`)"),
+    ("mixed_batch.md", "Mixed-adapter batches (`python -m benchmarks.mixed_batch`)"),
     ("mixed_batch_generate_rerun.md", "Mixed-adapter batches, generation rerun"),
     (
         "mixed_batch_generate_after_cache.md",
@@ -165,7 +164,7 @@ def render(reports: dict[str, dict[str, Any]]) -> str:
     lines = [
         "# Speed and memory: LoFiT vs PEFT LoRA vs full fine-tuning",
         "",
-        "Written by `benchmarks/speed.py` (one section per target; rerun a target to refresh its section).",
+        "Written by `python -m benchmarks.speed` (one section per target; rerun a target to refresh its section).",
         "Every method runs the same step on the same batches: the SFT loss through one `TokenScorer`",
         "(LM head at scored positions only), the target's autocast, backward, clip 1.0, AdamW, as",
         "`lofit.trainer.train_adapter` does; the model is in eval mode as in the trainer (LoRA dropout off;",

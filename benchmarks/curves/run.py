@@ -10,18 +10,18 @@ K = 100% that rate diverged on MQuAKE, so K >= `FIG5_OWN_LR_FROM` searches {lr/2
 `--methods repe iti loreft zero_shot` adds Table 1's RepE and ITI, Table 3's LoReFT and the base model on the same
 subsets; `--tasks svamp` adds Table 3's SVAMP. Their whole-split points are Tables 1 and 3 on this harness.
 
-It reuses the harness of `paper_tables.py` (units, budget) but keeps **one small JSON per unit** under
+It reuses the harness of `benchmarks.paper` (units, budget) but keeps **one small JSON per unit** under
 `<out>/units/`, so a run can be stopped at any time and resumed from the repository: with `--commit`,
 each finished unit's file is committed at once (`git -C <repo> commit <file>`). A rerun skips every unit
 whose file exists with the same settings. Units run in priority order (small n first; LoFiT and LoRA
 before RED; MQuAKE and CLUTRR before TruthfulQA; seed 42 before 12450).
 
-    PYTHONPATH=src python benchmarks/curves.py --commit --budget-minutes 120      # one chunk of Fig. 4
-    PYTHONPATH=src python benchmarks/curves.py --stages fig5 --commit             # Fig. 5
-    PYTHONPATH=src python benchmarks/curves.py --stages fig5 --tasks clutrr --sizes 64  # Fig. 5 at n = 64
-    PYTHONPATH=src python benchmarks/curves.py --methods repe loreft zero_shot --sizes 300 --seeds 42
-    PYTHONPATH=src python benchmarks/curves.py --render-only                      # tables and plots
-    PYTHONPATH=src python benchmarks/curves.py --quick --model DIR --out DIR      # smoke test
+    python -m benchmarks.curves --commit --budget-minutes 120      # one chunk of Fig. 4
+    python -m benchmarks.curves --stages fig5 --commit             # Fig. 5
+    python -m benchmarks.curves --stages fig5 --tasks clutrr --sizes 64  # Fig. 5 at n = 64
+    python -m benchmarks.curves --methods repe loreft zero_shot --sizes 300 --seeds 42
+    python -m benchmarks.curves --render-only                      # tables and plots
+    python -m benchmarks.curves --quick --model DIR --out DIR      # smoke test
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -45,18 +43,16 @@ from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from lofit import load_model
+from lofit.selection import HeadSelection
+from lofit.tasks import DataError
 
-from _curves_render import render_curves  # noqa: E402
-from _paper_harness import ALL_HEADS_LR_DIVISORS  # noqa: E402
-from paper_tables import (  # noqa: E402
-    QUICK,
-    SEEDS,
-    TASKS,
-    Harness,
-    Settings,
-    environment,
+from .. import RESULTS
+from ..harness.commits import commit_path
+from ..harness.environment import environment
+from ..harness.internals import atomic_write_json, atomic_write_text
+from ..harness.units import ALL_HEADS_LR_DIVISORS, QUICK, SEEDS, TASKS, Harness, Settings
+from ..paper.units import (
     train_lofit,
     unit_iti,
     unit_loreft,
@@ -65,11 +61,7 @@ from paper_tables import (  # noqa: E402
     unit_select,
     unit_zero_shot,
 )
-
-from lofit import load_model  # noqa: E402
-from lofit.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from lofit.selection.select import HeadSelection  # noqa: E402
-from lofit.tasks import DataError  # noqa: E402
+from .render import render_curves
 
 SIZES = (16, 32, 64, 100, 200, 300)
 FIRST_CHUNK_SIZES = (16, 32, 64, 100)  # the claim: LoFiT ahead below 100 examples
@@ -186,7 +178,7 @@ class CurveHarness(Harness):
                 model = (
                     "" if self.settings.model == Settings.model else f" ({Path(self.settings.model).name})"
                 )
-                commit_file(path, f"curves{model}: unit {unit} ({summary(result)})")
+                commit_path(path, f"curves{model}: unit {unit} ({summary(result)})")
 
     @contextlib.contextmanager
     def subset(self, n: int, seed: int) -> Iterator[None]:
@@ -219,23 +211,6 @@ def stored_key(path: Path) -> str | None:
 def summary(result: dict[str, Any]) -> str:
     test = result.get("test") or {}
     return ", ".join(f"{k} {100 * float(v):.1f}" for k, v in test.items()) or "selection"
-
-
-def commit_file(path: Path, message: str) -> None:
-    """`git add` + `git commit` of one file; retried (another process may hold the index lock)."""
-    path = path.resolve()  # git -C runs from the file's folder: a relative path would not match there
-    repo = path.parent
-    for attempt in range(5):
-        add = subprocess.run(["git", "-C", str(repo), "add", str(path)], capture_output=True, text=True)
-        done = subprocess.run(
-            ["git", "-C", str(repo), "commit", "-q", "-m", message, "--", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if add.returncode == 0 and done.returncode == 0:
-            return
-        time.sleep(2 + 3 * attempt)
-    print(f"[curves] could not commit {path}: {done.stderr.strip() or add.stderr.strip()}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ units
@@ -397,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no unit after this")
     parser.add_argument("--commit", action="store_true", help="git-commit each unit's file as it lands")
     parser.add_argument("--render-only", action="store_true", help="write tables and plots, run nothing")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "curves")
+    parser.add_argument("--out", type=Path, default=RESULTS / "curves")
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     for method in ("lofit", "lora", "red"):

@@ -1,5 +1,7 @@
-"""The paper-tables harness: settings (their hash keys the unit cache), data subsets, the Harness
-that runs cached units and keeps the results JSON up to date. Used by `paper_tables.py` and `curves.py`."""
+"""The shared harness of the accuracy benchmarks: `Settings` (their hash keys the unit cache), seeded data
+subsets, and the `Harness` that runs cached, resumable units and keeps the results JSON up to date.
+
+Used by `benchmarks.paper`, `benchmarks.curves` and `benchmarks.composition`."""
 
 from __future__ import annotations
 
@@ -7,10 +9,9 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,11 @@ import torch
 from torch import nn
 
 from lofit import evaluate, load_model
-from lofit.io.atomic import atomic_write_json
-from lofit.io.locking import OutputLockedError, output_lock
 from lofit.tasks import load_task
-from lofit.training.losses import make_objective, mean_loss
-from lofit.training.scoring import TokenScorer
+from lofit.training import TokenScorer, make_objective
+
+from .internals import OutputLockedError, atomic_write_json, mean_loss, output_lock
+from .stats import sample
 
 TASKS = ("truthfulqa", "mquake", "clutrr")
 OOD_SETS = ("arc_easy", "piqa", "openbookqa")
@@ -151,15 +152,6 @@ QUICK = {
     "repe_alphas": [5.0],
     "loreft_lrs": [1e-3],
 }
-
-
-def sample(records: Sequence[Any], limit: int, seed: int) -> list[Any]:
-    """A seeded random subset of `limit` records (all of them, in order, when there are fewer)."""
-    records = list(records)
-    if limit <= 0 or len(records) <= limit:
-        return records
-    picked = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in picked]
 
 
 # ------------------------------------------------------------------------------------ harness

@@ -1,29 +1,44 @@
-"""The methods `speed.py` compares, all on ONE model object with the same loop and loss.
+"""The methods `benchmarks.speed` compares, all on ONE model object with the same loop and loss.
 
 The base model carries every adapter at once: LoFiT wrappers on the attention output projections (a
 step-1 adapter with scales on all heads and one offset adapter per head set) and peft LoRA r8 on q,v.
 A method switches on its adapter, switches the others off and marks only its own parameters trainable;
 a switched-off adapter is a pass-through (one Python call per layer). Every training method runs the
-same `train_step`: the objective's loss through one `TokenScorer` under the same autocast, backward,
-clip, AdamW step, as `lofit.trainer.train_adapter` does.
+same step: lofit's own `optimizer_step` (the one `train_offsets` and `select_heads` run: the objective's
+loss through one `TokenScorer`, backward, the regularizer, clipping, AdamW), under the bench's autocast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import _speed_knobs as knobs
 import torch
 from torch import nn
 
-from lofit.adapters.config import HeadMap, LofitConfig
-from lofit.adapters.model import LofitModel, get_lofit_model
-from lofit.training.encoding import Example
-from lofit.training.losses import DPOObjective, Objective, SFTObjective
-from lofit.training.scoring import TokenScorer
+from lofit import LofitConfig, LofitModel, get_lofit_model
+from lofit.training import (
+    DPOObjective,
+    Example,
+    Objective,
+    SFTObjective,
+    TokenScorer,
+    TrainingConfig,
+    TrainingHistory,
+)
+
+from ..harness.internals import (
+    HeadMap,
+    LoopPosition,
+    LoopState,
+    TrainingRun,
+    make_accelerator,
+    optimizer_step,
+)
+from . import knobs
 
 STEP1_L1 = 5e-4  # λ of step 1 (TruthfulQA's); only its cost matters here
 
@@ -110,7 +125,7 @@ class Bench:
     autocast_dtype: torch.dtype | None
     attention: str = "sdpa"  # attention implementation of training and forward steps
     data: dict[str, list[list[Example]]] = field(default_factory=dict)  # named lists of batches
-    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    runs: dict[str, tuple[TrainingRun, LoopState]] = field(default_factory=dict)  # one per trained method
 
     @classmethod
     def build(
@@ -128,7 +143,7 @@ class Bench:
             lofit.add_adapter(f"offsets_{name}", LofitConfig(heads=heads, use_scale=False, use_offset=True))
         peft_model = None
         if with_lora:
-            from lofit.baselines.lora import get_lora_model
+            from lofit.baselines import get_lora_model
 
             peft_model = get_lora_model(model)
         device = next(model.parameters()).device
@@ -244,13 +259,6 @@ class Bench:
         finally:
             self.autocast_dtype = saved
 
-    def optimizer(self, method: Method, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if method.name not in self.optimizers:
-            self.optimizers[method.name] = torch.optim.AdamW(
-                params, lr=method.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-            )
-        return self.optimizers[method.name]
-
     def regularizer(self, method: Method) -> Callable[[], torch.Tensor] | None:
         if method.l1 <= 0 or method.lofit_adapter is None:
             return None
@@ -264,9 +272,10 @@ class Bench:
         objective = self.objective_for(method)
         if method.kind == "forward":
             return lambda examples: forward_step(self, objective, examples)
-        optimizer = self.optimizer(method, params)
-        regularizer = self.regularizer(method)
-        return lambda examples: train_step(self, objective, examples, params, optimizer, regularizer)
+        if method.name not in self.runs:
+            self.runs[method.name] = training_run(self, method, objective, params)
+        run, state = self.runs[method.name]
+        return lambda examples: train_step(self, run, state, examples)
 
 
 def forward_step(bench: Bench, objective: Objective, examples: list[Example]) -> float:
@@ -275,25 +284,36 @@ def forward_step(bench: Bench, objective: Objective, examples: list[Example]) ->
     return float(out.loss_sum)
 
 
-def train_step(
-    bench: Bench,
-    objective: Objective,
-    examples: list[Example],
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    regularizer: Callable[[], torch.Tensor] | None,
-) -> float:
-    """One optimizer step, structured as `lofit.trainer.train_adapter`'s (one micro-batch, one process)."""
+def training_run(
+    bench: Bench, method: Method, objective: Objective, params: list[nn.Parameter]
+) -> tuple[TrainingRun, LoopState]:
+    """`method`'s training run as lofit's loop holds it: AdamW (weight decay 0), clipping at 1, constant lr.
+
+    The accelerator runs in fp32: the method's precision is the bench's autocast around each step (a
+    method may switch it), not accelerate's mixed precision (one process-wide setting).
+    """
+    config = TrainingConfig(lr=method.lr, max_grad_norm=1.0, precision="fp32", progress=False)
+    accelerator = make_accelerator("fp32")
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.AdamW(params, lr=method.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
+    run = TrainingRun(
+        bench.model, objective, [], [], config, f"speed {method.name}", bench.regularizer(method),
+        accelerator, bench.device, params, optimizer, scheduler, bench.scorer, TrainingHistory(), {},
+        False, None,
+    )  # fmt: skip
+    generator = torch.Generator()
+    position = LoopPosition(step=0, epoch=1, batch=0, generator_state=generator.get_state())
+    started = time.perf_counter()
+    return run, LoopState(position, generator, started, started)
+
+
+def train_step(bench: Bench, run: TrainingRun, state: LoopState, examples: list[Example]) -> float:
+    """One optimizer step through lofit's `optimizer_step`; returns the batch's mean loss (a device sync)."""
     with bench.autocast():
-        out = objective.loss(bench.scorer, examples, bench.device)
-    value = float(out.loss_sum.detach())
-    (out.loss_sum / max(out.units, 1)).backward()
-    if regularizer is not None:
-        regularizer().backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
+        record = optimizer_step(run, state, examples, epoch=1)
+    return float(record["loss"])
 
 
 class RecomputingDPO(DPOObjective):

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _speed_methods import Bench
-from _speed_timing import synchronize
 from torch import nn
 
-from lofit.adapters.config import LofitConfig
-from lofit.adapters.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
-from lofit.adapters.model import get_lofit_model
-from lofit.training.encoding import Example
+from lofit import LofitConfig, get_lofit_model
+from lofit.training import Example
+
+from ..harness.internals import add_contiguous_input_hook, remove_contiguous_input_hook
+from .methods import Bench
+from .timing import synchronize
 
 VARIANTS = ("base", "unmerged", "merged", "base_no_hook", "base_again", "base_trainable")
 LABELS = {
@@ -85,7 +85,7 @@ def inference_models(bench: Bench, adapter_name: str, dtype: torch.dtype) -> dic
     """
     heads = bench.lofit.selected_heads(adapter_name)
     params = bench.lofit.get_head_params(adapter_name)
-    bench.optimizers.clear()
+    bench.runs.clear()
     for param in bench.model.parameters():
         param.grad = None
         param.requires_grad_(False)

@@ -1,9 +1,9 @@
 """Speed and memory of LoFiT training and inference against PEFT LoRA and full fine-tuning.
 
     # the bundled SmolLM2-135M on CPU (~10 min on 2 cores):
-    PYTHONPATH=src python benchmarks/speed.py --target cpu
+    python -m benchmarks.speed --target cpu
     # a Llama-2-7B-shaped random llama on one GPU (bf16, batch 8 x 512; < 5 min on an H100):
-    PYTHONPATH=src python benchmarks/speed.py --target gpu
+    python -m benchmarks.speed --target gpu
 
 One run measures, on the same model, batches and batch shapes: the base forward; LoFiT step 1 (scales on
 all heads); LoFiT step 2 (offsets on K = 10% of the heads: the heads `select_heads` picks for TruthfulQA,
@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -30,14 +29,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from .. import RESULTS
+from ..harness.environment import environment
+from . import targets
+from .ablations import MEMORY_VARIANTS, Optimisation, ablation_sets
+from .methods import Bench, Method, main_methods
+from .timing import Timing, peak_rss_bytes, probe_memory_subprocess, rss_bytes, time_interleaved
 
-import _speed_setup as setup
-from _speed_ablations import MEMORY_VARIANTS, Optimisation, ablation_sets
-from _speed_methods import Bench, Method, main_methods
-from _speed_timing import Timing, peak_rss_bytes, probe_memory_subprocess, rss_bytes, time_interleaved
-
-RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.perf_counter()
 
 
@@ -50,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", choices=sorted(setup.TARGETS), default="cpu")
+    parser.add_argument("--target", choices=sorted(targets.TARGETS), default="cpu")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 3, gpu 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per method")
@@ -100,21 +98,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def set_threads(args: argparse.Namespace) -> None:
     """CPU targets default to 1 thread: on a shared 2-core machine, 2 OpenMP threads stall at every
     barrier whenever another process holds a core (measured 4-10x slower than 1 thread under load)."""
-    device = args.device or setup.TARGETS[args.target].device
+    device = args.device or targets.TARGETS[args.target].device
     if args.threads is None and device == "cpu":
         args.threads = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
 
-def resolve_target(args: argparse.Namespace) -> setup.Target:
-    target = setup.TARGETS[args.target].with_overrides(
+def resolve_target(args: argparse.Namespace) -> targets.Target:
+    target = targets.TARGETS[args.target].with_overrides(
         batch_size=args.batch_size, seq_len=args.seq_len, device=args.device
     )
     if (args.layers is not None or args.model_shape is not None) and target.model != "random-llama":
         raise SystemExit("--layers and --model-shape apply only to random-model targets (gpu, tiny)")
     if args.model_shape is not None:
-        shape = setup.LLAMA2_7B if args.model_shape == "7b" else setup.TINY_LLAMA
+        shape = targets.LLAMA2_7B if args.model_shape == "7b" else targets.TINY_LLAMA
         target = dataclasses.replace(target, llama=dict(shape))
     if args.layers is not None:
         target = dataclasses.replace(target, llama={**target.llama, "num_hidden_layers": args.layers})
@@ -132,22 +130,22 @@ DEFAULTS = {  # rounds, steps, warmup, ablation rounds, inference repeats
 
 # ---------------------------------------------------------------------------------- the parts
 def head_sets_for(
-    args: argparse.Namespace, target: setup.Target, model: Any, tokenizer: Any, info: dict[str, Any]
+    args: argparse.Namespace, target: targets.Target, model: Any, tokenizer: Any, info: dict[str, Any]
 ) -> dict[str, dict[int, list[int]]]:
-    from lofit.adapters.heads import find_output_projections
+    from ..harness.internals import find_output_projections
 
     geometry = find_output_projections(model)
-    k = setup.head_count(geometry.num_layers, geometry.num_heads, target.head_fraction)
-    sets = setup.standard_head_sets(geometry.num_layers, geometry.num_heads, k)
+    k = targets.head_count(geometry.num_layers, geometry.num_heads, target.head_fraction)
+    sets = targets.standard_head_sets(geometry.num_layers, geometry.num_heads, k)
     if args.heads_file is not None:
-        sets = {"selected": setup.heads_from_file(args.heads_file, k), **sets}
+        sets = {"selected": targets.heads_from_file(args.heads_file, k), **sets}
         info["selected_heads_source"] = f"--heads-file {args.heads_file}"
     elif target.model == "smollm2-135m" and "selection" not in args.skip:
         path = args.out / "heads_truthfulqa_smollm2-135m.json"
         started = time.perf_counter()
         precision = "bf16" if target.autocast == torch.bfloat16 else "fp32"
         sets = {
-            "selected": setup.select_truthfulqa_heads(
+            "selected": targets.select_truthfulqa_heads(
                 model, tokenizer, k, args.select_records, path, precision, args.data_dir
             ),
             **sets,
@@ -164,13 +162,13 @@ def head_sets_for(
         )
     info["k"] = k
     info["total_heads"] = geometry.num_layers * geometry.num_heads
-    info["head_sets"] = {name: {**setup.describe_heads(h), "heads": h} for name, h in sets.items()}
+    info["head_sets"] = {name: {**targets.describe_heads(h), "heads": h} for name, h in sets.items()}
     return sets
 
 
 def build_data(
     bench: Bench,
-    target: setup.Target,
+    target: targets.Target,
     tokenizer: Any,
     args: argparse.Namespace,
     n_batches: int,
@@ -178,12 +176,13 @@ def build_data(
 ) -> dict[str, Any]:
     """The SFT batches; on the bundled model also TruthfulQA DPO batches, in random and length-grouped
     order (the first `n_batches` of each, reference log-probs cached). Returns facts for the report."""
-    examples = setup.sft_examples(target, tokenizer, n_batches * target.batch_size, args.data_dir)
-    bench.data["sft"] = setup.batches_of(examples, target.batch_size)
+    examples = targets.sft_examples(target, tokenizer, n_batches * target.batch_size, args.data_dir)
+    bench.data["sft"] = targets.batches_of(examples, target.batch_size)
     if target.model != "smollm2-135m" or not dpo:
         return {}
     from lofit.tasks import load_task
-    from lofit.training.batching import epoch_batches
+
+    from ..harness.internals import epoch_batches
 
     task = load_task("truthfulqa", fold=0, data_dir=args.data_dir)
     pairs = bench.objectives["dpo"].encode(task.train)
@@ -238,9 +237,7 @@ def cpu_memory(
         futures = [
             (
                 method,
-                pool.submit(
-                    probe_memory_subprocess, [str(Path(__file__).resolve()), "--memory-probe", str(spec)]
-                ),
+                pool.submit(probe_memory_subprocess, ["-m", "benchmarks.speed", "--memory-probe", str(spec)]),
             )
             for method, spec in specs
         ]
@@ -264,7 +261,7 @@ def run_memory_probe(spec_path: Path) -> None:
     args.layers, args.seq_len, args.batch_size = spec["layers"], spec["seq_len"], spec["batch_size"]
     target = resolve_target(args)
     method = Method(**spec["method"])
-    model, tokenizer = setup.build_model(target)
+    model, tokenizer = targets.build_model(target)
     head_sets = {k: {int(layer): h for layer, h in v.items()} for k, v in spec["head_sets"].items()}
     bench = Bench.build(model, tokenizer, head_sets, target.autocast, attention=target.train_attention)
     build_data(bench, target, tokenizer, args, n_batches=2, dpo=method.objective == "dpo")
@@ -316,35 +313,6 @@ def eval_speed(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str
     }
 
 
-def machine_info(target: setup.Target) -> dict[str, Any]:
-    import peft
-    import transformers
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -353,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_memory_probe(args.memory_probe)
         return {}
     if args.render:
-        from _speed_report import render_results
+        from .report import render_results
 
         log(f"wrote {render_results(args.out)}")
         return {}
@@ -367,22 +335,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.inference_repeats or repeats
     if target.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--target gpu needs a CUDA device; use --target cpu or tiny here")
-    command = "PYTHONPATH=src python benchmarks/speed.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = "python -m benchmarks.speed " + shlex.join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {
         "target": dataclasses.asdict(target)
         | {"weight_dtype": str(target.weight_dtype), "autocast": str(target.autocast)},
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(target),
+        "machine": environment(),
         "settings": {"rounds": rounds, "steps": steps, "warmup": warmup, "ablation_rounds": ablation_rounds},
         "info": {},
     }
     log(
         f"target {target.name}: {target.model} on {target.device}, batch {target.batch_size} x {target.seq_len}"
     )
-    model, tokenizer = setup.build_model(target)
+    model, tokenizer = targets.build_model(target)
     log("model ready")
     head_sets = head_sets_for(args, target, model, tokenizer, report["info"])
     bench = Bench.build(model, tokenizer, head_sets, target.autocast, attention=target.train_attention)
@@ -449,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save(report, args.out)
 
     if "inference" not in args.skip:
-        from _speed_inference import inference_models, measure_inference
+        from .inference import inference_models, measure_inference
 
         log("inference: base vs unmerged vs merged")
         adapter = "offsets_selected" if "selected" in head_sets else "offsets_spread"
@@ -484,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def save(report: dict[str, Any], out: Path) -> list[Path]:
-    from _speed_report import write_results
+    from .report import write_results
 
     report["elapsed_s"] = time.perf_counter() - STARTED
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lofit.adapters.layer import HeadVectors
-from lofit.training.activation_checkpointing import checkpointing as lofit_checkpointing
-from lofit.training.activation_checkpointing import decoder_layers as lofit_decoder_layers
-from lofit.training.scoring import TokenScorer
+from lofit.training import TokenScorer
+
+from ..harness.internals import HeadVectors
+from ..harness.internals import checkpointing as lofit_checkpointing
+from ..harness.internals import decoder_layers as lofit_decoder_layers
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Tables and plots of `curves.py` (Fig. 4 data efficiency, Fig. 5 number of heads) from its unit files."""
+"""Tables and plots of `benchmarks.curves` (Fig. 4 data efficiency, Fig. 5 number of heads) from its unit files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lofit.io.atomic import atomic_write_with
+from ..harness.internals import atomic_write_with
+from ..harness.stats import mean_se
 
 TITLES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR", "svamp": "SVAMP"}
 METHOD_TITLES = {
@@ -29,20 +30,6 @@ FIG5 = re.compile(r"fig5/(?P<task>\w+)/(?:(?P<method>n\d+)/)?k(?P<k>[\d.e-]+)/s(
 
 def metric_of(task: str) -> str:
     return "mc1" if task == "truthfulqa" else "exact_match"
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean over seeds (NaN error for one value).
-
-    Example:
-        >>> mean_se([0.2, 0.4])
-        (0.30000000000000004, 0.1)
-    """
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
 
 
 def cell(values: Sequence[float]) -> str:

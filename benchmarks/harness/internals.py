@@ -1,0 +1,79 @@
+"""The one module through which benchmarks reach lofit below its public API.
+
+Benchmarks use `lofit` and its subpackages' exports (`lofit.training`, `lofit.baselines`, `lofit.tasks`,
+...) like any user. A few measurements need more: the training loop's own optimizer step (so that the
+speed benchmark times exactly what `train_offsets` runs, not a copy), the pieces a speed ablation swaps
+out, or a file-safety helper. Those names are imported here, and only here
+(tests/benchmarks/test_entry_points.py checks it), so a change of lofit's internals touches one benchmark file.
+
+| name | from | why a benchmark needs it |
+|---|---|---|
+| `atomic_write_json`, `atomic_write_text`, `atomic_write_with` | `lofit.io.atomic` | results survive a kill mid-write |
+| `output_lock`, `OutputLockedError` | `lofit.io.locking` | two runs on one results file |
+| `HeadMap` | `lofit.adapters.config` | the type of a head set |
+| `find_output_projections` | `lofit.adapters.heads` | the o_proj sites (probe, ITI) |
+| `HeadVectors` | `lofit.adapters.layer` | speed ablation: per-head loop vs vectorised op |
+| `add_contiguous_input_hook`, `remove_contiguous_input_hook` | `lofit.adapters.lm_head` | speed: the LM-head hook's effect |
+| `optimizer_step`, `TrainingRun`, `LoopState`, `LoopPosition`, `make_accelerator` | `lofit.training` internals | speed: one real training step |
+| `epoch_batches` | `lofit.training.batching` | speed: the loop's length-grouped batches |
+| `mean_loss` | `lofit.training.losses` | validation loss after training only |
+| `checkpointing`, `decoder_layers` | `lofit.training.activation_checkpointing` | speed: checkpointing variants |
+| `rank_heads`, `probe_texts` | `lofit.selection.select` | Table 2's alternative head choices |
+| `probe_head_scores` | `lofit.selection.probe` | Table 2's probe-selected heads |
+| `offset_logit_lens`, `logit_lens_markdown` | `lofit.evaluation.logit_lens` | App. E's logit lens |
+| `benchmark_dir` | `lofit.tasks.datadir` | speed: raw TruthfulQA rows |
+| `find_red_sites` | `lofit.baselines.red` | RED's layers per method |
+| `residual_scale` | `lofit.baselines.repe` | RepE's shift size |
+"""
+
+from __future__ import annotations
+
+from lofit.adapters.config import HeadMap
+from lofit.adapters.heads import find_output_projections
+from lofit.adapters.layer import HeadVectors
+from lofit.adapters.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
+from lofit.baselines.red import find_red_sites
+from lofit.baselines.repe import residual_scale
+from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
+from lofit.io.atomic import atomic_write_json, atomic_write_text, atomic_write_with
+from lofit.io.locking import OutputLockedError, output_lock
+from lofit.selection.probe import probe_head_scores
+from lofit.selection.select import probe_texts, rank_heads
+from lofit.tasks.datadir import benchmark_dir
+from lofit.training.activation_checkpointing import checkpointing, decoder_layers
+from lofit.training.batching import epoch_batches
+from lofit.training.checkpoints import LoopPosition
+from lofit.training.distributed import make_accelerator
+from lofit.training.losses import mean_loss
+from lofit.training.run_state import LoopState, TrainingRun
+from lofit.training.step import optimizer_step
+
+__all__ = [
+    "HeadMap",
+    "HeadVectors",
+    "LoopPosition",
+    "LoopState",
+    "OutputLockedError",
+    "TrainingRun",
+    "add_contiguous_input_hook",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_write_with",
+    "benchmark_dir",
+    "checkpointing",
+    "decoder_layers",
+    "epoch_batches",
+    "find_output_projections",
+    "find_red_sites",
+    "logit_lens_markdown",
+    "make_accelerator",
+    "mean_loss",
+    "offset_logit_lens",
+    "optimizer_step",
+    "output_lock",
+    "probe_head_scores",
+    "probe_texts",
+    "rank_heads",
+    "remove_contiguous_input_hook",
+    "residual_scale",
+]
