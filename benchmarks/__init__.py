@@ -7,6 +7,7 @@ Run them from the repository root with lofit importable (`pip install -e .`, or 
 | `python -m benchmarks.paper` | the paper's Tables 1-3, stability, OOD, on one model | `results/paper_tables.*` |
 | `python -m benchmarks.paper.check_ood` | rebuilt OOD adapters vs the units they came from | printed |
 | `python -m benchmarks.curves` | Fig. 4 (data efficiency) and Fig. 5 (number of heads) | `results/curves/` |
+| `python -m benchmarks.scale` | Fig. 4's protocol on two model sizes (SmolLM2-135M, Gemma 3 270M) | `results/scale/` |
 | `python -m benchmarks.speed` | training / inference speed and memory vs LoRA and full fine-tuning | `results/speed*` |
 | `python -m benchmarks.composition` | interference of two combined task adapters | `results/composition.*` |
 | `python -m benchmarks.selector_comparison` | cheap head selectors vs step 1's L1 selection | `results/selectors/` |

@@ -1,18 +1,18 @@
-"""The scale question (issue 31, item 4): does the LoFiT − LoRA gap shrink with model size?
+"""The scale question: does the LoFiT − LoRA gap shrink with model size?
 
 LoFiT 10%, LoRA (r 8, q/v) and RED at n ∈ {16, 64, 256} on MQuAKE and CLUTRR, seeds 42 and 12450, each
 method's learning rate chosen on validation, on two models: SmolLM2-135M (the bundled default) and Gemma 3
-270M. Two sizes, not a trend. Each model is one `curves.py` Fig. 4 run (its protocol and settings, one JSON
+270M. Two sizes, not a trend. Each model is one `benchmarks.curves` Fig. 4 run (its protocol and settings, one JSON
 per unit, `--commit`, reruns skip finished units) under `results/scale/<model>/`; this script runs them
 and renders one table and one plot over both (`results/scale/scale.md`, `scale.png`). MQuAKE's training
 split has 134 records, so its n = 256 point is n = 134, the whole split.
 
-    PYTHONPATH=src python benchmarks/scale.py --models smollm2-135m --commit    # one model's units
-    PYTHONPATH=src python benchmarks/scale.py --models gemma3-270m --commit --budget-minutes 120
-    PYTHONPATH=src python benchmarks/scale.py --render-only                      # scale.md + scale.png
+    python -m benchmarks.scale --models smollm2-135m --commit    # one model's units
+    python -m benchmarks.scale --models gemma3-270m --commit --budget-minutes 120
+    python -m benchmarks.scale --render-only                      # scale.md + scale.png
 
 Units run small n first: at each n (ascending) each model's LoFiT and LoRA, then its RED. Any other option
-goes to `curves.py` after the scale defaults (the last value wins), e.g. `--tasks clutrr`.
+goes to `benchmarks.curves` after the scale defaults (the last value wins), e.g. `--tasks clutrr`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,18 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from lofit.tasks import DataError, load_task
 
-import curves  # noqa: E402
-from _curves_render import METHOD_TITLES, TITLES, mean_se, metric_of  # noqa: E402
-
-from lofit.io.atomic import atomic_write_text, atomic_write_with  # noqa: E402
-from lofit.tasks import DataError, load_task  # noqa: E402
+from . import RESULTS
+from .curves import run as curves
+from .curves.render import METHOD_TITLES, TITLES, metric_of
+from .harness.internals import atomic_write_text, atomic_write_with
+from .harness.stats import mean_se
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 MODEL_TITLES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
@@ -49,7 +47,7 @@ SCALE_ARGS = [
     "--seeds", *map(str, SEEDS),
     "--methods", *METHODS,
 ]  # fmt: skip
-OUT = HERE / "results" / "scale"
+OUT = RESULTS / "scale"
 
 
 def model_dir_name(model: str) -> str:
@@ -248,7 +246,7 @@ def render(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> str:
     lines = [
         "# The scale question: LoFiT − LoRA on two model sizes (issue 31, item 4)",
         "",
-        f"Models: {', '.join(MODEL_TITLES.get(m, m) for m in models)}. Protocol: `curves.py` Fig. 4 "
+        f"Models: {', '.join(MODEL_TITLES.get(m, m) for m in models)}. Protocol: `benchmarks.curves` Fig. 4 "
         f"(nested seeded training subsets; {settings.epochs} epochs, batch {settings.batch_size}, "
         f"{settings.precision}; lr per unit from LoFiT {settings.lofit_lrs}, LoRA {settings.lora_lrs}, RED "
         f"{settings.red_lrs} by the final validation loss on {settings.max_val} validation records; test: "

@@ -22,6 +22,7 @@ ENTRY_POINTS = (
     "paper",
     "paper.check_ood",
     "curves",
+    "scale",
     "speed",
     "composition",
     "selector_comparison",

@@ -1,10 +1,8 @@
-"""Smoke test of benchmarks/scale.py (issue 31 item 4: LoFiT vs LoRA vs RED on two model sizes)."""
+"""Smoke test of `python -m benchmarks.scale` (LoFiT vs LoRA vs RED on two model sizes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,9 @@ DATA = ROOT.parent / "shared" / "data"  # ../shared next to the checkout, as in 
 
 
 def load_scale():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale"] = module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import scale
+
+    return scale
 
 
 def test_scale_pairs_differences_by_seed() -> None:
