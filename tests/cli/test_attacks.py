@@ -174,9 +174,10 @@ def option_attacks() -> list[Attack]:
         ("--target-modules", " ", ("--target-modules",)),
     ]
     rates = {
-        "select": [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-0.1"), ("--lr", "0"), ("--lr", "1e30"),
+        "select": [("--lr-select", "nan"), ("--lr-select", "inf"), ("--lr-select", "-0.1"), ("--lr-select", "0"),
+                   ("--lr-select", "1e30"),
                    ("--l1", "-1"), ("--l1", "nan")],
-        "train": [("--lr", "nan"), ("--lr", "-1"), ("--lr", "1e30")],
+        "train": [("--lr-train", "nan"), ("--lr-train", "-1"), ("--lr-train", "1e30")],
         "run": [("--lr-select", "nan"), ("--lr-train", "0"), ("--lr-train", "1e30"), ("--l1", "-0.5"),
                 ("--eval-batch-size", "0")],
     }  # fmt: skip
@@ -195,7 +196,8 @@ def option_attacks() -> list[Attack]:
             )  # fmt: skip
     attacks += [
         Attack("options", "eval--max-test=-2", lambda env: env.eval("--max-test=-2"), ("--max-test -2",)),
-        Attack("options", "eval--batch-size=0", lambda env: env.eval("--batch-size", "0"), ("--batch-size 0",)),
+        Attack("options", "eval--eval-batch-size=0", lambda env: env.eval("--eval-batch-size", "0"),
+               ("--eval-batch-size 0",)),
         Attack("options", "eval--split=train", lambda env: env.eval("--split", "train"), ("argument --split",)),
         Attack("options", "eval--device-map=cuda", lambda env: env.eval("--device-map", "cuda"),
                ("device_map='cuda'", "no CUDA GPU is visible"), needs_no_cuda=True),

@@ -144,11 +144,17 @@ def test_run_generic_mc_end_to_end(
             "--k",
             "3",
             "--no-progress",
+            "--log-samples",
         ]
     )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["base"]) >= {"accuracy"} and set(metrics["lofit"]) >= {"accuracy"}
+    for name in ("base", "lofit"):  # --log-samples: one row per test record, agreeing with the metric
+        rows = [json.loads(line) for line in (out / f"samples-{name}.jsonl").read_text().splitlines()]
+        assert [row["index"] for row in rows] == [0, 1, 2, 3]
+        assert [row["gold"] for row in rows] == [q["answer"] for q in questions[8:]]
+        assert sum(row["correct"] for row in rows) / 4 == metrics[name]["accuracy"]
     assert len(metrics["heads"]) == 3 and metrics["trainable_params"] == 3 * 8
     for name in (
         "heads.json",
@@ -607,10 +613,10 @@ def test_non_finite_adapter_is_never_saved_and_names_the_lr(
     ]
     assert main(["select", *common, "--out", str(tmp_path / "sel")]) == 0
     out = tmp_path / "off"
-    argv = ["train", *common, "--heads", str(tmp_path / "sel" / "heads.json"), "--k", "2", "--lr", "5"]
+    argv = ["train", *common, "--heads", str(tmp_path / "sel" / "heads.json"), "--k", "2", "--lr-train", "5"]
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "non-finite" in err and "lr=5.0" in err and "(--lr)" in err, err
+    assert "non-finite" in err and "lr=5.0" in err and "(--lr-train)" in err, err
     assert not (out / "adapter").exists()
 
 

@@ -222,12 +222,12 @@ def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixtur
     train.write_text("".join(json.dumps(r) + "\n" for r in SFT))
     out = tmp_path / "sel"
     args = ["select", "--task", "sft", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
-    code = main([*args, "--method", method, "--k", "2", "--no-progress", "--precision", "fp32"])
+    code = main([*args, "--select-method", method, "--k", "2", "--no-progress", "--precision", "fp32"])
     assert code == 0, capsys.readouterr().err
     saved = HeadSelection.load(out / "heads.json")
     assert saved.method == method
     with pytest.raises(SystemExit):  # argparse's choices refuse an unknown method
-        main([*args, "--method", "magic"])
+        main([*args, "--select-method", "magic"])
 
 
 def test_select_heads_gradient_adam_ranks_by_the_adam_score_of_the_same_pass(tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import LofitError, LofitValueError
 from ..io.locking import with_output_lock
-from .options import PRECISIONS, QUANTIZATIONS, SELECT_METHODS, RunOptions, parse_k
+from .options import PRECISIONS, QUANTIZATIONS, SELECT_METHODS, RunOptions, parse_k, suggest_option
 
 TASK_HELP = (
     "truthfulqa, mquake, clutrr, svamp (their LoFiT splits), arc_easy, arc_challenge, boolq, siqa, openbookqa, "
@@ -33,6 +34,14 @@ TASK_HELP = (
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser without abbreviations: every option has one spelling, the same in every subcommand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +128,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--lr-train", type=float, help="learning rate of offset training (default: the task's)")
     run.add_argument("--l1", type=float, help="L1 strength of head selection (default: the task's)")
     run.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    run.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write DIR/samples-base.jsonl and DIR/samples-lofit.jsonl: one JSON line per test record "
+        "(prompt, each choice's score or the generation, prediction, gold)",
+    )
     run.set_defaults(handler=_cmd_run)
 
 
@@ -128,8 +143,12 @@ def _add_select(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _add_data_args(select)
     _add_training_args(select)
     select.add_argument("--out", required=True, type=Path, help="output directory")
-    select.add_argument("--method", default="lofit", choices=SELECT_METHODS, help="how heads are ranked")
-    select.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    select.add_argument(
+        "--select-method", default="lofit", choices=SELECT_METHODS, help="how heads are ranked"
+    )
+    select.add_argument(
+        "--lr-select", type=float, help="learning rate of head selection (default: the task's)"
+    )
     select.add_argument("--l1", type=float, help="L1 strength (default: the task's)")
     select.add_argument("--k", type=parse_k, help="heads marked on the heatmap (default: the task's)")
     select.set_defaults(handler=_cmd_select)
@@ -142,7 +161,9 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_training_args(train)
     train.add_argument("--heads", required=True, type=Path, help="heads.json written by `lofit select`")
     train.add_argument("--k", type=parse_k, help="heads to tune, int or fraction (default: the task's)")
-    train.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    train.add_argument(
+        "--lr-train", type=float, help="learning rate of offset training (default: the task's)"
+    )
     train.add_argument("--out", required=True, type=Path, help="output directory (adapter and logs)")
     train.set_defaults(handler=_cmd_train)
 
@@ -154,9 +175,18 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     _add_model_args(evaluate)
     _add_data_args(evaluate)
     evaluate.add_argument("--adapter", type=Path, help="adapter directory (lofit_config.json + safetensors)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    evaluate.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch size (default 8)")
     evaluate.add_argument("--split", default="test", choices=["val", "test"], help="the split to score")
     evaluate.add_argument("--out", type=Path, help="write the metrics as JSON to this file")
+    evaluate.add_argument(
+        "--log-samples",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="FILE",
+        help="also write one JSON line per record (prompt, each choice's score or the generation, prediction, "
+        "gold) to FILE (default: beside --out, metrics.json -> metrics.samples.jsonl)",
+    )
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     evaluate.set_defaults(handler=_cmd_eval)
 
@@ -235,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.command, args.k
         ('select', None)
     """
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="lofit", description="LoFiT: localized fine-tuning of attention heads."
     )
     parser.add_argument("--version", action="version", version=f"lofit {__version__}")
@@ -257,7 +287,6 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         The options; raises `LofitValueError` naming the option when a value cannot work.
     """
     command = args.command
-    lr = getattr(args, "lr", None)
     return RunOptions(
         task=args.task,
         out=args.out if args.out is not None else Path("."),
@@ -268,11 +297,11 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         data_dir=args.data_dir,
         fold=args.fold,
         k=getattr(args, "k", None),
-        select_method=getattr(args, "select_method", getattr(args, "method", "lofit")),
+        select_method=getattr(args, "select_method", "lofit"),
         epochs=getattr(args, "epochs", None),
-        batch_size=getattr(args, "batch_size", None) if command != "eval" else None,
-        lr_select=getattr(args, "lr_select", None) if command != "select" else lr,
-        lr_train=getattr(args, "lr_train", None) if command != "train" else lr,
+        batch_size=getattr(args, "batch_size", None),
+        lr_select=getattr(args, "lr_select", None),
+        lr_train=getattr(args, "lr_train", None),
         l1=getattr(args, "l1", None),
         beta=getattr(args, "beta", None),
         seed=getattr(args, "seed", 42),
@@ -281,7 +310,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         max_test=args.max_test,
         max_length=getattr(args, "max_length", None),
         precision=args.precision,
-        eval_batch_size=_eval_batch_size(args),
+        eval_batch_size=getattr(args, "eval_batch_size", 8),
         progress=args.progress,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         resume=getattr(args, "resume", False),
@@ -290,17 +319,9 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         target_modules=getattr(args, "target_modules", None),
         device_map=args.device_map,
         quantization=args.quantization,
+        log_samples=getattr(args, "log_samples", None) is True and command == "run",
         command=command,
     )
-
-
-def _eval_batch_size(args: argparse.Namespace) -> int:
-    """`--eval-batch-size` of `run`, `--batch-size` of `eval` (the evaluation batch), else 8."""
-    for name in ("eval_batch_size", "batch_size") if args.command in ("run", "eval") else ():
-        value = getattr(args, name, None)
-        if value is not None and (name == "eval_batch_size" or args.command == "eval"):
-            return int(value)
-    return 8
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -336,7 +357,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .steps import eval_step
 
-    metrics = eval_step(run_options(args), args.adapter, args.split, args.out)
+    metrics = eval_step(run_options(args), args.adapter, args.split, args.out, args.log_samples)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -382,6 +403,26 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- entry point
+def refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit 2 naming each unknown argument of `command` and the nearest valid option (`suggest_option`)."""
+    subcommand = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            subcommand = action.choices[command]
+    valid = sorted(subcommand._option_string_actions)
+    groups: list[list[str]] = []
+    for argument in unknown:  # an unknown option and the values after it
+        if argument.startswith("-") or not groups:
+            groups.append([argument])
+        else:
+            groups[-1].append(argument)
+    parts = []
+    for group in groups:
+        guess = suggest_option(group[0], valid) if group[0].startswith("--") else None
+        parts.append(" ".join(group) + (f" (did you mean {guess}?)" if guess else ""))
+    subcommand.error(f"unrecognized arguments: {'; '.join(parts)}")
+
+
 def user_message(error: BaseException) -> str:
     """The one-paragraph text shown for a user-fixable error (an OSError without its "[Errno N]" prefix).
 
@@ -415,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "serve":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        refuse_unknown(parser, args.command, unknown)
     if args.command == "serve":
         args.vllm_args = unknown  # vLLM's own flags pass through
     handler: Callable[[argparse.Namespace], int] = with_output_lock(args.handler)

@@ -2,7 +2,8 @@
 
 The command line parses into these options before anything heavy is imported, so `lofit --help` and
 `lofit <command> --help` stay fast. A value that cannot work is refused here with a message naming the
-option (`--lr`, `--max-train`, ...), before any file or model is loaded.
+option (`--lr-train`, `--max-train`, ...), before any file or model is loaded. Every subcommand spells the
+same setting the same way (`--select-method`, `--lr-select`, `--lr-train`, `--eval-batch-size`, ...).
 
 Example:
     >>> from lofit.cli.options import RunOptions, parse_k
@@ -17,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,48 @@ def parse_k(value: str | float | int) -> float | int:
     return number
 
 
+def suggest_option(given: str, valid: list[str]) -> str | None:
+    """The valid option closest to the unknown option `given` (None if none is close).
+
+    An option whose dash-separated words begin or end with `given`'s words wins (`--method` ->
+    `--select-method`, `--lr` -> `--lr-select`, `--batch-size` -> `--eval-batch-size`); else the closest
+    spelling (difflib), so a typo finds its option.
+
+    Args:
+        given: the unknown option as typed (`--lr`, `--max-tets=5`).
+        valid: the command's options.
+
+    Returns:
+        The suggestion (several joined by " or " when equally good), or None.
+
+    Example:
+        >>> suggest_option("--method", ["--select-method", "--k", "--l1"])
+        '--select-method'
+        >>> suggest_option("--lr", ["--l1", "--lr-select", "--lr-train"])
+        '--lr-select or --lr-train'
+        >>> suggest_option("--max-tets=5", ["--max-test", "--max-train"])
+        '--max-test'
+        >>> suggest_option("--colour", ["--k"]) is None
+        True
+    """
+    name = given.split("=", 1)[0]
+    words = name.lstrip("-").split("-")
+    longs = [option for option in valid if option.startswith("--")]
+    by_words = [
+        option
+        for option in longs
+        if len(option.lstrip("-").split("-")) > len(words)
+        and (
+            option.lstrip("-").split("-")[: len(words)] == words
+            or option.lstrip("-").split("-")[-len(words) :] == words
+        )
+    ]
+    if by_words:
+        return " or ".join(sorted(by_words))
+    close = difflib.get_close_matches(name, longs, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 # `--cache-lower-layers`: on = always (refused if too large), auto = when it fits (the default), off.
 CACHE_LOWER_LAYERS = ("auto", "on", "off")
 
@@ -65,7 +109,7 @@ class RunOptions:
         task: the task name (see `lofit.tasks.TASK_NAMES`).
         out: the output directory.
         command: the command the options came from ("run", "select", "train", "eval"), for option names
-            in messages (`--lr` of `select` is `lr_select`).
+            in messages.
         Other fields mirror the command-line options of the same name.
 
     Raises:
@@ -103,6 +147,7 @@ class RunOptions:
     target_modules: list[str] | None = None
     device_map: str | None = None
     quantization: str | None = None
+    log_samples: bool = False
     command: str = "run"
 
     def __post_init__(self) -> None:
@@ -112,7 +157,7 @@ class RunOptions:
         self._check_choices()
 
     def flag(self, name: str) -> str:
-        """The command-line option that sets field `name` for this command (e.g. `--lr` for `lr_select`).
+        """The command-line option that sets field `name` (e.g. `--lr-select` for `lr_select`).
 
         Args:
             name: a field name of `RunOptions`.
@@ -120,10 +165,6 @@ class RunOptions:
         Returns:
             The option's spelling, e.g. `"--max-train"`.
         """
-        if name in ("lr_select", "lr_train") and self.command == name.removeprefix("lr_"):
-            return "--lr"
-        if name == "eval_batch_size" and self.command == "eval":
-            return "--batch-size"
         return {"train_file": "--train", "val_file": "--val", "test_file": "--test"}.get(
             name, "--" + name.replace("_", "-")
         )

@@ -84,6 +84,11 @@ def _evaluate_both(
     adapted = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
     timings["eval_lofit_s"] = time.perf_counter() - start
     results = {"base": base[0], "lofit": adapted[0], "uncertainty": metric_uncertainty(base, adapted)}
+    if options.log_samples:
+        from ..evaluation.samples import write_samples
+
+        for name, (_, details) in (("base", base), ("lofit", adapted)):
+            write_samples(Path(options.out) / f"samples-{name}.jsonl", data.task.eval_task, details)
     return results, timings
 
 

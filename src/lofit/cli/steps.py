@@ -310,19 +310,51 @@ def train_step(options: RunOptions, heads_file: Path) -> LofitModel:
     return run_training(options, data, model, tokenizer, heads)
 
 
-def _check_metrics_file(out: Path | None, inputs: dict[str, Path | str | None]) -> None:
+def _check_metrics_file(
+    out: Path | None,
+    inputs: dict[str, Path | str | None],
+    option: str = "--out",
+    example: str = "metrics.json",
+) -> None:
     if out is None:
         return
     check_output_apart(out, inputs)
     if out.is_dir():
         raise LofitValueError(
-            f"--out {out} is a directory; eval writes one JSON file: give a file name such as {out / 'metrics.json'}"
+            f"{option} {out} is a directory; eval writes one file there: give a file name such as {out / example}"
         )
     if out.parent.exists() and not out.parent.is_dir():
-        raise LofitValueError(f"--out {out}: {out.parent} is a file, not a directory; choose another --out")
+        raise LofitValueError(
+            f"{option} {out}: {out.parent} is a file, not a directory; choose another {option}"
+        )
 
 
-def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path | None) -> dict[str, Any]:
+def samples_file(log_samples: Path | bool | None, out: Path | None) -> Path | None:
+    """Where `lofit eval --log-samples [FILE]` writes: FILE, or beside `--out` (metrics.json -> metrics.samples.jsonl).
+
+    Example:
+        >>> samples_file(True, Path("runs/metrics.json")).as_posix(), samples_file(None, None)
+        ('runs/metrics.samples.jsonl', None)
+    """
+    if log_samples is None or log_samples is False:
+        return None
+    if isinstance(log_samples, Path):
+        return log_samples
+    if out is None:
+        raise LofitValueError(
+            "--log-samples needs a file: give --log-samples FILE (e.g. samples.jsonl), or --out for the metrics "
+            "and the samples go beside it"
+        )
+    return out.with_name(out.stem + ".samples.jsonl")
+
+
+def eval_step(
+    options: RunOptions,
+    adapter: Path | None,
+    split: str,
+    out: Path | None,
+    log_samples: Path | bool | None = None,
+) -> dict[str, Any]:
     """`lofit eval`: score the model (with `adapter` if given) on the task's `split`; write `out` if given.
 
     Args:
@@ -330,6 +362,8 @@ def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path |
         adapter: the `--adapter` directory, or None for the base model.
         split: "test" or "val".
         out: the metrics JSON file to write, or None.
+        log_samples: `--log-samples`: True (beside `out`), a JSONL file, or None (no per-record log; see
+            `lofit.evaluation.samples`).
 
     Returns:
         The metrics, with `n` (records scored) and `standard_errors` (one per metric, see
@@ -340,6 +374,10 @@ def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path |
     from ..io.atomic import atomic_write_json
 
     _check_metrics_file(out, input_paths(options, adapter=adapter))
+    samples = samples_file(log_samples, out)
+    _check_metrics_file(samples, input_paths(options, adapter=adapter), "--log-samples", "samples.jsonl")
+    if samples is not None and out is not None and samples.resolve() == out.resolve():
+        raise LofitValueError(f"--log-samples {samples} is the --out file; give another file name")
     data = prepare_data(options, needs=("val",) if split == "val" else ("test",))
     model, tokenizer, _ = load(options)
     if adapter is not None:
@@ -353,6 +391,11 @@ def eval_step(options: RunOptions, adapter: Path | None, split: str, out: Path |
     }
     document = {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics}
     document |= {"n": len(records), "standard_errors": errors}
+    if samples is not None:
+        from ..evaluation.samples import write_samples
+
+        write_samples(samples, data.task.eval_task, details)
+        document["samples"] = str(samples)
     if out is not None:
         atomic_write_json(out, document)
     return document

@@ -118,7 +118,14 @@ def evaluate_mc(
         max_length=max_length,
         progress=progress,
     )
-    details = [_detail(record, option_scores) for record, option_scores in zip(records, scores, strict=True)]
+    details = [
+        {
+            "prompt": request.context,
+            "continuations": list(request.continuations),
+            **_detail(record, option_scores),
+        }
+        for record, request, option_scores in zip(records, requests, scores, strict=True)
+    ]
     count = max(len(details), 1)
     metrics = {
         "accuracy": sum(d["correct"] for d in details) / count,

@@ -222,8 +222,8 @@ def evaluate_truthfulqa_mc(
         progress=progress,
     )
     details = [
-        _detail(record, layout, request_scores)
-        for record, layout, request_scores in zip(records, layouts, scores, strict=True)
+        {"prompt": request.context, **_detail(record, layout, request_scores)}
+        for record, layout, request, request_scores in zip(records, layouts, requests, scores, strict=True)
     ]
     count = max(len(details), 1)
     metrics = {
