@@ -21,7 +21,7 @@ MODULES = [
     "lofit.tasks.registry",
     "lofit.evaluation",
     "lofit.evaluation.uncertainty",
-    "lofit.evaluation.tokens",
+    "lofit.training.tokens",
     "lofit.evaluation.extraction",
     "lofit.evaluation.forward",
     "lofit.evaluation.multiple_choice",

@@ -10,8 +10,8 @@ import pytest
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import evaluate
-from lofit.evaluation.tokens import encode
 from lofit.evaluation.truthfulqa import find_data_dir, format_reference, load_prompt_parts, question_context
+from lofit.training.tokens import encode
 
 pytestmark = pytest.mark.slow
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,8 +12,8 @@ from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import ScoringRequest, evaluate, score_continuations
 from lofit.evaluation.forward import forward
 from lofit.evaluation.kv_cache import fork_cache
-from lofit.evaluation.tokens import encode
 from lofit.evaluation.truthfulqa import find_data_dir
+from lofit.training.tokens import encode
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 INSTRUCTION = "Answer truthfully."

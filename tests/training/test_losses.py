@@ -12,7 +12,6 @@ from lofit import LofitConfig, get_lofit_model
 from lofit.training.batching import collate
 from lofit.training.encoding import SequenceEncoder
 from lofit.training.losses import DPOObjective, SFTObjective, dpo_losses, mean_loss
-from lofit.training.records import RecordError, as_records
 from lofit.training.scoring import TokenScorer
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
@@ -136,26 +135,6 @@ def test_collate_pads_right_and_lists_scored_positions() -> None:
     assert (batch.input_ids[batch.attention_mask == 0] == tok.pad_token_id).all()
     assert len(batch.targets) == sum(objective.units(e) for e in examples)
     assert (batch.input_ids[batch.sequence_index, batch.positions + 1] == batch.targets).all()
-
-
-def test_records_are_validated_with_clear_errors() -> None:
-    with pytest.raises(RecordError, match=r"train_data\[1\] has no field 'completion'"):
-        as_records([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "sft")
-    with pytest.raises(RecordError, match=r"\['chosen'\] must be a string"):
-        as_records([{"prompt": "a", "chosen": 1, "rejected": "b"}], "dpo")
-    with pytest.raises(RecordError, match="is empty"):
-        as_records([], "sft")
-    with pytest.raises(RecordError, match="not a dict"):
-        as_records(["text"], "sft")
-    with pytest.raises(ValueError, match="objective must be one of"):
-        as_records(SFT_RECORDS, "ppo")
-
-
-def test_records_from_a_datasets_dataset() -> None:
-    from datasets import Dataset
-
-    records = as_records(Dataset.from_list([{**r, "extra": 1} for r in SFT_RECORDS]), "sft")
-    assert records == SFT_RECORDS
 
 
 # ------------------------------------------------------------------------------ gathered logits

@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..adapters.wrappers import SwitchableModel
 from ..errors import LofitValueError
 from ..training.activation_checkpointing import decoder_layers
-from ..training.encoding import tokenize_text
+from ..training.tokens import encode
 
 
 class LoreftError(LofitValueError):
@@ -131,7 +131,7 @@ class LoreftModel(SwitchableModel):
     def register_prompts(self, tokenizer: Any, prompts: Sequence[str]) -> None:
         """Remember prompts, so that a row starting with one of them edits that prompt's positions only."""
         for prompt in prompts:
-            ids = tuple(tokenize_text(tokenizer, prompt))
+            ids = tuple(encode(tokenizer, prompt))
             if ids:
                 self._prompts.setdefault(len(ids), set()).add(ids)
                 # prompt + response may tokenize the prompt's last token differently (a merge across the

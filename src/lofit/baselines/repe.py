@@ -35,7 +35,7 @@ from ..adapters.wrappers import SwitchableModel
 from ..errors import LofitValueError
 from ..training.activation_checkpointing import decoder_layers
 from ..training.batching import pad_token_id
-from ..training.encoding import tokenize_text
+from ..training.tokens import encode
 
 REPE_KINDS = ("reading", "contrast")
 
@@ -74,7 +74,7 @@ def residual_at_last_token(
     if not texts:
         raise RepeError("texts is empty; pass at least one text")
     layers = decoder_layers(model)
-    sequences = [tokenize_text(tokenizer, text) for text in texts]
+    sequences = [encode(tokenizer, text) for text in texts]
     if any(not s for s in sequences):
         raise RepeError("a text produced no tokens; drop empty texts")
     device = next(model.parameters()).device

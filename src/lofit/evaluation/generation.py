@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LofitValueError
+from ..training.tokens import encode_batch
 from .forward import device_of, inference
-from .tokens import encode_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

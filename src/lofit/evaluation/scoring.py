@@ -26,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LofitValueError
+from ..training.tokens import common_prefix_length, encode_batch
 from .forward import device_of, forward, inference, sliding_window
 from .kv_cache import fork_cache, select_cache_rows
-from .tokens import common_prefix_length, encode_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -17,7 +17,7 @@ from ..adapters.heads import HeadGeometry, find_output_projections
 from ..adapters.model import LofitModel
 from ..errors import LofitValueError
 from ..training.batching import pad_token_id
-from ..training.encoding import tokenize_text
+from ..training.tokens import encode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -161,7 +161,7 @@ def text_head_activations(
     """z of every head at the last token of each text: [N, L, H, d] (texts longer than max_length keep their end)."""
     sequences = []
     for text in texts:
-        ids = tokenize_text(tokenizer, text)
+        ids = encode(tokenizer, text)
         if not ids:
             raise LofitValueError(f"text {text!r} produced no tokens")
         sequences.append(ids[-max_length:] if max_length else ids)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LofitValueError
+from ..tasks.records import Record
 from ..training.config import TrainingConfig
-from ..training.records import Record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -28,11 +28,11 @@ from ..adapters.model import LofitModel, get_lofit_model
 from ..errors import LofitValueError
 from ..io.atomic import atomic_write_json
 from ..tasks.defaults import SELECT_HEADS_DEFAULTS
+from ..tasks.records import Record, train_val_records
 from ..training.config import TrainingConfig
 from ..training.distributed import seed_everything
 from ..training.loop import train_adapter
 from ..training.losses import encode_train_val
-from ..training.records import Record, train_val_records
 from .gradient import gradient_head_scores
 from .probe import probe_selection_scores
 from .probe import probe_texts as probe_texts  # re-exported: the paper-tables benchmark reads it here

@@ -9,14 +9,18 @@ Evaluation records
     "exact_match"    {"prompt": str, "answers": [str]}
 
 Validation returns a new dict holding exactly these fields (extra input fields are dropped). Every problem
-raises `DataError` naming the source, the line (or record number) and the field.
+raises `DataError` naming the source, the line (or record number) and the field. This is the one record
+validator: files (`lofit.tasks.generic`), the benchmark loaders and the training entry points
+(`as_records`, for records passed in memory) all check records here, by the same rules. In particular a
+completion (and a DPO response) must hold text: an empty or blank one is refused, since it would give
+training nothing to score; a prompt may be empty.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -199,6 +203,70 @@ def validate_record(record: Any, kind: str, where: Where) -> Record:
                 f"set 'answer' to the 0-based index of the correct choice (0 to {n - 1})",
             )
     return clean
+
+
+def objective_fields(objective: str) -> tuple[str, ...]:
+    """The record fields of the training objective named `objective` ("sft" or "dpo").
+
+    Example:
+        >>> objective_fields("dpo")
+        ('prompt', 'chosen', 'rejected')
+    """
+    if objective not in TRAINING_KINDS:
+        raise DataError(
+            None, None, None, f"objective must be one of {list(TRAINING_KINDS)}, got {objective!r}", None
+        )
+    return tuple(FIELDS[objective])
+
+
+def as_records(data: Any, objective: str, name: str = "train_data") -> list[Record]:
+    """Validate in-memory training records and return clean copies holding exactly the objective's fields.
+
+    Args:
+        data: a list of dicts or a `datasets.Dataset`.
+        objective: "sft" (fields prompt, completion) or "dpo" (prompt, chosen, rejected).
+        name: what to call `data` in error messages.
+
+    Returns:
+        The records, checked by `validate_record` (a missing field, a non-string value, an empty
+        completion) and non-empty; any problem raises `DataError` naming `name`, the index and the field.
+
+    Example:
+        >>> as_records([{"prompt": "1+1=", "completion": "2", "id": 7}], "sft")
+        [{'prompt': '1+1=', 'completion': '2'}]
+        >>> as_records([{"prompt": "a", "completion": ""}], "sft")
+        Traceback (most recent call last):
+        ...
+        lofit.tasks.errors.DataError: train_data, index 0, field 'completion': is empty. Fix: give a non-empty value.
+    """
+    fields = objective_fields(objective)
+    if data is None or isinstance(data, (str, bytes, Mapping)):
+        raise DataError(
+            None,
+            None,
+            None,
+            f"{name} must be a list of dicts or a datasets.Dataset with fields {list(fields)}, "
+            f"got {type(data).__name__}",
+        )
+    rows: Iterable[Any] = data
+    records = [validate_record(row, objective, Where(name, index, "index")) for index, row in enumerate(rows)]
+    if not records:
+        raise DataError(None, None, None, f"{name} is empty; training needs at least one {objective} record")
+    return records
+
+
+def train_val_records(
+    train_data: Any, val_data: Any, objective: str
+) -> tuple[list[Record], list[Record] | None]:
+    """Validated training records, and validation records (None when `val_data` is None or empty).
+
+    Example:
+        >>> train_val_records([{"prompt": "a", "completion": "b"}], [], "sft")
+        ([{'prompt': 'a', 'completion': 'b'}], None)
+    """
+    records = as_records(train_data, objective, "train_data")
+    has_val = val_data is not None and len(val_data)
+    return records, as_records(val_data, objective, "val_data") if has_val else None
 
 
 def _check_value(value: Any, name: str, ftype: str, where: Where) -> Any:

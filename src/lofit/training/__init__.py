@@ -4,7 +4,7 @@
 |---|---|
 | `config` | `TrainingConfig`: the options, validated |
 | `history` | `TrainingHistory`: what a run did (no torch; plotting reads it) |
-| `records` | check training records against their objective's fields |
+| `tokens` | text -> token ids (BOS kept, no EOS appended), common prefixes; used by every layer above |
 | `encoding` | records -> token sequences (`SequenceEncoder`, `Example`) |
 | `batching` | epoch order, micro-batches, padded `TokenBatch`es |
 | `scoring` | `TokenScorer`: log-probs with the LM head applied at scored positions only |
@@ -30,9 +30,6 @@ _LAZY = {
     "TrainingConfig": "config",
     "fastest_precision": "config",
     "TrainingHistory": "history",
-    "as_records": "records",
-    "train_val_records": "records",
-    "RecordError": "records",
     "EncodedSequence": "encoding",
     "Example": "encoding",
     "SequenceEncoder": "encoding",

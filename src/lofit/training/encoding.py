@@ -9,12 +9,12 @@ prompt and response text counts as response).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import LofitValueError
-from .records import RecordError
+from ..tasks.errors import DataError
+from .tokens import common_prefix_length, encode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,7 +76,7 @@ class SequenceEncoder:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with the tokenizer's leading special tokens, without an auto-appended EOS."""
-        return tokenize_text(self.tokenizer, text)
+        return encode(self.tokenizer, text)
 
     def num_leading_specials(self, text: str) -> int:
         """How many special tokens (BOS) the tokenizer puts before `text`'s own tokens."""
@@ -89,13 +89,19 @@ class SequenceEncoder:
         """prompt + response + EOS as token ids, with the index of the first scored token."""
         prompt_ids = self.tokenize(prompt)
         full = self.tokenize(prompt + response)
-        start = common_prefix_length(prompt_ids, full)
+        start = common_prefix_length([prompt_ids, full])
         if self.eos_id is not None:
             full.append(self.eos_id)
         if start == 0:
             start = 1  # without BOS and prompt, the first token has no context to be predicted from
         if start >= len(full):
-            raise RecordError(f"the response {response!r} produced no tokens to score")
+            raise DataError(
+                None,
+                None,
+                None,
+                f"the response {response!r} produced no tokens to score",
+                "give every completion (chosen, rejected) text that the tokenizer turns into tokens",
+            )
         if self.max_length is not None and len(full) > self.max_length:
             self.num_truncated += 1
             full, start = self._truncate(full, start, self.num_leading_specials(prompt))
@@ -116,37 +122,3 @@ class SequenceEncoder:
             response = response[: self.max_length - len(head) - len(body)]
             self.num_response_cut += 1
         return head + body + response, len(head) + len(body)
-
-
-def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids with the tokenizer's leading special tokens (BOS), without an auto-appended EOS.
-
-    Args:
-        tokenizer: any Hugging Face tokenizer.
-        text: the text to tokenise.
-
-    Returns:
-        The ids; an EOS the tokenizer appends by itself is dropped (the objectives add it explicitly).
-    """
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    eos_id = tokenizer.eos_token_id
-    if ids and eos_id is not None and ids[-1] == eos_id:
-        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not plain or plain[-1] != eos_id:
-            ids.pop()
-    return ids
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading items `a` and `b` share.
-
-    Example:
-        >>> common_prefix_length([1, 2, 3], [1, 2, 4, 5])
-        2
-    """
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length

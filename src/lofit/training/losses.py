@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LofitRuntimeError, LofitValueError
+from ..tasks.records import Record, objective_fields
 from .batching import TokenBatch, collate, pad_token_id
 from .encoding import EncodedSequence, Example, SequenceEncoder
-from .records import Record, objective_fields
 from .scoring import TokenScorer, sequence_logps
 
 if TYPE_CHECKING:
