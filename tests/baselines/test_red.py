@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lofit.adapters.folding import MergeError
-from lofit.adapters.persistence import AdapterLoadError, BaseModelMismatchError
 from lofit.baselines import RedConfig, RedModel, RedProjection, get_red_model, trainable_parameters
-from lofit.baselines.red import RedConfigError, find_red_sites
+from lofit.baselines.red import CONFIG_NAME, RED_IDENTITY_FIELDS, RedConfigError, find_red_sites, red_identity
+from lofit.errors import AdapterLoadError, BaseModelMismatchError
 from tiny_models import ARCHITECTURES, tiny_model
 
 # Architectures whose config cannot give the FFN output projection a bias (and that are not Llama).
@@ -271,3 +271,30 @@ def test_red_records_the_whole_base_so_loading_warns_of_nothing(tmp_path) -> Non
         other.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # not a RED site
     with pytest.raises(BaseModelMismatchError, match="differ"):
         RedModel.from_pretrained(other, tmp_path)
+
+
+@pytest.mark.parametrize("field", RED_IDENTITY_FIELDS)
+def test_a_red_file_of_an_earlier_build_is_refused_naming_the_missing_field(tmp_path, field: str) -> None:  # type: ignore[no-untyped-def]
+    get_red_model(tiny_model("llama"), layers=[1]).save_pretrained(tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del document["base_model"][field]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(
+        AdapterLoadError, match=rf"has no '{field}'.*earlier lofit build.*save the RED adapter again"
+    ):
+        RedModel.from_pretrained(tiny_model("llama"), tmp_path)
+
+
+def test_red_and_lofit_record_the_same_identity_of_the_base() -> None:
+    """One identity function: RED's record is LoFiT's for the same projections, plus RED's own sizes."""
+    from lofit.adapters.heads import find_output_projections
+    from lofit.adapters.model import lofit_identity
+
+    base = tiny_model("llama")
+    geometry = find_output_projections(base)
+    lofit = lofit_identity(base, geometry)
+    red = red_identity(base, [site.name for site in geometry.sites])
+    assert {k: v for k, v in red.items() if k not in ("width", "sites")} == {
+        k: v for k, v in lofit.items() if k not in ("num_heads", "head_dim")
+    }
+    assert red["width"] == base.config.hidden_size and lofit["head_dim"] == geometry.head_dim

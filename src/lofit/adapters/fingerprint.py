@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterLoadError, BaseModelMismatchError
-from .heads import HeadGeometry, projection_weight_matrix, text_config
+from .folding import innermost
+from .heads import projection_weight_matrix, text_config
 
 FINGERPRINT_SAMPLES = 8
 FINGERPRINT_RTOL = 0.02
@@ -204,37 +206,42 @@ def architecture(config: Any) -> dict[str, Any]:
     return fields
 
 
-def base_model_identity(model: nn.Module, geometry: HeadGeometry) -> dict[str, Any]:
+def base_model_identity(model: nn.Module, site_names: Sequence[str], **sizes: Any) -> dict[str, Any]:
     """What an adapter records of the base model it was trained on (see `check_same_base`).
+
+    The one identity function: LoFiT adapters and RED adapters both record this, each adding the sizes of
+    what it edits (LoFiT: `num_heads`, `head_dim`; RED: `width`, `sites`).
 
     Args:
         model: the base model (adapter layers may be injected).
-        geometry: its attention output projections.
+        site_names: the edited projections (module names), one per edited layer.
+        **sizes: the adapter kind's own size fields, stored and compared as they are.
 
     Returns:
         A JSON-ready dict: type, sizes, architecture fields, projection and whole-model fingerprints.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> identity = base_model_identity(base, ["model.layers.0.self_attn.o_proj"], head_dim=8)
+        >>> identity["model_type"], identity["num_layers"], identity["head_dim"], len(identity["projection_fingerprint"])
+        ('llama', 1, 8, 1)
     """
     config = text_config(getattr(model, "config", None))
-    fingerprints = []
-    bias_fingerprints = []
-    for site in geometry.sites:
-        module = model.get_submodule(site.name)
-        module = getattr(module, "base_layer", module)
-        fingerprints.append(projection_fingerprint(projection_weight_matrix(module)))
-        bias = getattr(module, "bias", None)
-        bias_fingerprints.append(None if bias is None else projection_fingerprint(bias))
+    projections = [innermost(model.get_submodule(name)) for name in site_names]
+    biases = [getattr(projection, "bias", None) for projection in projections]
     return {
-        "model_type": geometry.model_type,
+        "model_type": str(getattr(config, "model_type", "unknown")),
         "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
         "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
         "vocab_size": getattr(config, "vocab_size", None),
-        "num_layers": geometry.num_layers,
-        "num_heads": geometry.num_heads,
-        "head_dim": geometry.head_dim,
+        "num_layers": len(projections),
+        **sizes,
         "architecture": architecture(config),
-        "projection_fingerprint": fingerprints,
+        "projection_fingerprint": [projection_fingerprint(projection_weight_matrix(m)) for m in projections],
         # None = no bias. A merged offset adds or changes the bias without touching the weight.
-        "projection_bias_fingerprint": bias_fingerprints,
+        "projection_bias_fingerprint": [None if b is None else projection_fingerprint(b) for b in biases],
         "weights_fingerprint": weights_fingerprint(model),
     }
 

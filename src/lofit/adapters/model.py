@@ -415,7 +415,7 @@ class LofitModel(AdapterModel):
         for projection in merged:
             projection.unmerge()
         try:
-            return base_model_identity(self.model, self.geometry)
+            return lofit_identity(self.model, self.geometry)
         finally:
             for projection in merged:
                 projection.merge()
@@ -558,6 +558,12 @@ class LofitModel(AdapterModel):
         return plan_merged_model(self.model, new_biases, site="attention")
 
 
+def lofit_identity(model: nn.Module, geometry: HeadGeometry) -> dict[str, Any]:
+    """The base-model identity a LoFiT adapter records: `base_model_identity` of its heads' projections."""
+    sites = [site.name for site in geometry.sites]
+    return base_model_identity(model, sites, num_heads=geometry.num_heads, head_dim=geometry.head_dim)
+
+
 def read_checked_adapter(
     base_model: nn.Module, path: str | os.PathLike[str], geometry: HeadGeometry | None
 ) -> tuple[LofitConfig, dict[str, torch.Tensor]]:
@@ -565,7 +571,7 @@ def read_checked_adapter(
     config, saved_identity = read_adapter_config(path)
     geometry = geometry or find_output_projections(base_model, config.target_modules)
     source = state_file(path) or Path(path) / CONFIG_NAME
-    check_same_base(saved_identity, base_model_identity(base_model, geometry), source)
+    check_same_base(saved_identity, lofit_identity(base_model, geometry), source)
     tensors = read_adapter_tensors(path, config, geometry.head_dim, compute_dtype(base_model))
     return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
 

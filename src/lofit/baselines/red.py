@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..adapters.architectures import MLP_OUTPUT_SUFFIXES as MLP_OUTPUT_SUFFIXES  # re-exported: the old home
-from ..adapters.architectures import OUTPUT_PROJECTION_SUFFIXES
+from ..adapters.architectures import MLP_OUTPUT_SUFFIXES, OUTPUT_PROJECTION_SUFFIXES
 from ..adapters.base import AdapterLayer, AdapterModel
-from ..adapters.fingerprint import architecture, check_same_base, projection_fingerprint, weights_fingerprint
+from ..adapters.fingerprint import base_model_identity, check_same_base
 from ..adapters.folding import MergeError, fold_output_edit, innermost
-from ..adapters.heads import layer_sites, projection_out_features, projection_weight_matrix, text_config
+from ..adapters.heads import layer_sites, projection_out_features, text_config
 from ..adapters.merged import complete_merged_model, plan_merged_model
 from ..adapters.persistence import read_document, read_tensors, write_adapter_files
 from ..adapters.wrappers import Fp32Parameters
@@ -322,32 +321,38 @@ class RedModel(AdapterModel):
         return model
 
 
+# What a RED file's `base_model` must hold; files of earlier lofit builds lacked some of these.
+RED_IDENTITY_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_layers",
+    "width",
+    "sites",
+    "weights_fingerprint",
+)
+
+
 def red_identity(model: nn.Module, site_names: list[str]) -> dict[str, Any]:
-    """The base-model identity RED records: lofit.adapters.fingerprint's fields for the edited projections."""
-    config = text_config(getattr(model, "config", None))
-    layers = [innermost(model.get_submodule(name)) for name in site_names]
-    biases = [getattr(layer, "bias", None) for layer in layers]
-    return {
-        "model_type": str(getattr(config, "model_type", "unknown")),
-        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
-        "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
-        "vocab_size": getattr(config, "vocab_size", None),
-        "num_layers": len(layers),
-        "width": projection_out_features(layers[0]),
-        "sites": list(site_names),
-        "projection_fingerprint": [projection_fingerprint(projection_weight_matrix(m)) for m in layers],
-        "projection_bias_fingerprint": [None if b is None else projection_fingerprint(b) for b in biases],
-        "architecture": architecture(config),
-        "weights_fingerprint": weights_fingerprint(model),  # the whole base, as LoFiT records it
-    }
+    """The base-model identity RED records: `base_model_identity` of the edited projections, their width."""
+    width = projection_out_features(innermost(model.get_submodule(site_names[0])))
+    return base_model_identity(model, site_names, width=width, sites=list(site_names))
 
 
 def check_same_red_base(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
     """Raise BaseModelMismatchError unless `current` is the base the RED adapter was saved for.
 
     The same check as LoFiT's (`lofit.adapters.fingerprint.check_same_base`, with its dtype tolerance), plus the
-    edited sites and their width. Files written before sizes were recorded are checked on the rest.
+    edited sites and their width. A file missing any of `RED_IDENTITY_FIELDS` (written by an earlier lofit
+    build) is refused with AdapterLoadError.
     """
+    missing = [key for key in RED_IDENTITY_FIELDS if key not in saved]
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: its 'base_model' has no {', '.join(repr(k) for k in missing)}; it was written by an "
+            "earlier lofit build, whose RED files did not record the whole base model. Train and save the RED "
+            "adapter again with this version"
+        )
     for key in ("width", "sites"):
         if saved.get(key) != current.get(key):
             raise BaseModelMismatchError(
@@ -355,8 +360,7 @@ def check_same_red_base(saved: dict[str, Any], current: dict[str, Any], source: 
                 f"({saved.get('name_or_path') or 'unnamed'}) with {key}={saved.get(key)}, but the base model given "
                 f"has {key}={current.get(key)}; load it onto the base model it was trained on"
             )
-    filled = {k: saved.get(k, current.get(k)) for k in ("hidden_size", "vocab_size", "num_heads", "head_dim")}
-    check_same_base({**saved, **filled}, current, source)
+    check_same_base(saved, current, source)
 
 
 def _read_config(directory: Path) -> tuple[RedConfig, dict[str, Any]]:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..adapters.wrappers import SwitchableModel
 from ..errors import LofitValueError
+from ..selection.activations import record_activations
 from ..training.activation_checkpointing import decoder_layers
 from ..training.batching import pad_token_id
 from ..training.tokens import encode
@@ -53,7 +54,7 @@ def residual_at_last_token(
         model: a causal LM (or a wrapper of one whose decoder layers are its submodules).
         tokenizer: its tokenizer.
         texts: the texts; each one is tokenized alone (with the tokenizer's special tokens).
-        batch_size: texts per forward pass (right-padded).
+        batch_size: texts per forward pass (right-padded; `lofit.selection.activations.record_activations`).
 
     Returns:
         A tensor [len(texts), num_layers, hidden_size].
@@ -73,45 +74,17 @@ def residual_at_last_token(
         raise RepeError(f"batch_size must be >= 1, got {batch_size}")
     if not texts:
         raise RepeError("texts is empty; pass at least one text")
-    layers = decoder_layers(model)
     sequences = [encode(tokenizer, text) for text in texts]
     if any(not s for s in sequences):
         raise RepeError("a text produced no tokens; drop empty texts")
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor] = [torch.empty(0)] * len(layers)
-    rows = torch.empty(0, dtype=torch.long)
-    last = torch.empty(0, dtype=torch.long)
-
-    def hook_for(index: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            captured[index] = hidden[rows.to(hidden.device), last.to(hidden.device)].detach().float().cpu()
-
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    chunks = []
-    try:
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = _right_padded(sequences[start : start + batch_size], pad_token_id(tokenizer))
-            rows, last = torch.arange(ids.shape[0]), mask.sum(1) - 1
-            with torch.no_grad():
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            chunks.append(torch.stack(captured, dim=1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.cat(chunks)
-
-
-def _right_padded(batch: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] padded on the right with `pad`, and their attention mask."""
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    for row, sequence in enumerate(batch):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-    lengths = torch.tensor([len(s) for s in batch])
-    return ids, (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return record_activations(
+        model,
+        decoder_layers(model),
+        sequences,
+        read="output",
+        batch_size=batch_size,
+        pad_token_id=pad_token_id(tokenizer),
+    )
 
 
 def _check_pairs(positive: torch.Tensor, negative: torch.Tensor) -> None:

@@ -103,12 +103,12 @@ def _image(out: Path, relative: str, caption: str) -> str:
     return f"![{caption}]({relative})\n" if (out / relative).exists() else f"({caption}: not written)\n"
 
 
-def logit_lens_section(lens: Any, limit: int = 20) -> list[str]:
+def logit_lens_section(lens: list[dict[str, Any]] | str, limit: int = 20) -> list[str]:
     """The report's logit-lens table (the paper's App. E) from metrics.json's `logit_lens` entries.
 
     Args:
         lens: a list of `HeadTokens` fields as dicts (what `lofit run` stores), or a note (str) saying
-            why there is none, or None (older metrics.json: no section).
+            why there is none.
         limit: how many heads to show, largest ‖v‖ first.
 
     Example:
@@ -117,8 +117,6 @@ def logit_lens_section(lens: Any, limit: int = 20) -> list[str]:
         >>> logit_lens_section([entry])[-2].splitlines()[-1]
         '| (3, 1) | 0.800 | `mother` |'
     """
-    if lens is None:
-        return []
     title = ["## Logit lens of the learned offsets", ""]
     if isinstance(lens, str):
         return [*title, f"({lens})", ""]
@@ -191,7 +189,7 @@ def render_report(out: Path, metrics: dict[str, Any]) -> str:
         "",
         _image(out, "heads.png", "head scores (selected heads marked)"),
         *training_section(out, metrics),
-        *logit_lens_section(metrics.get("logit_lens")),
+        *logit_lens_section(metrics["logit_lens"]),
         "## Time",
         "",
         "| step | seconds |",

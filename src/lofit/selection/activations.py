@@ -1,14 +1,16 @@
-"""Per-head activations: each head's z (its slice of the attention output projection's input).
+"""Recorded activations: `record_activations` (any modules' inputs or outputs at one position per
+sequence) and, on it, each head's z (its slice of the attention output projection's input).
 
-Used by probe-based head selection and by the ITI baseline. A forward pre-hook on every layer's output
-projection keeps only the requested token positions, so memory is [N, layers, heads, head_dim]. On a
-`LofitModel` the hook sits on the wrapper, so it records z before any LoFiT edit.
+This is lofit's one activation recorder: probe-based head selection and the ITI baseline read head
+activations through `head_activations`, the RepE baseline reads decoder-layer outputs through
+`record_activations`. Hooks keep only the requested token positions, so memory is [N, modules, width].
+On a `LofitModel` the head hook sits on the wrapper, so it records z before any LoFiT edit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -50,15 +52,68 @@ def head_activations(
     )
     sites = [causal_lm.get_submodule(site.name) for site in geometry.sites]
     hooked = [getattr(m, "base_layer", m) if after_adapter else m for m in sites]
-    recorder = _Recorder(geometry)
-    handles = [
-        module.register_forward_pre_hook(recorder.hook_for(site.layer))
-        for module, site in zip(hooked, geometry.sites, strict=True)
-    ]
     device = causal_lm.get_input_embeddings().weight.device  # type: ignore[operator]
     body = _decoder_body(causal_lm, sites)  # skipping the LM head saves the [B, T, vocab] logits
     was_training = causal_lm.training
     causal_lm.eval()
+    try:
+        recorded = record_activations(
+            body,
+            hooked,
+            sequences,
+            positions,
+            batch_size=batch_size,
+            pad_token_id=pad_token_id,
+            device=device,
+        )
+    finally:
+        causal_lm.train(was_training)
+    return recorded.view(len(sequences), geometry.num_layers, geometry.num_heads, geometry.head_dim)
+
+
+def record_activations(
+    body: nn.Module,
+    modules: Sequence[nn.Module],
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[int] | None = None,
+    *,
+    read: Literal["input", "output"] = "input",
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Each module's input (or output) at one position per sequence: fp32 [N, len(modules), width] on CPU.
+
+    The sequences run through `body` in right-padded batches (no gradients); a hook on every module keeps
+    row i's activation at `positions[i]` (default: its last token). Outputs that are tuples (decoder
+    layers) are read at their first element.
+
+    Args:
+        body: what the token ids are fed to (a causal LM or its decoder body).
+        modules: submodules of `body` to read, all of the same width.
+        sequences: token ids, one list per example.
+        positions: one position per sequence; None reads each one's last token.
+        read: "input" (a forward pre-hook's first argument) or "output".
+        batch_size: sequences per forward pass.
+        pad_token_id: the padding id (masked out).
+        device: where the ids go; None: the device of `body`'s first parameter.
+
+    Returns:
+        The activations, in the order of `sequences` and `modules`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> record_activations(base, base.model.layers, [[1, 2, 3], [4, 5]], read="output").shape
+        torch.Size([2, 2, 32])
+    """
+    if batch_size < 1:
+        raise LofitValueError(f"batch_size must be >= 1, got {batch_size}")
+    positions = _checked_positions(sequences, positions)
+    device = device if device is not None else next(body.parameters()).device
+    recorder = _Recorder(len(modules), read)
+    handles = recorder.attach(modules)
     try:
         with torch.no_grad():
             return torch.cat(
@@ -76,7 +131,23 @@ def head_activations(
     finally:
         for handle in handles:
             handle.remove()
-        causal_lm.train(was_training)
+
+
+def right_padded(batch: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] padded on the right with `pad_token_id`, and their attention mask.
+
+    Example:
+        >>> ids, mask = right_padded([[5, 6, 7], [8]], pad_token_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    width = max(len(s) for s in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        input_ids[row, : len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
 
 
 def _checked_positions(sequences: Sequence[Sequence[int]], positions: Sequence[int] | None) -> Sequence[int]:
@@ -93,21 +164,29 @@ def _checked_positions(sequences: Sequence[Sequence[int]], positions: Sequence[i
 
 
 class _Recorder:
-    """Forward pre-hooks that keep each layer's projection input at one position per row."""
+    """Hooks that keep each module's input (or output) at one position per row of the current batch."""
 
-    def __init__(self, geometry: HeadGeometry) -> None:
-        self.geometry = geometry
+    def __init__(self, num_modules: int, read: str) -> None:
+        self.num_modules = num_modules
+        self.read = read
         self.captured: dict[int, torch.Tensor] = {}
         self.rows = torch.empty(0, dtype=torch.long)
         self.cols = torch.empty(0, dtype=torch.long)
 
-    def hook_for(self, layer: int) -> Callable[..., None]:
-        """The pre-hook of layer `layer`'s output projection."""
+    def attach(self, modules: Sequence[nn.Module]) -> list[Any]:
+        """Register the hook of every module; returns the handles to remove."""
+        if self.read == "input":
+            return [m.register_forward_pre_hook(self.hook_for(i)) for i, m in enumerate(modules)]
+        return [m.register_forward_hook(self.hook_for(i)) for i, m in enumerate(modules)]
 
-        def hook(module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
-            hidden = args[0]
+    def hook_for(self, index: int) -> Callable[..., None]:
+        """The hook of module `index` (a pre-hook reads `args[0]`, a forward hook the output)."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], *output: Any) -> None:
+            hidden = args[0] if self.read == "input" else output[0]
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             rows, cols = self.rows.to(hidden.device), self.cols.to(hidden.device)
-            self.captured[layer] = hidden[rows, cols].detach().float().cpu()
+            self.captured[index] = hidden[rows, cols].detach().float().cpu()
 
         return hook
 
@@ -119,20 +198,13 @@ class _Recorder:
         pad_token_id: int,
         device: torch.device,
     ) -> torch.Tensor:
-        """One padded batch through `body`: [len(chunk), layers, heads, head_dim]."""
-        width = max(len(s) for s in chunk)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, sequence in enumerate(chunk):
-            input_ids[row, : len(sequence)] = torch.tensor(list(sequence))
-            attention_mask[row, : len(sequence)] = 1
+        """One padded batch through `body`: [len(chunk), modules, width]."""
+        input_ids, attention_mask = right_padded(chunk, pad_token_id)
         self.rows = torch.arange(len(chunk))
-        self.cols = torch.tensor(list(positions))
+        self.cols = torch.tensor(list(positions), dtype=torch.long)
         self.captured.clear()
         body(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        geometry = self.geometry
-        stacked = torch.stack([self.captured[layer] for layer in range(geometry.num_layers)], dim=1)
-        return stacked.view(len(chunk), geometry.num_layers, geometry.num_heads, geometry.head_dim)
+        return torch.stack([self.captured[index] for index in range(self.num_modules)], dim=1)
 
 
 def _decoder_body(causal_lm: nn.Module, sites: list[nn.Module]) -> nn.Module:
