@@ -244,7 +244,7 @@ def render(out: Path, models: Sequence[str], extra: Sequence[str] = ()) -> str:
         t: planned_sizes(t, curves.parse_args(curves_argv(models[0], out, extra)).sizes) for t in TASKS
     }
     lines = [
-        "# The scale question: LoFiT − LoRA on two model sizes (issue 31, item 4)",
+        "# The scale question: LoFiT − LoRA on two model sizes",
         "",
         f"Models: {', '.join(MODEL_TITLES.get(m, m) for m in models)}. Protocol: `benchmarks.curves` Fig. 4 "
         f"(nested seeded training subsets; {settings.epochs} epochs, batch {settings.batch_size}, "

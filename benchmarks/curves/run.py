@@ -80,7 +80,7 @@ EXTRA_UNITS: dict[str, Callable[..., dict[str, Any]]] = {  # zero_shot: the base
     "zero_shot": unit_zero_shot,
 }
 EXTRA_METHODS = tuple(EXTRA_UNITS)
-# Generation-scored tasks first: they are Fig. 4 of the paper; TruthfulQA is the issue's addition.
+# Generation-scored tasks first: they are Fig. 4 of the paper; TruthfulQA is lofit's addition.
 CURVE_TASKS = ("mquake", "clutrr", "truthfulqa")
 EXTRA_TASKS = ("svamp",)  # Table 3's SVAMP (the paper's 350/350/300 split, `load_task("svamp")`)
 CURVE_DEFAULTS: dict[str, Any] = {

@@ -505,7 +505,7 @@ def fit_peft_like(h: Harness, name: str, fold: int, method: str, lr: float) -> t
 
 def red_layers(base: nn.Module, method: str) -> list[int] | None:
     """RED edits every layer; RED(Half), Table 3's "RED on half of the layers", the upper half (which half
-    the paper used is not stated in METHOD.md: a choice of ours, named in the table's row)."""
+    the paper used is not stated in docs/method.md: a choice of ours, named in the table's row)."""
     if method != "red_half":
         return None
     count = len(find_red_sites(base, RedConfig()))

@@ -79,7 +79,7 @@ def companion_sections(out_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------ checks
 def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with its measured value and whether it is met."""
+    """The speed targets, each with its measured value and whether it is met."""
     main = report["main"]
     lora = main.get("lora")
     rows: list[dict[str, Any]] = []

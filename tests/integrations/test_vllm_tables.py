@@ -48,7 +48,7 @@ def as_dense(edits: dict[tuple[int, int], dict[str, torch.Tensor]], scaled: bool
 def oracle(
     hidden: torch.Tensor, layer: int, edits: dict[tuple[int, int], dict[str, torch.Tensor]] | None
 ) -> torch.Tensor:
-    """z <- (1 + A) z + v head by head (METHOD.md), for one token."""
+    """z <- (1 + A) z + v head by head (docs/method.md §1), for one token."""
     out = hidden.clone()
     for (lay, head), edit in (edits or {}).items():
         if lay == layer:

@@ -1,6 +1,6 @@
 """Evaluation: `evaluate(model, tokenizer, task, data, **kwargs) -> dict[str, float]`.
 
-Tasks (protocols in docs/METHOD.md §6):
+Tasks (protocols in docs/method.md §6):
 - "truthfulqa_mc": records {question, best_answer, correct_answers, incorrect_answers} -> {"mc1", "mc2"}.
   kwargs: instruction, primer (texts; default: read from `data_dir`/truthfulqa/), data_dir, scorer.
 - "mc": records {question, choices, answer} -> {"accuracy", "accuracy_norm"}.
@@ -74,7 +74,7 @@ def evaluate(
     return_details: bool = False,
     **kwargs: Any,
 ) -> dict[str, float] | tuple[dict[str, float], Details]:
-    """Score `model` on `data` for `task` (protocols in docs/METHOD.md §6; see the module docstring).
+    """Score `model` on `data` for `task` (protocols in docs/method.md §6; see the module docstring).
 
     Args:
         model: a Hugging Face causal LM or a `lofit.LofitModel`.

@@ -194,7 +194,7 @@ def evaluate_truthfulqa_mc(
     max_length: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """TruthfulQA MC1/MC2 (the LoFiT / ITI protocol, METHOD.md §6).
+    """TruthfulQA MC1/MC2 (the LoFiT / ITI protocol, docs/method.md §6).
 
     Args:
         model: a causal LM or a `LofitModel`.

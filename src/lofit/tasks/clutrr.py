@@ -6,7 +6,7 @@ What the authors' code does (fc2869/lo-fit @ ebd344a, `utils/dataloaders.py`, cl
   `query[1:-1].replace("'", "").split(",")` into per1 = "Herman" and per2 = " Rosalee" -- note the
   leading space that the split leaves on per2. The template is filled as `.format(story, per2, per1,
   per2, per1)`, so the prompt holds two spaces before per2 ("how is  Rosalee related to Herman?
-  Answer:  Rosalee is Herman 's"). We keep that exactly; METHOD.md's one-space rendering differs.
+  Answer:  Rosalee is Herman 's"). We keep that exactly (docs/method.md §6).
 * Training/val text = prompt_body + "\\n" + target_text (+ "</s>" for Llama); test prompt =
   prompt_body + "\\n". `lofit_trainer.py` masks the prompt with DataCollatorForCompletionOnlyLM
   (response template " 's\\n"). So SFT = {"prompt": prompt_body + "\\n", "completion": target_text} and

@@ -4,7 +4,7 @@ Every reader goes through this module: `select_heads` / `train_offsets` (their k
 loaders (`Task.defaults`) and every CLI command (`lofit run`, `select`, `train`), so `lofit train --task
 mquake` and `lofit run --task mquake` keep the same k. Imports no torch.
 
-The paper's three tasks use the authors' Llama-2-7B settings (METHOD.md §2/§5): `l1` = λ of the
+The paper's three tasks use the authors' Llama-2-7B settings (docs/method.md §2, §5): `l1` = λ of the
 head-selection step, `lr_select` / `lr_train` = learning rates of step 1 / step 2, `k` = fraction of all
 heads kept (their scripts keep 32 of Llama-2-7B's 1,024 heads, about 3%). Generic tasks use the middle of
 the paper's λ range and 10% of heads, the paper's "best balance". Small models may want other values:

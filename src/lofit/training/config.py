@@ -22,7 +22,7 @@ class UnknownOptionError(LofitValueError, TypeError):
 
 @dataclass
 class TrainingConfig:
-    """Training options understood by `select_heads` and `train_offsets` (defaults: METHOD.md §5).
+    """Training options understood by `select_heads` and `train_offsets` (defaults: docs/method.md §5).
 
     Every field is validated when the config is built; a bad value raises `LofitValueError` naming the
     field and what it accepts.
