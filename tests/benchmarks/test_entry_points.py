@@ -166,3 +166,18 @@ def test_docstring_examples_run(module_name: str) -> None:
     for test in doctest.DocTestFinder(exclude_empty=True).find(module, module_name):
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_docs_name_real_entry_points_and_pictures() -> None:
+    import re
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), PACKAGE / "__init__.py"]
+    named = {
+        m
+        for path in docs
+        for m in re.findall(r"python -m benchmarks\.([a-z0-9_.]+[a-z0-9])", path.read_text())
+    }
+    assert named and named <= set(ENTRY_POINTS)
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "docs" / "results.md").read_text())
+    assert {Path(p).name for p in pictures} >= {"fig4.png", "fig5.png", "truthfulqa.png"}
+    assert [p for p in pictures if not (ROOT / "docs" / p).is_file()] == []
