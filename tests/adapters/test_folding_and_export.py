@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.integrations.export import MergeError, export_merged, merge_adapter_checkpoint
+from lofit.io.atomic import ForeignContentError
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model, tiny_tokenizer
 
 SEED = 0
@@ -93,15 +94,20 @@ def test_bias_switch_turned_on_when_base_has_no_biases(arch: str, switch: str, t
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-5
 
 
-def test_export_into_existing_directory_replaces_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_export_into_existing_directory_needs_overwrite_for_another_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("kept")
     (out / "config.json").write_text("{stale")
     model = adapted("llama")
     expected = logits(model)
-    export_merged(model.merge_and_unload(), out)
+    merged = model.merge_and_unload()
+    with pytest.raises(ForeignContentError, match=r"config.json.*overwrite=True"):
+        export_merged(merged, out)  # a config.json lofit did not write: another model's
+    assert (out / "config.json").read_text() == "{stale"
+    export_merged(merged, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "kept"
+    export_merged(merged, out)  # lofit's own checkpoint: replaced without overwrite
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert (logits(reloaded) - expected).abs().max().item() <= 1e-5
     (tmp_path / "file").write_text("x")

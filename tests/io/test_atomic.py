@@ -92,20 +92,24 @@ def test_keep_existing_discards_the_new_folder(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
-def test_a_symlinked_folder_is_replaced_at_its_destination(tmp_path: Path, mode: str) -> None:
+def test_a_symlinked_folder_is_refused_and_its_destination_untouched(tmp_path: Path, mode: str) -> None:
     real = tmp_path / "real"
     write_folder(real, {"a.safetensors": "old", "stale.bin": "x", "notes.txt": "mine"})
     (tmp_path / "link").symlink_to(real)
-    write_folder(tmp_path / "link", {"a.safetensors": "new"})
+    with pytest.raises(atomic.LinkedOutputError, match="is a symbolic link"):
+        write_folder(tmp_path / "link", {"a.safetensors": "new"})
     assert (tmp_path / "link").is_symlink()
-    assert contents(tmp_path / "link") == {"a.safetensors": "new", "notes.txt": "mine"} == contents(real)
+    assert contents(real) == {"a.safetensors": "old", "stale.bin": "x", "notes.txt": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
 def test_a_kill_between_the_two_renames_is_recovered_to_the_old_content(tmp_path: Path) -> None:
     # The state a SIGKILL leaves after target -> backup and before temporary -> target.
     write_folder(tmp_path / "adapter", {"lofit_config.json": "old", "lofit_model.safetensors": "old"})
-    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.lofit-old")
-    write_folder(tmp_path / ".adapter.q9w8e7r6.tmp", {"lofit_config.json": "new"})  # complete, unpublished
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.lofit-old-4242-k3j2h1g0")
+    write_folder(
+        tmp_path / ".adapter.lofit-tmp-4242-q9w8e7r6", {"lofit_config.json": "new"}
+    )  # complete, unpublished
     assert not (tmp_path / "adapter").exists()
     recover(tmp_path / "adapter")
     assert contents(tmp_path / "adapter") == {"lofit_config.json": "old", "lofit_model.safetensors": "old"}
@@ -115,7 +119,7 @@ def test_a_kill_between_the_two_renames_is_recovered_to_the_old_content(tmp_path
 def test_a_stale_backup_beside_a_complete_folder_is_deleted(tmp_path: Path) -> None:
     write_folder(tmp_path / "adapter", {"x": "new"})
     write_folder(
-        tmp_path / ".adapter.k3j2h1g0.lofit-old", {"x": "old"}
+        tmp_path / ".adapter.lofit-old-4242-k3j2h1g0", {"x": "old"}
     )  # killed while deleting the old content
     write_folder(tmp_path / "adapter", {"x": "newer"})
     assert contents(tmp_path / "adapter") == {"x": "newer"}
@@ -128,7 +132,7 @@ def test_reading_an_adapter_restores_it_from_its_backup(tmp_path: Path) -> None:
 
     model = get_lofit_model(tiny_model("llama"), LofitConfig(heads={0: [1]}, init_std=0.1))
     model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter").rename(tmp_path / ".adapter.k3j2h1g0.lofit-old")
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.lofit-old-4242-k3j2h1g0")
     loaded = LofitModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
     assert loaded.selected_heads() == {0: [1]}
 
@@ -137,17 +141,17 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) ->
     out = tmp_path / "run"
     write_folder(out, {"heads.json": "{}", "adapter/lofit_config.json": "{}"})
     stale = [
-        out / ".adapter.abcd1234.tmp",
-        out / ".heads.json.zyxw9876.tmp",
-        out / "train" / "checkpoints" / ".step-00000003.removing",
-        out / "train" / "checkpoints" / ".step-00000004.a1b2c3d4.tmp",
+        out / ".adapter.lofit-tmp-4242-abcd1234",
+        out / ".heads.json.lofit-tmp-4242-zyxw9876",
+        out / "train" / "checkpoints" / ".step-00000003.lofit-removing-4242-0a1b2c3d",
+        out / "train" / "checkpoints" / ".step-00000004.lofit-tmp-4242-a1b2c3d4",
     ]
     for path in stale:
         path.mkdir(parents=True) if "json" not in path.name else path.write_text("partial")
     (stale[0] / "lofit_config.json").write_text("partial")
-    live = out / ".metrics.json.live1234.tmp"
+    live = out / ".metrics.json.lofit-tmp-4242-live1234"
     live.write_text("being written")
-    user_file = out / ".my.notes.tmp"  # not lofit's name pattern: the random part is too short
+    user_file = out / ".notes.20240101.tmp"  # no lofit marker: a user's file, whatever it looks like
     user_file.write_text("mine")
     marker = atomic._hold_flock(live)  # as a running writer holds it
     try:
@@ -161,7 +165,7 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) ->
 
 
 def test_the_next_write_of_a_file_removes_its_leftovers(tmp_path: Path) -> None:
-    (tmp_path / ".heads.json.zyxw9876.tmp").write_text("partial")
+    (tmp_path / ".heads.json.lofit-tmp-4242-zyxw9876").write_text("partial")
     atomic_write_text(tmp_path / "heads.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]
 
@@ -179,7 +183,7 @@ def test_writing_a_file_over_a_folder_is_refused_clearly(tmp_path: Path) -> None
 
 
 def test_a_temporary_in_use_by_another_process_is_not_removed(tmp_path: Path) -> None:
-    live = tmp_path / ".adapter.live1234.tmp"
+    live = tmp_path / ".adapter.lofit-tmp-4242-live1234"
     live.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import fcntl,os,sys; fd=os.open({str(live)!r}, os.O_RDONLY); "
@@ -204,9 +208,13 @@ def test_a_sweep_of_a_users_folder_touches_only_lofits_leftovers(tmp_path: Path)
         ".notes.abc1234.tmp",
         ".cache.removing",
         ".x.ABCD1234.tmp",
+        ".bashrc.abcd1234.tmp",  # the names of older lofit versions: no marker, so possibly a user's
+        ".notes.20240101.tmp",
+        ".adapter.lofit-tmp-abcd1234",  # a marker, but no process id
+        "adapter.lofit-tmp-1-abcd1234",  # not hidden
     ]
     for name in mine:
         (tmp_path / name).write_text("mine")
-    (tmp_path / ".bashrc.abcd1234.tmp").write_text("a dead lofit write")
+    (tmp_path / ".bashrc.lofit-tmp-4242-abcd1234").write_text("a dead lofit write")
     remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".bashrc", *mine])

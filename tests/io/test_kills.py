@@ -65,7 +65,7 @@ def job_train(out: str, kill_removing: int | None, final: str | None) -> int:
         rmtree = shutil.rmtree
 
         def dying_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
-            if str(path).endswith(f".step-{kill_removing - 1:08d}.removing"):
+            if f".step-{kill_removing - 1:08d}.lofit-removing-" in Path(path).name:
                 os.kill(os.getpid(), signal.SIGKILL)
             rmtree(path, *args, **kwargs)
 

@@ -107,9 +107,11 @@ def test_the_lock_is_reentrant_and_released(tmp_path: Path) -> None:
 
 def test_taking_the_lock_cleans_up_crashed_writes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    (out / "train" / "checkpoints" / ".step-00000002.removing").mkdir(parents=True)
-    (out / ".heads.json.abcd1234.tmp").write_text("partial")
-    (tmp_path / ".run.abcd1234.lofit-old").mkdir()  # a complete backup of `run` beside it: stale, run exists
+    (out / "train" / "checkpoints" / ".step-00000002.lofit-removing-4242-0a1b2c3d").mkdir(parents=True)
+    (out / ".heads.json.lofit-tmp-4242-abcd1234").write_text("partial")
+    (
+        tmp_path / ".run.lofit-old-4242-abcd1234"
+    ).mkdir()  # a complete backup of `run` beside it: stale, run exists
     (out / "heads.json").write_text("{}")
     with output_lock(out):
         pass

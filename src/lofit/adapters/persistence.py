@@ -72,9 +72,10 @@ def write_adapter_files(
 
     `extra_files` (name -> text) are written with them.
 
-    Both files appear together (a new directory is renamed into place), or, over an existing adapter,
-    each is replaced atomically: a crash or a full disk never leaves a partial file. Non-finite tensors
-    are refused before anything is written.
+    The folder is swapped in whole (`lofit.io.atomic.atomic_directory`, policy "beside"): a crash or a full
+    disk never leaves a partial file, and every other file already in `path` (a base model saved there, as
+    PEFT allows, or a user's notes) is kept. `path` must not be a symbolic link. Non-finite tensors are
+    refused before anything is written.
     """
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -82,7 +83,7 @@ def write_adapter_files(
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise LofitValueError(f"tensor {key!r} holds NaN/inf; refusing to save the adapter")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, policy="beside") as tmp:
         save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
         (tmp / config_name).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         for name, text in (extra_files or {}).items():

@@ -219,6 +219,12 @@ def _add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also (or, without --out, only) write a copy of the base's GGUF file with the offsets as "
         "attn_output biases, for llama.cpp / Ollama (GGUF bases only: smollm2-135m or a .gguf file)",
     )
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model lofit did not write that --out already holds (else refused; a checkpoint "
+        "lofit merged there before is replaced without it; files that are no model content are kept)",
+    )
     merge.set_defaults(handler=_cmd_merge)
 
 
@@ -373,7 +379,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         written = merge_adapter_to_gguf(args.model, args.adapter, args.gguf)
         print(f"GGUF with the adapter folded in written to {written}; serve it with llama.cpp / Ollama")
     if args.out is not None:
-        path = merge_step(args.model, args.adapter, args.out, args.dtype)
+        path = merge_step(args.model, args.adapter, args.out, args.dtype, args.overwrite)
         print(
             f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
         )

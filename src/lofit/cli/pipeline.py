@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import LofitValueError
 from ..io.output_paths import check_output_dir
-from .inputs import PreparedData, input_paths, load, prepare_data
+from .inputs import PreparedData, load, prepare_data
 from .options import RunOptions, parse_k
-from .steps import evaluation_kwargs, resolve_k, run_selection, run_training, training_kwargs
+from .steps import evaluation_kwargs, guarded_output, resolve_k, run_selection, run_training, training_kwargs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -149,13 +149,16 @@ def run(options: RunOptions) -> dict[str, Any]:
         The metrics written to metrics.json: at least `base`, `lofit`, `heads`, `trainable_params`, and
         `uncertainty` (n and the standard errors of each metric and of each change).
     """
+    out = Path(options.out)
+    with guarded_output(options):
+        check_output_dir(out)
+        return _run(options, out)
+
+
+def _run(options: RunOptions, out: Path) -> dict[str, Any]:
     from ..io.atomic import atomic_write_json
-    from ..io.output_paths import check_output_apart
     from .report import write_report
 
-    out = Path(options.out)
-    check_output_apart(out, input_paths(options))
-    check_output_dir(out)
     data = prepare_data(options, needs=("train", "test"))
     model, tokenizer, load_seconds = load(options)
     timings: dict[str, float] = {"load_model_s": load_seconds}

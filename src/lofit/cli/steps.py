@@ -8,13 +8,19 @@ same message, so the CLI reports it as the user's to fix (exit 2) and everything
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterLoadError, LofitError, LofitRuntimeError, LofitValueError
-from ..io.output_paths import check_input_dir, check_output_apart, check_output_dir, is_hub_adapter
+from ..io.atomic import WRITE_ERRNOS, output_target, write_guard
+from ..io.output_paths import (
+    check_input_dir,
+    check_no_links,
+    check_output_apart,
+    check_output_dir,
+    is_hub_adapter,
+)
 from .inputs import ADAPTER_FILES, PreparedData, input_paths, load, load_adapter, load_selection, prepare_data
 from .options import RunOptions
 
@@ -36,7 +42,37 @@ __all__ = [
     "training_kwargs",
 ]
 
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+# What `lofit select/train/run` write inside `--out` (training's `train_log.jsonl`, `loss_curve.png` and
+# `checkpoints/` in `select/` and `train/`): none of them may be a symbolic link.
+def _step_artefacts(step: str) -> tuple[str, ...]:
+    return (step, *(f"{step}/{name}" for name in ("checkpoints", "train_log.jsonl", "loss_curve.png")))
+
+
+ARTEFACTS = {
+    "select": ("heads.json", "heads.png", *_step_artefacts("select")),
+    "train": ("adapter", *_step_artefacts("train")),
+}
+ARTEFACTS["run"] = (*ARTEFACTS["select"], *ARTEFACTS["train"], "metrics.json", "report.md")
+RUN_ARTEFACTS = ARTEFACTS["run"]
+
+
+@contextlib.contextmanager
+def guarded_output(options: RunOptions, **extra: Path | str | None) -> Iterator[None]:
+    """Check `--out` of `run`/`select`/`train` before any work, and every write made in the block.
+
+    `--out` must lie apart from every input (links resolved) and no artefact path in it may be a link; each
+    write in the block is checked again (`lofit.io.atomic.write_guard`).
+
+    Args:
+        options: the command's options.
+        extra: more inputs, e.g. `heads=...` (see `input_paths`).
+    """
+    inputs = input_paths(options, **extra)
+    check_output_apart(options.out, inputs)
+    check_no_links(options.out, ARTEFACTS.get(options.command, RUN_ARTEFACTS))
+    with write_guard(inputs, root=options.out):
+        yield
 
 
 @contextlib.contextmanager
@@ -271,11 +307,11 @@ def select_step(options: RunOptions) -> HeadSelection:
     Returns:
         The `HeadSelection`.
     """
-    check_output_apart(options.out, input_paths(options))
-    check_output_dir(options.out)
-    data = prepare_data(options, needs=("train",))
-    model, tokenizer, _ = load(options)
-    return run_selection(options, data, model, tokenizer)
+    with guarded_output(options):
+        check_output_dir(options.out)
+        data = prepare_data(options, needs=("train",))
+        model, tokenizer, _ = load(options)
+        return run_selection(options, data, model, tokenizer)
 
 
 def train_step(options: RunOptions, heads_file: Path) -> LofitModel:
@@ -288,9 +324,13 @@ def train_step(options: RunOptions, heads_file: Path) -> LofitModel:
     Returns:
         The trained `LofitModel`.
     """
+    with guarded_output(options, heads=heads_file):
+        return _train(options, heads_file)
+
+
+def _train(options: RunOptions, heads_file: Path) -> LofitModel:
     from ..adapters.heads import find_output_projections
 
-    check_output_apart(options.out, input_paths(options, heads=heads_file))
     selection = load_selection(heads_file)
     check_output_dir(options.out)
     data = prepare_data(options, needs=("train",))
@@ -319,6 +359,7 @@ def _check_metrics_file(
     if out is None:
         return
     check_output_apart(out, inputs)
+    output_target(out)  # refuses a link, before the evaluation
     if out.is_dir():
         raise LofitValueError(
             f"{option} {out} is a directory; eval writes one file there: give a file name such as {out / example}"
@@ -373,9 +414,10 @@ def eval_step(
     from ..evaluation.uncertainty import per_record_scores, standard_error
     from ..io.atomic import atomic_write_json
 
-    _check_metrics_file(out, input_paths(options, adapter=adapter))
+    inputs = input_paths(options, adapter=adapter)
+    _check_metrics_file(out, inputs)
     samples = samples_file(log_samples, out)
-    _check_metrics_file(samples, input_paths(options, adapter=adapter), "--log-samples", "samples.jsonl")
+    _check_metrics_file(samples, inputs, "--log-samples", "samples.jsonl")
     if samples is not None and out is not None and samples.resolve() == out.resolve():
         raise LofitValueError(f"--log-samples {samples} is the --out file; give another file name")
     data = prepare_data(options, needs=("val",) if split == "val" else ("test",))
@@ -391,17 +433,20 @@ def eval_step(
     }
     document = {"task": data.task.name, "split": split, "adapter": str(adapter), **metrics}
     document |= {"n": len(records), "standard_errors": errors}
-    if samples is not None:
-        from ..evaluation.samples import write_samples
+    with write_guard(inputs):
+        if samples is not None:
+            from ..evaluation.samples import write_samples
 
-        write_samples(samples, data.task.eval_task, details)
-        document["samples"] = str(samples)
-    if out is not None:
-        atomic_write_json(out, document)
+            write_samples(samples, data.task.eval_task, details)
+            document["samples"] = str(samples)
+        if out is not None:
+            atomic_write_json(out, document)
     return document
 
 
-def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -> Path:
+def merge_step(
+    model: str, adapter: Path, out: Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
     """`lofit merge`: fold `adapter` into `model` and write a plain transformers checkpoint to `out`.
 
     Args:
@@ -409,6 +454,7 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
         adapter: the adapter directory.
         out: the new checkpoint directory (never one of the inputs).
         dtype: dtype of the written weights ("fp32", "bf16", "fp16", or "auto"/None: the checkpoint's own).
+        overwrite: `--overwrite`: replace another model found in `out` (else refused).
 
     Returns:
         The directory written.
@@ -420,7 +466,9 @@ def merge_step(model: str, adapter: Path, out: Path, dtype: str | None = None) -
     if not is_hub_adapter(adapter):  # a Hub repo id is resolved (and its errors named) by from_pretrained
         check_input_dir(adapter, "--adapter", ADAPTER_FILES)
     try:
-        return merge_adapter_checkpoint(model, str(adapter), str(out), dtype=dtype)
+        return merge_adapter_checkpoint(
+            model, str(adapter), str(out), dtype=dtype, overwrite=overwrite, overwrite_option="--overwrite"
+        )
     except LofitError:
         raise
     except OSError as error:

@@ -29,27 +29,47 @@ from torch import nn
 from ..adapters.folding import MergeError as MergeError  # re-exported: callers catch it from here
 from ..adapters.merged import check_complete
 from ..adapters.model import LofitModel
-from ..io.atomic import atomic_directory
+from ..io.atomic import atomic_directory, check_replaceable, write_guard
 
 
-def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: object | None = None) -> Path:
+def export_merged(
+    merged: nn.Module,
+    path: str | os.PathLike[str],
+    tokenizer: object | None = None,
+    *,
+    overwrite: bool = False,
+    overwrite_option: str = "overwrite=True",
+) -> Path:
     """Save a merged model (from `merge_and_unload`) as a checkpoint that plain transformers loads.
 
     Args:
         merged: the merged model.
-        path: the output directory; files in it are replaced, others kept. The files are written into
-            a temporary directory and moved into `path` only once all are complete.
+        path: the output directory, never a symbolic link nor the folder the model was loaded from. The
+            files are written into a temporary directory and swapped in only once all are complete; a
+            checkpoint lofit wrote there before is replaced whole, files that are no model content (notes)
+            are kept.
         tokenizer: saved alongside when given.
+        overwrite: replace model files in `path` that lofit did not write (another model); without it
+            such a folder is refused.
+        overwrite_option: how the caller spells `overwrite`, for the message.
 
     Returns:
         `path` as a `Path`.
 
     Raises:
         MergeError: the checkpoint would not reload as this model (nothing is written then).
+        ForeignContentError: `path` holds another model and not `overwrite`.
+        InputOverwriteError: `path` is, contains or lies inside the folder the model was loaded from.
     """
     directory = Path(path)
     check_complete(merged)
-    with atomic_directory(directory) as tmp:
+    source = getattr(getattr(merged, "config", None), "_name_or_path", None)
+    local = source if isinstance(source, str) and source and Path(source).expanduser().is_dir() else None
+    guard = write_guard({"the base model's folder": local}, option="path")
+    folder = atomic_directory(
+        directory, policy="model", overwrite=overwrite, overwrite_option=overwrite_option
+    )
+    with guard, folder as tmp:
         merged.save_pretrained(str(tmp))  # type: ignore[operator]  # safetensors by default
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
@@ -57,24 +77,43 @@ def export_merged(merged: nn.Module, path: str | os.PathLike[str], tokenizer: ob
 
 
 def merge_adapter_checkpoint(
-    base: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | str | None = None
+    base: str,
+    adapter_dir: str,
+    out_dir: str,
+    dtype: torch.dtype | str | None = None,
+    *,
+    overwrite: bool = False,
+    overwrite_option: str = "overwrite=True",
 ) -> Path:
     """Load `base` (see `load_model`), fold the adapter saved in `adapter_dir` into it, export to `out_dir`.
 
     The result (weights, config, tokenizer) loads with plain `AutoModelForCausalLM.from_pretrained`; for
-    Mistral, Qwen2 and Phi-3 bases with offsets it is the equivalent `LlamaForCausalLM`.
+    Mistral, Qwen2 and Phi-3 bases with offsets it is the equivalent `LlamaForCausalLM`. The arguments are
+    checked before anything is loaded, as `lofit merge` checks them.
 
     Args:
         base: a Hugging Face id, a local path or "smollm2-135m".
         adapter_dir: the directory written by `LofitModel.save_pretrained`.
-        out_dir: where to write the merged checkpoint.
+        out_dir: where to write the merged checkpoint: never one of the inputs (links resolved), never a
+            symbolic link; holding another model only with `overwrite` (see `export_merged`).
         dtype: load (and so save) the base in this dtype; None keeps the checkpoint's.
+        overwrite: replace another model found in `out_dir`.
+        overwrite_option: how the caller spells `overwrite`, for the message.
 
     Returns:
         `out_dir` as a `Path`.
+
+    Raises:
+        InputOverwriteError, LinkedOutputError, ForeignContentError: `out_dir` cannot be written safely.
     """
     from ..io.loading import load_model
 
-    model, tokenizer = load_model(base, dtype=dtype)
-    merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return export_merged(merged, out_dir, tokenizer)
+    local_base = base if Path(base).expanduser().exists() else None
+    inputs = {"base": local_base, "adapter_dir": adapter_dir}
+    with write_guard(inputs, option="out_dir"):
+        check_replaceable(out_dir, overwrite, overwrite_option)  # before the (slow) load and merge
+        model, tokenizer = load_model(base, dtype=dtype)
+        merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        return export_merged(
+            merged, out_dir, tokenizer, overwrite=overwrite, overwrite_option=overwrite_option
+        )

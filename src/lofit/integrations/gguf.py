@@ -27,7 +27,7 @@ import torch
 
 from ..adapters.heads import module_tensor
 from ..errors import LofitValueError
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, output_target, write_guard
 
 if TYPE_CHECKING:
     from ..adapters.model import LofitModel
@@ -70,12 +70,14 @@ def export_gguf(
         raise GGUFExportError(
             f"{out} is the input GGUF file; choose another output path (it is never overwritten)"
         )
+    with write_guard({"source": source}, option="out"):
+        output_target(out)  # a link or an input: refused before the (slow) edits
     try:
         reader = gguf.GGUFReader(str(source))
     except (ValueError, OSError) as error:
         raise GGUFExportError(f"{source}: not a readable GGUF file ({error})") from None
     edits = gguf_edits(model, reader, adapter_name)
-    with atomic_path(out) as tmp:
+    with write_guard({"source": source}, option="out"), atomic_path(out) as tmp:
         write_gguf_copy(reader, edits, tmp)
     return out
 
@@ -247,6 +249,8 @@ def merge_adapter_to_gguf(
     from ..io.loading import load_model
 
     source = gguf_file_of(base)
+    with write_guard({"base": source, "adapter_dir": adapter_dir}, option="out"):
+        output_target(out)  # a link or an input: refused before the (slow) load
     model, _ = load_model(base)
     lofit_model = LofitModel.from_pretrained(model, adapter_dir)
     return export_gguf(lofit_model, source, out)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import LofitValueError
+from .atomic import LinkedOutputError
 
 PathLike = str | os.PathLike[str]
 
@@ -66,6 +67,40 @@ def check_output_apart(out: PathLike, inputs: Mapping[str, PathLike | None], opt
             f"{option} {out} {relation} the input {name} {path}; lofit never writes where it reads. "
             f"Choose an {option} outside every input"
         )
+
+
+def check_no_links(out: PathLike, names: tuple[str, ...], option: str = "--out") -> None:
+    """Refuse an output folder where a path lofit will write (`out/NAME`) is a symbolic link.
+
+    Checked before any work, so a command fails at once rather than after training; the write layer
+    (`lofit.io.atomic.output_target`) checks every write again.
+
+    Args:
+        out: the output folder.
+        names: the files and folders the command writes in it, relative to `out` (e.g. "adapter", "train/checkpoints").
+        option: the output's option name, for the message.
+
+    Raises:
+        LinkedOutputError: naming the link, its destination and the fix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> (out / "heads.json").symlink_to(out / "elsewhere.json")
+        >>> check_no_links(out, ("adapter", "heads.json"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lofit.io.atomic.LinkedOutputError: --out ...: heads.json is a symbolic link (to ...elsewhere.json); lofit writes heads.json there and never through a link, since that would replace what it points to. Remove the link or choose another --out
+    """
+    for name in names:
+        for part in (*reversed(Path(name).parents[:-1]), Path(name)):  # "train", then "train/checkpoints"
+            linked = Path(out) / part
+            if linked.is_symlink():
+                raise LinkedOutputError(
+                    f"{option} {out}: {part} is a symbolic link (to {os.readlink(linked)}); lofit writes "
+                    f"{name} there and never through a link, since that would replace what it points to. "
+                    f"Remove the link or choose another {option}"
+                )
 
 
 def describe_not_regular(path: Path) -> str | None:

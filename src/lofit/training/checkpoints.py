@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LofitValueError
-from ..io.atomic import atomic_directory, remove_leftovers
+from ..io.atomic import atomic_directory, remove_folder, remove_leftovers
 
 FORMAT_NAME = "lofit-training-checkpoint"
 FORMAT_VERSION = 1
@@ -277,17 +276,14 @@ def _optimizer_document(state: dict[str, Any], tensors: dict[str, torch.Tensor])
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Hidden temporary directories left by a process killed while writing (never read)."""
-    if root.is_dir():
-        for stale in root.glob(".step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    """Leftovers of a process killed while writing or removing a checkpoint (lofit's marked names only)."""
+    remove_leftovers(root, depth=0)
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Rename first, so an interrupted removal never leaves a half-deleted `step-*` directory."""
-    doomed = path.with_name(f".{path.name}.removing")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    """Rename first (`.step-N.lofit-removing-...`), so an interrupted removal never leaves a half-deleted
+    `step-*` directory."""
+    remove_folder(path)
 
 
 # ------------------------------------------------------------------------------------------ load
