@@ -203,6 +203,12 @@ def link_cases() -> list[Case]:
         Case("links", "select-out-is-a-link-to-a-folder",
              lambda env: env.select(out=env.link(env.root / "o", _folder(env.root / "real"))), None,
              check=lambda env: _has(env.root / "real", "heads.json")),
+        Case("links", "lock-file-beside-out-links-to-train",
+             lambda env: (env.link(env.root / ".out.lofit-lock", env.assets["train"]), env.select())[-1],
+             (LINK, "lock file")),
+        Case("links", "lock-file-beside-merge-out-links-to-weights",
+             lambda env: (env.link(env.root / ".m.lofit-lock", env.assets["weights"]), env.merge(env.root / "m"))[-1],
+             (LINK, "lock file")),
         # a link in --out that lofit does not write is left alone
         Case("links", "train-unrelated-links-kept",
              lambda env: (env.link("heads.json", env.assets["heads"]), env.link("data", env.assets["data"]), env.train())[-1],

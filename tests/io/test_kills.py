@@ -335,6 +335,7 @@ def test_merge_over_a_sharded_checkpoint_killed(
         str(merge_setup["adapter"]),
         "--out",
         str(target),
+        "--overwrite",  # the old content is another model's checkpoint, not lofit's
     ]
     status, log = zygote_process.run("job_cli", argv, env=kill_env(point, "merged", mode))
     assert status["signal"] == signal.SIGKILL, log

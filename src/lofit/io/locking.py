@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LofitRuntimeError
-from .atomic import recover, remove_leftovers
+from .atomic import LinkedOutputError, recover, remove_leftovers
 
 try:
     import fcntl
@@ -123,7 +123,12 @@ def _acquire(path: str | os.PathLike[str], lock: Path) -> int:
     """Take the flock of `lock` (retrying if the file was replaced meanwhile); return its descriptor."""
     assert fcntl is not None
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        if lock.is_symlink():  # writing the record through it would overwrite what it points to
+            raise LinkedOutputError(
+                f"{lock} (the lock file of {path}) is a symbolic link (to {os.readlink(lock)}); lofit never "
+                "writes through a link. Remove the link"
+            )
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
