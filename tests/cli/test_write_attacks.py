@@ -40,8 +40,16 @@ REPORT = os.environ.get("LOFIT_WRITE_ATTACKS_REPORT")
 TESTS = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def assets(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fresh copy of the assets for each case, so that a case losing data cannot spoil the next ones."""
+    root = tmp_path_factory.mktemp("assets")
+    shutil.copytree(built["root"], root, dirs_exist_ok=True, symlinks=True)
+    return {name: root / path.relative_to(built["root"]) for name, path in built.items()}
+
+
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny llama on disk, data files, a heads.json, an adapter, and files and folders outside any output."""
     from lofit.selection.select import select_heads
     from lofit.training.offsets import train_offsets
@@ -298,6 +306,17 @@ def ownership_cases() -> list[Case]:
 
         return save
 
+    def save_beside_peft(env: Env) -> Callable[[], object]:
+        from transformers import AutoModelForCausalLM
+
+        from lofit import LofitModel
+
+        env.file("peft/adapter_config.json", '{"peft_type": "LORA"}')
+        env.file("peft/adapter_model.safetensors", "a PEFT adapter's weights")
+        base = AutoModelForCausalLM.from_pretrained(env.assets["llama"])
+        lofit = LofitModel.from_pretrained(base, env.assets["adapter"])
+        return lambda: lofit.save_pretrained(env.root / "peft")
+
     def check_beside(
         env: Env, names: tuple[str, ...] = ("lofit_config.json", "lofit_model.safetensors")
     ) -> None:
@@ -364,6 +383,8 @@ def ownership_cases() -> list[Case]:
         Case("ownership", "save-pretrained-beside-its-base-keeps-the-model", save_beside_model, None, check=check_beside),
         Case("ownership", "save-pretrained-twice-beside-the-base", lambda env: save_beside_model(env, twice=True),
              None, check=check_beside),
+        Case("ownership", "save-pretrained-beside-a-peft-adapter-keeps-its-config", save_beside_peft, None,
+             check=lambda env: _has(env.root / "peft", "lofit_config.json", "adapter_model.safetensors")),
         Case("ownership", "red-save-pretrained-beside-the-base", lambda env: save_beside_model(env, red=True), None,
              check=lambda env: check_beside(env, ("red_config.json", "red_model.safetensors"))),
         Case("ownership", "train-adapter-folder-holds-a-model", train_into_model_copy, None,

@@ -198,9 +198,28 @@ def save_adapter(
     tensors: dict[str, torch.Tensor],
     base_identity: dict[str, Any],
 ) -> None:
-    """Write a LoFiT adapter: `config` (its heads as stored in `tensors`), the base identity, PEFT's signpost."""
+    """Write a LoFiT adapter: `config` (its heads as stored in `tensors`), the base identity, PEFT's signpost.
+
+    The signpost is left out where it would harm what the folder already holds: a model (its `config.json`:
+    transformers would then read the folder as a PEFT adapter and no longer load the model) or a PEFT
+    adapter's own `adapter_config.json` (never replaced).
+    """
     document = adapter_document(config, tensors, base_identity)
-    write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME, {PEFT_CONFIG_NAME: PEFT_SIGNPOST})
+    extra = {PEFT_CONFIG_NAME: PEFT_SIGNPOST} if _signpost_fits(Path(path)) else {}
+    write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME, extra)
+
+
+def _signpost_fits(folder: Path) -> bool:
+    """Whether PEFT's signpost may be written into `folder` (no model there, no adapter_config.json but lofit's)."""
+    if (folder / "config.json").exists():
+        return False
+    existing = folder / PEFT_CONFIG_NAME
+    if not os.path.lexists(existing):
+        return True
+    try:
+        return existing.read_text(encoding="utf-8") == PEFT_SIGNPOST
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 # ------------------------------------------------------------- the adapter as one state dict

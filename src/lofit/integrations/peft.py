@@ -116,7 +116,8 @@ def export_peft_adapter(
 
     Args:
         model: the LofitModel.
-        path: the folder to write (replaced atomically): `adapter_config.json` + `adapter_model.safetensors`.
+        path: the folder to write (atomically; never a symbolic link): `adapter_config.json` +
+            `adapter_model.safetensors`; other files in it are kept.
         adapter_name: the adapter (None: the active one).
 
     Returns:
@@ -136,7 +137,7 @@ def export_peft_adapter(
     document["target_modules"] = sorted(biases)  # a set in memory; a sorted list on disk, as PEFT writes it
     tensors = {f"base_model.model.{site}.beft_bias": bias for site, bias in biases.items()}
     folder = Path(path)
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, policy="beside") as tmp:  # other files kept, as PEFT does
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_NAME).write_text(
             json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8"
