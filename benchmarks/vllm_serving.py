@@ -12,9 +12,9 @@ On the bundled SmolLM2-135M-Instruct (CPU build of vLLM, fp32, eager), one `Lofi
    the overhead 1 - adapters / base are reported as medians over --repeats rounds (process CPU time too:
    the machine is shared).
 
-    nice -n 19 .venv-vllm/bin/python benchmarks/vllm_serving.py
+    nice -n 19 .venv-vllm/bin/python -m benchmarks.vllm_serving
 
-Writes benchmarks/results/serving.json and serving.md (`--out` elsewhere). `--tiny` runs a random
+Writes benchmarks/results/serving.json and serving.md (`--out` elsewhere). `--quick` runs a random
 4-layer llama with 20 adapters for a smoke test. Needs `make vllm-setup` (.venv-vllm).
 """
 
@@ -33,16 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault(
-    "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
-)  # one process: its CPU time and memory are the engine's
-
 import torch
 
-from lofit.adapters.persistence import CONFIG_NAME, save_adapter
-from lofit.io.atomic import atomic_write_json, atomic_write_text
-
-HERE = Path(__file__).resolve().parent
+from benchmarks import RESULTS
+from benchmarks.harness.internals import (
+    CONFIG_NAME,
+    LofitEngine,
+    atomic_write_json,
+    atomic_write_text,
+    bundled_checkpoint,
+    save_adapter,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,16 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (base, adapters)")
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the heads each adapter edits")
-    parser.add_argument("--tiny", action="store_true", help="a random 4-layer llama and 20 adapters (smoke)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "serving")
+    parser.add_argument("--quick", action="store_true", help="a random 4-layer llama and 20 adapters (smoke)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving")
     return parser.parse_args(argv)
 
 
 def base_model(tiny: bool, work: Path) -> Path:
     """The bundled model's safetensors folder, or a tiny random llama (vLLM's CPU attention: head_dim 64)."""
     if not tiny:
-        from lofit.io.bundled import bundled_checkpoint
-
         return bundled_checkpoint()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -252,18 +251,19 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.tiny:
+    os.environ.setdefault(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+    )  # one process: its CPU and memory are the engine's
+    if args.quick:
         args.adapters, args.served_adapters, args.requests, args.repeats = 20, 10, 32, 1
-    from lofit.integrations.vllm.engine import LofitEngine
-
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = base_model(args.tiny, Path(tmp))
+        model_dir = base_model(args.quick, Path(tmp))
         start = time.perf_counter()
         paths = make_adapters(model_dir, args.adapters, args.fraction, Path(tmp))
         print(f"wrote {len(paths)} adapters in {time.perf_counter() - start:.1f} s", flush=True)
         engine = LofitEngine(
             str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-            kv_cache_memory_bytes=2**30, max_num_seqs=args.requests, enable_prefix_caching=False, skip_tokenizer_init=args.tiny,
+            kv_cache_memory_bytes=2**30, max_num_seqs=args.requests, enable_prefix_caching=False, skip_tokenizer_init=args.quick,
         )  # fmt: skip
         memory = register(engine, paths)
         print(json.dumps(memory), flush=True)
@@ -271,10 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         speed = throughput(engine, args, vocab)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings.update(
-        model="tiny random llama" if args.tiny else "SmolLM2-135M-Instruct (bundled)", dtype="float32"
+        model="tiny random llama" if args.quick else "SmolLM2-135M-Instruct (bundled)", dtype="float32"
     )
     result = {
-        "command": "nice -n 19 .venv-vllm/bin/python benchmarks/vllm_serving.py " + " ".join(sys.argv[1:]),
+        "command": "nice -n 19 .venv-vllm/bin/python -m benchmarks.vllm_serving " + " ".join(sys.argv[1:]),
         "environment": environment(),
         "settings": settings,
         "registration": memory,

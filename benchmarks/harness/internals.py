@@ -24,6 +24,9 @@ out, or a file-safety helper. Those names are imported here, and only here
 | `benchmark_dir` | `lofit.tasks.datadir` | speed: raw TruthfulQA rows |
 | `find_red_sites` | `lofit.baselines.red` | RED's layers per method |
 | `residual_scale` | `lofit.baselines.repe` | RepE's shift size |
+| `save_adapter`, `CONFIG_NAME` | `lofit.adapters.persistence` | vllm_serving: 1,000 adapter folders written without a model each |
+| `bundled_checkpoint` | `lofit.io.bundled` | vllm_serving: the bundled model's safetensors folder for vLLM |
+| `LofitEngine` | `lofit.integrations.vllm.engine` | vllm_serving: the engine measured (imports vLLM only when built) |
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from lofit.adapters.config import HeadMap
 from lofit.adapters.heads import find_output_projections
 from lofit.adapters.layer import HeadVectors
 from lofit.adapters.lm_head import add_contiguous_input_hook, remove_contiguous_input_hook
+from lofit.adapters.persistence import CONFIG_NAME, save_adapter
 from lofit.baselines.red import find_red_sites
 from lofit.baselines.repe import residual_scale
 from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
+from lofit.integrations.vllm.engine import LofitEngine
 from lofit.io.atomic import atomic_write_json, atomic_write_text, atomic_write_with
+from lofit.io.bundled import bundled_checkpoint
 from lofit.io.locking import OutputLockedError, output_lock
 from lofit.selection.probe import probe_head_scores
 from lofit.selection.select import probe_texts, rank_heads
@@ -49,8 +55,10 @@ from lofit.training.run_state import LoopState, TrainingRun
 from lofit.training.step import optimizer_step
 
 __all__ = [
+    "CONFIG_NAME",
     "HeadMap",
     "HeadVectors",
+    "LofitEngine",
     "LoopPosition",
     "LoopState",
     "OutputLockedError",
@@ -60,6 +68,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_with",
     "benchmark_dir",
+    "bundled_checkpoint",
     "checkpointing",
     "decoder_layers",
     "epoch_batches",
@@ -76,4 +85,5 @@ __all__ = [
     "rank_heads",
     "remove_contiguous_input_hook",
     "residual_scale",
+    "save_adapter",
 ]

@@ -30,6 +30,7 @@ ENTRY_POINTS = (
     "mixed_batch",
     "generate_overhead",
     "logit_lens",
+    "vllm_serving",
 )
 INTERNALS = PACKAGE / "harness" / "internals.py"
 
