@@ -198,7 +198,7 @@ def render_markdown(
         "",
         table(["model", *OOD_TITLES.values()], rows),
         "",
-        *_ood_rebuilds(units),
+        *ood_rebuilds(units),
     ]
     out += _choices(units)
     out += _logit_lens(units)
@@ -302,7 +302,7 @@ def _logit_lens(units: dict[str, Any], heads: int = 5) -> list[str]:
     return ["", "## Logit lens of the learned offsets (App. E; top tokens of W_U · norm(W_O v))", "", *out]
 
 
-def _ood_rebuilds(units: dict[str, Any]) -> list[str]:
+def ood_rebuilds(units: dict[str, Any]) -> list[str]:
     """How far each adapter an OOD unit rebuilt (the work dir is not committed) is from its source unit."""
     lines = []
     for method in ("iti", "lofit", "lora"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def test_no_private_modules_and_no_path_edits() -> None:
     assert edits == []
     tests = [p for p in (ROOT / "tests").rglob("*.py") if p != Path(__file__)]
     assert [p.relative_to(ROOT) for p in tests if "spec_from_file_location" in p.read_text()] == []
+    private_imports = re.compile(r"from benchmarks[\w.]* import [^\n]*\b_[a-z]")
+    assert [p.relative_to(ROOT) for p in tests if private_imports.search(p.read_text())] == []
 
 
 def lofit_imports(path: Path) -> list[str]:
@@ -170,8 +173,6 @@ def test_docstring_examples_run(module_name: str) -> None:
 
 
 def test_docs_name_real_entry_points_and_pictures() -> None:
-    import re
-
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), PACKAGE / "__init__.py"]
     named = {
         m

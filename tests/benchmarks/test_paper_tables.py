@@ -577,7 +577,7 @@ def test_heads_from_a_file_that_is_no_results_file_is_refused_and_left_alone(
 
 
 def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> None:
-    from benchmarks.paper.render import _ood_rebuilds
+    from benchmarks.paper.render import ood_rebuilds
 
     units = {
         "ood/base": {"method": "base", "test": {}},
@@ -590,14 +590,14 @@ def test_ood_rows_say_which_adapters_were_rebuilt_and_how_close_they_came() -> N
             "rebuilt_val_loss": 0.6389,
         },
     }
-    lines = _ood_rebuilds(units)
+    lines = ood_rebuilds(units)
     assert (
         lines[0]
         == "- iti: rebuilt from `iti/truthfulqa/f0` on this run's machine (the refitted probes chose other heads)."
     )
     assert "0.6389 vs the unit's 0.5123" in lines[1] and lines[1].startswith("- lora:")
     assert len(lines) == 3 and lines[2] == ""  # lofit's own file was used: no line
-    assert _ood_rebuilds({}) == []
+    assert ood_rebuilds({}) == []
 
 
 def test_check_ood_adapters_refuses_a_work_dir_without_the_adapter_and_writes_nothing(tmp_path: Path) -> None:
