@@ -12,6 +12,7 @@ MODULES = [
     "lofit.adapters.architectures",
     "lofit.adapters.config",
     "lofit.integrations.export",
+    "lofit.integrations.gguf",
     "lofit.adapters.heads",
     "lofit.adapters.layer",
     "lofit.adapters.lm_head",

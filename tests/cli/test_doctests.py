@@ -24,6 +24,7 @@ MODULES = [
     "lofit.training.tokens",
     "lofit.evaluation.extraction",
     "lofit.evaluation.forward",
+    "lofit.evaluation.bounds",
     "lofit.evaluation.multiple_choice",
     "lofit.evaluation.truthfulqa",
     "lofit.tasks.convert",

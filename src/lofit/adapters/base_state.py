@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import LofitValueError
 from .layer import LofitProjection
-from .model import LofitModel
+from .model import LofitModel, check_base_model
 
 
 class AdaptedBaseModelError(LofitValueError, TypeError):
@@ -25,6 +25,7 @@ def check_plain_model(model: nn.Module, owner: str) -> None:
         model: the model handed to `owner`.
         owner: the public function's name, for the message.
     """
+    check_base_model(model, f"{owner}()")
     if isinstance(model, LofitModel) or any(isinstance(m, LofitProjection) for m in model.modules()):
         raise AdaptedBaseModelError(
             f"{owner}() needs the plain base model, but this one carries LoFiT adapters; pass the model "

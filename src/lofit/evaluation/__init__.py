@@ -20,11 +20,13 @@ scoring and at every generation step). `scorer="fast"` (default) reuses KV cache
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from torch import nn
 
 from ..errors import LofitValueError
+from ..tasks.records import text_problem
 from .exact_match import evaluate_exact_match
 from .multiple_choice import evaluate_mc
 from .scoring import ScoringRequest, score_continuations
@@ -43,6 +45,21 @@ TASKS: dict[str, tuple[Any, set[str]]] = {
 }
 
 Details = list[dict[str, Any]]
+
+
+def _check_texts(record: Any, index: int) -> None:
+    """Refuse a NUL byte or a lone surrogate in any text of `record` (no tokenizer takes them)."""
+    if not isinstance(record, Mapping):
+        raise LofitValueError(f"record {index} is a {type(record).__name__}, not a dict of fields")
+    for name, value in record.items():
+        for entry in value if isinstance(value, list) else [value]:
+            problem = text_problem(entry) if isinstance(entry, str) else None
+            if problem is not None:
+                raise LofitValueError(f"record {index}, field {name!r}: {problem[0]}; {problem[1]}")
+
+
+class EvaluationOptionError(LofitValueError, TypeError):
+    """An option that the evaluation task does not take (a TypeError, as Python's own)."""
 
 
 @overload
@@ -89,18 +106,32 @@ def evaluate(
 
     Raises:
         LofitValueError: an unknown task, empty data or a malformed record.
-        TypeError: an option the task does not take.
+        EvaluationOptionError: an option the task does not take (also a TypeError).
+        NonFiniteLogitsError: the model gave NaN/inf logits; no metric is computed from them.
     """
-    if task not in TASKS:
+    if not isinstance(model, nn.Module):
+        raise LofitValueError(f"evaluate needs a causal LM (a torch.nn.Module), got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+        raise LofitValueError(
+            f"evaluate needs the model's Hugging Face tokenizer, got {type(tokenizer).__name__}"
+        )
+    if not isinstance(task, str) or task not in TASKS:
         raise LofitValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     run, accepted = TASKS[task]
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise TypeError(
+        raise EvaluationOptionError(
             f"evaluate(task={task!r}) got unexpected keyword(s) {unknown}; accepted: {sorted(accepted)}"
+        )
+    if data is None or isinstance(data, (str, bytes, dict)):
+        raise LofitValueError(
+            f"evaluate(task={task!r}): data must be a list of records (or a datasets.Dataset), got "
+            f"{type(data).__name__}"
         )
     records = list(data)
     if not records:
         raise LofitValueError(f"evaluate(task={task!r}): data is empty")
+    for index, record in enumerate(records):
+        _check_texts(record, index)
     metrics, details = run(model, tokenizer, records, **kwargs)
     return (metrics, details) if return_details else metrics

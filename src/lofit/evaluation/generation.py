@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LofitValueError
 from ..training.tokens import encode_batch
+from .bounds import Cuts, FiniteLogitsCheck, non_finite_logits, resolve_max_length
 from .forward import device_of, inference
 
 if TYPE_CHECKING:
@@ -52,11 +53,15 @@ def generate_greedy(
         prompts: the prompt texts.
         max_new_tokens: tokens generated per prompt (generation stops early at EOS).
         batch_size: prompts per `generate` call.
-        max_length: keep only the last `max_length` tokens of longer prompts (None: keep all).
+        max_length: keep only the last `max_length` tokens of longer prompts (None: the model's
+            positions less `max_new_tokens`). A warning says how much was cut.
         progress: show a tqdm bar.
 
     Returns:
         One `Generation` per prompt, in order.
+
+    Raises:
+        NonFiniteLogitsError: the model gave NaN/inf next-token logits.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise LofitValueError(
@@ -66,9 +71,13 @@ def generate_greedy(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         raise LofitValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-    encoded = encode_batch(tokenizer, list(prompts))
-    if max_length is not None:
-        encoded = [ids[-max_length:] for ids in encoded]
+    limit, source = resolve_max_length(model, max_length, reserve=max_new_tokens)
+    cuts = Cuts("generation", limit, source)
+    bounded = [cuts.text(prompt, "end", key=index) for index, prompt in enumerate(prompts)]
+    encoded = [
+        cuts.tokens(ids, "end", key=index) for index, ids in enumerate(encode_batch(tokenizer, bounded))
+    ]
+    cuts.warn()
     if any(not ids for ids in encoded):
         raise LofitValueError("a prompt tokenises to nothing; generation needs at least one prompt token")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -77,7 +86,7 @@ def generate_greedy(
     with inference(model):
         for begin in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[begin : begin + batch_size]]
-            generated = _generate_batch(model, tokenizer, batch, max_new_tokens, pad, eos)
+            generated = _generate_batch(model, tokenizer, batch, max_new_tokens, pad, eos, begin)
             results.update(zip(order[begin : begin + batch_size], generated, strict=True))
             bar.update(len(batch))
     bar.close()
@@ -91,8 +100,10 @@ def _generate_batch(
     max_new_tokens: int,
     pad: int,
     eos: int | None,
+    first: int = 0,
 ) -> list[Generation]:
     """One left-padded `generate` call; each row's new tokens cut after its first EOS."""
+    check = FiniteLogitsCheck()
     device = device_of(model)
     width = max(len(ids) for ids in batch)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
@@ -105,7 +116,12 @@ def _generate_batch(
         num_beams=1,
         pad_token_id=pad,
         eos_token_id=eos,
+        logits_processor=[check],
     )
+    if check.seen_non_finite:
+        raise non_finite_logits(
+            model, f"generating for prompts {first}..{first + len(batch) - 1} (length order)"
+        )
     generations = []
     for row, ids in enumerate(batch):
         new = output[row, width:].tolist()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LofitValueError
 from ..training.tokens import common_prefix_length, encode_batch
+from .bounds import Cuts, NonFiniteLogitsError, check_finite, non_finite_logits, resolve_max_length
 from .forward import device_of, forward, inference, sliding_window
 from .kv_cache import fork_cache, select_cache_rows
 
@@ -69,43 +70,62 @@ def score_continuations(
         scorer: "fast" reuses the KV cache of shared prefixes; "naive" scores every sequence from scratch
             (the same numbers, for checking).
         batch_size: continuations per batched forward pass ("fast" only).
-        max_length: drop the oldest context tokens of longer sequences (the continuation is kept).
+        max_length: drop the oldest context tokens of longer sequences (the continuation is kept);
+            None: the model's `max_position_embeddings`. A warning says how much was cut.
         progress: show a tqdm bar.
 
     Returns:
         `result[i][j]`, the log-probability of `requests[i].continuations[j]` given `requests[i].context`.
+
+    Raises:
+        NonFiniteLogitsError: the model gave NaN/inf logits where a continuation is scored.
     """
     if scorer not in ("fast", "naive"):
         raise LofitValueError(f"scorer must be 'fast' or 'naive', got {scorer!r}")
     if batch_size < 1:
         raise LofitValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokenized = _tokenize_all(tokenizer, requests, max_length)
+    limit, source = resolve_max_length(model, max_length)
+    cuts = Cuts("scoring", limit, source)
+    tokenized = _tokenize_all(tokenizer, requests, cuts)
+    cuts.warn()
     bar = tqdm(total=len(tokenized), desc=f"scoring ({scorer})", disable=not progress, leave=False)
-    with inference(model):
-        if scorer == "naive":
-            scores = _score_naive(model, tokenized, bar)
-        else:
-            scores = _score_fast(model, tokenized, batch_size, bar)
-    bar.close()
+    try:
+        with inference(model):
+            if scorer == "naive":
+                scores = _score_naive(model, tokenized, bar)
+            else:
+                scores = _score_fast(model, tokenized, batch_size, bar)
+    except NonFiniteLogitsError:
+        raise non_finite_logits(model, f"scoring {len(requests)} request(s)") from None
+    finally:
+        bar.close()
     return scores
 
 
 def _tokenize_all(
-    tokenizer: PreTrainedTokenizerBase, requests: Sequence[ScoringRequest], max_length: int | None
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[ScoringRequest], cuts: Cuts
 ) -> list[_Tokenized]:
     texts: list[str] = []
+    bounded = []
     for index, request in enumerate(requests):
         if not request.continuations:
             raise LofitValueError(f"scoring request {index} has no continuations")
-        texts.append(request.context)
-        texts.extend(request.context + continuation for continuation in request.continuations)
+        for continuation in request.continuations:
+            if cuts.text(continuation, "start") is not continuation:
+                raise LofitValueError(
+                    f"request {index}: a continuation of {len(continuation):,} characters cannot fit in "
+                    f"{cuts.max_length} tokens ({cuts.source}); shorten it"
+                )
+        context = cuts.text(request.context, "end", key=index)  # bounded before it is tokenised
+        bounded.append(ScoringRequest(context, request.continuations))
+        texts.append(context)
+        texts.extend(context + continuation for continuation in request.continuations)
     encoded = iter(encode_batch(tokenizer, texts))
-    return [_boundaries(request, index, encoded, max_length) for index, request in enumerate(requests)]
+    return [_boundaries(request, index, encoded, cuts) for index, request in enumerate(bounded)]
 
 
-def _boundaries(
-    request: ScoringRequest, index: int, encoded: Iterator[list[int]], max_length: int | None
-) -> _Tokenized:
+def _boundaries(request: ScoringRequest, index: int, encoded: Iterator[list[int]], cuts: Cuts) -> _Tokenized:
+    max_length = cuts.max_length
     context_ids = next(encoded)
     sequences, boundaries = [], []
     for continuation in request.continuations:
@@ -115,9 +135,8 @@ def _boundaries(
             raise LofitValueError(
                 f"request {index}: continuation {continuation!r} adds no tokens to its context"
             )
-        if max_length is not None and len(ids) > max_length:
-            cut = len(ids) - max_length
-            ids, boundary = ids[cut:], boundary - cut
+        kept = cuts.tokens(ids, "end", key=index)
+        ids, boundary = kept, boundary - (len(ids) - len(kept))
         if boundary < 1:
             raise LofitValueError(
                 f"request {index}: the continuation {continuation!r} needs at least one context token before "
@@ -130,7 +149,9 @@ def _boundaries(
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of `logits` [n, vocab], in fp32."""
+    """log p(target) for each row of `logits` [n, vocab], in fp32; NonFiniteLogitsError for NaN/inf rows."""
+    if not check_finite(logits):
+        raise NonFiniteLogitsError("non-finite logits")
     logits = logits.float()
     return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 

@@ -19,6 +19,7 @@ is never written to.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,14 +73,59 @@ def export_gguf(
         )
     with write_guard({"source": source}, option="out"):
         output_target(out)  # a link or an input: refused before the (slow) edits
+    check_gguf_header(source)
     try:
         reader = gguf.GGUFReader(str(source))
-    except (ValueError, OSError) as error:
-        raise GGUFExportError(f"{source}: not a readable GGUF file ({error})") from None
+    except (ValueError, OSError, IndexError, KeyError, struct.error, OverflowError, MemoryError) as error:
+        raise GGUFExportError(
+            f"{source}: not a readable GGUF file ({type(error).__name__}: {error})"
+        ) from None
     edits = gguf_edits(model, reader, adapter_name)
     with write_guard({"source": source}, option="out"), atomic_path(out) as tmp:
         write_gguf_copy(reader, edits, tmp)
     return out
+
+
+# The least bytes one tensor description and one metadata entry take in a GGUF header (name length,
+# dimension count, one dimension, type and offset; key length, value type and a one-byte value).
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+MIN_KV_BYTES = 8 + 4 + 1
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse a file whose GGUF header is not one, or claims more tensors or metadata than the file holds.
+
+    Checked before the file is parsed, so that a header claiming 2^60 tensors is refused at once (a
+    parser would try to read them, or fail with an internal error).
+
+    Example:
+        >>> import struct, tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".gguf") as file:
+        ...     _ = file.write(b"GGUF" + struct.pack("<IQQ", 3, 2**60, 0)); file.flush()
+        ...     try:
+        ...         check_gguf_header(Path(file.name))
+        ...     except GGUFExportError as error:
+        ...         print(str(error).split(": ", 1)[1][:43])
+        its header claims 1,152,921,504,606,846,976
+    """
+    with path.open("rb") as file:
+        header = file.read(24)
+    size = path.stat().st_size
+    if len(header) < 24 or header[:4] != b"GGUF":
+        raise GGUFExportError(
+            f"{path}: not a readable GGUF file (no GGUF header); pass the base model's .gguf file"
+        )
+    version, tensors, entries = struct.unpack("<IQQ", header[4:])
+    if version not in (2, 3):
+        raise GGUFExportError(
+            f"{path}: GGUF version {version} is not supported (2 or 3); convert the model again"
+        )
+    needed = 24 + tensors * MIN_TENSOR_INFO_BYTES + entries * MIN_KV_BYTES
+    if needed > size:
+        raise GGUFExportError(
+            f"{path}: its header claims {tensors:,} tensors and {entries:,} metadata entries, which cannot fit "
+            f"in its {size:,} bytes; the file is truncated or damaged. Download or convert it again"
+        )
 
 
 def gguf_edits(model: LofitModel, reader: Any, adapter_name: str | None = None) -> dict[str, np.ndarray]:

@@ -13,7 +13,10 @@ raises `DataError` naming the source, the line (or record number) and the field.
 validator: files (`lofit.tasks.generic`), the benchmark loaders and the training entry points
 (`as_records`, for records passed in memory) all check records here, by the same rules. In particular a
 completion (and a DPO response) must hold text: an empty or blank one is refused, since it would give
-training nothing to score; a prompt may be empty.
+training nothing to score; a prompt may be empty. Beyond the types, texts
+may hold no NUL byte and no lone UTF-16 surrogate (no tokenizer takes them), a multiple-choice record
+no two identical choices, a TruthfulQA record no answer that is both correct and incorrect, and a DPO
+record no chosen response equal to the rejected one (each would make the score or the loss meaningless).
 """
 
 from __future__ import annotations
@@ -162,13 +165,16 @@ def detect_or_fail(record: Mapping[str, Any], where: Where) -> RecordKind:
     return kind
 
 
-def validate_record(record: Any, kind: str, where: Where) -> Record:
+def validate_record(record: Any, kind: str, where: Where, *, distinct: bool = True) -> Record:
     """Check one record against format `kind` and return a clean copy with only that format's fields.
 
     Args:
         record: the raw record (a mapping; CSV cells are parsed where `where.text_cells`).
         kind: the record format.
         where: its location, for error messages.
+        distinct: refuse repeated choices, answers both correct and incorrect, and DPO pairs of one
+            response. The benchmark loaders pass False: published data is scored as published (OpenBookQA
+            repeats a choice, TruthfulQA lists "Unknown." on both sides once).
 
     Returns:
         The clean record.
@@ -192,6 +198,8 @@ def validate_record(record: Any, kind: str, where: Where) -> Record:
                 f"add '{name}' ({kind!r} records need the fields {field_list(kind)})",
             )
         clean[name] = _check_value(record[name], name, ftype, where)
+    if distinct:
+        _check_distinct(clean, kind, where)
     if kind == "mc":
         n = len(clean["choices"])
         if n < 2:
@@ -269,12 +277,82 @@ def train_val_records(
     return records, as_records(val_data, objective, "val_data") if has_val else None
 
 
+def text_problem(text: str) -> tuple[str, str] | None:
+    """Why `text` cannot be tokenised as written, and the fix; None when it can.
+
+    A NUL byte (which a CSV cell or a JSON "\\u0000" can carry) and a lone UTF-16 surrogate (a JSON
+    "\\ud800" without its pair) are refused: tokenizers reject the one and silently mangle the other.
+
+    Example:
+        >>> text_problem("fine") is None
+        True
+        >>> text_problem("a\\ud800b")[0]
+        'holds a lone UTF-16 surrogate (U+D800) at character 1'
+    """
+    nul = text.find("\x00")
+    if nul >= 0:
+        return f"holds a NUL byte at character {nul}", "remove the NUL byte (\\u0000) from the text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        return (
+            f"holds a lone UTF-16 surrogate (U+{code:04X}) at character {error.start}",
+            "write the character itself, or as a complete \\uXXXX\\uXXXX surrogate pair in JSON",
+        )
+    return None
+
+
+def _check_text(value: str, name: str, where: Where, entry: int | None = None) -> None:
+    problem = text_problem(value)
+    if problem is not None:
+        prefix = "" if entry is None else f"entry {entry} "
+        raise where.error(name, prefix + problem[0], problem[1])
+
+
+def _check_distinct(clean: Record, kind: str, where: Where) -> None:
+    """No two choices alike, no answer both correct and incorrect, no DPO pair of one response."""
+    if kind == "mc":
+        seen: dict[str, int] = {}
+        for index, choice in enumerate(clean["choices"]):
+            key = choice.strip()
+            if key in seen:
+                raise where.error(
+                    "choices",
+                    f"choices {seen[key]} and {index} are the same text ({_describe(choice)})",
+                    "give every choice once (a repeated choice makes the prediction arbitrary)",
+                )
+            seen[key] = index
+    elif kind == "truthfulqa_mc":
+        correct = {_reference_key(a) for a in clean["correct_answers"]}
+        both = [a for a in clean["incorrect_answers"] if _reference_key(a) in correct]
+        if both:
+            raise where.error(
+                "incorrect_answers",
+                f"{_describe(both[0])} is listed as correct and as incorrect",
+                "keep each answer in one of the two lists",
+            )
+    elif kind == "dpo" and clean["chosen"] == clean["rejected"]:
+        raise where.error(
+            "rejected",
+            "is the same text as 'chosen'",
+            "give a rejected response that differs from the chosen one (the pair teaches nothing)",
+        )
+
+
+def _reference_key(answer: str) -> str:
+    """An answer as TruthfulQA's MC scoring compares it: stripped, closed with a period."""
+    answer = answer.strip()
+    return answer if answer.endswith(".") else answer + "."
+
+
 def _check_value(value: Any, name: str, ftype: str, where: Where) -> Any:
     if ftype in ("text", "nonempty"):
         if not isinstance(value, str):
             raise where.error(name, f"must be a string, got {_describe(value)}", "write the value as text")
         if ftype == "nonempty" and not value.strip():
             raise where.error(name, "is empty", "give a non-empty value")
+        _check_text(value, name, where)
         return value
     if ftype == "list":
         items = _parse_list(value, name, where) if where.text_cells and isinstance(value, str) else value
@@ -292,6 +370,7 @@ def _check_value(value: Any, name: str, ftype: str, where: Where) -> Any:
                 raise where.error(name, f"entry {i} must be a string, got {_describe(item)}", None)
             if not item.strip():
                 raise where.error(name, f"entry {i} is empty", "remove it or give its text")
+            _check_text(item, name, where, i)
         return list(items)
     # "index"
     if where.text_cells and isinstance(value, str) and _INT_TEXT.match(value):

@@ -54,7 +54,7 @@ def dpo_pair(row: RawRow) -> Record:
         "chosen": cells["Best Answer"],
         "rejected": cells["Incorrect Answers"].split("; ")[0],
     }
-    return validate_record(record, "dpo", row.where)
+    return validate_record(record, "dpo", row.where, distinct=False)  # published data, scored as published
 
 
 def eval_record(row: RawRow) -> Record:
@@ -66,7 +66,9 @@ def eval_record(row: RawRow) -> Record:
         "correct_answers": split_answers(cells["Correct Answers"]),
         "incorrect_answers": split_answers(cells["Incorrect Answers"]),
     }
-    return validate_record(record, "truthfulqa_mc", row.where)
+    return validate_record(
+        record, "truthfulqa_mc", row.where, distinct=False
+    )  # published data, scored as published
 
 
 def _cells(row: RawRow) -> dict[str, str]:

@@ -19,6 +19,8 @@ from .tokens import common_prefix_length, encode
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+CHARS_PER_TOKEN = 16  # texts are cut to this many characters per token of max_length before tokenising
+
 
 @dataclass(frozen=True)
 class EncodedSequence:
@@ -63,6 +65,11 @@ class SequenceEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
         if max_length is not None and max_length < 2:
             raise LofitValueError(f"max_length must be at least 2 tokens (or None), got {max_length}")
+        if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+            raise LofitValueError(
+                "tokenizer must be the model's Hugging Face tokenizer (e.g. "
+                f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__}"
+            )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.eos_id: int | None = tokenizer.eos_token_id
@@ -73,6 +80,8 @@ class SequenceEncoder:
             )
         self.num_truncated = 0
         self.num_response_cut = 0  # truncations that cut the response too (not only the prompt)
+        self.longest = 0  # tokens of the longest sequence before truncation
+        self.most_cut = 0  # tokens removed from one sequence, at most
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with the tokenizer's leading special tokens, without an auto-appended EOS."""
@@ -86,7 +95,14 @@ class SequenceEncoder:
         return extra if extra > 0 and with_specials[extra:] == plain else 0
 
     def encode(self, prompt: str, response: str) -> EncodedSequence:
-        """prompt + response + EOS as token ids, with the index of the first scored token."""
+        """prompt + response + EOS as token ids, with the index of the first scored token.
+
+        With `max_length`, the texts are first cut to `CHARS_PER_TOKEN * max_length` characters (the
+        prompt's end and the response's start kept), so that no input makes tokenising unbounded.
+        """
+        if self.max_length is not None:
+            limit = CHARS_PER_TOKEN * self.max_length
+            prompt, response = prompt[max(len(prompt) - limit, 0) :], response[:limit]
         prompt_ids = self.tokenize(prompt)
         full = self.tokenize(prompt + response)
         start = common_prefix_length([prompt_ids, full])
@@ -102,8 +118,10 @@ class SequenceEncoder:
                 f"the response {response!r} produced no tokens to score",
                 "give every completion (chosen, rejected) text that the tokenizer turns into tokens",
             )
+        self.longest = max(self.longest, len(full))
         if self.max_length is not None and len(full) > self.max_length:
             self.num_truncated += 1
+            self.most_cut = max(self.most_cut, len(full) - self.max_length)
             full, start = self._truncate(full, start, self.num_leading_specials(prompt))
         return EncodedSequence(tuple(full), start)
 

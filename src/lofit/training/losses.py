@@ -90,14 +90,23 @@ class Objective:
 
     def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
         """Tokenise every record (warning once if any sequence had to be cut to max_length)."""
-        before, cut_before = self.encoder.num_truncated, self.encoder.num_response_cut
+        encoder = self.encoder
+        before, cut_before = encoder.num_truncated, encoder.num_response_cut
         examples = [Example(i, self.encode_record(record)) for i, record in enumerate(records)]
-        truncated = self.encoder.num_truncated - before
+        truncated = encoder.num_truncated - before
+        response_cut = encoder.num_response_cut - cut_before
+        sequences = sum(len(e.sequences) for e in examples)
+        if sequences and response_cut == sequences:
+            raise LofitValueError(
+                f"every one of the {sequences} sequences is longer than max_length={encoder.max_length} "
+                f"tokens even without its prompt, so each completion would be cut and none trained on whole "
+                f"(the longest sequence has {encoder.longest} tokens); raise max_length (--max-length) to at "
+                "least that, or shorten the completions"
+            )
         if truncated:
             warnings.warn(
-                f"{truncated} of {sum(len(e.sequences) for e in examples)} sequences exceed "
-                f"max_length={self.encoder.max_length} tokens and were truncated "
-                f"({truncation_description(self.encoder.num_response_cut - cut_before)})",
+                f"{truncated} of {sequences} sequences exceed max_length={encoder.max_length} tokens and were "
+                f"truncated by up to {encoder.most_cut} tokens ({truncation_description(response_cut)})",
                 stacklevel=2,
             )
         return examples
