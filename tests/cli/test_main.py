@@ -620,17 +620,24 @@ def test_non_finite_adapter_is_never_saved_and_names_the_lr(
     assert not (out / "adapter").exists()
 
 
-def test_truncation_warning_says_the_completion_was_cut(tiny_model_dir: Path, tmp_path: Path) -> None:
-    records = [{"prompt": "Q: a long prompt here? A:", "completion": " a long completion of many tokens"}] * 2
-    train = _write_jsonl(tmp_path / "train.jsonl", records)
+def test_truncation_warning_says_the_completion_was_cut(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = {"prompt": "Q: a long prompt here? A:", "completion": " a long completion of many tokens"}
+    short = {"prompt": "Q: a long prompt here? A:", "completion": " a"}
+    train = _write_jsonl(tmp_path / "train.jsonl", [long, short])
     argv = ["select", "--task", "sft", "--model", str(tiny_model_dir), "--train", str(train), "--epochs", "1"]
-    with pytest.warns(UserWarning, match="completion/response alone was longer, so it was cut on the right"):
-        assert main([*argv, "--no-progress", "--max-length", "2", "--out", str(tmp_path / "o")]) == 0
-    short = _write_jsonl(
-        tmp_path / "short.jsonl", [{"prompt": "Q: a long prompt here? A:", "completion": " a"}] * 2
+    with pytest.warns(
+        UserWarning, match="in 1 of them the completion/response alone was longer, so it was cut"
+    ):
+        assert main([*argv, "--no-progress", "--max-length", "12", "--out", str(tmp_path / "o")]) == 0
+    argv[argv.index(str(train))] = str(_write_jsonl(tmp_path / "all_long.jsonl", [long] * 2))
+    assert main([*argv, "--no-progress", "--max-length", "12", "--out", str(tmp_path / "q")]) == 2
+    assert "every one of the 2 sequences is longer than max_length=12" in capsys.readouterr().err
+    argv[argv.index(str(tmp_path / "all_long.jsonl"))] = str(
+        _write_jsonl(tmp_path / "short.jsonl", [short] * 2)
     )
-    argv[argv.index(str(train))] = str(short)
-    with pytest.warns(UserWarning, match=r"truncated \(prompt cut from the left\)$"):
+    with pytest.warns(UserWarning, match=r"truncated by up to \d+ tokens \(prompt cut from the left\)$"):
         assert main([*argv, "--no-progress", "--max-length", "12", "--out", str(tmp_path / "p")]) == 0
 
 

@@ -76,10 +76,17 @@ def test_exact_match_metrics_from_known_generations(monkeypatch):
         return [Generation(c, p + c, []) for p, c in zip(prompts, completions, strict=True)]
 
     monkeypatch.setattr(exact_match, "generate_greedy", fake_generate)
-    metrics, details = evaluate(None, None, "exact_match", records, extraction="mquake", return_details=True)
+    metrics, details = evaluate(
+        tiny_model("llama"),
+        tiny_tokenizer(),
+        "exact_match",
+        records,
+        extraction="mquake",
+        return_details=True,
+    )
     assert metrics == {"exact_match": pytest.approx(1 / 3), "exact_match_stripped": pytest.approx(2 / 3)}
     assert [d["prediction"] for d in details] == ["sweden", " sweden", "sweden"]
-    clutrr = evaluate(None, None, "exact_match", records, extraction="clutrr")
+    clutrr = evaluate(tiny_model("llama"), tiny_tokenizer(), "exact_match", records, extraction="clutrr")
     assert set(clutrr) == {"exact_match"}
 
 

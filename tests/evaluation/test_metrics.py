@@ -8,6 +8,9 @@ import pytest
 
 from lofit.evaluation import evaluate, multiple_choice, truthfulqa
 from lofit.evaluation.truthfulqa import find_data_dir, format_reference, load_prompt_parts, question_context
+from tiny_models import tiny_model, tiny_tokenizer
+
+MODEL, TOKENIZER = tiny_model("llama"), tiny_tokenizer()  # the scorers are faked: never run
 
 # The instruction exactly as honest_llama's / LoFiT's `tqa_run_probs` hard-codes it (curly quotes).
 AUTHORS_INSTRUCTION = (
@@ -67,7 +70,7 @@ def test_truthfulqa_mc1_mc2_match_a_hand_computation(monkeypatch):
     fake = FakeScorer(TQA_SCORES)
     monkeypatch.setattr(truthfulqa, "score_continuations", fake)
     metrics, details = evaluate(
-        None, None, "truthfulqa_mc", TQA_RECORDS, instruction="I.", primer="P.", return_details=True
+        MODEL, TOKENIZER, "truthfulqa_mc", TQA_RECORDS, instruction="I.", primer="P.", return_details=True
     )
     e = math.exp
     mc2 = [
@@ -123,7 +126,7 @@ def test_mc_accuracy_and_length_normalised_accuracy(monkeypatch):
     table = {" a": -2.0, " bbbb": -4.0, " cc": -3.0, " d": -3.0, " eee": -3.0, " ff": -1.0, " gg": -1.0}
     fake = FakeScorer(table)
     monkeypatch.setattr(multiple_choice, "score_continuations", fake)
-    metrics, details = evaluate(None, None, "mc", records, return_details=True)
+    metrics, details = evaluate(MODEL, TOKENIZER, "mc", records, return_details=True)
     assert [d["prediction"] for d in details] == [0, 0, 0]
     assert [d["prediction_norm"] for d in details] == [1, 2, 0]
     assert metrics == {"accuracy": pytest.approx(1 / 3), "accuracy_norm": pytest.approx(1 / 3)}
@@ -135,7 +138,12 @@ def test_mc_prompt_template(monkeypatch):
     monkeypatch.setattr(multiple_choice, "score_continuations", fake)
     records = [{"question": "x", "choices": ["A", "B"], "answer": 0}]
     metrics = evaluate(
-        None, None, "mc", records, prompt_template="Question: {question}\nAnswer", choice_template="={choice}"
+        MODEL,
+        TOKENIZER,
+        "mc",
+        records,
+        prompt_template="Question: {question}\nAnswer",
+        choice_template="={choice}",
     )
     assert metrics["accuracy"] == 1.0
     assert fake.requests[0].context == "Question: x\nAnswer"
@@ -157,13 +165,13 @@ def test_mc_prompt_template(monkeypatch):
 def test_bad_records_name_the_field(task, record, message):
     kwargs = {"instruction": "", "primer": ""} if task == "truthfulqa_mc" else {}
     with pytest.raises(ValueError, match=message):
-        evaluate(None, None, task, [record], **kwargs)
+        evaluate(MODEL, TOKENIZER, task, [record], **kwargs)
 
 
 def test_bad_task_and_kwargs():
     with pytest.raises(ValueError, match="unknown task"):
-        evaluate(None, None, "nope", [{}])
+        evaluate(MODEL, TOKENIZER, "nope", [{}])
     with pytest.raises(TypeError, match="extraction"):
-        evaluate(None, None, "mc", [{}], extraction="mquake")
+        evaluate(MODEL, TOKENIZER, "mc", [{}], extraction="mquake")
     with pytest.raises(ValueError, match="empty"):
-        evaluate(None, None, "mc", [])
+        evaluate(MODEL, TOKENIZER, "mc", [])

@@ -20,6 +20,7 @@ scoring and at every generation step). `scorer="fast"` (default) reuses KV cache
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -111,7 +112,11 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise LofitValueError(f"evaluate needs a causal LM (a torch.nn.Module), got {type(model).__name__}")
-    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+    if (
+        tokenizer is None
+        or isinstance(tokenizer, (str, bytes, os.PathLike))
+        or not hasattr(tokenizer, "eos_token_id")
+    ):
         raise LofitValueError(
             f"evaluate needs the model's Hugging Face tokenizer, got {type(tokenizer).__name__}"
         )

@@ -8,6 +8,7 @@ prompt and response text counts as response).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,7 +66,11 @@ class SequenceEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
         if max_length is not None and max_length < 2:
             raise LofitValueError(f"max_length must be at least 2 tokens (or None), got {max_length}")
-        if not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id"):
+        if (
+            tokenizer is None
+            or isinstance(tokenizer, (str, bytes, os.PathLike))
+            or not hasattr(tokenizer, "eos_token_id")
+        ):
             raise LofitValueError(
                 "tokenizer must be the model's Hugging Face tokenizer (e.g. "
                 f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__}"
