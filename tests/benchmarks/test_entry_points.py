@@ -183,3 +183,11 @@ def test_docs_name_real_entry_points_and_pictures() -> None:
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "docs" / "results.md").read_text())
     assert {Path(p).name for p in pictures} >= {"fig4.png", "fig5.png", "truthfulqa.png"}
     assert [p for p in pictures if not (ROOT / "docs" / p).is_file()] == []
+
+
+def test_every_internal_name_is_documented() -> None:
+    """The internals module is the documented door: each name it passes on has a row saying why."""
+    from benchmarks.harness import internals
+
+    documented = set(re.findall(r"`(\w+)`", (internals.__doc__ or "").split("| name |", 1)[1]))
+    assert set(internals.__all__) <= documented, sorted(set(internals.__all__) - documented)
