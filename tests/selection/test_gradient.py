@@ -223,9 +223,13 @@ def test_cli_select_method_gradient(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "sel"
     args = ["select", "--task", "sft", "--model", str(model_dir), "--train", str(train), "--out", str(out)]
     code = main([*args, "--select-method", method, "--k", "2", "--no-progress", "--precision", "fp32"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "gradient head scores" not in err  # --no-progress
     saved = HeadSelection.load(out / "heads.json")
     assert saved.method == method
+    assert main([*args, "--select-method", method, "--k", "2", "--precision", "fp32"]) == 0
+    assert "gradient head scores" in capsys.readouterr().err  # the one pass shows a progress bar
     with pytest.raises(SystemExit):  # argparse's choices refuse an unknown method
         main([*args, "--select-method", "magic"])
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters.config import LofitConfig
 from ..adapters.model import LofitModel, get_lofit_model
@@ -138,7 +139,8 @@ def _accumulate_gradients(
     # The summed gradient does not depend on how records are grouped: batches of similar length pad least.
     ordered = sorted(examples, key=lambda e: max(len(s.input_ids) for s in e.sequences))
     batches = [ordered[i : i + config.batch_size] for i in range(0, len(ordered), config.batch_size)]
-    for batch in batches:
+    bar = tqdm(batches, desc="gradient head scores", unit="batch", disable=not config.progress, leave=False)
+    for batch in bar:
         with _autocast(config.precision, device):
             loss_sum, units = _loss_sum_at_identity(task, scorer, batch, device)
         raw = torch.autograd.grad(loss_sum * loss_scale, scales)  # type: ignore[arg-type]
