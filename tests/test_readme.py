@@ -1,8 +1,17 @@
-"""The README's "With Trainer, TRL, PEFT and the Hub" example runs as written (tiny model, offline)."""
+"""The README runs as pasted: every python and shell block is run (the ones on the real model under `slow`).
+
+Fast checks: every `lofit ...` line parses with the real command line (an option renamed without the README
+following fails here), every `make` target exists (`make -n`), and the Trainer block runs as written on a tiny
+model (`lofit.load_model` handed a tiny model instead of the bundled one). Slow: each python block runs as it
+is in a fresh process, each shell block in `bash -e` (with the bundled SmolLM2), except `make run` / `make test`
+themselves, which set up a virtual environment and run the whole suite: they are checked with `make -n`.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,50 +19,98 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## With Trainer, TRL, PEFT and the Hub"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 
 
-def section_code() -> str:
-    text = README.read_text(encoding="utf-8")
-    body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", body, re.DOTALL)
-    assert blocks, "the README section has no python example"
-    return "\n".join(blocks)
+def blocks(language: str) -> list[str]:
+    return [code for lang, code in BLOCK.findall(README.read_text(encoding="utf-8")) if lang == language]
 
 
-def test_readme_integration_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from datasets import Dataset
+def shell_lines() -> list[str]:
+    lines = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if command:
+                lines.append(command)
+    return lines
 
+
+def test_the_readme_has_the_blocks_this_file_runs() -> None:
+    assert len(blocks("python")) == 2 and len(blocks("bash")) == 2
+    assert BLOCK.sub("", README.read_text(encoding="utf-8")).count("```") == 0  # no block of another language
+
+
+@pytest.mark.parametrize("line", shell_lines())
+def test_every_shell_line_is_a_valid_command(line: str) -> None:
+    words = shlex.split(line)
+    if words[0] == "make":
+        result = subprocess.run(
+            ["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return
+    from lofit.cli.main import build_parser
+
+    assert words[0] == "lofit"
+    build_parser().parse_args(words[1:])  # argparse exits 2 on an unknown or misspelt option
+
+
+def test_the_trainer_block_runs_as_written_on_a_tiny_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lofit
     from tiny_models import tiny_model, tiny_tokenizer
 
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    base = tiny_model("llama")
-    encoded = tiny_tokenizer()(["the cat sat on the mat", "a dog ran in the parks"] * 2)  # equal lengths
-    data = Dataset.from_dict({**encoded, "labels": encoded["input_ids"]})
-    namespace = {"lofit": lofit, "base": base, "data": data}
-    exec(compile(section_code(), str(README), "exec"), namespace)
-
-    assert sorted(p.name for p in (tmp_path / "out" / "adapter").iterdir()) == [
-        "adapter_config.json",
-        "lofit_config.json",
-        "lofit_model.safetensors",
-    ]
+    monkeypatch.setattr(lofit, "load_model", lambda name, **kwargs: (tiny_model("llama"), tiny_tokenizer()))
+    code = next(block for block in blocks("python") if "Trainer(" in block)
+    code = code.replace(
+        "{3: [0, 2], 7: [1]}", "{1: [0, 2], 2: [1]}"
+    )  # the tiny model has 3 layers of 4 heads
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert (tmp_path / "out" / "final" / "model.safetensors").stat().st_size < 16_000
     ids = torch.tensor([[5, 9, 17, 33]])
-    with torch.no_grad():
-        adapted = namespace["merged"](input_ids=ids).logits
-        loaded = lofit.LofitModel.from_pretrained(tiny_model("llama"), tmp_path / "out" / "adapter")
-        assert (loaded(input_ids=ids).logits - adapted).abs().max().item() <= 1e-5
-    # The merged checkpoint reloads in a process that never imports lofit, with the adapted logits.
+    with torch.no_grad():  # the adapter reloaded from Trainer's save_model() gives the merged model's logits
+        gap = (
+            (namespace["again"](input_ids=ids).logits - namespace["merged"](input_ids=ids).logits).abs().max()
+        )
+    assert gap.item() <= 1e-5
+    # the merged checkpoint reloads in a process that never imports lofit, with the adapted logits
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out' / 'merged')!r}, dtype=torch.float32)\n"
+        "m = AutoModelForCausalLM.from_pretrained('out/merged', dtype=torch.float32)\n"
         "assert 'lofit' not in sys.modules\n"
-        f"torch.save(m(input_ids=torch.tensor({ids.tolist()})).logits.detach(), {str(tmp_path / 'l.pt')!r})\n"
+        f"torch.save(m(input_ids=torch.tensor({ids.tolist()})).logits.detach(), 'l.pt')\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    reloaded = torch.load(tmp_path / "l.pt")
-    assert (reloaded - adapted).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        adapted = namespace["merged"](input_ids=ids).logits
+    assert (torch.load(tmp_path / "l.pt") - adapted).abs().max().item() <= 1e-5
+
+
+def environment() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # the `lofit` console script of this environment
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(2))
+def test_python_block_runs_as_pasted(index: int, tmp_path: Path) -> None:
+    code = blocks("python")[index]
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment(), check=True, timeout=3600)
+
+
+@pytest.mark.slow
+def test_the_command_line_block_runs_as_pasted(tmp_path: Path) -> None:
+    [block] = [b for b in blocks("bash") if b.lstrip().startswith("lofit")]
+    subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=environment(), check=True, timeout=3600)
+    assert (tmp_path / "runs" / "tqa" / "report.md").is_file()
+    assert (tmp_path / "runs" / "off" / "samples.jsonl").read_text().count("\n") == 20
+    assert (tmp_path / "runs" / "merged" / "config.json").is_file() and (
+        tmp_path / "runs" / "merged.gguf"
+    ).is_file()
