@@ -225,6 +225,7 @@ def _add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="replace a model lofit did not write that --out already holds (else refused; a checkpoint "
         "lofit merged there before is replaced without it; files that are no model content are kept)",
     )
+    merge.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     merge.set_defaults(handler=_cmd_merge)
 
 
@@ -376,10 +377,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.gguf is not None:
         from ..integrations.gguf import merge_adapter_to_gguf
 
-        written = merge_adapter_to_gguf(args.model, args.adapter, args.gguf)
+        written = merge_adapter_to_gguf(args.model, args.adapter, args.gguf, progress=args.progress)
         print(f"GGUF with the adapter folded in written to {written}; serve it with llama.cpp / Ollama")
     if args.out is not None:
-        path = merge_step(args.model, args.adapter, args.out, args.dtype, args.overwrite)
+        path = merge_step(args.model, args.adapter, args.out, args.dtype, args.overwrite, args.progress)
         print(
             f"merged checkpoint written to {path}; load it with transformers.AutoModelForCausalLM.from_pretrained"
         )

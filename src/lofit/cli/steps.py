@@ -445,7 +445,12 @@ def eval_step(
 
 
 def merge_step(
-    model: str, adapter: Path, out: Path, dtype: str | None = None, overwrite: bool = False
+    model: str,
+    adapter: Path,
+    out: Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """`lofit merge`: fold `adapter` into `model` and write a plain transformers checkpoint to `out`.
 
@@ -455,6 +460,7 @@ def merge_step(
         out: the new checkpoint directory (never one of the inputs).
         dtype: dtype of the written weights ("fp32", "bf16", "fp16", or "auto"/None: the checkpoint's own).
         overwrite: `--overwrite`: replace another model found in `out` (else refused).
+        progress: show a progress bar over the steps.
 
     Returns:
         The directory written.
@@ -467,7 +473,13 @@ def merge_step(
         check_input_dir(adapter, "--adapter", ADAPTER_FILES)
     try:
         return merge_adapter_checkpoint(
-            model, str(adapter), str(out), dtype=dtype, overwrite=overwrite, overwrite_option="--overwrite"
+            model,
+            str(adapter),
+            str(out),
+            dtype=dtype,
+            overwrite=overwrite,
+            overwrite_option="--overwrite",
+            progress=progress,
         )
     except LofitError:
         raise

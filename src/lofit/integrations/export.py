@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters.folding import MergeError as MergeError  # re-exported: callers catch it from here
 from ..adapters.merged import check_complete
@@ -84,6 +85,7 @@ def merge_adapter_checkpoint(
     *,
     overwrite: bool = False,
     overwrite_option: str = "overwrite=True",
+    progress: bool = False,
 ) -> Path:
     """Load `base` (see `load_model`), fold the adapter saved in `adapter_dir` into it, export to `out_dir`.
 
@@ -99,6 +101,7 @@ def merge_adapter_checkpoint(
         dtype: load (and so save) the base in this dtype; None keeps the checkpoint's.
         overwrite: replace another model found in `out_dir`.
         overwrite_option: how the caller spells `overwrite`, for the message.
+        progress: show a progress bar over the steps (load, check and fold, write).
 
     Returns:
         `out_dir` as a `Path`.
@@ -112,8 +115,16 @@ def merge_adapter_checkpoint(
     inputs = {"base": local_base, "adapter_dir": adapter_dir}
     with write_guard(inputs, option="out_dir"):
         check_replaceable(out_dir, overwrite, overwrite_option)  # before the (slow) load and merge
-        model, tokenizer = load_model(base, dtype=dtype)
-        merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        return export_merged(
-            merged, out_dir, tokenizer, overwrite=overwrite, overwrite_option=overwrite_option
-        )
+        with tqdm(total=3, desc="lofit merge", unit="step", disable=not progress) as bar:
+            bar.set_postfix_str("loading the base model")
+            model, tokenizer = load_model(base, dtype=dtype)
+            bar.update()
+            bar.set_postfix_str("checking the base and folding the adapter")
+            merged = LofitModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            bar.update()
+            bar.set_postfix_str(f"writing {out_dir}")
+            written = export_merged(
+                merged, out_dir, tokenizer, overwrite=overwrite, overwrite_option=overwrite_option
+            )
+            bar.update()
+        return written

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..adapters.heads import module_tensor
 from ..errors import LofitValueError
@@ -45,6 +46,7 @@ def export_gguf(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     adapter_name: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write a copy of the GGUF file `source` with `model`'s adapter folded in, to `out` (atomically).
 
@@ -54,6 +56,7 @@ def export_gguf(
         source: the base model's GGUF file; never modified.
         out: the output file (replaced atomically if it exists; must not be `source`).
         adapter_name: the adapter to export (default: the active one).
+        progress: show a progress bar over the tensors written.
 
     Returns:
         The path written.
@@ -82,7 +85,7 @@ def export_gguf(
         ) from None
     edits = gguf_edits(model, reader, adapter_name)
     with write_guard({"source": source}, option="out"), atomic_path(out) as tmp:
-        write_gguf_copy(reader, edits, tmp)
+        write_gguf_copy(reader, edits, tmp, progress)
     return out
 
 
@@ -226,7 +229,7 @@ def _bias_of_offset(matrix: np.ndarray, offset: torch.Tensor, existing: Any | No
     return bias.numpy().astype(np.float32)
 
 
-def write_gguf_copy(reader: Any, edits: dict[str, np.ndarray], path: Path) -> None:
+def write_gguf_copy(reader: Any, edits: dict[str, np.ndarray], path: Path, progress: bool = False) -> None:
     """Copy every metadata field and tensor of `reader` into `path`, with `edits` (F32 arrays) replacing
     tensors of the same name or, when new, inserted right after `blk.N.attn_output.weight`."""
     import gguf
@@ -247,7 +250,7 @@ def write_gguf_copy(reader: Any, edits: dict[str, np.ndarray], path: Path) -> No
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, data, _ in planned:
+    for name, data, _ in tqdm(planned, desc="writing GGUF", unit="tensor", disable=not progress, leave=False):
         writer.write_tensor_data(data, tensor_endianess=None if name in edits else reader.endianess)
     writer.close()
 
@@ -287,7 +290,10 @@ def gguf_file_of(model: str | os.PathLike[str]) -> Path:
 
 
 def merge_adapter_to_gguf(
-    base: str | os.PathLike[str], adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str]
+    base: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    progress: bool = False,
 ) -> Path:
     """Load `base` (bundled name or .gguf file), attach the adapter saved in `adapter_dir`, and write a copy
     of the base's GGUF file with the adapter folded in to `out` (see `export_gguf`)."""
@@ -297,6 +303,11 @@ def merge_adapter_to_gguf(
     source = gguf_file_of(base)
     with write_guard({"base": source, "adapter_dir": adapter_dir}, option="out"):
         output_target(out)  # a link or an input: refused before the (slow) load
-    model, _ = load_model(base)
-    lofit_model = LofitModel.from_pretrained(model, adapter_dir)
-    return export_gguf(lofit_model, source, out)
+    with tqdm(total=2, desc="lofit merge --gguf", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("loading the base model and the adapter")
+        lofit_model = LofitModel.from_pretrained(load_model(base)[0], adapter_dir)
+        bar.update()
+        bar.set_postfix_str(f"writing {out}")
+        written = export_gguf(lofit_model, source, out, progress=progress)
+        bar.update()
+    return written
