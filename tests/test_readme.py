@@ -5,6 +5,8 @@ following fails here), every `make` target exists (`make -n`), and the Trainer b
 model (`lofit.load_model` handed a tiny model instead of the bundled one). Slow: each python block runs as it
 is in a fresh process, each shell block in `bash -e` (with the bundled SmolLM2), except `make run` / `make test`
 themselves, which set up a virtual environment and run the whole suite: they are checked with `make -n`.
+The vLLM section's blocks need vLLM (`.venv-vllm`, `make vllm-test`) and are run by the serving tests; here
+their `lofit serve` lines are parsed.
 """
 
 from __future__ import annotations
@@ -22,24 +24,32 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
+VLLM_SECTION = "## Serving many adapters with vLLM"  # needs vLLM (.venv-vllm): tests/integrations/test_vllm_*
 
 
-def blocks(language: str) -> list[str]:
-    return [code for lang, code in BLOCK.findall(README.read_text(encoding="utf-8")) if lang == language]
+def blocks(language: str, vllm: bool = False) -> list[str]:
+    """The README's blocks of `language`: outside the vLLM section, or (vllm=True) inside it."""
+    text = README.read_text(encoding="utf-8")
+    head, _, rest = text.partition(VLLM_SECTION)
+    serving, _, tail = rest.partition("\n## ")
+    source = serving if vllm else head + "\n## " + tail
+    return [code for lang, code in BLOCK.findall(source) if lang == language]
 
 
 def shell_lines() -> list[str]:
+    """Every `lofit ...` and `make ...` command line of the README (the vLLM section's too)."""
     lines = []
-    for block in blocks("bash"):
+    for block in blocks("bash") + blocks("bash", vllm=True):
         for line in block.splitlines():
-            command = line.split(" #", 1)[0].strip()
-            if command:
+            command = line.split(" #", 1)[0].strip().removesuffix("&").strip()
+            if command.startswith(("lofit ", "make ")):
                 lines.append(command)
     return lines
 
 
 def test_the_readme_has_the_blocks_this_file_runs() -> None:
     assert len(blocks("python")) == 2 and len(blocks("bash")) == 2
+    assert len(blocks("python", vllm=True)) + len(blocks("bash", vllm=True)) >= 1
     assert BLOCK.sub("", README.read_text(encoding="utf-8")).count("```") == 0  # no block of another language
 
 
@@ -55,7 +65,8 @@ def test_every_shell_line_is_a_valid_command(line: str) -> None:
     from lofit.cli.main import build_parser
 
     assert words[0] == "lofit"
-    build_parser().parse_args(words[1:])  # argparse exits 2 on an unknown or misspelt option
+    args, unknown = build_parser().parse_known_args(words[1:])  # argparse exits 2 on a misspelt value
+    assert not unknown or args.command == "serve", unknown  # only `serve` passes options on (to vLLM)
 
 
 def test_the_trainer_block_runs_as_written_on_a_tiny_model(
