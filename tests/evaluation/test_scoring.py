@@ -83,15 +83,24 @@ def test_fast_equals_naive_on_truthfulqa_records(model_type):
 
 def test_questions_are_packed_into_few_forward_passes():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    shapes = []
-    model.register_forward_pre_hook(
+    shapes, head_rows = [], []
+    model.model.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
+    model.lm_head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape))
     evaluate(
         model, tokenizer, "truthfulqa_mc", TQA_RECORDS, instruction=INSTRUCTION, primer=PRIMER, progress=False
     )
-    # The prefix once, then the three questions' shared parts together, then all 11 distinct answers in one batch.
-    assert shapes == [1, 3, 11]
+    # A one-row check that body + head reproduce the model's logits (two passes of 8 tokens), the prefix
+    # once, then the three questions' shared parts together, then all 11 distinct answers in one batch.
+    assert shapes == [1, 1, 1, 3, 11]
+    # The LM head runs on the check's row and then only on the scored positions, never on padding.
+    answers = {
+        a for r in TQA_RECORDS for a in [r["best_answer"], *r["correct_answers"], *r["incorrect_answers"]]
+    }
+    scored = sum(len(" " + (a.strip() if a.strip().endswith(".") else a.strip() + ".")) for a in answers)
+    assert [tuple(shape) for shape in head_rows[:2]] == [(1, 8, 32), (1, 8, 32)]
+    assert sum(shape[0] for shape in head_rows[2:]) == scored
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -183,7 +192,7 @@ def test_fast_is_faster_than_naive_on_the_truthfulqa_prompt():
     def count_tokens(module, args, kwargs):
         tokens_fed["count"] += kwargs["input_ids"].numel()
 
-    model.get_base_model().register_forward_pre_hook(count_tokens, with_kwargs=True)
+    model.get_base_model().model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     results, seconds, tokens = {}, {"fast": float("inf"), "naive": float("inf")}, {}
     for scorer in ("fast", "naive", "fast"):  # fast: best of two (the first warms up)
         tokens_fed["count"] = 0
@@ -201,3 +210,19 @@ def test_fast_is_faster_than_naive_on_the_truthfulqa_prompt():
     assert results["fast"] == pytest.approx(results["naive"], abs=1e-6)
     assert tokens["naive"] > 5 * tokens["fast"]
     assert ratio > 1.5
+
+
+def test_a_model_whose_logits_are_more_than_the_head_keeps_full_logits():
+    """split_model checks body + head against the model's own logits; a mismatch (here: a soft-cap the
+    model's forward does not apply) falls back to full logits, with the same scores as the naive path."""
+    from lofit.evaluation.forward import split_model
+
+    model, tokenizer = adapted("llama"), tiny_tokenizer()
+    assert split_model(model, [5, 6, 7]) is not None
+    model.get_base_model().config.final_logit_softcapping = 0.5
+    assert split_model(model, [5, 6, 7]) is None
+    requests = [ScoringRequest("Q: why?\nA:", [" because.", " no"]), ScoringRequest("Q: how?", [" so", "!"])]
+    naive = score_continuations(model, tokenizer, requests, scorer="naive", progress=False)
+    fast = score_continuations(model, tokenizer, requests, scorer="fast", progress=False)
+    for a, b in zip(naive, fast, strict=True):
+        assert b == pytest.approx(a, abs=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,3 +114,77 @@ def sliding_window(model: nn.Module) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text_config, "sliding_window", None)
     return window if isinstance(window, int) else None
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A causal LM as its decoder body and its output embedding, to apply the LM head only where needed.
+
+    `project(hidden)` equals the model's own logits at those positions (checked by `split_model`); a
+    262k-vocabulary head (Gemma 3) costs more than the whole body per position, so scoring gathers the
+    positions it scores first.
+    """
+
+    decoder: nn.Module
+    head: nn.Module
+    softcap: float | None
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states [..., hidden] -> [..., vocab]."""
+        logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, **extra: Any) -> tuple[torch.Tensor, Any]:
+        """`(last hidden states [batch, length, hidden], the updated cache)`, continuing `cache`."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True, **extra}
+        if cache is not None:
+            parameters = inspect.signature(type(self.decoder).forward).parameters
+            kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
+        output = self.decoder(**kwargs)
+        new_cache = getattr(output, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(output, "past_key_values", None)
+        return output[0], new_cache
+
+
+def split_model(model: nn.Module, probe_ids: list[int]) -> SplitModel | None:
+    """The decoder body and LM head of `model`, or None where they do not reproduce its logits.
+
+    Runs `probe_ids` (a few tokens) both ways once: a model whose forward does more than
+    `head(decoder(x))` (a logit scale, say) keeps the full-logits path.
+
+    Args:
+        model: a causal LM or a model wrapping one (`LofitModel`: its adapter stays active in the body).
+        probe_ids: token ids to check on (at least one).
+
+    Returns:
+        The `SplitModel`, or None.
+    """
+    from ..training.adapter_model import causal_lm_of
+
+    lm = causal_lm_of(model)
+    get_decoder, get_head = getattr(lm, "get_decoder", None), getattr(lm, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    try:
+        decoder, head = get_decoder(), get_head()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if not isinstance(decoder, nn.Module) or decoder is lm or not isinstance(head, nn.Module):
+        return None
+    cap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    split = SplitModel(decoder, head, cap if isinstance(cap, (int, float)) else None)
+    ids = torch.tensor([probe_ids], device=device_of(model))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        gathered = split.project(split.forward(ids)[0]).float()
+    if gathered.shape != full.shape:
+        return None
+    exact = next(lm.parameters()).dtype == torch.float32
+    tolerance = 1e-4 if exact else 2e-2
+    finite = full[torch.isfinite(full)]
+    scale = max(float(finite.abs().max()) if finite.numel() else 1.0, 1.0)
+    close = torch.isclose(gathered, full, rtol=0.0, atol=tolerance * scale, equal_nan=True)
+    return split if bool(close.all()) else None

@@ -8,7 +8,11 @@ Two scorers compute the same numbers (fp32: within ~1e-4):
   forward pass, right-padded; (3) all continuations of those requests run in batched passes, each row
   continuing its request's cache row, with an attention mask hiding step 2's padding and explicit
   position ids. Right padding at the end of a row needs no mask: causal attention never lets a real
-  token see it.
+  token see it. Requests are packed in order of their shared part's length and each pack's
+  continuations run shortest first, so little padding is computed; with a sliding-window model a pack
+  never spans more than the window. The LM head runs only on the scored positions (the decoder body's
+  hidden states are gathered first; `lofit.evaluation.forward.split_model` checks once per call that
+  body + head reproduce the model's logits, else every position gets the model's own logits).
 
 The answer boundary is found robustly: tokenise the context and context + continuation; the scored
 tokens are those past their longest common prefix (normally exactly the context's tokens).
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import LofitValueError
 from ..training.tokens import common_prefix_length, encode_batch
 from .bounds import Cuts, NonFiniteLogitsError, check_finite, non_finite_logits, resolve_max_length
-from .forward import device_of, forward, inference, sliding_window
+from .forward import SplitModel, device_of, forward, inference, sliding_window, split_model
 from .kv_cache import fork_cache, select_cache_rows
 
 if TYPE_CHECKING:
@@ -175,62 +179,107 @@ def _score_fast(
 ) -> list[list[float]]:
     device = device_of(model)
     everything = [ids for item in tokenized for ids in item.sequences]
+    # The decoder body runs every position, the LM head only the scored ones (where that equals the
+    # model's logits; else every position gets full logits).
+    split = split_model(model, everything[0][: min(len(everything[0]), 8)])
+    run = _Run(model, split)
     # The global prefix stops before the first continuation token of any sequence.
     global_length = min(common_prefix_length(everything), min(min(item.boundaries) for item in tokenized))
     prefix = _Prefix(global_length, None, None)
     if global_length > 0:
-        logits, cache = forward(model, torch.tensor([everything[0][:global_length]], device=device))
-        prefix = _Prefix(global_length, cache, logits[0, -1:])
+        states, cache = run.forward(torch.tensor([everything[0][:global_length]], device=device))
+        prefix = _Prefix(global_length, cache, states[0, -1:])
+    # Requests in order of their shared part's length (and continuations by length in a pack) keep the
+    # padding of batched passes small; the scores go back to the caller's order.
+    shared = [_shared_length(item) for item in tokenized]
+    order = sorted(range(len(tokenized)), key=lambda i: (shared[i], i))
     # Packing requests pads their shared parts in the middle of a row; a sliding window would count the
-    # padding as distance, so models with a window shorter than that run one request at a time.
+    # padding as distance, so a pack never spans more than the window.
     window = sliding_window(model)
-    longest = max(len(ids) for ids in everything)
-    pack_size = batch_size if window is None or 2 * longest < window else 1
-    scores: list[list[float]] = []
-    for pack in _packs(tokenized, pack_size):
-        scores.extend(_score_pack(model, pack, prefix, batch_size))
+    scores: list[list[float]] = [[] for _ in tokenized]
+    destinations = iter(order)
+    for pack in _packs([tokenized[i] for i in order], [shared[i] for i in order], batch_size, window):
+        for item_scores in _score_pack(run, pack, prefix, batch_size):
+            scores[next(destinations)] = item_scores
         bar.update(len(pack))
     return scores
+
+
+def _shared_length(item: _Tokenized) -> int:
+    """Tokens all of a request's sequences share; every continuation keeps at least one token for step 3."""
+    return min(common_prefix_length(item.sequences), min(len(ids) for ids in item.sequences) - 1)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Forward passes returning what the score tables hold: hidden states (`split`) or logits."""
+
+    model: nn.Module
+    split: SplitModel | None
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, **extra: Any) -> tuple[torch.Tensor, Any]:
+        if self.split is None:
+            return forward(self.model, input_ids, cache, **extra)
+        return self.split.forward(input_ids, cache, **extra)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.split is None else self.split.project(rows)
 
 
 @dataclass(frozen=True)
 class _Prefix:
     length: int  # tokens shared by every sequence of the call
     cache: Any  # their KV cache (batch 1), None when length == 0
-    last_logits: torch.Tensor | None  # [1, vocab] at position length - 1
+    last_states: torch.Tensor | None  # [1, hidden or vocab] at position length - 1
 
 
-def _packs(tokenized: list[_Tokenized], size: int) -> list[list[_Tokenized]]:
-    """Consecutive requests in groups of `size`."""
-    return [tokenized[i : i + size] for i in range(0, len(tokenized), size)]
+def _packs(
+    tokenized: list[_Tokenized], shared: list[int], size: int, window: int | None
+) -> list[list[_Tokenized]]:
+    """Consecutive requests in groups of at most `size`; with a sliding `window`, a group's longest row
+    plus its step-2 padding stays inside the window (a request alone always forms a group)."""
+    packs: list[list[_Tokenized]] = []
+    current: list[_Tokenized] = []
+    low = high = longest = 0
+    for item, length in zip(tokenized, shared, strict=True):
+        item_longest = max(len(ids) for ids in item.sequences)
+        if current:
+            new_low, new_high = min(low, length), max(high, length)
+            new_longest = max(longest, item_longest)
+            fits = window is None or new_longest + (new_high - new_low) < window
+            if len(current) < size and fits:
+                current.append(item)
+                low, high, longest = new_low, new_high, new_longest
+                continue
+            packs.append(current)
+        current, low, high, longest = [item], length, length, item_longest
+    if current:
+        packs.append(current)
+    return packs
 
 
-def _score_pack(
-    model: nn.Module, pack: list[_Tokenized], prefix: _Prefix, batch_size: int
-) -> list[list[float]]:
+def _score_pack(run: _Run, pack: list[_Tokenized], prefix: _Prefix, batch_size: int) -> list[list[float]]:
     """Score up to `batch_size` requests: one pass over their shared parts, then batched continuation passes.
 
     Step 2 runs each request's shared part (e.g. its question) after the global prefix, right-padded to a
-    common width. Step 3 runs the continuations on top, `batch_size` rows at a time, each row starting
-    from its request's cache row; an attention mask hides the step-2 padding and explicit position ids
-    skip it.
+    common width. Step 3 runs the continuations on top, `batch_size` rows at a time (shortest first, so
+    rows of a pass have similar lengths), each row starting from its request's cache row; an attention
+    mask hides the step-2 padding and explicit position ids skip it.
     """
-    device = device_of(model)
+    device = device_of(run.model)
     start = prefix.length
-    # Each request's shared part; every continuation keeps at least one token for step 3.
-    shared = [
-        min(common_prefix_length(it.sequences), min(len(ids) for ids in it.sequences) - 1) for it in pack
-    ]
+    shared = [_shared_length(it) for it in pack]
     width2 = max(shared) - start
-    logits2, cache2 = None, prefix.cache
+    states2, cache2 = None, prefix.cache
     if width2 > 0:
         rows2 = [it.sequences[0][start:end] for it, end in zip(pack, shared, strict=True)]
         ids2 = torch.tensor([r + [0] * (width2 - len(r)) for r in rows2], device=device)
-        logits2, cache2 = forward(
-            model, ids2, None if prefix.cache is None else fork_cache(prefix.cache, len(pack))
+        states2, cache2 = run.forward(
+            ids2, None if prefix.cache is None else fork_cache(prefix.cache, len(pack))
         )
 
     rows3 = [(r, j) for r, it in enumerate(pack) for j in range(len(it.sequences))]
+    rows3.sort(key=lambda rj: len(pack[rj[0]].sequences[rj[1]]) - shared[rj[0]])
     results = [[0.0] * len(it.sequences) for it in pack]
     for begin in range(0, len(rows3), batch_size):
         chunk = rows3[begin : begin + batch_size]
@@ -239,34 +288,34 @@ def _score_pack(
         ids3 = torch.tensor([s + [0] * (width3 - len(s)) for s in suffixes], device=device)
         request_rows = torch.tensor([r for r, _ in chunk], device=device)
         if width2 > 0 and all(shared[r] == start + width2 for r, _ in chunk):  # no step-2 padding to hide
-            logits3, _ = forward(model, ids3, select_cache_rows(cache2, request_rows))
+            states3, _ = run.forward(ids3, select_cache_rows(cache2, request_rows))
         elif width2 > 0:
             mask = torch.ones(len(chunk), start + width2 + width3, dtype=torch.long)  # built on the host
             for row, (r, _) in enumerate(chunk):
                 mask[row, shared[r] : start + width2] = 0
             positions = torch.tensor([[shared[r] + t for t in range(width3)] for r, _ in chunk])
-            logits3, _ = forward(
-                model,
+            states3, _ = run.forward(
                 ids3,
                 select_cache_rows(cache2, request_rows),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
             )
         else:  # no step 2: the continuations follow the global prefix directly
-            logits3, _ = forward(model, ids3, None if cache2 is None else fork_cache(cache2, len(chunk)))
-        sums = _chunk_scores(pack, chunk, shared, prefix, logits2, logits3)
+            states3, _ = run.forward(ids3, None if cache2 is None else fork_cache(cache2, len(chunk)))
+        sums = _chunk_scores(run, pack, chunk, shared, prefix, states2, states3)
         for (r, j), value in zip(chunk, sums, strict=True):
             results[r][j] = value
     return results
 
 
 def _chunk_scores(
+    run: _Run,
     pack: list[_Tokenized],
     chunk: list[tuple[int, int]],
     shared: list[int],
     prefix: _Prefix,
-    logits2: torch.Tensor | None,
-    logits3: torch.Tensor,
+    states2: torch.Tensor | None,
+    states3: torch.Tensor,
 ) -> list[float]:
     """Σ log p over each chunk row's continuation tokens, gathering every needed logit row in one go per source.
 
@@ -288,8 +337,8 @@ def _chunk_scores(
                 name, batch, position = "step3", row, p - shared[r]
             for column, value in zip(sources[name], (batch, position, ids[p + 1], row), strict=True):
                 column.append(value)
-    tables = {"prefix": prefix.last_logits, "step2": logits2, "step3": logits3}
-    sums = torch.zeros(len(chunk), dtype=torch.float32, device=logits3.device)
+    tables = {"prefix": prefix.last_states, "step2": states2, "step3": states3}
+    sums = torch.zeros(len(chunk), dtype=torch.float32, device=states3.device)
     for name, (batches, positions, tokens, rows) in sources.items():
         if not rows:
             continue
@@ -297,7 +346,7 @@ def _chunk_scores(
         assert table is not None
         if table.dim() == 2:  # the prefix's [1, vocab] row
             table = table[:, None, :]
-        index = functools.partial(torch.tensor, device=logits3.device)
-        selected = table[index(batches), index(positions)]
+        index = functools.partial(torch.tensor, device=states3.device)
+        selected = run.logits(table[index(batches), index(positions)])  # the LM head on these rows only
         sums.index_add_(0, index(rows), _target_logprobs(selected, index(tokens)))
     return sums.tolist()
