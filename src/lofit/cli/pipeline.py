@@ -69,8 +69,14 @@ def validation_losses(history: dict[str, Any] | None) -> list[list[float]]:
 def _evaluate_both(
     options: RunOptions, data: PreparedData, model: LofitModel, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Base (adapter disabled) and adapted metrics with their standard errors, and the timings."""
+    """Base (adapter disabled) and adapted metrics with their standard errors, and the timings.
+
+    The base evaluation comes from the base-evaluation cache (`lofit.evaluation.base_cache`) when this
+    base model was scored on these test records with this protocol before; `base_cache` in the result
+    says whether it was.
+    """
     from ..evaluation import evaluate
+    from ..evaluation.base_cache import BaseEvalCache
     from ..evaluation.uncertainty import metric_uncertainty
 
     kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
@@ -78,12 +84,21 @@ def _evaluate_both(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with model.disable_adapter():
-        base = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
+        cache = BaseEvalCache.open(model, list(data.test), data.task.eval_task, kwargs)
+        base = cache.load()
+        if base is None:
+            base = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
+            cache.store(base)
     timings["eval_base_s"] = time.perf_counter() - start
     start = time.perf_counter()
     adapted = evaluate(model, tokenizer, data.task.eval_task, data.test, return_details=True, **kwargs)
     timings["eval_lofit_s"] = time.perf_counter() - start
-    results = {"base": base[0], "lofit": adapted[0], "uncertainty": metric_uncertainty(base, adapted)}
+    results = {
+        "base": base[0],
+        "lofit": adapted[0],
+        "uncertainty": metric_uncertainty(base, adapted),
+        "base_cache": cache.status,
+    }
     if options.log_samples:
         from ..evaluation.samples import write_samples
 
