@@ -687,3 +687,23 @@ def test_wilson_interval_where_the_standard_error_is_zero() -> None:
     )
     row = metrics_table({"accuracy": 0.0}, {"accuracy": 0.0}, found).splitlines()[-1]
     assert "0.0 [95%: 0.0, 19.4]" in row, row
+
+
+def test_run_scores_the_base_once_and_reuses_it(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second `lofit run` on the same base, test records and protocol takes the base metrics from the cache."""
+    monkeypatch.setenv("LOFIT_CACHE_DIR", str(tmp_path / "cache"))
+    questions = [{"question": f"Is {i} odd?", "choices": ["yes", "no"], "answer": i % 2} for i in range(10)]
+    train = _write_jsonl(tmp_path / "train.jsonl", questions[:6])
+    test = _write_jsonl(tmp_path / "test.jsonl", questions[6:])
+    common = ["run", "--task", "mc", "--model", str(tiny_model_dir), "--train", str(train), "--test", str(test)]
+    runs = []
+    for name, seed in (("first", "1"), ("second", "2")):
+        options = ["--epochs", "1", "--batch-size", "2", "--k", "2", "--seed", seed, "--no-progress"]
+        code = main([*common, "--out", str(tmp_path / name), *options])
+        assert code == 0, capsys.readouterr().err
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert runs[0]["base_cache"].startswith("stored ") and runs[1]["base_cache"].startswith("hit ")
+    assert runs[1]["base"] == runs[0]["base"]
+    assert runs[1]["uncertainty"]["n"] == runs[0]["uncertainty"]["n"] == 4

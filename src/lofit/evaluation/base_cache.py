@@ -8,7 +8,9 @@ SHA-256 of everything the numbers depend on:
   its config (without paths and versions) and dtype, and the device type;
 - the data: the canonical JSON of every test record, in order;
 - the protocol: the evaluation task and its options (templates, batch size, ...);
-- the versions of lofit, torch and transformers.
+- the versions of lofit, torch and transformers, and a hash of the evaluation code itself
+  (`lofit/evaluation/*.py`: a development checkout changes its scoring or its details without a new
+  version number).
 
 Safety: entries are written atomically (`lofit.io.atomic`), read with `O_NOFOLLOW`, and neither the
 cache root, its `base-eval` folder nor an entry may be a symbolic link (the cache is then skipped, with
@@ -71,6 +73,14 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def evaluation_code_hash() -> str:
+    """SHA-256 of the source of every module of `lofit.evaluation` (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def cache_key(model: nn.Module, records: list[Any], task: str, options: dict[str, Any]) -> str:
     """The SHA-256 key of a base evaluation (see the module docstring).
 
@@ -97,6 +107,7 @@ def cache_key(model: nn.Module, records: list[Any], task: str, options: dict[str
             "lofit": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "evaluation_code": evaluation_code_hash(),
         },
     }
     return hashlib.sha256(_canonical(key).encode()).hexdigest()
@@ -216,9 +227,8 @@ class BaseEvalCache:
         for detail, record in zip(details, self.records, strict=True):
             if not isinstance(detail, dict):
                 return False
-            for field in ("question", "prompt"):
-                if field in detail and detail[field] != record.get(field):
-                    return False
+            if "question" in detail and "question" in record and detail["question"] != record["question"]:
+                return False
         return True
 
     def store(self, evaluation: Evaluation) -> None:
