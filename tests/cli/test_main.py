@@ -697,7 +697,17 @@ def test_run_scores_the_base_once_and_reuses_it(  # type: ignore[no-untyped-def]
     questions = [{"question": f"Is {i} odd?", "choices": ["yes", "no"], "answer": i % 2} for i in range(10)]
     train = _write_jsonl(tmp_path / "train.jsonl", questions[:6])
     test = _write_jsonl(tmp_path / "test.jsonl", questions[6:])
-    common = ["run", "--task", "mc", "--model", str(tiny_model_dir), "--train", str(train), "--test", str(test)]
+    common = [
+        "run",
+        "--task",
+        "mc",
+        "--model",
+        str(tiny_model_dir),
+        "--train",
+        str(train),
+        "--test",
+        str(test),
+    ]
     runs = []
     for name, seed in (("first", "1"), ("second", "2")):
         options = ["--epochs", "1", "--batch-size", "2", "--k", "2", "--seed", seed, "--no-progress"]
