@@ -50,6 +50,19 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         return Gemma2Config(
             **common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=64
         )
+    if (
+        model_type == "gemma3_text"
+    ):  # Gemma 3's text model: sliding/global layers, q/k norms, scaled embeddings
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            **common,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=64,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        )
     if model_type == "phi3":
         return Phi3Config(**common, num_key_value_heads=2, max_position_embeddings=128)
     if model_type == "gpt2":
@@ -127,12 +140,13 @@ OUTPUT_PROJECTION = {
     "qwen3": "self_attn.o_proj",
     "gemma": "self_attn.o_proj",
     "gemma2": "self_attn.o_proj",
+    "gemma3_text": "self_attn.o_proj",
     "phi3": "self_attn.o_proj",
     "gpt2": "attn.c_proj",
     "gpt_neox": "attention.dense",
     "opt": "self_attn.out_proj",
 }
-HEAD_DIM = {"qwen3": 12, "gemma": 16, "gemma2": 16}  # others: hidden 32 / 4 heads = 8
+HEAD_DIM = {"qwen3": 12, "gemma": 16, "gemma2": 16, "gemma3_text": 16}  # others: hidden 32 / 4 heads = 8
 
 
 def head_dim_of(model_type: str) -> int:

