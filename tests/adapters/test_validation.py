@@ -289,6 +289,22 @@ BAD_CALLS: dict[str, tuple[Callable[[Path], object], str]] = {
         lambda p: combine_adapters(_two_adapters(), ["a", "b"], weights=[3e39, -3e39]),
         "not finite",
     ),
+    "set_head_params of an unadapted head": (
+        lambda p: _fresh().set_head_params({(1, 0): {"offset": torch.zeros(8)}}),
+        r"head \(1, 0\) is not part",
+    ),
+    "set_head_params of an unknown part": (
+        lambda p: _fresh().set_head_params({(0, 0): {"bias": torch.zeros(8)}}),
+        "unknown head parameter 'bias'",
+    ),
+    "set_head_params of a wrong shape": (
+        lambda p: _fresh().set_head_params({(0, 0): {"offset": torch.zeros(9)}}),
+        r"expected shape \(8,\)",
+    ),
+    "set_head_params of NaN": (
+        lambda p: _fresh().set_head_params({(0, 0): {"offset": torch.full((8,), float("nan"))}}),
+        "NaN or inf",
+    ),
 }
 
 

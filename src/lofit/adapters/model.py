@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterLoadError, LofitRuntimeError
+from ..errors import AdapterLoadError, LofitRuntimeError, LofitValueError
 from .base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
@@ -288,20 +288,26 @@ class LofitModel(AdapterModel):
                 vectors = vectors_by_layer.get(layer)
                 rows = [] if vectors is None else (vectors.heads == head).nonzero().flatten().tolist()
                 if vectors is None or not rows:
-                    raise KeyError(f"head ({layer}, {head}) is not part of this adapter")
+                    raise HeadParamsError(f"head ({layer}, {head}) is not part of this adapter")
                 for name, value in entry.items():
                     if name not in ("scale", "offset"):
-                        raise KeyError(f"unknown head parameter {name!r}; expected 'scale' or 'offset'")
+                        raise HeadParamsError(
+                            f"unknown head parameter {name!r}; expected 'scale' or 'offset'"
+                        )
                     param = getattr(vectors, name)
                     value = torch.as_tensor(value)
                     if value.shape != (vectors.head_dim,):
-                        raise ValueError(
+                        raise LofitValueError(
                             f"head ({layer}, {head}) {name}: expected shape ({vectors.head_dim},), got "
                             f"{tuple(value.shape)}"
                         )
+                    if value.is_floating_point() and not torch.isfinite(value).all():
+                        raise LofitValueError(
+                            f"head ({layer}, {head}) {name}: holds NaN or inf; give finite values"
+                        )
                     if param is None:
                         if torch.any(value != 0):
-                            raise ValueError(
+                            raise LofitValueError(
                                 f"this adapter does not learn a {name}; cannot set a non-zero one"
                             )
                         continue
@@ -574,6 +580,13 @@ def read_checked_adapter(
     check_same_base(saved_identity, lofit_identity(base_model, geometry), source)
     tensors = read_adapter_tensors(path, config, geometry.head_dim, compute_dtype(base_model))
     return LofitConfig(**{**config.__dict__, "init_std": 0.0}), tensors
+
+
+class HeadParamsError(LofitValueError, KeyError):
+    """`set_head_params` names a head the adapter does not edit, or an unknown part (a KeyError too)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class AdapterStateError(LofitRuntimeError, TypeError):
