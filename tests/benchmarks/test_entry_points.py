@@ -32,6 +32,7 @@ ENTRY_POINTS = (
     "generate_overhead",
     "logit_lens",
     "vllm_serving",
+    "lm_eval_compare",
 )
 INTERNALS = PACKAGE / "harness" / "internals.py"
 

@@ -1,0 +1,215 @@
+"""lofit's multiple-choice scorer against lm-evaluation-harness's, on the same model and the same requests.
+
+    PYTHONPATH=src python -m benchmarks.lm_eval_compare --records 50 --repeats 2
+    PYTHONPATH=src python -m benchmarks.lm_eval_compare --model gemma3-270m --records 50
+
+Both score the same (context, continuation) strings: ARC-Easy and PIQA with lm-eval's own templates
+(`arc_easy.yaml`, `piqa.yaml`: "Question: {question}\\nAnswer:" and " {choice}"), TruthfulQA MC1 with the
+LoFiT/ITI prompt (instruction + 6-shot primer + "Q: ...\\nA:", each answer " {answer}"), built from the
+first N records of lofit's data files (no download). lm-eval runs its own Hugging Face scorer
+(`lm_eval.models.huggingface.HFLM.loglikelihood`) on the model object lofit loaded; lofit runs
+`lofit.evaluation.evaluate(..., scorer="fast")`. Both use the same batch size. Timings are the process
+CPU time and wall time of each whole call, the two scorers alternating (`--repeats` rounds; the
+median is reported), in one process on one machine. "Identical choices" counts the records where both
+pick the same option (argmax of the summed log-probs; TruthfulQA: among the MC1 options).
+
+Writes benchmarks/results/lm_eval_compare[_<model>].json and .md (command, machine, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEMPLATES = {  # lm-eval's task templates (lm_eval/tasks/arc/arc_easy.yaml, piqa/piqa.yaml)
+    "arc_easy": "Question: {question}\nAnswer:",
+    "piqa": "Question: {question}\nAnswer:",
+}
+
+
+def argmax(values: list[float]) -> int:
+    """Index of the first maximum (lm-eval's np.argmax)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def mc_requests(task: str, count: int) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]]]:
+    """The first `count` "mc" records of `task` and their (context, continuations)."""
+    from lofit.tasks import load_task
+
+    records = list(load_task(task).test)[:count]
+    template = TEMPLATES[task]
+    return records, [
+        (template.format(question=r["question"]), [" " + c for c in r["choices"]]) for r in records
+    ]
+
+
+def truthfulqa_requests(count: int) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]], list[int]]:
+    """The first `count` TruthfulQA fold-0 test records, their requests and how many MC1 options each has."""
+    from lofit.tasks import load_task
+
+    from .harness.internals import load_prompt_parts, truthfulqa_mc_requests
+
+    records = list(load_task("truthfulqa", fold=0).test)[:count]
+    instruction, primer = load_prompt_parts()
+    requests, layouts = truthfulqa_mc_requests(records, instruction, primer)
+    pairs, mc1_sizes = [], []
+    for request, (_answers, best, _true, false) in zip(requests, layouts, strict=True):
+        options = [best, *false]  # MC1: the best answer against every incorrect one
+        pairs.append((request.context, [" " + a for a in options]))
+        mc1_sizes.append(len(options))
+    return records, pairs, mc1_sizes
+
+
+def lofit_scores(
+    model: Any, tokenizer: Any, pairs: list[tuple[str, list[str]]], batch_size: int
+) -> list[list[float]]:
+    from lofit.evaluation import ScoringRequest, score_continuations
+
+    requests = [ScoringRequest(context, continuations) for context, continuations in pairs]
+    return score_continuations(model, tokenizer, requests, batch_size=batch_size, progress=False)
+
+
+def lm_eval_scores(lm: Any, pairs: list[tuple[str, list[str]]]) -> list[list[float]]:
+    from lm_eval.api.instance import Instance
+
+    instances = []
+    for doc_id, (context, continuations) in enumerate(pairs):
+        for index, continuation in enumerate(continuations):
+            instances.append(
+                Instance(
+                    request_type="loglikelihood",
+                    doc={},
+                    arguments=(context, continuation),
+                    idx=index,
+                    metadata=("bench", doc_id, 1),
+                )
+            )
+    flat = iter(value for value, _greedy in lm.loglikelihood(instances, disable_tqdm=True))
+    return [[next(flat) for _ in continuations] for _context, continuations in pairs]
+
+
+def timed(call: Any) -> tuple[Any, float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = call()
+    return result, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--records", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "truthfulqa_mc1"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import lm_eval
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from lofit import __version__, load_model
+
+    model, tokenizer = load_model(args.model)
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    rows = []
+    for task in args.tasks:
+        if task == "truthfulqa_mc1":
+            _records, pairs, _sizes = truthfulqa_requests(args.records)
+        else:
+            _records, pairs = mc_requests(task, args.records)
+        timings: dict[str, list[tuple[float, float]]] = {"lofit": [], "lm_eval": []}
+        results: dict[str, list[list[float]]] = {}
+        for _ in range(args.repeats):
+            for name, call in (
+                ("lofit", lambda pairs=pairs: lofit_scores(model, tokenizer, pairs, args.batch_size)),
+                ("lm_eval", lambda pairs=pairs: lm_eval_scores(lm, pairs)),
+            ):
+                with torch.no_grad():
+                    results[name], cpu, wall = timed(call)
+                timings[name].append((cpu, wall))
+        picks = {name: [argmax(s) for s in scores] for name, scores in results.items()}
+        identical = sum(a == b for a, b in zip(picks["lofit"], picks["lm_eval"], strict=True))
+        differences = [
+            abs(a - b)
+            for row_a, row_b in zip(results["lofit"], results["lm_eval"], strict=True)
+            for a, b in zip(row_a, row_b, strict=True)
+        ]
+        cpu = {name: statistics.median(c for c, _ in values) for name, values in timings.items()}
+        wall = {name: statistics.median(w for _, w in values) for name, values in timings.items()}
+        row = {
+            "task": task,
+            "records": len(pairs),
+            "continuations": sum(len(c) for _, c in pairs),
+            "identical_choices": identical,
+            "max_abs_logprob_difference": max(differences),
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "speedup_cpu": cpu["lm_eval"] / cpu["lofit"],
+            "speedup_wall": wall["lm_eval"] / wall["lofit"],
+            "all_timings": timings,
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "all_timings"}), flush=True)
+        rows.append(row)
+
+    environment = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads",
+        "load_average": os.getloadavg(),
+        "versions": {
+            "lofit": __version__,
+            "lm_eval": getattr(lm_eval, "__version__", "?"),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
+    suffix = "" if args.model == "smollm2-135m" else f"_{Path(args.model).name.replace('.', '_')}"
+    out = args.out or RESULTS / f"lm_eval_compare{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        f"# lofit vs lm-evaluation-harness scoring ({args.model})",
+        "",
+        f"Command: `{environment['command']}`  ",
+        f"Machine: {environment['machine']}, load average at the end {environment['load_average']} "
+        "(a shared machine: compare the ratios, measured side by side, not the seconds)  ",
+        f"Versions: {environment['versions']}; batch size {args.batch_size} for both; median of {args.repeats} "
+        "alternating rounds.",
+        "",
+        "| task | records | continuations | identical choices | max abs Δ log-prob | lofit CPU s | lm-eval CPU s "
+        "| speed-up (CPU) | speed-up (wall) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['task']} | {row['records']} | {row['continuations']} | {row['identical_choices']}/{row['records']} "
+            f"| {row['max_abs_logprob_difference']:.2e} | {row['cpu_s']['lofit']:.1f} | {row['cpu_s']['lm_eval']:.1f} "
+            f"| {row['speedup_cpu']:.2f}x | {row['speedup_wall']:.2f}x |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
