@@ -108,7 +108,7 @@ def test_lm_eval_agrees_with_lofit_eval_on_a_merged_export(tmp_path: Path) -> No
         return " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=generator))
 
     records = [
-        {"question": phrase(5) + "?", "choices": [phrase(1 + i % 3) for i in range(4)], "answer": k % 4}
+        {"question": phrase(5) + "?", "choices": [phrase(1 + i) for i in range(4)], "answer": k % 4}
         for k in range(24)
     ]
     test = tmp_path / "test.jsonl"
