@@ -46,8 +46,8 @@ from lofit.integrations.vllm.engine import LofitEngine
 from lofit.io.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from lofit.io.bundled import bundled_checkpoint
 from lofit.io.locking import OutputLockedError, output_lock
-from lofit.selection.probe import probe_head_scores
-from lofit.selection.select import probe_texts, rank_heads
+from lofit.selection.probe import probe_head_scores, probe_texts
+from lofit.selection.ranking import rank_heads
 from lofit.tasks.datadir import benchmark_dir
 from lofit.training.activation_checkpointing import checkpointing, decoder_layers
 from lofit.training.batching import epoch_batches

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LofitModel": "lofit.adapters.model",
     "get_lofit_model": "lofit.adapters.model",
-    "HeadSelection": "lofit.selection.select",
+    "HeadSelection": "lofit.selection.ranking",
     "select_heads": "lofit.selection.select",
     "train_offsets": "lofit.training.offsets",
     "load_model": "lofit.io.loading",

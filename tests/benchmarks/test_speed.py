@@ -62,7 +62,7 @@ def test_head_count_and_description() -> None:
 
 
 def test_heads_from_file_reads_pairs_and_selections(tmp_path: Path) -> None:
-    from lofit.selection.select import HeadSelection
+    from lofit.selection.ranking import HeadSelection
 
     pairs = tmp_path / "heads.json"
     pairs.write_text(json.dumps({"heads": [[2, 1], [0, 3], [2, 0]]}))

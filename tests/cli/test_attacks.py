@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from lofit.cli.main import main
-from lofit.selection.select import HeadSelection, rank_heads, select_heads
+from lofit.selection.ranking import HeadSelection, rank_heads
+from lofit.selection.select import select_heads
 from lofit.training.offsets import train_offsets
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, XGLMConfig
 
 from lofit.cli.main import main
-from lofit.selection.select import HeadSelection, rank_heads, select_heads
+from lofit.selection.ranking import HeadSelection, rank_heads
+from lofit.selection.select import select_heads
 from lofit.training.offsets import train_offsets
 from tiny_models import EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
 

@@ -183,7 +183,7 @@ def test_run_caches_the_layers_below_the_selected_heads_by_default(  # type: ign
     import torch
 
     import lofit.cli.pipeline
-    from lofit.selection.select import HeadSelection, rank_heads
+    from lofit.selection.ranking import HeadSelection, rank_heads
 
     scores = torch.zeros(3, 4)
     scores[1, 2], scores[2, 0] = 2.0, 1.0  # the top two heads sit in layers 1 and 2

@@ -505,7 +505,7 @@ def test_a_killed_commands_lock_is_taken_over(
 def test_two_selects_on_one_run_folder(
     zygote_process: Zygote, merge_setup: dict[str, Path], tmp_path: Path
 ) -> None:
-    from lofit.selection.select import HeadSelection
+    from lofit.selection.ranking import HeadSelection
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))

@@ -14,7 +14,8 @@ from lofit import LofitConfig, get_lofit_model
 from lofit.cli.main import main
 from lofit.errors import LofitError
 from lofit.selection.gradient import gradient_head_scores
-from lofit.selection.select import HeadSelection, select_heads
+from lofit.selection.ranking import HeadSelection
+from lofit.selection.select import select_heads
 from lofit.training.config import TrainingConfig
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -14,7 +14,8 @@ from lofit.adapters.heads import find_output_projections
 from lofit.adapters.layer import LofitProjection
 from lofit.selection.activations import text_head_activations
 from lofit.selection.probe import fit_logistic_probes, probe_head_scores
-from lofit.selection.select import HeadSelection, SelectionFileError, rank_heads, select_heads
+from lofit.selection.ranking import HeadSelection, SelectionFileError, rank_heads
+from lofit.selection.select import select_heads
 from lofit.training.distributed import seed_everything
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -8,7 +8,8 @@ import torch
 from lofit import LofitModel
 from lofit.adapters.config import LofitConfigError
 from lofit.adapters.layer import LofitProjection
-from lofit.selection.select import HeadSelection, rank_heads, select_heads
+from lofit.selection.ranking import HeadSelection, rank_heads
+from lofit.selection.select import select_heads
 from lofit.training.losses import make_objective
 from lofit.training.offsets import train_offsets
 from lofit.training.scoring import TokenScorer, sequence_logps

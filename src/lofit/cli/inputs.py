@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..adapters.model import LofitModel
-    from ..selection.select import HeadSelection
+    from ..selection.ranking import HeadSelection
     from ..tasks import Task
 
 __all__ = [
@@ -153,7 +153,7 @@ def load_selection(path: Path) -> HeadSelection:
     Returns:
         The `HeadSelection`.
     """
-    from ..selection.select import HeadSelection
+    from ..selection.ranking import HeadSelection
 
     check_input_file(path, "--heads")
     try:

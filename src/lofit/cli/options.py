@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LofitValueError
+from ..io.quantization import QUANTIZATIONS
+from ..selection.selectors import METHODS
+from ..training.config import PRECISIONS as TRAINING_PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SELECT_METHODS = ("lofit", "random", "probe", "gradient", "gradient-adam")
-QUANTIZATIONS = ("4bit", "8bit")
+PRECISIONS = ("auto", *TRAINING_PRECISIONS)
+SELECT_METHODS = METHODS  # the selector table's names (`lofit.selection.selectors`)
 
 
 def parse_k(value: str | float | int) -> float | int:

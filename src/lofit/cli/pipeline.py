@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..adapters.model import LofitModel
-    from ..selection.select import HeadSelection
+    from ..selection.ranking import HeadSelection
 
 __all__ = ["RunOptions", "environment", "parse_k", "run", "validation_losses"]
 

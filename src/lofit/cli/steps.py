@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..adapters.model import LofitModel
-    from ..selection.select import HeadSelection
+    from ..selection.ranking import HeadSelection
 
 __all__ = [
     "PreparedData",
@@ -175,7 +175,7 @@ def check_k(k: float | int, model: nn.Module, target_modules: list[str] | None) 
     import torch
 
     from ..adapters.heads import find_output_projections
-    from ..selection.select import HeadSelection, rank_heads
+    from ..selection.ranking import HeadSelection, rank_heads
 
     geometry = find_output_projections(model, target_modules=target_modules)
     scores = torch.zeros(geometry.num_layers, geometry.num_heads)

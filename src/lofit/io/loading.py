@@ -34,6 +34,7 @@ from .bundled import (
     dequantize_gguf,
     resolve_cache_dir,
 )
+from .quantization import QUANTIZATIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -111,9 +112,6 @@ def _from_pretrained(
             "`model.save_pretrained(directory)` (safetensors by default) and pass that directory"
         ) from None
     return model, tokenizer
-
-
-QUANTIZATIONS = ("4bit", "8bit")
 
 
 def placement_kwargs(

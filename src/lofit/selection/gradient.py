@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.base_state import preserved_base_model
 from ..adapters.config import LofitConfig
 from ..adapters.model import LofitModel, get_lofit_model
 from ..errors import LofitRuntimeError
@@ -48,8 +49,7 @@ from ..training.config import TrainingConfig
 from ..training.encoding import Example
 from ..training.losses import DPOObjective, Objective, dpo_losses, encode_train_val
 from ..training.scoring import TokenScorer, sequence_logps
-
-SCORE_MEANING = "L2 norm of the gradient of the mean task loss w.r.t. the head's scale A at A = 0 (one pass)"
+from .selectors import SelectionRequest, SelectorScores
 
 
 def gradient_head_scores(
@@ -104,6 +104,21 @@ def gradient_head_scores(
         "wall_s": time.perf_counter() - started,
         "gradient_precision": config.precision,
     }
+
+
+def select(request: SelectionRequest) -> SelectorScores:
+    """Selector "gradient": scores are ‖∂L/∂A‖₂ at A = 0 per head; the pass's details go to metadata."""
+    with preserved_base_model(request.base_model):
+        scores, info = gradient_head_scores(
+            request.base_model,
+            request.tokenizer,
+            request.records,
+            request.objective,
+            request.config,
+            request.target_modules,
+        )
+    request.metadata["gradient"] = info
+    return SelectorScores(scores)
 
 
 @contextlib.contextmanager

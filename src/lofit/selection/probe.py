@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LofitValueError
 from ..tasks.records import Record
 from ..training.config import TrainingConfig
+from .selectors import SelectionRequest, SelectorScores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -145,6 +146,21 @@ def probe_head_scores(
 
 
 # ------------------------------------------------------------------------------ probe selection
+def select(request: SelectionRequest) -> SelectorScores:
+    """Selector "probe": scores are the probes' validation accuracy, ties broken by lower validation loss."""
+    accuracy, loss = probe_selection_scores(
+        request.base_model,
+        request.tokenizer,
+        request.records,
+        request.val_records,
+        request.objective,
+        request.config,
+        request.probe_l2,
+        request.metadata,
+    )
+    return SelectorScores(accuracy, tiebreak=loss)
+
+
 def probe_selection_scores(
     base_model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
