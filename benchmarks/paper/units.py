@@ -486,7 +486,7 @@ def train_baseline(h: Harness, name: str, fold: int, model: nn.Module, tok: Any,
     val_records = h.val_data(name, fold)
     val = objective.encode(val_records) if val_records else None
     seed_everything(config.seed)
-    # AdapterView: the trainer's AdapterModel protocol, with the baseline's own parameters and switch
+    # AdapterView: the trainer's TrainableAdapter protocol, with the baseline's own parameters and switch
     trainee = AdapterView(model, trainable_parameters(model))
     history = train_adapter(trainee, objective, train, config, val_examples=val, description="baseline")
     return h.finish_validation(model, tok, name, fold, history)

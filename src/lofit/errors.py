@@ -3,7 +3,8 @@
 Every such error derives from `LofitError`; the command line turns exactly these (and `OSError`) into a
 one-paragraph message with exit code 2. Anything else escaping lofit is a bug ("internal error", exit 1).
 The classes also derive from the builtin a caller would expect (`ValueError`, `RuntimeError`), so code
-written against the builtins keeps working.
+written against the builtins keeps working. This is the one errors module: every layer's error classes
+derive from these, and `DataError` (bad task data, naming the file, line and field) lives here too.
 
 Example:
     >>> from lofit.errors import LofitError, LofitValueError
@@ -12,6 +13,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class LofitError(Exception):
@@ -40,3 +43,58 @@ class ModelLoadError(LofitRuntimeError):
 
 class NotPeftError(LofitError, TypeError):
     """A lofit object was handed to PEFT, TRL or transformers' PEFT integration; the message names lofit's call."""
+
+
+class DataError(LofitValueError):
+    """Malformed or missing task data.
+
+    The message reads "FILE, line N, field 'F': what is wrong. Fix: what to change." The parts are also
+    available as attributes (`source`, `line`, `field`, `problem`, `fix`) for callers that format their own
+    message (the CLI prints `str(error)` as its one-paragraph error).
+
+    >>> str(DataError("bad.jsonl", 3, "answer", "4 is out of range for 3 choices", "use 0, 1 or 2"))
+    "bad.jsonl, line 3, field 'answer': 4 is out of range for 3 choices. Fix: use 0, 1 or 2."
+    """
+
+    def __init__(
+        self,
+        source: str | Path | None,
+        line: int | None,
+        field: str | None,
+        problem: str,
+        fix: str | None = None,
+        *,
+        line_label: str = "line",
+    ) -> None:
+        self.source = None if source is None else str(source)
+        self.line = line
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        self.line_label = line_label
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = [] if self.source is None else [self.source]
+        if self.line is not None:
+            where.append(f"{self.line_label} {self.line}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        text = self.problem.rstrip(".") + "."
+        if where:
+            text = f"{', '.join(where)}: {text}"
+        if self.fix:
+            text += f" Fix: {self.fix.rstrip('.')}."
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep pickling (multiprocessing) working
+        return (
+            _rebuild,
+            (self.source, self.line, self.field, self.problem, self.fix, self.line_label),
+        )
+
+
+def _rebuild(
+    source: str | None, line: int | None, field: str | None, problem: str, fix: str | None, line_label: str
+) -> DataError:
+    return DataError(source, line, field, problem, fix, line_label=line_label)

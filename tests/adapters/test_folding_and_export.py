@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lofit import LofitConfig, get_lofit_model
-from lofit.integrations.export import MergeError, export_merged, merge_adapter_checkpoint
+from lofit.adapters.folding import MergeError
+from lofit.integrations.export import export_merged, merge_adapter_checkpoint
 from lofit.io.atomic import ForeignContentError
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model, tiny_tokenizer
 

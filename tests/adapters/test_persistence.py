@@ -10,7 +10,8 @@ import torch
 
 import lofit.adapters.persistence as persistence
 from lofit import LofitConfig, LofitModel, get_lofit_model
-from lofit.adapters.persistence import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, BaseModelMismatchError
+from lofit.adapters.persistence import CONFIG_NAME, WEIGHTS_NAME
+from lofit.errors import AdapterLoadError, BaseModelMismatchError
 from tiny_models import VOCAB, tiny_model
 
 HEADS = {0: [0, 2], 2: [1, 3]}

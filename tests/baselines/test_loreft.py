@@ -115,9 +115,9 @@ def test_generation_edits_the_prompt_once_and_not_new_tokens() -> None:
 
 def test_trains_with_lofit_trainer_and_keeps_rotation_orthonormal() -> None:
     from lofit.baselines.parameters import trainable_parameters
-    from lofit.training.config import TrainingConfig
     from lofit.training.loop import train_adapter
     from lofit.training.losses import make_objective
+    from lofit.training.settings import TrainingConfig
 
     model, tok = tiny_model("llama", 0), tiny_tokenizer()
     wrapped = get_loreft_model(model, layers=[1], rank=2, first=1, last=1)

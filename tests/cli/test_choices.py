@@ -12,7 +12,7 @@ from lofit.cli.main import build_parser
 from lofit.io import loading
 from lofit.io.quantization import QUANTIZATIONS
 from lofit.selection.selectors import METHODS, SELECTORS
-from lofit.training.config import PRECISIONS
+from lofit.training.settings import PRECISIONS
 
 
 def _choices(command: str, option: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lofit.cli.main import build_parser, main
-from lofit.cli.pipeline import parse_k
+from lofit.cli.options import parse_k
 from lofit.errors import LofitValueError
 
 
@@ -265,7 +265,7 @@ def test_auto_precision_resolves_to_a_concrete_one(monkeypatch: pytest.MonkeyPat
 
     import torch
 
-    from lofit.training.config import TrainingConfig, fastest_precision
+    from lofit.training.settings import TrainingConfig, fastest_precision
 
     assert TrainingConfig(precision="auto").precision in {"bf16", "fp32"}
     real_open = builtins.open

@@ -475,7 +475,7 @@ def python_cases() -> list[Case]:
         return lambda: model.save_pretrained(path)
 
     def selection_to(env: Env, path: Path) -> Callable[[], object]:
-        from lofit.selection.select import HeadSelection
+        from lofit.selection.ranking import HeadSelection
 
         selection = HeadSelection.load(env.assets["heads"])
         return lambda: selection.save(path)
@@ -620,8 +620,8 @@ def test_there_are_at_least_80_write_attacks_in_every_category() -> None:
 
 def test_the_link_check_names_every_artefact_the_run_writes() -> None:
     from lofit.cli.steps import RUN_ARTEFACTS
-    from lofit.training.config import CHECKPOINT_SUBDIR
     from lofit.training.loop import CURVE_NAME, LOG_NAME
+    from lofit.training.settings import CHECKPOINT_SUBDIR
 
     for step in ("select", "train"):
         assert {f"{step}/{CHECKPOINT_SUBDIR}", f"{step}/{LOG_NAME}", f"{step}/{CURVE_NAME}"} <= set(
@@ -771,7 +771,7 @@ def _python_save(env: Env, target: str, path: Path) -> Callable[[], object]:
 
         merged = model.merge_and_unload()
         return lambda: export_merged(merged, path, overwrite=True)
-    from lofit.selection.select import HeadSelection
+    from lofit.selection.ranking import HeadSelection
 
     selection = HeadSelection.load(env.assets["heads"])
     return lambda: selection.save(path)

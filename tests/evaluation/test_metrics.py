@@ -7,7 +7,12 @@ import math
 import pytest
 
 from lofit.evaluation import evaluate, multiple_choice, truthfulqa
-from lofit.evaluation.truthfulqa import find_data_dir, format_reference, load_prompt_parts, question_context
+from lofit.evaluation.truthfulqa_mc import (
+    find_data_dir,
+    format_reference,
+    load_prompt_parts,
+    question_context,
+)
 from tiny_models import tiny_model, tiny_tokenizer
 
 MODEL, TOKENIZER = tiny_model("llama"), tiny_tokenizer()  # the scorers are faked: never run

@@ -10,7 +10,12 @@ import pytest
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import evaluate
-from lofit.evaluation.truthfulqa import find_data_dir, format_reference, load_prompt_parts, question_context
+from lofit.evaluation.truthfulqa_mc import (
+    find_data_dir,
+    format_reference,
+    load_prompt_parts,
+    question_context,
+)
 from lofit.training.tokens import encode
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import ScoringRequest, evaluate, score_continuations
 from lofit.evaluation.forward import forward
 from lofit.evaluation.kv_cache import fork_cache
-from lofit.evaluation.truthfulqa import find_data_dir
+from lofit.evaluation.truthfulqa_mc import find_data_dir
 from lofit.training.tokens import encode
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 

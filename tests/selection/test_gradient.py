@@ -16,7 +16,7 @@ from lofit.errors import LofitError
 from lofit.selection.gradient import gradient_head_scores
 from lofit.selection.ranking import HeadSelection
 from lofit.selection.select import select_heads
-from lofit.training.config import TrainingConfig
+from lofit.training.settings import TrainingConfig
 from tiny_models import tiny_model, tiny_tokenizer
 
 SFT = [{"prompt": f"{a}*{b}=", "completion": f"{(a * b) % 10}"} for a in range(4) for b in range(3)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lofit.tasks.errors import DataError
+from lofit.errors import DataError
 from lofit.tasks.generic import load_records
 from lofit.tasks.records import as_records, train_val_records
 

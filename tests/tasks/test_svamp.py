@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lofit.errors import LofitError
+from lofit.errors import DataError, LofitError
 from lofit.evaluation.extraction import extract, matches
 from lofit.tasks import load_task
 from lofit.tasks.download import SOURCES
-from lofit.tasks.errors import DataError
 from lofit.tasks.numbers import canonical_number
 
 

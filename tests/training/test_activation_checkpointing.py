@@ -11,10 +11,10 @@ from torch import nn
 
 from lofit import LofitConfig, get_lofit_model
 from lofit.training.activation_checkpointing import checkpointing, decoder_layers, requested
-from lofit.training.config import TrainingConfig
 from lofit.training.loop import train_adapter
 from lofit.training.losses import make_objective
 from lofit.training.offsets import train_offsets
+from lofit.training.settings import TrainingConfig
 from tiny_models import tiny_model, tiny_tokenizer
 
 RECORDS = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(2)]

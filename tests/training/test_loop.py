@@ -11,12 +11,12 @@ import torch
 from lofit import LofitConfig, get_lofit_model
 from lofit.adapters.layer import LofitProjection
 from lofit.training.batching import epoch_batches
-from lofit.training.config import TrainingConfig
 from lofit.training.history import TrainingHistory
+from lofit.training.logprobs import TokenScorer
 from lofit.training.loop import train_adapter
 from lofit.training.losses import SFTObjective, make_objective
 from lofit.training.offsets import train_offsets
-from lofit.training.scoring import TokenScorer
+from lofit.training.settings import TrainingConfig
 from lofit.training.step import NonFiniteLossError
 from tiny_models import tiny_model, tiny_tokenizer
 

@@ -11,8 +11,8 @@ import torch
 from lofit import LofitConfig, get_lofit_model
 from lofit.training.batching import collate
 from lofit.training.encoding import SequenceEncoder
+from lofit.training.logprobs import TokenScorer
 from lofit.training.losses import DPOObjective, SFTObjective, dpo_losses, mean_loss
-from lofit.training.scoring import TokenScorer
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 SFT_RECORDS = [

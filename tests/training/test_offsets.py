@@ -10,9 +10,9 @@ from lofit.adapters.config import LofitConfigError
 from lofit.adapters.layer import LofitProjection
 from lofit.selection.ranking import HeadSelection, rank_heads
 from lofit.selection.select import select_heads
+from lofit.training.logprobs import TokenScorer, sequence_logps
 from lofit.training.losses import make_objective
 from lofit.training.offsets import train_offsets
-from lofit.training.scoring import TokenScorer, sequence_logps
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 RECORDS = [{"prompt": f"Q: {a} {b} A:", "completion": f" {a}{b}{a}"} for a in range(4) for b in range(4)]

@@ -28,10 +28,10 @@ from lofit.training.checkpoints import (
     load_checkpoint,
     restore_rng,
 )
-from lofit.training.config import TrainingConfig
 from lofit.training.loop import train_adapter
 from lofit.training.losses import SFTObjective
 from lofit.training.offsets import train_offsets
+from lofit.training.settings import TrainingConfig
 from lofit.training.step import NonFiniteLossError
 from tiny_models import tiny_model, tiny_tokenizer
 

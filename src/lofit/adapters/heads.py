@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import LofitValueError
-from .architectures import OUTPUT_PROJECTION_SUFFIXES as OUTPUT_PROJECTION_SUFFIXES  # re-exported
+from .architectures import OUTPUT_PROJECTION_SUFFIXES
 
 
 class UnsupportedArchitectureError(LofitValueError):

@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import AdapterLoadError, LofitValueError
-from ..errors import BaseModelMismatchError as BaseModelMismatchError  # re-exported: the old home
 from ..io.atomic import atomic_directory, recover
 from ..io.output_paths import describe_not_regular
 from .config import LofitConfig, LofitConfigError

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.architectures import LORA_TARGET_MODULES as LORA_TARGET_MODULES  # re-exported: the old home
+from ..adapters.architectures import LORA_TARGET_MODULES
 from ..adapters.heads import text_config
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import LofitValueError
 from ..io.quantization import QUANTIZATIONS
 from ..selection.selectors import METHODS
-from ..training.config import PRECISIONS as TRAINING_PRECISIONS
+from ..training.settings import PRECISIONS as TRAINING_PRECISIONS
 
 PRECISIONS = ("auto", *TRAINING_PRECISIONS)
 SELECT_METHODS = METHODS  # the selector table's names (`lofit.selection.selectors`)

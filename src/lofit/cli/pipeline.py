@@ -1,8 +1,7 @@
 """`lofit run`: select heads -> train offsets -> evaluate base and adapted model -> write artefacts.
 
 The steps live in `lofit.cli.steps` (shared with the subcommands); this module only runs them in order and
-assembles metrics.json and report.md. `RunOptions` and `parse_k` live in the torch-free `lofit.cli.options`
-and are re-exported here for older imports.
+assembles metrics.json and report.md (its options are `lofit.cli.options.RunOptions`, torch-free).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from .. import __version__
 from ..errors import LofitValueError
 from ..io.output_paths import check_output_dir
 from .inputs import PreparedData, load, prepare_data
-from .options import RunOptions, parse_k
+from .options import RunOptions
 from .steps import evaluation_kwargs, guarded_output, resolve_k, run_selection, run_training, training_kwargs
 
 if TYPE_CHECKING:
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from ..adapters.model import LofitModel
     from ..selection.ranking import HeadSelection
 
-__all__ = ["RunOptions", "environment", "parse_k", "run", "validation_losses"]
+__all__ = ["environment", "run", "validation_losses"]
 
 
 def environment() -> dict[str, str]:

@@ -122,7 +122,7 @@ def resolved_precision(precision: str) -> str:
     Returns:
         The precision name.
     """
-    from ..training.config import fastest_precision
+    from ..training.settings import fastest_precision
 
     return fastest_precision() if precision == "auto" else precision
 

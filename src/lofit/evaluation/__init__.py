@@ -31,7 +31,7 @@ from ..tasks.records import text_problem
 from .exact_match import evaluate_exact_match
 from .multiple_choice import evaluate_mc
 from .scoring import ScoringRequest, score_continuations
-from .truthfulqa import evaluate_truthfulqa_mc
+from .truthfulqa_mc import evaluate_truthfulqa_mc
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

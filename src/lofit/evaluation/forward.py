@@ -162,7 +162,7 @@ def split_model(model: nn.Module, probe_ids: list[int]) -> SplitModel | None:
     Returns:
         The `SplitModel`, or None.
     """
-    from ..training.adapter_model import causal_lm_of
+    from ..training.trainable import causal_lm_of
 
     lm = causal_lm_of(model)
     get_decoder, get_head = getattr(lm, "get_decoder", None), getattr(lm, "get_output_embeddings", None)

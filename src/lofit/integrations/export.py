@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.folding import MergeError as MergeError  # re-exported: callers catch it from here
 from ..adapters.merged import check_complete
 from ..adapters.model import LofitModel
 from ..io.atomic import atomic_directory, check_replaceable, write_guard

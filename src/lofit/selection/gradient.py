@@ -45,10 +45,10 @@ from ..adapters.base_state import preserved_base_model
 from ..adapters.config import LofitConfig
 from ..adapters.model import LofitModel, get_lofit_model
 from ..errors import LofitRuntimeError
-from ..training.config import TrainingConfig
 from ..training.encoding import Example
+from ..training.logprobs import TokenScorer, sequence_logps
 from ..training.losses import DPOObjective, Objective, dpo_losses, encode_train_val
-from ..training.scoring import TokenScorer, sequence_logps
+from ..training.settings import TrainingConfig
 from .selectors import SelectionRequest, SelectorScores
 
 

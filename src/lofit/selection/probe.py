@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LofitValueError
 from ..tasks.records import Record
-from ..training.config import TrainingConfig
+from ..training.settings import TrainingConfig
 from .selectors import SelectionRequest, SelectorScores
 
 if TYPE_CHECKING:

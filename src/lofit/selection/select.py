@@ -17,7 +17,7 @@ from ..adapters.config import LofitConfig
 from ..adapters.heads import HeadGeometry, find_output_projections
 from ..tasks.defaults import SELECT_HEADS_DEFAULTS
 from ..tasks.records import Record, train_val_records
-from ..training.config import TrainingConfig
+from ..training.settings import TrainingConfig
 from .ranking import HeadSelection, rank_heads
 from .selectors import SELECTORS, SelectionRequest, check_method, load_selector
 

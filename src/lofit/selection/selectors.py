@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from ..adapters.heads import HeadGeometry
     from ..tasks.records import Record
-    from ..training.config import TrainingConfig
+    from ..training.settings import TrainingConfig
 
 
 @dataclass(frozen=True)

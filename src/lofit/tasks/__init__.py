@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
+from ..errors import DataError
 from .clutrr import load_clutrr
 from .convert import convert_records
 from .datadir import cache_data_dir, resolve_data_dir
 from .download import DownloadError, download_data
-from .errors import DataError
 from .generic import load_records
 from .llm_adapters import load_mc_benchmark, load_mc_split, mc_completion, mc_prompt, mc_to_sft
 from .mquake import load_mquake

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import DataError
+from ..errors import DataError
 from .llm_adapters import mc_completion, mc_prompt, mc_to_sft
 from .records import Record
 from .truthfulqa import TQA_PROMPT_TEMPLATE

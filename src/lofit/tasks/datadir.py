@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 ENV_DATA_DIR = "LOFIT_DATA_DIR"
 ENV_CACHE_DIR = "LOFIT_CACHE_DIR"

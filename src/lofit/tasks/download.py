@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
 from ..io.atomic import atomic_write_text, atomic_write_with
 from .datadir import cache_dir as default_cache_dir
-from .errors import DataError
 
 LOFIT = "https://raw.githubusercontent.com/fc2869/lo-fit/ebd344a273d3dab0b63d8bbfd7ecdb5185ae5b7b"
 LLM_ADAPTERS = (

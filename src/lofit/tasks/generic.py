@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 from .readers import RawRow, read_rows
 from .records import Record, RecordKind, Where, detect_or_fail, require_kind, validate_record
 

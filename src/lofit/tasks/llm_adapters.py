@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
 from .datadir import benchmark_dir, find_split_file
-from .errors import DataError
 from .readers import RawRow, read_rows
 from .records import Record, validate_record
 from .task import MC_PROMPT_TEMPLATE, Task, generic_defaults

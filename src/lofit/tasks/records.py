@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from .errors import DataError
+from ..errors import DataError
 
 RecordKind = Literal["sft", "dpo", "truthfulqa_mc", "mc", "exact_match"]
 TRAINING_KINDS: tuple[RecordKind, ...] = ("sft", "dpo")
@@ -245,7 +245,7 @@ def as_records(data: Any, objective: str, name: str = "train_data") -> list[Reco
         >>> as_records([{"prompt": "a", "completion": ""}], "sft")
         Traceback (most recent call last):
         ...
-        lofit.tasks.errors.DataError: train_data, index 0, field 'completion': is empty. Fix: give a non-empty value.
+        lofit.errors.DataError: train_data, index 0, field 'completion': is empty. Fix: give a non-empty value.
     """
     fields = objective_fields(objective)
     if data is None or isinstance(data, (str, bytes, Mapping)):

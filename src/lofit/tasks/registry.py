@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import DataError
 from .clutrr import load_clutrr
 from .commonsense import COMMONSENSE_TASKS, load_commonsense
 from .convert import can_convert, convert_records
-from .errors import DataError
 from .generic import describe_source, load_records_with_kind
 from .llm_adapters import STYLES, load_mc_benchmark
 from .mquake import load_mquake

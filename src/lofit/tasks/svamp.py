@@ -17,8 +17,8 @@ import random
 import re
 from pathlib import Path
 
+from ..errors import DataError
 from .datadir import benchmark_dir, find_split_file
-from .errors import DataError
 from .numbers import NUMBER, canonical_number
 from .readers import RawRow, read_rows
 from .records import Record, validate_record

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import DataError
 from .datadir import benchmark_dir
-from .errors import DataError
 from .readers import RawRow, read_rows
 from .records import Record, validate_record
 from .task import Task, paper_defaults

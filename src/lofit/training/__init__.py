@@ -2,14 +2,14 @@
 
 | module | job |
 |---|---|
-| `config` | `TrainingConfig`: the options, validated |
+| `settings` | `TrainingConfig`: the options, validated |
 | `history` | `TrainingHistory`: what a run did (no torch; plotting reads it) |
 | `tokens` | text -> token ids (BOS kept, no EOS appended), common prefixes; used by every layer above |
 | `encoding` | records -> token sequences (`SequenceEncoder`, `Example`) |
 | `batching` | epoch order, micro-batches, padded `TokenBatch`es |
-| `scoring` | `TokenScorer`: log-probs with the LM head applied at scored positions only |
+| `logprobs` | `TokenScorer`: log-probs with the LM head applied at scored positions only |
 | `losses` | the SFT and DPO objectives |
-| `adapter_model` | the `AdapterModel` protocol the loop trains, `AdapterView` for other adapters |
+| `trainable` | the `TrainableAdapter` protocol the loop trains, `AdapterView` for other adapters |
 | `loop` | `train_adapter`: setup, epochs, validation, checkpoints |
 | `step` | one optimizer step: micro-batches, all-reduce, clipping |
 | `run_state` | `TrainingRun` (fixed at the start) and `LoopState` (what moves) |
@@ -27,21 +27,21 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "TrainingConfig": "config",
-    "fastest_precision": "config",
+    "TrainingConfig": "settings",
+    "fastest_precision": "settings",
     "TrainingHistory": "history",
     "EncodedSequence": "encoding",
     "Example": "encoding",
     "SequenceEncoder": "encoding",
     "TokenBatch": "batching",
-    "TokenScorer": "scoring",
+    "TokenScorer": "logprobs",
     "Objective": "losses",
     "SFTObjective": "losses",
     "DPOObjective": "losses",
     "make_objective": "losses",
     "encode_train_val": "losses",
-    "AdapterModel": "adapter_model",
-    "AdapterView": "adapter_model",
+    "TrainableAdapter": "trainable",
+    "AdapterView": "trainable",
     "train_adapter": "loop",
     "NonFiniteLossError": "step",
     "seed_everything": "distributed",

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .adapter_model import causal_lm_of
-from .config import PRECISIONS
+from .settings import PRECISIONS
+from .trainable import causal_lm_of
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

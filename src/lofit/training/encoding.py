@@ -13,8 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import LofitValueError
-from ..tasks.errors import DataError
+from ..errors import DataError, LofitValueError
 from .tokens import common_prefix_length, encode
 
 if TYPE_CHECKING:

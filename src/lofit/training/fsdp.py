@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import LofitRuntimeError
 from .activation_checkpointing import decoder_layers
-from .adapter_model import causal_lm_of
+from .trainable import causal_lm_of
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

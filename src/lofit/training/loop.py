@@ -30,20 +30,20 @@ from torch import nn
 from ..errors import LofitValueError
 from ..io.atomic import atomic_write_text
 from . import activation_checkpointing
-from .adapter_model import AdapterModel, causal_lm_of
 from .batching import epoch_batches
 from .checkpoints import LoopPosition, save_checkpoint
-from .config import TrainingConfig
 from .distributed import make_accelerator, place_model, reduce_sum
 from .encoding import Example
 from .fsdp import check_weights_loaded, fsdp_requested, parameter_bytes, shard_base_model, unshard_base_model
 from .history import TrainingHistory
+from .logprobs import TokenScorer
 from .losses import Objective, loss_sums, sums_to_means
 from .lower_layers import MAX_CACHE_BYTES, LowerLayerCache, cache_bytes, check_cache_fits
 from .resume import run_identity, start_position
 from .run_state import LoopState, TrainingRun
-from .scoring import TokenScorer
+from .settings import TrainingConfig
 from .step import optimizer_step
+from .trainable import TrainableAdapter, causal_lm_of
 
 if TYPE_CHECKING:
     pass
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 def train_adapter(
-    model: AdapterModel,
+    model: TrainableAdapter,
     objective: Objective,
     train_examples: Sequence[Example],
     config: TrainingConfig,
@@ -71,7 +71,7 @@ def train_adapter(
     runs in eval mode (no dropout), so the reference pass, validation and training see the same network.
 
     Args:
-        model: any `AdapterModel`: a `LofitModel`, a `RedModel`, or `AdapterView(peft_model)`.
+        model: any `TrainableAdapter`: a `LofitModel`, a `RedModel`, or `AdapterView(peft_model)`.
         objective: the SFT or DPO objective that encoded the examples.
         train_examples: the encoded training records.
         config: the training options.
@@ -103,7 +103,7 @@ def train_adapter(
 
 
 def _setup(
-    model: AdapterModel,
+    model: TrainableAdapter,
     objective: Objective,
     train_examples: Sequence[Example],
     val_examples: Sequence[Example],
@@ -158,7 +158,7 @@ def _setup(
     )  # fmt: skip
 
 
-def _check_model(model: AdapterModel) -> nn.Module:
+def _check_model(model: TrainableAdapter) -> nn.Module:
     """`model` as the torch module it must be; refuse one whose weights were never loaded."""
     if not isinstance(model, nn.Module):
         raise LofitValueError(

@@ -22,7 +22,7 @@ from ..errors import LofitRuntimeError, LofitValueError
 from ..tasks.records import Record, objective_fields
 from .batching import TokenBatch, collate, pad_token_id
 from .encoding import EncodedSequence, Example, SequenceEncoder
-from .scoring import TokenScorer, sequence_logps
+from .logprobs import TokenScorer, sequence_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -11,10 +11,10 @@ from ..adapters.config import HeadMap, LofitConfig
 from ..adapters.model import LofitModel, get_lofit_model
 from ..tasks.defaults import TRAIN_OFFSETS_DEFAULTS
 from ..tasks.records import train_val_records
-from .config import TrainingConfig, UnknownOptionError
 from .distributed import seed_everything
 from .loop import train_adapter
 from .losses import encode_train_val
+from .settings import TrainingConfig, UnknownOptionError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -14,10 +14,10 @@ from torch import nn
 
 from ..errors import LofitValueError
 from .checkpoints import LoopPosition, latest_checkpoint, load_checkpoint
-from .config import TrainingConfig
 from .encoding import Example
 from .history import TrainingHistory
 from .losses import Objective
+from .settings import TrainingConfig
 
 # Options that decide the trained values: a checkpoint resumes only a run that agrees on all of them.
 # grad_accum and the number of processes are left out on purpose (they do not change the result).

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from .checkpoints import LoopPosition
-from .config import TrainingConfig
 from .encoding import Example
 from .fsdp import ShardedBase
 from .history import TrainingHistory
+from .logprobs import TokenScorer
 from .losses import Objective
 from .lower_layers import LowerLayerCache
-from .scoring import TokenScorer
+from .settings import TrainingConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class TrainingRun:
     """What a training run fixes at its start."""
 
-    model: nn.Module  # the AdapterModel (`_setup` checks that it is a module)
+    model: nn.Module  # the TrainableAdapter (`_setup` checks that it is a module)
     objective: Objective
     train_examples: Sequence[Example]
     val_examples: Sequence[Example]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LofitValueError
-from .adapter_model import causal_lm_of
 from .batching import TokenBatch
+from .trainable import causal_lm_of
 
 SCORER_MODES = ("auto", "gathered", "full")
 

@@ -1,4 +1,4 @@
-"""The loop trains any `AdapterModel` (LoFiT, RED, PEFT LoRA through `AdapterView`), and the DPO reference
+"""The loop trains any `TrainableAdapter` (LoFiT, RED, PEFT LoRA through `AdapterView`), and the DPO reference
 is always the base model with the adapter disabled: for every adapter, before the first step, after
 --resume and for validation records."""
 
@@ -10,11 +10,11 @@ import torch
 from lofit import LofitConfig, get_lofit_model
 from lofit.baselines import get_red_model, trainable_parameters
 from lofit.errors import LofitError
-from lofit.training.adapter_model import AdapterModel, AdapterView, causal_lm_of
-from lofit.training.config import TrainingConfig
+from lofit.training.logprobs import TokenScorer, sequence_logps
 from lofit.training.loop import train_adapter
 from lofit.training.losses import DPOObjective
-from lofit.training.scoring import TokenScorer, sequence_logps
+from lofit.training.settings import TrainingConfig
+from lofit.training.trainable import AdapterView, TrainableAdapter, causal_lm_of
 from tiny_models import tiny_model, tiny_tokenizer
 
 PAIRS = [
@@ -58,7 +58,7 @@ def base_logps(objective: DPOObjective, examples) -> list[tuple[float, float]]: 
 @pytest.mark.parametrize("build", [red_with_random_vectors, lora_with_random_b], ids=["red", "lora"])
 def test_dpo_reference_is_the_bare_base_for_any_adapter(build) -> None:  # type: ignore[no-untyped-def]
     model = build()
-    assert isinstance(model, AdapterModel)
+    assert isinstance(model, TrainableAdapter)
     objective = DPOObjective(tiny_tokenizer(), beta=0.5)
     examples = objective.encode(PAIRS)
     expected = base_logps(objective, examples)
@@ -143,7 +143,7 @@ def test_adapter_view_trains_only_the_given_parameters_of_a_peft_model() -> None
 
 def test_lofit_model_satisfies_the_protocol_and_a_module_without_switch_is_refused() -> None:
     lofit_model = get_lofit_model(tiny_model("llama"), LofitConfig(heads={0: [1]}))
-    assert isinstance(lofit_model, AdapterModel)
+    assert isinstance(lofit_model, TrainableAdapter)
     assert causal_lm_of(lofit_model) is lofit_model.get_base_model()
     with pytest.raises(LofitError, match="disable_adapter"):
         AdapterView(torch.nn.Linear(2, 2))

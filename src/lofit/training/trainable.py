@@ -1,4 +1,4 @@
-"""What the training loop needs from a model: the typed `AdapterModel` protocol.
+"""What the training loop needs from a model: the typed `TrainableAdapter` protocol.
 
 `train_adapter` trains any torch module that names its adapter's parameters and can switch its adapter
 off: `LofitModel`, `RedModel` and, through `AdapterView`, a PEFT model or anything else with a
@@ -23,7 +23,7 @@ class NoAdapterSwitchError(LofitValueError, TypeError):
 
 
 @runtime_checkable
-class AdapterModel(Protocol):
+class TrainableAdapter(Protocol):
     """A torch module with an adapter: its parameters and a context that switches it off.
 
     `selected_heads()` ({layer: [head, ...]}) is read when present, to tie checkpoints to the heads.
@@ -65,7 +65,7 @@ class AdapterModel(Protocol):
 
 
 class AdapterView(PassThroughModel):
-    """Any adapted module seen through `AdapterModel`: its adapter parameters given explicitly.
+    """Any adapted module seen through `TrainableAdapter`: its adapter parameters given explicitly.
 
     Args:
         model: a module that computes with its adapter (e.g. a PEFT model).
@@ -78,7 +78,7 @@ class AdapterView(PassThroughModel):
         >>> from contextlib import nullcontext
         >>> net = torch.nn.Linear(2, 2)
         >>> view = AdapterView(net, [net.bias], disable_adapter=nullcontext)
-        >>> [tuple(p.shape) for p in view.adapter_parameters()], isinstance(view, AdapterModel)
+        >>> [tuple(p.shape) for p in view.adapter_parameters()], isinstance(view, TrainableAdapter)
         ([(2,)], True)
     """
 
