@@ -24,7 +24,7 @@ def _choices(command: str, option: str) -> list[str]:
     return list(action.choices)
 
 
-@pytest.mark.parametrize(("command", "option"), [("select", "--method"), ("run", "--select-method")])
+@pytest.mark.parametrize(("command", "option"), [("select", "--select-method"), ("run", "--select-method")])
 def test_selector_choices_are_the_registry(command: str, option: str) -> None:
     assert _choices(command, option) == list(METHODS) == list(SELECTORS)
 
