@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lofit.evaluation import evaluate, multiple_choice, truthfulqa
+from lofit.evaluation import evaluate, multiple_choice, truthfulqa_mc
 from lofit.evaluation.truthfulqa_mc import (
     find_data_dir,
     format_reference,
@@ -73,7 +73,7 @@ TQA_SCORES = {
 
 def test_truthfulqa_mc1_mc2_match_a_hand_computation(monkeypatch):
     fake = FakeScorer(TQA_SCORES)
-    monkeypatch.setattr(truthfulqa, "score_continuations", fake)
+    monkeypatch.setattr(truthfulqa_mc, "score_continuations", fake)
     metrics, details = evaluate(
         MODEL, TOKENIZER, "truthfulqa_mc", TQA_RECORDS, instruction="I.", primer="P.", return_details=True
     )
@@ -94,7 +94,7 @@ def test_truthfulqa_mc1_mc2_match_a_hand_computation(monkeypatch):
 
 
 def test_mc2_survives_very_negative_scores():
-    mc1, mc2 = truthfulqa.mc_metrics(-2000.0, [-2000.0], [-2000.0 - math.log(3)])
+    mc1, mc2 = truthfulqa_mc.mc_metrics(-2000.0, [-2000.0], [-2000.0 - math.log(3)])
     assert mc1 == 1.0
     assert mc2 == pytest.approx(0.75)
 
