@@ -26,7 +26,7 @@ out, or a file-safety helper. Those names are imported here, and only here
 | `residual_scale` | `lofit.baselines.repe` | RepE's shift size |
 | `save_adapter`, `CONFIG_NAME` | `lofit.adapters.persistence` | vllm_serving: 1,000 adapter folders written without a model each |
 | `bundled_checkpoint` | `lofit.io.bundled` | vllm_serving: the bundled model's safetensors folder for vLLM |
-| `truthfulqa_mc_requests`, `load_prompt_parts` | `lofit.evaluation.truthfulqa` | lm_eval_compare: the exact TruthfulQA MC requests lofit scores, handed to lm-eval too |
+| `truthfulqa_mc_requests`, `load_prompt_parts` | `lofit.evaluation.truthfulqa_mc` | lm_eval_compare: the exact TruthfulQA MC requests lofit scores, handed to lm-eval too |
 | `LofitEngine` | `lofit.integrations.vllm.engine` | vllm_serving: the engine measured (imports vLLM only when built) |
 """
 
@@ -40,8 +40,8 @@ from lofit.adapters.persistence import CONFIG_NAME, save_adapter
 from lofit.baselines.red import find_red_sites
 from lofit.baselines.repe import residual_scale
 from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
-from lofit.evaluation.truthfulqa import _requests as truthfulqa_mc_requests
-from lofit.evaluation.truthfulqa import load_prompt_parts
+from lofit.evaluation.truthfulqa_mc import _requests as truthfulqa_mc_requests
+from lofit.evaluation.truthfulqa_mc import load_prompt_parts
 from lofit.integrations.vllm.engine import LofitEngine
 from lofit.io.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from lofit.io.bundled import bundled_checkpoint
