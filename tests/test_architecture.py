@@ -44,7 +44,7 @@ def test_functions_fit_one_screen() -> None:
 
 # These import vLLM (the `vllm` extra); tests/integrations/test_vllm_*.py cover them where it is installed.
 NEEDS_VLLM = {
-    "lofit.integrations.vllm.model",
+    "lofit.integrations.vllm.model_classes",
     "lofit.integrations.vllm.router",
     "lofit.integrations.vllm.server",
 }

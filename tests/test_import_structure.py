@@ -216,3 +216,12 @@ def test_readme_map_lists_the_layers_in_order_and_every_module() -> None:
             sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") if folder.is_dir() else []
         )
         assert sorted(modules) == actual, package
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """One name, one module: a reader who sees `records` or `model` knows which file is meant."""
+    stems: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        if path.name not in {"__init__.py", "__main__.py"}:
+            stems.setdefault(path.stem, []).append(str(path.relative_to(SRC)))
+    assert {stem: paths for stem, paths in stems.items() if len(paths) > 1} == {}

@@ -139,17 +139,20 @@ def test_a_changed_architecture_field_is_named(saved: Path) -> None:
         LofitModel.from_pretrained(tiny_model("llama"), saved)
 
 
-def test_an_adapter_of_an_older_lofit_loads_with_a_warning(saved: Path) -> None:
+def test_an_adapter_of_an_earlier_build_is_refused_with_what_to_do(saved: Path) -> None:
     def make_old(base: dict) -> None:  # type: ignore[type-arg]
         for key in ("weights_fingerprint", "architecture"):
             del base[key]
 
     edit_config(saved, make_old)
-    with pytest.warns(UserWarning, match="older lofit .* only the attention output projections .* checked"):
-        model = LofitModel.from_pretrained(tiny_model("llama"), saved)
-    assert model.selected_heads() == HEADS
-    with pytest.raises(BaseModelMismatchError, match="weights in layer 0 differ"):
-        LofitModel.from_pretrained(tiny_model("llama", seed=1), saved)
+    with pytest.raises(AdapterLoadError, match=r"earlier lofit build .* Train the adapter again"):
+        LofitModel.from_pretrained(tiny_model("llama"), saved)
+
+
+def test_an_adapter_with_another_fingerprint_scheme_is_refused(saved: Path) -> None:
+    edit_config(saved, lambda base: base["weights_fingerprint"].update(scheme="lofit-weights-0"))
+    with pytest.raises(AdapterLoadError, match="scheme 'lofit-weights-0' is not this lofit's"):
+        LofitModel.from_pretrained(tiny_model("llama"), saved)
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,14 @@ few values changed or swapped in a large tensor, a fine-tuning step whose update
 and each signed sum by < 3% of sqrt(sum_sq)), permutations that keep every value's position modulo both
 periods (a shift by a multiple of 60491 values), and quantised (packed integer) or offloaded (meta)
 tensors, which are skipped. It is no security check: a base forged to match the statistics passes.
-Adapters saved before the whole-model fingerprint (only `projection_fingerprint`) still load, with a
-warning that only the attention output projections were checked.
+Adapters saved before the whole-model fingerprint (only `projection_fingerprint`), or with another
+fingerprint scheme, are refused with a message saying to save them again with this lofit.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -269,16 +268,13 @@ def check_same_base(saved: dict[str, Any], current: dict[str, Any], source: Path
             )
     _check_architecture(saved, current, source)
     _check_projections(saved, current, source)
-    if isinstance(saved.get("weights_fingerprint"), dict):
-        _check_weights(saved, current, source)
-    else:
-        warnings.warn(
-            f"{source} was saved by an older lofit and records only the attention output projections of its "
-            "base model: only those were checked against the model given. Save the adapter again to record "
-            "a fingerprint of the whole base model",
-            UserWarning,
-            stacklevel=3,
+    if not isinstance(saved.get("weights_fingerprint"), dict):
+        raise AdapterLoadError(
+            f"{source} was saved by an earlier lofit build that recorded no fingerprint of the whole base "
+            "model ('base_model.weights_fingerprint'); this lofit refuses such files. Train the adapter again, "
+            "or load it with the lofit that saved it and save it again"
         )
+    _check_weights(saved, current, source)
 
 
 def _mismatch(saved: dict[str, Any], source: Path, what: str) -> BaseModelMismatchError:
@@ -321,13 +317,10 @@ def _check_projections(saved: dict[str, Any], current: dict[str, Any], source: P
 def _check_weights(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
     old, new = saved["weights_fingerprint"], current.get("weights_fingerprint") or {}
     if old.get("scheme") != new.get("scheme"):
-        warnings.warn(
+        raise AdapterLoadError(
             f"{source}: weights fingerprint scheme {old.get('scheme')!r} is not this lofit's "
-            f"{new.get('scheme')!r}; only sizes and projections were checked",
-            UserWarning,
-            stacklevel=4,
+            f"{new.get('scheme')!r}; train the adapter again, or save it again with this lofit"
         )
-        return
     old_tensors, new_tensors = old["tensors"], new.get("tensors") or {}
     problems = [f"tensor {name} is missing" for name in old_tensors if name not in new_tensors]
     problems += [f"tensor {name} is extra" for name in new_tensors if name not in old_tensors]

@@ -6,13 +6,13 @@ Modules, one job each:
 - `adapter_files`: read a saved adapter and check it against the served model;
 - `routing`: which adapter each row of vLLM's persistent batch uses (no vLLM import);
 - `router`: the logits processor that keeps `routing` in step with vLLM's batch (changes no logit);
-- `model`: vLLM's Llama / Qwen2 / Mistral / Qwen3 classes with the tables applied before `o_proj`;
+- `model_classes`: vLLM's Llama / Qwen2 / Mistral / Qwen3 classes with the tables applied before `o_proj`;
 - `plugin`: the `vllm.general_plugins` entry point (model registration);
 - `worker`: the worker extension that adds / removes adapters in a running engine;
 - `engine`: the offline API, `LofitEngine`;
 - `server`: the OpenAI server's endpoint plugin (a request's "model" names its adapter) and `lofit serve`.
 
-Nothing here is imported by `import lofit`; importing `engine`, `model`, `router` or `server` needs vLLM.
+Nothing here is imported by `import lofit`; importing `engine`, `model_classes`, `router` or `server` needs vLLM.
 """
 
 from __future__ import annotations

@@ -43,4 +43,4 @@ def register() -> None:
 
     for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"lofit.integrations.vllm.model:{name}")
+            ModelRegistry.register_model(name, f"lofit.integrations.vllm.model_classes:{name}")

@@ -6,7 +6,7 @@ elsewhere). Row 0 is the identity (the base model). A forward gathers one row pe
 attention output projection's input exactly as `lofit.adapters.layer.RowVectors.apply` does for a mixed
 batch in transformers: `z + v`, or `((1 + A) * z.float() + v).to(z.dtype)` when a scale is present.
 
-This module knows nothing of vLLM; `lofit.integrations.vllm.model` owns one `AdapterTables` per engine.
+This module knows nothing of vLLM; `lofit.integrations.vllm.model_classes` owns one `AdapterTables` per engine.
 
 Example:
     >>> import torch
