@@ -120,3 +120,35 @@ def test_huge_text_is_bounded_before_tokenising(field: str) -> None:
     assert time.perf_counter() - start < 10
     assert len(sequence.input_ids) == 64
     assert encoder.longest <= 2 * CHARS_PER_TOKEN * 64 + 1  # tokenised only the bounded text
+
+
+@pytest.mark.parametrize("field", ["prompt", "response"])
+def test_huge_text_without_max_length_is_bounded_by_the_models_positions(field: str) -> None:
+    """No max_length: a 10 MB text is cut to CHARS_PER_TOKEN x the model's positions before tokenising."""
+    encoder = SequenceEncoder(TOKENIZER, max_positions=128)
+    huge = "ab " * 3_400_000
+    start = time.perf_counter()
+    prompt, response = (huge, "c") if field == "prompt" else ("a", huge)
+    sequence = encoder.encode(prompt, response)
+    assert time.perf_counter() - start < 10
+    assert encoder.num_text_cut == 1 and encoder.most_chars_cut == len(huge) - CHARS_PER_TOKEN * 128
+    assert len(sequence.input_ids) <= 2 * CHARS_PER_TOKEN * 128 + 2  # tokenised only the bounded text
+
+
+def test_training_without_max_length_warns_how_much_text_was_cut_then_names_the_option() -> None:
+    """The cut bounds memory; a text still longer than the model's positions is refused, naming max_length."""
+    model = tiny_model("llama")
+    positions = model.config.max_position_embeddings
+    data = [*SFT, {"prompt": "x " * (CHARS_PER_TOKEN * positions), "completion": "4"}]
+    warning = (
+        rf"1 training text\(s\) longer than {CHARS_PER_TOKEN} characters per position of the model "
+        rf"\({positions}\) were cut before tokenising, by up to {CHARS_PER_TOKEN * positions} characters"
+    )
+    with pytest.warns(UserWarning, match=warning), pytest.raises(LofitError, match="pass max_length"):
+        _train(model=model, data=data)
+
+
+def test_texts_within_the_models_positions_are_not_cut() -> None:
+    encoder = SequenceEncoder(TOKENIZER, max_positions=128)
+    encoder.encode("a" * (CHARS_PER_TOKEN * 128), "b")
+    assert encoder.num_text_cut == 0

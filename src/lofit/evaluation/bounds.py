@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import LofitRuntimeError, LofitValueError
+from ..training.encoding import max_positions
 from .forward import causal_lm
 
 CHARS_PER_TOKEN = 16
-POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 class NonFiniteLogitsError(LofitRuntimeError):
@@ -43,15 +43,9 @@ def model_max_positions(model: nn.Module) -> int | None:
         model: a causal LM or a `LofitModel`.
 
     Returns:
-        `max_position_embeddings` (or `n_positions`, ...) of its config.
+        `max_position_embeddings` (or `n_positions`, ...) of its config (`training.encoding.max_positions`).
     """
-    config = getattr(causal_lm(model), "config", None)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    for name in POSITION_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    return max_positions(causal_lm(model))
 
 
 def resolve_max_length(model: nn.Module, max_length: int | None, reserve: int = 0) -> tuple[int | None, str]:

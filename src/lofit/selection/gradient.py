@@ -45,7 +45,7 @@ from ..adapters.base_state import preserved_base_model
 from ..adapters.config import LofitConfig
 from ..adapters.model import LofitModel, get_lofit_model
 from ..errors import LofitRuntimeError
-from ..training.encoding import Example
+from ..training.encoding import Example, max_positions
 from ..training.logprobs import TokenScorer, sequence_logps
 from ..training.losses import DPOObjective, Objective, dpo_losses, encode_train_val
 from ..training.settings import TrainingConfig
@@ -87,7 +87,9 @@ def gradient_head_scores(
         ((2, 4), 1)
     """
     started = time.perf_counter()
-    task, examples, _ = encode_train_val(objective, tokenizer, records, None, config.max_length, config.beta)
+    task, examples, _ = encode_train_val(
+        objective, tokenizer, records, None, config.max_length, config.beta, max_positions(base_model)
+    )
     with _handed_back(base_model):
         adapter = LofitConfig(use_scale=True, use_offset=False, init_std=0.0, target_modules=target_modules)
         model = get_lofit_model(base_model, adapter)

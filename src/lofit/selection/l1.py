@@ -15,6 +15,7 @@ from ..adapters.config import LofitConfig
 from ..adapters.heads import HeadGeometry
 from ..adapters.model import LofitModel, get_lofit_model
 from ..training.distributed import seed_everything
+from ..training.encoding import max_positions
 from ..training.loop import train_adapter
 from ..training.losses import encode_train_val
 from .selectors import SelectionRequest, SelectorScores
@@ -30,6 +31,7 @@ def select(request: SelectionRequest) -> SelectorScores:
         request.val_records,
         config.max_length,
         config.beta,
+        max_positions(request.base_model),
     )
     with preserved_base_model(request.base_model):
         seed_everything(config.seed)

@@ -19,6 +19,7 @@ from .tokens import common_prefix_length, encode
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 CHARS_PER_TOKEN = 16  # texts are cut to this many characters per token of max_length before tokenising
 
 
@@ -60,9 +61,18 @@ class SequenceEncoder:
     Args:
         tokenizer: the model's tokenizer.
         max_length: longest sequence kept (prompts are cut from the left first); None keeps all.
+        max_positions: the model's positions (`max_positions(model)`); without `max_length`, texts are
+            cut to `CHARS_PER_TOKEN` characters per position before tokenising, so that memory stays
+            bounded on any input (no tokenizer averages 16 characters a token, so nothing the model
+            could read is lost).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int | None = None,
+        max_positions: int | None = None,
+    ) -> None:
         if max_length is not None and max_length < 2:
             raise LofitValueError(f"max_length must be at least 2 tokens (or None), got {max_length}")
         if (
@@ -86,6 +96,9 @@ class SequenceEncoder:
         self.num_response_cut = 0  # truncations that cut the response too (not only the prompt)
         self.longest = 0  # tokens of the longest sequence before truncation
         self.most_cut = 0  # tokens removed from one sequence, at most
+        self.max_positions = max_positions
+        self.num_text_cut = 0  # texts cut to the character bound before tokenising (no max_length)
+        self.most_chars_cut = 0
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with the tokenizer's leading special tokens, without an auto-appended EOS."""
@@ -107,6 +120,13 @@ class SequenceEncoder:
         if self.max_length is not None:
             limit = CHARS_PER_TOKEN * self.max_length
             prompt, response = prompt[max(len(prompt) - limit, 0) :], response[:limit]
+        elif self.max_positions is not None:
+            limit = CHARS_PER_TOKEN * self.max_positions
+            cut = max(len(prompt) - limit, 0) + max(len(response) - limit, 0)
+            if cut:
+                self.num_text_cut += 1
+                self.most_chars_cut = max(self.most_chars_cut, cut)
+                prompt, response = prompt[max(len(prompt) - limit, 0) :], response[:limit]
         prompt_ids = self.tokenize(prompt)
         full = self.tokenize(prompt + response)
         start = common_prefix_length([prompt_ids, full])
@@ -144,3 +164,21 @@ class SequenceEncoder:
             response = response[: self.max_length - len(head) - len(body)]
             self.num_response_cut += 1
         return head + body + response, len(head) + len(body)
+
+
+def max_positions(model: object) -> int | None:
+    """The longest sequence `model`'s config allows (`max_position_embeddings`, `n_positions`, ...), or None.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> max_positions(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=64)))
+        64
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import LofitRuntimeError, LofitValueError
 from ..tasks.records import Record, objective_fields
 from .batching import TokenBatch, collate, pad_token_id
-from .encoding import EncodedSequence, Example, SequenceEncoder
+from .encoding import CHARS_PER_TOKEN, EncodedSequence, Example, SequenceEncoder
 from .logprobs import TokenScorer, sequence_logps
 
 if TYPE_CHECKING:
@@ -84,8 +84,13 @@ class Objective:
     name = ""
     metric_names: tuple[str, ...] = ()  # extra per-unit metrics that `loss` sums
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
-        self.encoder = SequenceEncoder(tokenizer, max_length)
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int | None = None,
+        max_positions: int | None = None,
+    ) -> None:
+        self.encoder = SequenceEncoder(tokenizer, max_length, max_positions)
         self.pad_token_id = pad_token_id(tokenizer)
 
     def encode(self, records: Sequence[Mapping[str, str]]) -> list[Example]:
@@ -103,6 +108,14 @@ class Objective:
                 f"(the longest sequence has {encoder.longest} tokens); raise max_length (--max-length) to at "
                 "least that, or shorten the completions"
             )
+        if encoder.num_text_cut:
+            warnings.warn(
+                f"{encoder.num_text_cut} training text(s) longer than {CHARS_PER_TOKEN} characters per position "
+                f"of the model ({encoder.max_positions}) were cut before tokenising, by up to "
+                f"{encoder.most_chars_cut} characters (prompts from the left, completions from the right)",
+                stacklevel=2,
+            )
+            encoder.num_text_cut = 0
         if truncated:
             warnings.warn(
                 f"{truncated} of {sequences} sequences exceed max_length={encoder.max_length} tokens and were "
@@ -166,9 +179,13 @@ class DPOObjective(Objective):
     metric_names = ("reward_margin", "reward_accuracy")
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, beta: float = 0.5
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int | None = None,
+        beta: float = 0.5,
+        max_positions: int | None = None,
     ) -> None:
-        super().__init__(tokenizer, max_length)
+        super().__init__(tokenizer, max_length, max_positions)
         if not beta > 0:
             raise LofitValueError(f"beta must be > 0, got {beta}")
         self.beta = float(beta)
@@ -221,13 +238,21 @@ class DPOObjective(Objective):
 
 
 def make_objective(
-    objective: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, beta: float = 0.5
+    objective: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    beta: float = 0.5,
+    max_positions: int | None = None,
 ) -> Objective:
-    """The objective named "sft" (`SFTObjective`) or "dpo" (`DPOObjective` with temperature `beta`)."""
+    """The objective named "sft" (`SFTObjective`) or "dpo" (`DPOObjective` with temperature `beta`).
+
+    `max_positions` (the model's, `training.encoding.max_positions`) bounds texts before tokenising when
+    there is no `max_length`.
+    """
     objective_fields(objective)
     if objective == "dpo":
-        return DPOObjective(tokenizer, max_length, beta)
-    return SFTObjective(tokenizer, max_length)
+        return DPOObjective(tokenizer, max_length, beta, max_positions)
+    return SFTObjective(tokenizer, max_length, max_positions)
 
 
 def encode_train_val(
@@ -237,9 +262,10 @@ def encode_train_val(
     val_records: Sequence[Record] | None,
     max_length: int | None = None,
     beta: float = 0.5,
+    max_positions: int | None = None,
 ) -> tuple[Objective, list[Example], list[Example] | None]:
     """The objective named `objective` and the encoded training (and validation) examples."""
-    task = make_objective(objective, tokenizer, max_length, beta)
+    task = make_objective(objective, tokenizer, max_length, beta, max_positions)
     return task, task.encode(records), task.encode(val_records) if val_records else None
 
 

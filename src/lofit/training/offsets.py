@@ -12,6 +12,7 @@ from ..adapters.model import LofitModel, get_lofit_model
 from ..tasks.defaults import TRAIN_OFFSETS_DEFAULTS
 from ..tasks.records import train_val_records
 from .distributed import seed_everything
+from .encoding import max_positions
 from .loop import train_adapter
 from .losses import encode_train_val
 from .settings import TrainingConfig, UnknownOptionError
@@ -62,7 +63,7 @@ def train_offsets(
     check_plain_model(base_model, "train_offsets")
     records, val_records = train_val_records(train_data, val_data, objective)
     task, train_examples, val_examples = encode_train_val(
-        objective, tokenizer, records, val_records, config.max_length, config.beta
+        objective, tokenizer, records, val_records, config.max_length, config.beta, max_positions(base_model)
     )
     adapter = LofitConfig(
         heads, use_scale=False, use_offset=True, init_std=config.init_std, target_modules=target_modules
