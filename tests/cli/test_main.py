@@ -694,6 +694,7 @@ def test_run_scores_the_base_once_and_reuses_it(  # type: ignore[no-untyped-def]
 ) -> None:
     """A second `lofit run` on the same base, test records and protocol takes the base metrics from the cache."""
     monkeypatch.setenv("LOFIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOFIT_EVAL_CACHE")  # tests/conftest.py turns the cache off elsewhere
     questions = [{"question": f"Is {i} odd?", "choices": ["yes", "no"], "answer": i % 2} for i in range(10)]
     train = _write_jsonl(tmp_path / "train.jsonl", questions[:6])
     test = _write_jsonl(tmp_path / "test.jsonl", questions[6:])

@@ -21,6 +21,12 @@ RECORDS = [
 OPTIONS = {"batch_size": 4, "progress": False}
 
 
+@pytest.fixture(autouse=True)
+def cache_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py turns the cache off for every other test; these test it."""
+    monkeypatch.delenv("LOFIT_EVAL_CACHE", raising=False)
+
+
 def _evaluation(model: torch.nn.Module) -> tuple[dict[str, float], list[dict]]:
     return evaluate(model, tiny_tokenizer(), "mc", RECORDS, return_details=True, **OPTIONS)
 
