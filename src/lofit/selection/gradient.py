@@ -108,8 +108,8 @@ def gradient_head_scores(
     }
 
 
-def select(request: SelectionRequest) -> SelectorScores:
-    """Selector "gradient": scores are ‖∂L/∂A‖₂ at A = 0 per head; the pass's details go to metadata."""
+def gradient_pass(request: SelectionRequest) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The one gradient pass both gradient selectors read; its details go to `request.metadata`."""
     with preserved_base_model(request.base_model):
         scores, info = gradient_head_scores(
             request.base_model,
@@ -120,7 +120,12 @@ def select(request: SelectionRequest) -> SelectorScores:
             request.target_modules,
         )
     request.metadata["gradient"] = info
-    return SelectorScores(scores)
+    return scores, info
+
+
+def select(request: SelectionRequest) -> SelectorScores:
+    """Selector "gradient": scores are ‖∂L/∂A‖₂ at A = 0 per head; the pass's details go to metadata."""
+    return SelectorScores(gradient_pass(request)[0])
 
 
 @contextlib.contextmanager

@@ -12,24 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base_state import preserved_base_model
 from ..errors import LofitValueError
-from .gradient import gradient_head_scores
+from .gradient import gradient_pass
 from .selectors import SelectionRequest, SelectorScores
 
 
 def select(request: SelectionRequest) -> SelectorScores:
     """Scores: the pass's `"adam_scores"`; refused when λ silences every head."""
-    with preserved_base_model(request.base_model):
-        _, info = gradient_head_scores(
-            request.base_model,
-            request.tokenizer,
-            request.records,
-            request.objective,
-            request.config,
-            request.target_modules,
-        )
-    request.metadata["gradient"] = info
+    _, info = gradient_pass(request)
     scores = torch.tensor(info["adam_scores"])
     if not bool((scores > 0).any()):
         raise LofitValueError(
