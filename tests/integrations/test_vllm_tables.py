@@ -14,7 +14,7 @@ from lofit.integrations.vllm.adapter_files import ServedModel, checkpoint_projec
 from lofit.integrations.vllm.plugin import lofit_architecture
 from lofit.integrations.vllm.routing import BatchAdapters, adapter_of
 from lofit.integrations.vllm.serve import VLLM_MISSING, parse_adapters, vllm_command
-from lofit.integrations.vllm.tables import AdapterTables, DenseVectors, UnknownAdapterError
+from lofit.integrations.vllm.tables import AdapterTables, DenseVectors, ForwardRows, UnknownAdapterError
 from tiny_models import tiny_model
 
 HEADS, HEAD_DIM, LAYERS = 4, 3, 2
@@ -64,10 +64,11 @@ def test_tables_apply_each_tokens_adapter_as_the_formula_says() -> None:
         tables.add(name, as_dense(edits, scaled=name == "scaled"))
     requests = ["scaled", None, "plain", "other", "plain"]
     starts = torch.tensor([0, 3, 4, 6, 7, 9])  # request i owns tokens starts[i]:starts[i + 1]
-    rows = tables.token_rows(requests, starts)
+    forward = ForwardRows(tables, tables.token_rows(requests, starts))  # one per forward, for every layer
     hidden = torch.randn(11, WIDTH)  # two padding tokens at the end
     for layer in range(LAYERS):
-        edited = tables.apply(layer, hidden, rows)
+        edited = hidden.clone()
+        assert forward.apply(layer, edited) is edited  # in place
         for request, name in enumerate(requests):
             for token in range(int(starts[request]), int(starts[request + 1])):
                 want = oracle(hidden[token], layer, adapters.get(name) if name else None)
@@ -87,11 +88,37 @@ def test_rows_are_reused_and_growth_keeps_every_adapter() -> None:
     hidden = torch.randn(1, WIDTH)
     for name in ["a0", "a8", "new"]:
         source = head_edits(99, False) if name == "new" else edits[name]
-        edited = tables.apply(1, hidden, tables.token_rows([name], torch.tensor([0, 1])))
+        edited = tables.apply(1, hidden.clone(), tables.token_rows([name], torch.tensor([0, 1])))
         torch.testing.assert_close(edited[0], oracle(hidden[0], 1, source), rtol=0, atol=1e-6)
     with pytest.raises(LofitValueError, match="registered already"):
         tables.add("a0", {})
     assert tables.bytes_per_adapter() == LAYERS * WIDTH * 4
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_bf16_inputs_are_edited_as_lofits_own_layer_does(scaled: bool) -> None:
+    """z + v.to(bf16) (offset only) or ((1 + A) * z.float() + v).to(bf16), as `RowVectors.apply`."""
+    tables = AdapterTables(LAYERS, HEADS, HEAD_DIM)
+    dense = as_dense(head_edits(5, scaled), scaled)
+    tables.add("a", dense)
+    hidden = torch.randn(3, WIDTH).to(torch.bfloat16)
+    edited = tables.apply(1, hidden.clone(), tables.token_rows(["a", None], torch.tensor([0, 2, 3])))
+    offset, scale = dense[1].offset, dense[1].scale
+    assert offset is not None
+    want = hidden[:2] + offset.to(torch.bfloat16) if scale is None else (hidden[:2].float() * scale + offset)
+    torch.testing.assert_close(edited[:2], want.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(edited[2], hidden[2], rtol=0, atol=0)  # the base request
+
+
+def test_the_offset_table_in_another_dtype_follows_adds_and_removes() -> None:
+    tables = AdapterTables(LAYERS, HEADS, HEAD_DIM)
+    tables.add("a", {0: DenseVectors(torch.ones(WIDTH), None)})
+    assert tables.offset_as(torch.float32) is tables.offset
+    assert tables.offset_as(torch.bfloat16)[0, 1].tolist() == [1.0] * WIDTH
+    tables.remove("a")
+    assert tables.offset_as(torch.bfloat16)[0, 1].tolist() == [0.0] * WIDTH
+    tables.add("b", {0: DenseVectors(torch.full((WIDTH,), 2.0), None)})
+    assert tables.offset_as(torch.bfloat16)[0, 1].tolist() == [2.0] * WIDTH
 
 
 def test_only_layers_some_adapter_edits_are_touched() -> None:

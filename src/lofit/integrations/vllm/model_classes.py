@@ -4,7 +4,7 @@
 per-request adapters (`lofit.integrations.vllm.routing`) into one table row per token, using vLLM's
 `query_start_loc` from the forward context; a forward pre-hook on every attention output projection
 (`self_attn.o_proj`) then edits its input with the token's row of that layer's table
-(`AdapterTables.apply`): z + v, or (1 + A) * z + v. Weights load under vLLM's own names (hooks add no
+(`ForwardRows.apply`, in place): z + v, or (1 + A) * z + v. Weights load under vLLM's own names (hooks add no
 parameter). A batch of base-model requests only skips the tables.
 
 The classes are registered with vLLM's `ModelRegistry` under "Lofit" + the base class name by the
@@ -28,7 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from ...errors import LofitRuntimeError
 from .adapter_files import ServedModel, read_dense_vectors
 from .routing import batch_adapters
-from .tables import AdapterTables, UnknownAdapterError
+from .tables import AdapterTables, ForwardRows, UnknownAdapterError
 
 WRAPPED: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -74,7 +74,7 @@ class LofitServing:
             columns=slice(rank * shard, (rank + 1) * shard),
             device=torch.device(str(first.weight.device)),
         )
-        self.token_rows: torch.Tensor | None = None
+        self.token_rows: ForwardRows | None = None
         self._retiring: set[str] = set()  # removed, kept until no request of the batch uses them
         for index, projection in self.projections.items():
             projection.register_forward_pre_hook(self._hook(index))
@@ -142,16 +142,16 @@ class LofitServing:
             raise LofitRuntimeError("lofit adapters are not supported with micro-batching (ubatches)")
         if isinstance(metadata, dict):
             metadata = next(iter(metadata.values()))
-        self.token_rows = self.tables.token_rows(current, metadata.query_start_loc)
+        self.token_rows = ForwardRows(self.tables, self.tables.token_rows(current, metadata.query_start_loc))
 
     def _hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
         tables = self.tables
 
         def edit_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             rows = self.token_rows
-            if rows is None or not tables.edits_layer(layer):
-                return None
-            return (tables.apply(layer, args[0], rows), *args[1:])
+            if rows is not None and tables.edits_layer(layer):
+                rows.apply(layer, args[0])  # in place: the attention output is this projection's alone
+            return None
 
         return edit_input
 

@@ -72,6 +72,7 @@ class AdapterTables:
         self._free: list[int] = []  # unused rows (row 0, the identity, is never free)
         self._edited: dict[str, list[int]] = {}  # adapter -> the layers it edits
         self._layer_users = [0] * num_layers  # adapters editing each layer; 0: the layer is skipped
+        self._cast: dict[torch.dtype, torch.Tensor] = {}  # the offset table in other dtypes (offset_as)
 
     # --------------------------------------------------------------------------- registration
     @property
@@ -96,6 +97,7 @@ class AdapterTables:
         if not self._free:
             self._grow()
         row = self._free.pop()
+        self._cast.clear()
         if any(v.scale is not None for v in layers.values()) and self.scale is None:
             self.scale = torch.ones_like(self.offset)
         with torch.no_grad():
@@ -115,6 +117,7 @@ class AdapterTables:
         if name not in self.rows:
             raise UnknownAdapterError(f"no adapter named {name!r} is registered; registered: {self.names}")
         row = self.rows.pop(name)
+        self._cast.clear()
         with torch.no_grad():
             self.offset[:, row] = 0.0
             if self.scale is not None:
@@ -164,20 +167,61 @@ class AdapterTables:
         return self._layer_users[layer] > 0
 
     def apply(self, layer: int, hidden: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
-        """Edit the projection input `hidden` [tokens, width] of `layer`, token t with row token_rows[t].
+        """Edit the projection input `hidden` [tokens, width] of `layer` in place, token t with row token_rows[t].
 
-        Tokens past `len(token_rows)` (padding of the forward's batch) are left as they are.
+        Tokens past `len(token_rows)` (padding of the forward's batch) are left as they are. Returns
+        `hidden`. A forward that edits several layers uses one `ForwardRows`, which shares its scratch.
         """
-        count = token_rows.shape[0]
-        if count < hidden.shape[0]:
-            pad = torch.zeros(hidden.shape[0] - count, dtype=torch.long, device=token_rows.device)
-            token_rows = torch.cat([token_rows, pad])
-        offset = self.offset[layer].index_select(0, token_rows)
-        if self.scale is None:
-            return hidden + offset.to(hidden.dtype)
-        scale = self.scale[layer].index_select(0, token_rows)
+        return ForwardRows(self, token_rows).apply(layer, hidden)
+
+    def offset_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The offset table in `dtype` (cached until the next add / remove): `z + v` adds v in z's dtype."""
+        if dtype == self.offset.dtype:
+            return self.offset
+        cast = self._cast.get(dtype)
+        if cast is None:
+            cast = self._cast[dtype] = self.offset.to(dtype)
+        return cast
+
+
+class ForwardRows:
+    """One forward's table row per token, and the scratch its layers' gathers share (no per-layer allocation).
+
+    `apply` edits a projection input in place: vLLM's attention writes each layer's output into a tensor
+    of its own (`torch.empty` per call) that only the output projection reads, so nothing else sees the edit.
+
+    Args:
+        tables: the engine's tables.
+        rows: [tokens] long, each token's row (`AdapterTables.token_rows`).
+    """
+
+    def __init__(self, tables: AdapterTables, rows: torch.Tensor) -> None:
+        self.tables = tables
+        self.rows = rows
+        self._scratch: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+    def _gather(self, table: torch.Tensor, slot: int) -> torch.Tensor:
+        """Rows `self.rows` of `table` [rows, width], written into this forward's scratch `slot`."""
+        key = (table.dtype, slot)
+        out = self._scratch.get(key)
+        if out is None:
+            out = torch.empty(self.rows.shape[0], table.shape[-1], dtype=table.dtype, device=table.device)
+            self._scratch[key] = out
+        return torch.index_select(table, 0, self.rows, out=out)
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Edit `hidden` [tokens, width] of `layer` in place (tokens past the rows: padding, untouched)."""
+        tables = self.tables
+        edited = hidden[: self.rows.shape[0]]
+        if tables.scale is None:
+            edited.add_(self._gather(tables.offset_as(hidden.dtype)[layer], 0))
+            return hidden
         # As lofit's scale path: 1 + A is applied in fp32 (in bf16, 1 + 1e-3 rounds to 1).
-        return (hidden.float() * scale + offset).to(hidden.dtype)
+        work = edited.float()  # `edited` itself when it is fp32
+        work.mul_(self._gather(tables.scale[layer], 1)).add_(self._gather(tables.offset[layer], 2))
+        if work is not edited:
+            edited.copy_(work)
+        return hidden
 
 
 def _grown(table: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
