@@ -300,6 +300,7 @@ def test_target_modules_and_gradient_checkpointing_options(
     for step in ("select", "train"):
         assert metrics["settings"][step]["target_modules"] == ["self_attn.o_proj"]
         assert metrics["settings"][step]["gradient_checkpointing"] is True
+    assert metrics["settings"]["eval_precision"] in ("bf16", "fp32")  # --precision auto, resolved
     adapter_config = json.loads((out / "adapter" / "lofit_config.json").read_text())
     assert "self_attn.o_proj" in json.dumps(adapter_config)
     assert json.loads((out / "heads.json").read_text())["metadata"]["target_modules"] == ["self_attn.o_proj"]

@@ -89,6 +89,7 @@ def test_eval_log_samples_writes_each_records_prompt_scores_prediction_and_gold(
     test = write_jsonl(tmp_path / "test.jsonl", MC)
     out = tmp_path / "metrics.json"
     argv = ["eval", "--task", "mc", "--model", str(model_dir), "--test", str(test), "--no-progress"]
+    argv += ["--precision", "fp32"]  # the oracle below runs in fp32 (auto may pick bf16 autocast)
     assert main([*argv, "--out", str(out), "--log-samples"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.samples.jsonl").read_text().splitlines()]
     metrics = json.loads(out.read_text())

@@ -51,6 +51,7 @@ def test_key_changes_with_weights_data_protocol_and_dtype() -> None:
     assert key == cache_key(tiny_model("llama"), RECORDS, "mc", OPTIONS)  # same seed, same weights
     assert key != cache_key(model, RECORDS[:1], "mc", OPTIONS)
     assert key != cache_key(model, RECORDS, "mc", OPTIONS | {"batch_size": 8})
+    assert key != cache_key(model, RECORDS, "mc", OPTIONS | {"precision": "bf16"})  # autocast scores differ
     assert key != cache_key(model, RECORDS, "mc", OPTIONS | {"choice_template": "{choice}"})
     changed = tiny_model("llama")
     with torch.no_grad():

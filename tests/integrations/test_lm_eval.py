@@ -113,7 +113,7 @@ def test_lm_eval_agrees_with_lofit_eval_on_a_merged_export(tmp_path: Path) -> No
     ]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r) + "\n" for r in records))
-    argv = ["eval", "--task", "mc", "--model", str(base_dir), "--test", str(test)]
+    argv = ["eval", "--task", "mc", "--model", str(base_dir), "--test", str(test), "--precision", "fp32"]
     rows = lofit_eval_rows([*argv, "--adapter", str(adapter)], tmp_path, "lofit")
     same, gap = compare(rows, lm_eval_scores(merged, rows, tmp_path))
     print(f"tiny llama, merged LoFiT: {same}/{len(rows)} same choice, max per-choice |d log p| {gap:.2e}")
@@ -134,7 +134,7 @@ def test_lm_eval_agrees_with_lofit_eval_on_arc_easy_with_the_bundled_model(tmp_p
     )
     model.save_pretrained(adapter)
     assert main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
-    argv = ["eval", "--task", "arc_easy", "--model", str(base_dir), "--max-test", "50"]
+    argv = ["eval", "--task", "arc_easy", "--model", str(base_dir), "--max-test", "50", "--precision", "fp32"]
     for name, extra, checkpoint in (("base", [], base_dir), ("lofit", ["--adapter", str(adapter)], merged)):
         rows = lofit_eval_rows([*argv, *extra], tmp_path, name)
         same, gap = compare(rows, lm_eval_scores(checkpoint, rows, tmp_path / name))

@@ -52,8 +52,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="training precision; auto = bf16 autocast where the hardware runs it fast (GPUs, CPUs with "
-        "avx512_bf16/AMX), else fp32. Evaluation always runs in the model's own dtype",
+        help="compute precision of training and evaluation; auto = bf16 autocast where the hardware runs it "
+        "fast (GPUs, CPUs with avx512_bf16/AMX), else fp32; the weights keep their dtype",
     )
     parser.add_argument(
         "--device-map", help="'auto' spreads a model too big for one GPU over all visible GPUs (one process)"

@@ -18,7 +18,15 @@ from ..errors import LofitValueError
 from ..io.output_paths import check_output_dir
 from .inputs import PreparedData, load, prepare_data
 from .options import RunOptions
-from .steps import evaluation_kwargs, guarded_output, resolve_k, run_selection, run_training, training_kwargs
+from .steps import (
+    evaluation_kwargs,
+    guarded_output,
+    resolve_k,
+    resolved_precision,
+    run_selection,
+    run_training,
+    training_kwargs,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,7 +86,7 @@ def _evaluate_both(
     from ..evaluation.base_cache import BaseEvalCache
     from ..evaluation.uncertainty import metric_uncertainty
 
-    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
+    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress, options.precision)
     model.eval()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -129,6 +137,7 @@ def _metrics(
             "train": training_kwargs(options, data.task.defaults, "train"),
             "k": k,
             "fold": options.fold if data.task.name == "truthfulqa" else None,
+            "eval_precision": resolved_precision(options.precision),
         },
         "validation": {
             "select": validation_losses(selection.history),

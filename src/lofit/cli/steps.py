@@ -279,18 +279,22 @@ def run_training(
     return lofit_model
 
 
-def evaluation_kwargs(data: PreparedData, batch_size: int, progress: bool) -> dict[str, Any]:
+def evaluation_kwargs(
+    data: PreparedData, batch_size: int, progress: bool, precision: str = "fp32"
+) -> dict[str, Any]:
     """Keyword arguments of `lofit.evaluation.evaluate` for the task's protocol.
 
     Args:
         data: the prepared task data.
         batch_size: the evaluation batch size.
         progress: show progress bars.
+        precision: `--precision` ("auto" is resolved here, so the base-evaluation cache keys on what ran).
 
     Returns:
         The keyword arguments (templates, extraction, max_new_tokens as the task needs).
     """
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, **data.task.eval_options}
+    kwargs["precision"] = resolved_precision(precision)
     if data.task.extraction is not None:
         kwargs["extraction"] = data.task.extraction
     if data.task.eval_task == "exact_match" and data.task.max_new_tokens is not None:
@@ -426,7 +430,7 @@ def eval_step(
         model = load_adapter(model, adapter)
     records = data.test if split == "test" else data.val_eval
     model.eval()
-    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress)
+    kwargs = evaluation_kwargs(data, options.eval_batch_size, options.progress, options.precision)
     metrics, details = evaluate(model, tokenizer, data.task.eval_task, records, return_details=True, **kwargs)
     errors = {
         name: standard_error(scores) for name in metrics if (scores := per_record_scores(details, name))

@@ -8,7 +8,8 @@ Tasks (protocols in docs/method.md §6):
 - "exact_match": records {prompt, answers} -> {"exact_match"} and, unless extraction="clutrr" (which
   strips), {"exact_match_stripped"}. kwargs: extraction ("mquake" | "clutrr" | None), max_new_tokens (16).
 Every task: batch_size (16), max_length (None: no truncation), progress (True: a tqdm bar),
-return_details (False). With return_details=True the call returns `(metrics, details)`, details being
+precision (None: the model's own dtype; "bf16" / "fp16" / "auto": autocast, see
+`lofit.evaluation.precision`), return_details (False). With return_details=True the call returns `(metrics, details)`, details being
 one dict per record (scores, prediction, correctness) for reports.
 
 `model` is a Hugging Face causal LM or a `lofit.LofitModel` (its adapter acts at every position, in
@@ -30,6 +31,7 @@ from ..errors import LofitValueError
 from ..tasks.records import text_problem
 from .exact_match import evaluate_exact_match
 from .multiple_choice import evaluate_mc
+from .precision import evaluation_precision
 from .scoring import ScoringRequest, score_continuations
 from .truthfulqa_mc import evaluate_truthfulqa_mc
 
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TASKS", "ScoringRequest", "evaluate", "score_continuations"]
 
-_COMMON = {"batch_size", "max_length", "progress"}
+_COMMON = {"batch_size", "max_length", "progress", "precision"}
 TASKS: dict[str, tuple[Any, set[str]]] = {
     "truthfulqa_mc": (evaluate_truthfulqa_mc, _COMMON | {"instruction", "primer", "data_dir", "scorer"}),
     "mc": (evaluate_mc, _COMMON | {"prompt_template", "choice_template", "scorer"}),
@@ -138,5 +140,6 @@ def evaluate(
         raise LofitValueError(f"evaluate(task={task!r}): data is empty")
     for index, record in enumerate(records):
         _check_texts(record, index)
-    metrics, details = run(model, tokenizer, records, **kwargs)
+    with evaluation_precision(model, kwargs.pop("precision", None)):
+        metrics, details = run(model, tokenizer, records, **kwargs)
     return (metrics, details) if return_details else metrics
