@@ -13,7 +13,7 @@ On the bundled SmolLM2-135M-Instruct (CPU build of vLLM, fp32, eager), one `Lofi
    those paired overheads over --repeats rounds, with their min / max and the ratio of the two modes'
    median rates; on the wall clock and the process's CPU time.
 
-    nice -n 19 .venv-vllm/bin/python -m benchmarks.vllm_serving
+    .venv-vllm/bin/python -m benchmarks.vllm_serving --new-tokens 32 --prompt-len 16
 
 Writes benchmarks/results/serving.json and serving.md (`--out` elsewhere). `--quick` runs a random
 4-layer llama with 20 adapters for a smoke test. Needs `make vllm-setup` (.venv-vllm).
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=int, default=1000, help="adapters registered")
     parser.add_argument("--served-adapters", type=int, default=100, help="adapters the requests use")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7, help="rounds of (base, adapters)")
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the heads each adapter edits")
     parser.add_argument("--quick", action="store_true", help="a random 4-layer llama and 20 adapters (smoke)")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         model="tiny random llama" if args.quick else "SmolLM2-135M-Instruct (bundled)", dtype="float32"
     )
     result = {
-        "command": "nice -n 19 .venv-vllm/bin/python -m benchmarks.vllm_serving " + " ".join(sys.argv[1:]),
+        "command": f"{Path(sys.prefix).name}/bin/python -m benchmarks.vllm_serving " + " ".join(sys.argv[1:]),
         "environment": environment(),
         "settings": settings,
         "registration": memory,
