@@ -8,12 +8,14 @@ Both score the same (context, continuation) strings: ARC-Easy and PIQA with lm-e
 LoFiT/ITI prompt (instruction + 6-shot primer + "Q: ...\\nA:", each answer " {answer}"), built from the
 first N records of lofit's data files (no download). lm-eval runs its own Hugging Face scorer
 (`lm_eval.models.huggingface.HFLM.loglikelihood`) on the model object lofit loaded; lofit runs
-`lofit.evaluation.evaluate(..., scorer="fast")`. Both use the same batch size. Timings are the process
+`lofit.evaluation.score_continuations(..., scorer="fast")`. Both get the same batch size: rows per forward
+pass (lofit: one question with all its options per row; lm-eval: one context + option per row). Timings are the process
 CPU time and wall time of each whole call, the two scorers alternating (`--repeats` rounds; the
 median is reported), in one process on one machine. "Identical choices" counts the records where both
 pick the same option (argmax of the summed log-probs; TruthfulQA: among the MC1 options).
 
-Writes benchmarks/results/lm_eval_compare[_<model>].json and .md (command, machine, versions).
+Writes benchmarks/results/lm_eval_compare[_<model>].json and .md (command, machine, versions) after every
+task, keeping the rows of other tasks from earlier runs (run the tasks one per invocation if you like).
 """
 
 from __future__ import annotations
@@ -116,58 +118,75 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "truthfulqa_mc1"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads for both (default: all)"
+    )
     args = parser.parse_args(argv)
 
-    import lm_eval
-    import transformers
     from lm_eval.models.huggingface import HFLM
 
-    from lofit import __version__, load_model
+    from lofit import load_model
 
     model, tokenizer = load_model(args.model)
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    rows = []
+    torch.set_num_threads(args.threads)  # HFLM's set-up (accelerate) drops torch to one thread
+    suffix = "" if args.model == "smollm2-135m" else f"_{Path(args.model).name.replace('.', '_')}"
+    out = args.out or RESULTS / f"lm_eval_compare{suffix}"
     for task in args.tasks:
-        if task == "truthfulqa_mc1":
-            _records, pairs, _sizes = truthfulqa_requests(args.records)
-        else:
-            _records, pairs = mc_requests(task, args.records)
-        timings: dict[str, list[tuple[float, float]]] = {"lofit": [], "lm_eval": []}
-        results: dict[str, list[list[float]]] = {}
-        for _ in range(args.repeats):
-            for name, call in (
-                ("lofit", lambda pairs=pairs: lofit_scores(model, tokenizer, pairs, args.batch_size)),
-                ("lm_eval", lambda pairs=pairs: lm_eval_scores(lm, pairs)),
-            ):
-                with torch.no_grad():
-                    results[name], cpu, wall = timed(call)
-                timings[name].append((cpu, wall))
-        picks = {name: [argmax(s) for s in scores] for name, scores in results.items()}
-        identical = sum(a == b for a, b in zip(picks["lofit"], picks["lm_eval"], strict=True))
-        differences = [
-            abs(a - b)
-            for row_a, row_b in zip(results["lofit"], results["lm_eval"], strict=True)
-            for a, b in zip(row_a, row_b, strict=True)
-        ]
-        cpu = {name: statistics.median(c for c, _ in values) for name, values in timings.items()}
-        wall = {name: statistics.median(w for _, w in values) for name, values in timings.items()}
-        row = {
-            "task": task,
-            "records": len(pairs),
-            "continuations": sum(len(c) for _, c in pairs),
-            "identical_choices": identical,
-            "max_abs_logprob_difference": max(differences),
-            "cpu_s": cpu,
-            "wall_s": wall,
-            "speedup_cpu": cpu["lm_eval"] / cpu["lofit"],
-            "speedup_wall": wall["lm_eval"] / wall["lofit"],
-            "all_timings": timings,
-        }
+        row = compare_task(task, model, tokenizer, lm, args)
         print(json.dumps({k: v for k, v in row.items() if k != "all_timings"}), flush=True)
-        rows.append(row)
+        write_results(out, row, args)  # after every task: a long task never loses the finished ones
 
-    environment = {
+
+def compare_task(task: str, model: Any, tokenizer: Any, lm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Both scorers on the first `args.records` records of `task`, alternating; choices and timings compared."""
+    if task == "truthfulqa_mc1":
+        _records, pairs, _sizes = truthfulqa_requests(args.records)
+    else:
+        _records, pairs = mc_requests(task, args.records)
+    timings: dict[str, list[tuple[float, float]]] = {"lofit": [], "lm_eval": []}
+    results: dict[str, list[list[float]]] = {}
+    for _ in range(args.repeats):
+        for name, call in (
+            ("lofit", lambda: lofit_scores(model, tokenizer, pairs, args.batch_size)),
+            ("lm_eval", lambda: lm_eval_scores(lm, pairs)),
+        ):
+            with torch.no_grad():
+                results[name], cpu_s, wall_s = timed(call)
+            timings[name].append((cpu_s, wall_s))
+    picks = {name: [argmax(s) for s in scores] for name, scores in results.items()}
+    identical = sum(a == b for a, b in zip(picks["lofit"], picks["lm_eval"], strict=True))
+    differences = [
+        abs(a - b)
+        for row_a, row_b in zip(results["lofit"], results["lm_eval"], strict=True)
+        for a, b in zip(row_a, row_b, strict=True)
+    ]
+    cpu = {name: statistics.median(c for c, _ in values) for name, values in timings.items()}
+    wall = {name: statistics.median(w for _, w in values) for name, values in timings.items()}
+    return {
+        "task": task,
+        "records": len(pairs),
+        "continuations": sum(len(c) for _, c in pairs),
+        "identical_choices": identical,
+        "max_abs_logprob_difference": max(differences),
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "speedup_cpu": cpu["lm_eval"] / cpu["lofit"],
+        "speedup_wall": wall["lm_eval"] / wall["lofit"],
+        "all_timings": timings,
+        "environment": environment(args),
+    }
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Command, date, machine, load and versions of this run."""
+    import lm_eval
+    import transformers
+
+    from lofit import __version__
+
+    return {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} CPUs, "
@@ -183,30 +202,41 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
     }
-    suffix = "" if args.model == "smollm2-135m" else f"_{Path(args.model).name.replace('.', '_')}"
-    out = args.out or RESULTS / f"lm_eval_compare{suffix}"
+
+
+def write_results(out: Path, row: dict[str, Any], args: argparse.Namespace) -> None:
+    """Merge `row` into `out`.json (replacing an earlier row of the same task) and rewrite `out`.md."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n"
-    )
+    path = out.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = [r for r in rows if r["task"] != row["task"]] + [row]
+    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = [
         f"# lofit vs lm-evaluation-harness scoring ({args.model})",
         "",
-        f"Command: `{environment['command']}`  ",
-        f"Machine: {environment['machine']}, load average at the end {environment['load_average']} "
-        "(a shared machine: compare the ratios, measured side by side, not the seconds)  ",
-        f"Versions: {environment['versions']}; batch size {args.batch_size} for both; median of {args.repeats} "
-        "alternating rounds.",
+        "Each task: both scorers on the same (context, continuation) strings in one process, alternating, "
+        "median of the rounds; the ratio is lm-eval's time over lofit's (above 1: lofit faster). lofit "
+        "packs all options of a question in one row (`batch_size` questions per pass), lm-eval runs "
+        "context + option per row (`batch_size` rows per pass).",
         "",
-        "| task | records | continuations | identical choices | max abs Δ log-prob | lofit CPU s | lm-eval CPU s "
-        "| speed-up (CPU) | speed-up (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | records | options | identical choices | max abs Δ log-prob | lofit wall s | lm-eval wall s "
+        "| lm-eval / lofit (wall) | lofit CPU s | lm-eval CPU s | lm-eval / lofit (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for r in rows:
         lines.append(
-            f"| {row['task']} | {row['records']} | {row['continuations']} | {row['identical_choices']}/{row['records']} "
-            f"| {row['max_abs_logprob_difference']:.2e} | {row['cpu_s']['lofit']:.1f} | {row['cpu_s']['lm_eval']:.1f} "
-            f"| {row['speedup_cpu']:.2f}x | {row['speedup_wall']:.2f}x |"
+            f"| {r['task']} | {r['records']} | {r['continuations']} | {r['identical_choices']}/{r['records']} "
+            f"| {r['max_abs_logprob_difference']:.1e} | {r['wall_s']['lofit']:.1f} | {r['wall_s']['lm_eval']:.1f} "
+            f"| **{r['speedup_wall']:.2f}x** | {r['cpu_s']['lofit']:.1f} | {r['cpu_s']['lm_eval']:.1f} "
+            f"| {r['speedup_cpu']:.2f}x |"
+        )
+    lines += ["", "Runs:", ""]
+    for r in rows:
+        env = r["environment"]
+        lines.append(
+            f"- {r['task']}: `{env['command']}` on {env['date']}; {env['machine']}; load average at the end "
+            f"{[round(x, 2) for x in env['load_average']]}; batch size {env['batch_size']} for both; "
+            f"{env['repeats']} rounds; versions {env['versions']}"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

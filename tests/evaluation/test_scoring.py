@@ -92,15 +92,18 @@ def test_questions_are_packed_into_few_forward_passes():
         model, tokenizer, "truthfulqa_mc", TQA_RECORDS, instruction=INSTRUCTION, primer=PRIMER, progress=False
     )
     # A one-row check that body + head reproduce the model's logits (two passes of 8 tokens), the prefix
-    # once, then the three questions' shared parts together, then all 11 distinct answers in one batch.
-    assert shapes == [1, 1, 1, 3, 11]
+    # once; the probe of the packed path: the shortest question with several answers ("Who?", 2 answers)
+    # packed, then by the KV-cache scorer (its question, then its 2 answers); then all three questions packed
+    # into one pass (one row each, every answer in its question's row).
+    assert shapes == [1, 1, 1, 1, 1, 2, 3]
     # The LM head runs on the check's row and then only on the scored positions, never on padding.
     answers = {
         a for r in TQA_RECORDS for a in [r["best_answer"], *r["correct_answers"], *r["incorrect_answers"]]
     }
     scored = sum(len(" " + (a.strip() if a.strip().endswith(".") else a.strip() + ".")) for a in answers)
+    probe = len(" Nobody.") + len(" Somebody.")  # scored twice by the probe
     assert [tuple(shape) for shape in head_rows[:2]] == [(1, 8, 32), (1, 8, 32)]
-    assert sum(shape[0] for shape in head_rows[2:]) == scored
+    assert sum(shape[0] for shape in head_rows[2:]) == scored + 2 * probe
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

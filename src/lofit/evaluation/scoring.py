@@ -2,17 +2,24 @@
 
 Two scorers compute the same numbers (fp32: within ~1e-4):
 - "naive": one forward pass per (context, continuation), from scratch — the reference.
-- "fast": (1) the longest token prefix shared by *all* requests (TruthfulQA: instruction + 6-shot
-  primer + "\n\nQ:") runs once per call and its KV cache is reused by everything after; (2) the part
-  each request's continuations share (its question) runs once per request, several requests per
-  forward pass, right-padded; (3) all continuations of those requests run in batched passes, each row
-  continuing its request's cache row, with an attention mask hiding step 2's padding and explicit
-  position ids. Right padding at the end of a row needs no mask: causal attention never lets a real
-  token see it. Requests are packed in order of their shared part's length and each pack's
-  continuations run shortest first, so little padding is computed; with a sliding-window model a pack
-  never spans more than the window. The LM head runs only on the scored positions (the decoder body's
-  hidden states are gathered first; `lofit.evaluation.forward.split_model` checks once per call that
-  body + head reproduce the model's logits, else every position gets the model's own logits).
+- "fast": the longest token prefix shared by *all* requests (TruthfulQA: instruction + 6-shot primer +
+  "\n\nQ:") runs once per call and its KV cache is reused by everything after. Then, by default, the
+  packed path (`lofit.evaluation.packed`): each request in one row — its shared part (the question), then
+  every continuation, a block attention mask letting each continuation see the shared part and itself
+  only, position ids restarting after the shared part — `batch_size` rows per forward pass, requests in
+  order of row length. One pass over about `context + Σ continuations` tokens replaces
+  `k x (context + continuation)`. The packed path is used when the model takes a 4D mask: its scores of
+  one request (the shortest with several continuations) must equal the KV-cache path's, else (or on a
+  forward error, or when a sequence reaches a sliding window, which the mask leaves out) every request
+  goes the KV-cache path: (2) the part each request's continuations share runs once per request, several
+  requests per forward pass, right-padded; (3) all continuations of those requests run in batched passes
+  (`batch_size` continuations each), each row continuing its request's cache row, with an attention mask
+  hiding step 2's padding and explicit position ids. Requests are packed in order of their shared part's
+  length and each pack's continuations run shortest first, so little padding is computed; with a
+  sliding-window model a pack never spans more than the window. On both paths the LM head runs only on
+  the scored positions (the decoder body's hidden states are gathered first;
+  `lofit.evaluation.forward.split_model` checks once per call that body + head reproduce the model's
+  logits, else every position gets the model's own logits).
 
 The answer boundary is found robustly: tokenise the context and context + continuation; the scored
 tokens are those past their longest common prefix (normally exactly the context's tokens).
@@ -32,8 +39,9 @@ from tqdm.auto import tqdm
 from ..errors import LofitValueError
 from ..training.tokens import common_prefix_length, encode_batch
 from .bounds import Cuts, NonFiniteLogitsError, check_finite, non_finite_logits, resolve_max_length
-from .forward import SplitModel, device_of, forward, inference, sliding_window, split_model
+from .forward import SplitModel, causal_lm, device_of, forward, inference, sliding_window, split_model
 from .kv_cache import fork_cache, select_cache_rows
+from .packed import pack_request, score_rows, shared_length, target_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,7 +81,8 @@ def score_continuations(
         requests: one `ScoringRequest` (context + continuations) per question.
         scorer: "fast" reuses the KV cache of shared prefixes; "naive" scores every sequence from scratch
             (the same numbers, for checking).
-        batch_size: continuations per batched forward pass ("fast" only).
+        batch_size: rows per forward pass ("fast" only): requests on the packed path (all continuations of a
+            request in one row), continuations on the KV-cache path.
         max_length: drop the oldest context tokens of longer sequences (the continuation is kept);
             None: the model's `max_position_embeddings`. A warning says how much was cut.
         progress: show a tqdm bar.
@@ -189,13 +198,25 @@ def _score_fast(
     if global_length > 0:
         states, cache = run.forward(torch.tensor([everything[0][:global_length]], device=device))
         prefix = _Prefix(global_length, cache, states[0, -1:])
+    window = sliding_window(model)
+    # The packed path leaves the model's sliding window out of its mask: only where no sequence reaches it.
+    if window is None or max(len(ids) for ids in everything) <= window:
+        packed_scores = _score_packed(run, tokenized, prefix, batch_size, bar)
+        if packed_scores is not None:
+            return packed_scores
+    return _score_cached(run, tokenized, prefix, batch_size, window, bar)
+
+
+def _score_cached(
+    run: _Run, tokenized: list[_Tokenized], prefix: _Prefix, batch_size: int, window: int | None, bar: Any
+) -> list[list[float]]:
+    """The KV-cache scorer: shared parts in one pass, continuations in batched passes continuing them."""
     # Requests in order of their shared part's length (and continuations by length in a pack) keep the
     # padding of batched passes small; the scores go back to the caller's order.
     shared = [_shared_length(item) for item in tokenized]
     order = sorted(range(len(tokenized)), key=lambda i: (shared[i], i))
     # Packing requests pads their shared parts in the middle of a row; a sliding window would count the
     # padding as distance, so a pack never spans more than the window.
-    window = sliding_window(model)
     scores: list[list[float]] = [[] for _ in tokenized]
     destinations = iter(order)
     for pack in _packs([tokenized[i] for i in order], [shared[i] for i in order], batch_size, window):
@@ -205,9 +226,56 @@ def _score_fast(
     return scores
 
 
+def _score_packed(
+    run: _Run, tokenized: list[_Tokenized], prefix: _Prefix, batch_size: int, bar: Any
+) -> list[list[float]] | None:
+    """The packed scorer (`lofit.evaluation.packed`): each request in one row, `batch_size` rows per pass
+    (requests in order of row length). None where the model does not take its mask (a forward
+    error, or one request's scores differ from the KV-cache scorer's): the caller falls back."""
+    rows = [pack_request(item.sequences, item.boundaries, prefix.length) for item in tokenized]
+    dtype = _float_dtype(run.model)
+    device = device_of(run.model)
+
+    def score(indices: list[int]) -> list[list[float]]:
+        cache = None if prefix.cache is None else fork_cache(prefix.cache, len(indices))
+        values = score_rows(run, [rows[i] for i in indices], cache, prefix.last_states, dtype, device)
+        sums = torch.stack([v.sum() for v in values]).tolist()
+        counts = [len(tokenized[i].sequences) for i in indices]
+        return [sums[sum(counts[:k]) : sum(counts[: k + 1])] for k in range(len(indices))]
+
+    # The probe: the shortest request with several continuations (else the shortest), both ways.
+    probe = min(range(len(rows)), key=lambda i: (len(rows[i].sources) < 2, len(rows[i].ids), i))
+    try:
+        got = score([probe])[0]
+    except NonFiniteLogitsError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return None
+    want = _score_pack(run, [tokenized[probe]], prefix, batch_size)[0]
+    tolerance = (2e-3 if dtype == torch.float32 else 1e-1) * max(
+        len(ids) for ids in tokenized[probe].sequences
+    )
+    if any(abs(a - b) > tolerance or a != a for a, b in zip(got, want, strict=True)):
+        return None
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].ids), i))
+    scores: list[list[float]] = [[] for _ in tokenized]
+    for group in (order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)):
+        for index, item_scores in zip(group, score(group), strict=True):
+            scores[index] = item_scores
+        bar.update(len(group))
+    return scores
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the causal LM computes in (its input embeddings'), for the packed path's additive mask."""
+    get_embeddings = getattr(causal_lm(model), "get_input_embeddings", None)
+    weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+
+
 def _shared_length(item: _Tokenized) -> int:
     """Tokens all of a request's sequences share; every continuation keeps at least one token for step 3."""
-    return min(common_prefix_length(item.sequences), min(len(ids) for ids in item.sequences) - 1)
+    return shared_length(item.sequences)
 
 
 @dataclass(frozen=True)
@@ -348,5 +416,5 @@ def _chunk_scores(
             table = table[:, None, :]
         index = functools.partial(torch.tensor, device=states3.device)
         selected = run.logits(table[index(batches), index(positions)])  # the LM head on these rows only
-        sums.index_add_(0, index(rows), _target_logprobs(selected, index(tokens)))
+        sums.index_add_(0, index(rows), target_logprobs(selected, index(tokens)))
     return sums.tolist()
