@@ -33,6 +33,7 @@ def lm_eval_scores(model_dir: Path, rows: list[dict[str, Any]], work: Path) -> l
     """lm-eval's per-choice log-likelihoods of `rows` (lofit's sample rows) for the checkpoint in `model_dir`."""
     from lm_eval.tasks import TaskManager
 
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "lm_eval_docs.jsonl"
     data.write_text(
         "".join(
