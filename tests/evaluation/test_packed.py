@@ -195,3 +195,17 @@ def test_sequences_longer_than_the_sliding_window_use_the_kv_cache_scorer():
     assert short[0] == pytest.approx(
         score_continuations(model, tokenizer, REQUESTS[:1], scorer="naive", progress=False)[0], abs=1e-5
     )
+
+
+def test_under_bf16_autocast_the_packed_path_runs_and_agrees_with_the_naive_scorer():
+    """`evaluate(precision="bf16")` autocasts: the mask takes autocast's dtype and the scores stay within bf16
+    rounding of the naive scorer's (same autocast)."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model.set_attn_implementation("sdpa")
+    ranks = decoder_masks(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = score_continuations(model, tokenizer, REQUESTS, progress=False)
+        assert 4 in ranks
+        naive = score_continuations(model, tokenizer, REQUESTS, scorer="naive", progress=False)
+    for a, b in zip(naive, fast, strict=True):
+        assert b == pytest.approx(a, abs=5e-2)

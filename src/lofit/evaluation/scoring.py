@@ -267,7 +267,11 @@ def _score_packed(
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the causal LM computes in (its input embeddings'), for the packed path's additive mask."""
+    """The dtype attention computes in, for the packed path's additive mask: autocast's where it is on
+    (`evaluate(precision="bf16")`), else the causal LM's input embeddings'."""
+    device_type = device_of(model).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     get_embeddings = getattr(causal_lm(model), "get_input_embeddings", None)
     weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
