@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lofit import LofitConfig, LofitModel, combine_adapters, get_lofit_model
-from lofit.adapters.persistence import CONFIG_NAME, WEIGHTS_NAME
+from lofit.adapters.persistence import CONFIG_NAME, WEIGHTS_NAME, unpack_vectors
 from lofit.errors import AdapterLoadError, LofitError
 from tiny_models import tiny_model
 
@@ -86,7 +86,7 @@ TENSOR_DAMAGE = {
 def test_damaged_adapter_is_refused(saved: Path, damage: str) -> None:
     edit, message = TENSOR_DAMAGE[damage]
     weights = saved / WEIGHTS_NAME
-    tensors = load_file(str(weights))
+    tensors = unpack_vectors(load_file(str(weights)), weights)  # one tensor per layer (format 1 layout)
     edit(tensors)
     save_file(tensors, str(weights))
     with pytest.raises(AdapterLoadError, match=message) as error:
@@ -97,7 +97,7 @@ def test_damaged_adapter_is_refused(saved: Path, damage: str) -> None:
 @pytest.mark.parametrize(("dtype", "value"), [(torch.float16, 1e5), (torch.bfloat16, 1e39)])
 def test_offsets_must_be_finite_in_the_models_dtype(saved: Path, dtype: torch.dtype, value: float) -> None:
     weights = saved / WEIGHTS_NAME
-    tensors = load_file(str(weights))
+    tensors = unpack_vectors(load_file(str(weights)), weights)  # one tensor per layer (format 1 layout)
     tensors["layers.0.offset"] = torch.full((2, 8), value, dtype=torch.float64)
     save_file(tensors, str(weights))
     with pytest.raises(AdapterLoadError, match=f"too large for {dtype}"):
@@ -106,7 +106,7 @@ def test_offsets_must_be_finite_in_the_models_dtype(saved: Path, dtype: torch.dt
 
 def test_an_offset_finite_in_float32_loads_on_a_float32_model(saved: Path) -> None:
     weights = saved / WEIGHTS_NAME
-    tensors = load_file(str(weights))
+    tensors = unpack_vectors(load_file(str(weights)), weights)  # one tensor per layer (format 1 layout)
     tensors["layers.0.offset"] = torch.full((2, 8), 1e5, dtype=torch.float64)  # float64 is allowed
     save_file(tensors, str(weights))
     model = LofitModel.from_pretrained(tiny_model("llama"), saved)

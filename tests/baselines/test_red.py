@@ -298,3 +298,26 @@ def test_red_and_lofit_record_the_same_identity_of_the_base() -> None:
         k: v for k, v in lofit.items() if k not in ("num_heads", "head_dim")
     }
     assert red["width"] == base.config.hidden_size and lofit["head_dim"] == geometry.head_dim
+
+
+def test_a_red_file_stores_the_fingerprint_packed_and_a_format_1_file_is_still_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from lofit.adapters.fingerprint_store import CODES_KEY, SUM_SQ_KEY
+    from lofit.adapters.persistence import write_adapter_files
+    from lofit.baselines.red import WEIGHTS_NAME
+
+    model = get_red_model(tiny_model("llama"), layers=[1])
+    model.save_pretrained(tmp_path / "new")
+    tensors = load_file(str(tmp_path / "new" / WEIGHTS_NAME))
+    assert {CODES_KEY, SUM_SQ_KEY} <= set(tensors)
+    document = json.loads((tmp_path / "new" / CONFIG_NAME).read_text())
+    assert document["format_version"] == 2 and "encoding" in document["base_model"]["weights_fingerprint"]
+    # format 1: the identity as JSON digests, no fingerprint tensors
+    document["format_version"] = 1
+    document["base_model"] = red_identity(model.get_base_model(), model.site_names)
+    vectors = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    write_adapter_files(tmp_path / "old", document, vectors, CONFIG_NAME, WEIGHTS_NAME)
+    RedModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path / "old")
+    with pytest.raises(BaseModelMismatchError, match="differ"):
+        RedModel.from_pretrained(tiny_model("llama", seed=1), tmp_path / "old")

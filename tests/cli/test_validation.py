@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lofit import LofitConfig, get_lofit_model
+from lofit.adapters.persistence import unpack_vectors
 from lofit.cli.main import main
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -74,7 +75,8 @@ class Run:
 
 def _offsets(value: torch.Tensor) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
-        tensors = load_file(str(path / "lofit_model.safetensors"))
+        weights = path / "lofit_model.safetensors"
+        tensors = unpack_vectors(load_file(str(weights)), weights)  # one tensor per layer (format 1 layout)
         tensors["layers.0.offset"] = value
         save_file(tensors, str(path / "lofit_model.safetensors"))
 

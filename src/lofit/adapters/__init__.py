@@ -14,6 +14,7 @@
 | `visibility` | the base model's forward signature and save guards, shown through the wrapper |
 | `mixed_batch` | one adapter per row of a batch (`adapter_names=`) |
 | `fingerprint` | the base model's identity, so an adapter refuses the wrong base |
+| `fingerprint_store` | that identity as an adapter stores it: a few bytes per base tensor |
 | `persistence` | the adapter's two files (`lofit_config.json`, `lofit_model.safetensors`) |
 | `hub` | push to and load from the Hugging Face Hub |
 | `model` | `LofitModel` and `get_lofit_model` |

@@ -29,7 +29,9 @@ and each signed sum by < 3% of sqrt(sum_sq)), permutations that keep every value
 periods (a shift by a multiple of 60491 values), and quantised (packed integer) or offloaded (meta)
 tensors, which are skipped. It is no security check: a base forged to match the statistics passes.
 Adapters saved before the whole-model fingerprint (only `projection_fingerprint`), or with another
-fingerprint scheme, are refused with a message saying to save them again with this lofit.
+fingerprint scheme, are refused with a message saying to save them again with this lofit. Adapters store the
+digests in 20 bytes per tensor (`lofit.adapters.fingerprint_store`); `digest_difference` compares such a
+stored digest with a fresh one as well.
 """
 
 from __future__ import annotations
@@ -146,18 +148,33 @@ def tensor_digest(tensor: torch.Tensor) -> dict[str, Any] | None:
 
 def digests_match(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether two `tensor_digest`s describe the same tensor up to floating-dtype rounding."""
-    return not _digest_difference(saved, current)
+    return not digest_difference(saved, current)
 
 
-def _digest_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """'' if the digests match, else which part differs."""
-    if list(saved["shape"]) != list(current["shape"]):
-        return f"shape {saved['shape']} vs {current['shape']}"
-    old_sq, new_sq = float(saved["sum_sq"]), float(current["sum_sq"])
-    norm, count = math.sqrt(max(old_sq, new_sq)), max(math.prod(saved["shape"]), 1)
+def sum_sq_difference(old_sq: float, new_sq: float, shape: Sequence[int]) -> str:
+    """'' if two sums of squares of a tensor of `shape` match within the dtype slack, else what differs."""
+    norm, count = math.sqrt(max(old_sq, new_sq, 0.0)), max(math.prod(shape), 1)
     floor = 4 * FP16_SPACING * math.sqrt(count)  # fp16 subnormals: absolute, not relative, rounding
     if not abs(old_sq - new_sq) <= SUM_SQ_RTOL * max(old_sq, new_sq) + floor * (norm + floor):
         return f"sum of squares {old_sq:.6g} vs {new_sq:.6g}"
+    return ""
+
+
+def digest_difference(saved: Any, current: dict[str, Any]) -> str:
+    """'' if the digests match, else which part differs.
+
+    `saved` is a `tensor_digest` or a digest as an adapter stores it (`fingerprint_store.StoredDigest`).
+    """
+    if not isinstance(saved, dict):  # as an adapter stores it (`lofit.adapters.fingerprint_store`)
+        return str(saved.difference(current))
+    if list(saved["shape"]) != list(current["shape"]):
+        return f"shape {saved['shape']} vs {current['shape']}"
+    old_sq, new_sq = float(saved["sum_sq"]), float(current["sum_sq"])
+    problem = sum_sq_difference(old_sq, new_sq, saved["shape"])
+    if problem:
+        return problem
+    norm, count = math.sqrt(max(old_sq, new_sq)), max(math.prod(saved["shape"]), 1)
+    floor = 4 * FP16_SPACING * math.sqrt(count)  # fp16 subnormals: absolute, not relative, rounding
     for a, b in zip(saved["signed"], current["signed"], strict=True):
         if not abs(a - b) <= SIGNED_TOL * norm + floor:
             return f"signed sums {a:.6g} vs {b:.6g} (values moved: shuffled, permuted or edited)"
@@ -250,7 +267,8 @@ def check_same_base(saved: dict[str, Any], current: dict[str, Any], source: Path
     """Raise BaseModelMismatchError if `current` is not the base model the adapter was saved for.
 
     Args:
-        saved: the identity stored in the adapter (`base_model` of its config file).
+        saved: the identity stored in the adapter (`base_model` of its config file, its fingerprint
+            decoded by `fingerprint_store.unpack_identity`; or, in adapters of format 1, as JSON digests).
         current: `base_model_identity` of the model it is being loaded onto.
         source: the adapter's config file, named in the errors.
 
@@ -327,7 +345,7 @@ def _check_weights(saved: dict[str, Any], current: dict[str, Any], source: Path)
     for name, digest in old_tensors.items():
         other = new_tensors.get(name)
         if digest is not None and other is not None:  # None: quantised or offloaded, not comparable
-            difference = _digest_difference(digest, other)
+            difference = digest_difference(digest, other)
             if difference:
                 problems.append(f"tensor {name} differs ({difference})")
     if problems:
@@ -362,7 +380,7 @@ def _fingerprint_list(value: Any) -> bool:
 
 
 def _digest_ok(value: Any) -> bool:
-    if value is None:
+    if value is None or callable(getattr(value, "difference", None)):  # None, or decoded and checked
         return True
     return (
         isinstance(value, dict)

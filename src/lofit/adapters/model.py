@@ -15,6 +15,7 @@ from ..errors import AdapterLoadError, LofitRuntimeError, LofitValueError
 from .base import AdapterModel
 from .config import HeadMap, LofitConfig, LofitConfigError
 from .fingerprint import base_model_identity, check_same_base
+from .fingerprint_store import unpack_identity
 from .folding import innermost
 from .heads import HeadGeometry, find_output_projections
 from .layer import HeadVectors, LofitProjection, vectors_held_fixed
@@ -23,9 +24,9 @@ from .merged import complete_merged_model, plan_merged_model
 from .mixed_batch import BASE_NAME, batch_size_of, check_adapter_names, generation_expand_size, mixed_adapters
 from .persistence import (
     CONFIG_NAME,
-    STATE_CONFIG_KEY,
     adapter_document,
     adapter_state,
+    adapter_tensors,
     check_adapter_tensors,
     parse_adapter_document,
     read_adapter_config,
@@ -367,9 +368,9 @@ class LofitModel(AdapterModel):
         """
         name = self._check_adapter(None)
         tensors = self._adapter_tensors(name)
-        document = adapter_document(self.adapter_configs[name], tensors, self._base_identity())
+        document, fingerprint = adapter_document(self.adapter_configs[name], tensors, self._base_identity())
         out = destination if destination is not None else {}
-        for key, value in adapter_state(document, tensors).items():
+        for key, value in adapter_state(document, {**tensors, **fingerprint}).items():
             out[prefix + key] = value
         return out
 
@@ -392,9 +393,9 @@ class LofitModel(AdapterModel):
         source = "the state dict given to LofitModel.load_state_dict"
         state = {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
         document = state_document(state, source)
-        config, identity = parse_adapter_document(document, Path(source))
+        config, stored = parse_adapter_document(document, Path(source))
         name = self._check_adapter(None)
-        check_same_base(identity, self._base_identity(), Path(source))
+        check_same_base(unpack_identity(stored, state, source), self._base_identity(), Path(source))
         current = self.adapter_configs[name]
         if config.heads != self.selected_heads(name) or (config.use_scale, config.use_offset) != (
             current.use_scale,
@@ -405,7 +406,7 @@ class LofitModel(AdapterModel):
                 f"{config.use_offset}), the active adapter {name!r} has heads {self.selected_heads(name)} (scale "
                 f"{current.use_scale}, offset {current.use_offset}); load it with LofitModel.from_pretrained"
             )
-        tensors = {key: value for key, value in state.items() if key != STATE_CONFIG_KEY}
+        tensors = adapter_tensors(state, Path(source))
         check_adapter_tensors(
             tensors, config, self.geometry.head_dim, Path(source), compute_dtype(self.model)
         )

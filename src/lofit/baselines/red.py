@@ -26,6 +26,7 @@ from .. import __version__
 from ..adapters.architectures import MLP_OUTPUT_SUFFIXES, OUTPUT_PROJECTION_SUFFIXES
 from ..adapters.base import AdapterLayer, AdapterModel
 from ..adapters.fingerprint import base_model_identity, check_same_base
+from ..adapters.fingerprint_store import pack_identity, unpack_identity
 from ..adapters.folding import MergeError, fold_output_edit, innermost
 from ..adapters.heads import layer_sites, projection_out_features, text_config
 from ..adapters.merged import complete_merged_model, plan_merged_model
@@ -36,7 +37,7 @@ from ..errors import AdapterLoadError, BaseModelMismatchError, LofitValueError
 CONFIG_NAME = "red_config.json"
 WEIGHTS_NAME = "red_model.safetensors"
 FORMAT_NAME = "lofit-red"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base fingerprint packed (`lofit.adapters.fingerprint_store`); 1 is still read
 RED_SITES = ("attention", "mlp")
 ADAPTER_NAME = "default"
 
@@ -287,19 +288,20 @@ class RedModel(AdapterModel):
             "format_version": FORMAT_VERSION,
             "lofit_version": __version__,
             "red": asdict(self.red_config),
-            "base_model": red_identity(self.model, self.site_names),
         }
-        write_adapter_files(path, document, tensors, CONFIG_NAME, WEIGHTS_NAME)
+        document["base_model"], fingerprint = pack_identity(red_identity(self.model, self.site_names))
+        write_adapter_files(path, document, {**tensors, **fingerprint}, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(
         cls, base_model: nn.Module, path: str | os.PathLike[str], is_trainable: bool = False, **kwargs: Any
     ) -> RedModel:
         """Wrap `base_model` and load RED vectors saved by `save_pretrained` (checked against the base)."""
-        config, identity = _read_config(Path(path))
+        config, stored = _read_config(Path(path))
         sites = [name for _, name in find_red_sites(base_model, config)]
-        check_same_red_base(identity, red_identity(base_model, sites), Path(path) / CONFIG_NAME)
         tensors = read_tensors(path, WEIGHTS_NAME)
+        identity = unpack_identity(stored, tensors, str(Path(path) / CONFIG_NAME))
+        check_same_red_base(identity, red_identity(base_model, sites), Path(path) / CONFIG_NAME)
         model = cls(base_model, config)
         params: dict[int, dict[str, torch.Tensor]] = {}
         for projection in model.projections():

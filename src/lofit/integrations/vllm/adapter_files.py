@@ -2,8 +2,9 @@
 
 The adapter is read and validated by `lofit.adapters.persistence` (the files `LofitModel.save_pretrained`
 writes, or a Hub id via `lofit.adapters.hub`), then checked against the served model: its model type,
-sizes and the fingerprint of every adapted attention output projection must match (an adapter is
-never silently applied to other weights). Adapters with scales (A) are served exactly, like offsets.
+sizes and the fingerprint of every attention output projection must match (an adapter is never silently
+applied to other weights): the projection's digest in the adapter's whole-model fingerprint
+(`lofit.adapters.fingerprint_store`), or, in adapters of format 1, its `projection_fingerprint`. Adapters with scales (A) are served exactly, like offsets.
 
 Example:
     >>> import tempfile, torch
@@ -29,7 +30,13 @@ from typing import Any
 
 import torch
 
-from ...adapters.fingerprint import DTYPE_RTOL, FINGERPRINT_RTOL, projection_fingerprint
+from ...adapters.fingerprint import (
+    DTYPE_RTOL,
+    FINGERPRINT_RTOL,
+    digest_difference,
+    projection_fingerprint,
+    tensor_digest,
+)
 from ...adapters.hub import resolve_adapter_dir
 from ...adapters.persistence import read_adapter_config, read_adapter_tensors
 from ...errors import BaseModelMismatchError
@@ -37,6 +44,7 @@ from .tables import DenseVectors
 
 SERVED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 """Model types whose vLLM implementation the plugin wraps (attention output projection `self_attn.o_proj`)."""
+PROJECTION_NAME = "model.layers.{layer}.self_attn.o_proj.weight"  # in these models' Hugging Face checkpoints
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,16 @@ class ServedModel:
     vocab_size: int
     projection_weight: Callable[[int], torch.Tensor | None] | None = None
     _fingerprints: dict[int, list[float] | None] = field(default_factory=dict, compare=False, repr=False)
+    _digests: dict[int, dict[str, Any] | None] = field(default_factory=dict, compare=False, repr=False)
+
+    def projection_digest(self, layer: int) -> dict[str, Any] | None:
+        """The `tensor_digest` of `layer`'s output projection weight (computed once; None: not available)."""
+        if self.projection_weight is None:
+            return None
+        if layer not in self._digests:
+            weight = self.projection_weight(layer)
+            self._digests[layer] = None if weight is None else tensor_digest(weight)
+        return self._digests[layer]
 
     def projection_fingerprint(self, layer: int) -> list[float] | None:
         """The fingerprint of `layer`'s output projection weight (computed once; None: not available)."""
@@ -145,8 +163,13 @@ def _check_base(identity: dict[str, Any], served: ServedModel, source: Path) -> 
                 f"{source}: the adapter was saved for a base with {name}={saved!r}, but the served "
                 f"model has {name}={current!r}; serve the base model it was trained on"
             )
+    if served.projection_weight is None:
+        return
     fingerprints = identity.get("projection_fingerprint")
-    if served.projection_weight is None or not isinstance(fingerprints, list):
+    if not isinstance(
+        fingerprints, list
+    ):  # format 2: the projections' digests in the whole-model fingerprint
+        _check_projection_digests(identity, served, source)
         return
     for layer, saved_print in enumerate(fingerprints):
         current_print = None if saved_print is None else served.projection_fingerprint(layer)
@@ -154,6 +177,19 @@ def _check_base(identity: dict[str, Any], served: ServedModel, source: Path) -> 
             raise BaseModelMismatchError(
                 f"{source}: the attention output projection of layer {layer} differs from the one the "
                 "adapter was trained on; serve the base model it was saved for"
+            )
+
+
+def _check_projection_digests(identity: dict[str, Any], served: ServedModel, source: Path) -> None:
+    saved = (identity.get("weights_fingerprint") or {}).get("tensors") or {}
+    for layer in range(served.num_layers):
+        digest = saved.get(PROJECTION_NAME.format(layer=layer))
+        current = None if digest is None else served.projection_digest(layer)
+        difference = "" if current is None else digest_difference(digest, current)
+        if difference:
+            raise BaseModelMismatchError(
+                f"{source}: the attention output projection of layer {layer} differs from the one the adapter "
+                f"was trained on ({difference}); serve the base model it was saved for"
             )
 
 
