@@ -53,16 +53,17 @@ def test_module_examples_run() -> None:
         ],
         ["h.0.mlp.experts.0.w1", "h.0.mlp.experts.1.w1", "h.1.mlp.experts.0.w1", "h.1.fc2"],
         ["layer.01.w", "layer.1.w", "a#b.0", "x10y.2", "5"],  # a leading zero, a '#', numbers inside words
+        ["a.#", "a.0"],  # a name that looks like a template
         ["b.3.w", "b.1.w", "b.2.w", "b.0.w"],  # not in order
     ],
 )
 def test_folded_names_unfold_to_the_same_names_and_shapes(names: list[str]) -> None:
-    shapes = [[i + 1, 2] for i in range(len(names))]
-    entries = fold_names(names, shapes)
-    out_names, out_shapes = unfold_names(json.loads(json.dumps(entries)), "x", len(names))
-    assert sorted(zip(out_names, map(tuple, out_shapes), strict=True)) == sorted(
-        zip(names, map(tuple, shapes), strict=True)
-    )
+    for shapes in ([[i + 1, 2] for i in range(len(names))], [[2, 2]] * len(names)):
+        entries = fold_names(names, shapes)
+        out_names, out_shapes = unfold_names(json.loads(json.dumps(entries)), "x", len(names))
+        assert sorted(zip(out_names, map(tuple, out_shapes), strict=True)) == sorted(
+            zip(names, map(tuple, shapes), strict=True)
+        )
 
 
 @pytest.mark.parametrize(

@@ -154,13 +154,13 @@ def fold_names(names: list[str], shapes: list[list[int]]) -> list[list[Any]]:
         >>> fold_names(["a.0.w", "a.1.w", "b", "a.2.w"], [[2], [2], [3], [2]])
         [['a.#.w', [2], '0-2'], ['b', [3], '']]
     """
-    entries: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
+    entries: dict[tuple[str, tuple[int, ...], bool], list[Any]] = {}
     for name, shape in zip(names, shapes, strict=True):
         if PLACEHOLDER in name:
-            entries[(name, tuple(shape))] = [name, list(shape), None]
+            entries[(name, tuple(shape), False)] = [name, list(shape), None]
             continue
         template = _INDEX.sub(PLACEHOLDER, name)
-        entry = entries.setdefault((template, tuple(shape)), [template, list(shape), []])
+        entry = entries.setdefault((template, tuple(shape), True), [template, list(shape), []])
         entry[2].append(tuple(int(i) for i in _INDEX.findall(name)))
     return [[t, s, None if i is None else _spec(i)] for t, s, i in entries.values()]
 
