@@ -12,6 +12,7 @@
 | `trainable` | the `TrainableAdapter` protocol the loop trains, `AdapterView` for other adapters |
 | `loop` | `train_adapter`: setup, epochs, validation, checkpoints |
 | `step` | one optimizer step: micro-batches, all-reduce, clipping |
+| `attention_kernel` | sdpa's math kernel for short CPU training batches (its backward is faster there) |
 | `run_state` | `TrainingRun` (fixed at the start) and `LoopState` (what moves) |
 | `resume` | what ties a checkpoint to its run; where a run starts |
 | `checkpoints` | the training-state files (`--checkpoint-every`, `--resume`) |

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import LofitRuntimeError
+from .attention_kernel import attention_kernel
 from .batching import split_micro_batches
 from .distributed import all_reduce_gradients, clip_gradients, reduce_sum
 from .encoding import Example
@@ -75,7 +76,8 @@ def _accumulate_gradients(
     totals = torch.zeros(2, dtype=torch.float64)
     metric_sums: dict[str, float] = {}
     for micro, real in _micro_batches(run, examples):
-        with accelerator.autocast():
+        longest = max(len(sequence.input_ids) for example in micro for sequence in example.sequences)
+        with accelerator.autocast(), attention_kernel(run.device, longest):
             out = run.objective.loss(run.scorer, micro, run.device)
         if not real:  # FSDP: a stand-in pass so that every process joins the same collectives
             accelerator.backward(out.loss_sum * 0.0)
