@@ -166,6 +166,53 @@ def test_auto_mode_falls_back_to_full_logits_when_the_head_differs() -> None:
     assert torch.allclose(logits, full[batch.sequence_index, batch.positions])
 
 
+def autocast_head_oracle(base: torch.nn.Module, batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Gathered logits with the head called as a plain module under bf16 autocast (autocast's own cast)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+        return base.get_output_embeddings()(hidden[batch.sequence_index, batch.positions])
+
+
+def test_gathered_logits_under_autocast_cast_the_frozen_head_once_and_equal_autocast() -> None:
+    base = tiny_model("gemma3_text")  # tied embedding / LM head, scaled embedding
+    base.config.final_logit_softcapping = None
+    base.requires_grad_(False)
+    objective = SFTObjective(tiny_tokenizer())
+    batch = objective.batch(objective.encode(SFT_RECORDS))
+    scorer = TokenScorer(base, "gathered")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = scorer.logits(batch)
+        copy = scorer._head_cast._weight
+        second = scorer.logits(batch)
+    assert first.dtype == torch.bfloat16
+    assert copy is not None and scorer._head_cast._weight is copy  # cast once, reused
+    assert torch.equal(first, autocast_head_oracle(base, batch)) and torch.equal(second, first)
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(2.0)  # an in-place change makes a new copy
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            changed = scorer.logits(batch)
+    assert scorer._head_cast._weight is not copy
+    assert torch.equal(changed, autocast_head_oracle(base, batch))
+
+
+def test_cast_head_gives_the_adapter_autocasts_gradients() -> None:
+    base = tiny_model("gemma3_text")
+    model = get_lofit_model(base, LofitConfig(heads={1: [0, 3]}, init_std=0.3))
+    objective = SFTObjective(tiny_tokenizer())
+    batch = objective.batch(objective.encode(SFT_RECORDS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for cached in (True, False):
+        scorer = TokenScorer(model, "gathered")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = scorer.logits(batch) if cached else autocast_head_oracle(base, batch)
+            if scorer.causal_lm.config.final_logit_softcapping is not None and not cached:
+                cap = scorer.causal_lm.config.final_logit_softcapping
+                logits = torch.tanh(logits / cap) * cap
+        grads.append(torch.autograd.grad(logits.float().sum(), params))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 # ------------------------------------------------------------------------------------ oracles
 def hand_logps(model: torch.nn.Module, ids: list[int], start: int) -> float:
     """Σ log p(ids[j] | ids[:j]) for j >= start, from one unpadded full-logits forward."""
