@@ -15,6 +15,7 @@ Run them from the repository root with lofit importable (`pip install -e .`, or 
 | `python -m benchmarks.mixed_batch` | one batch with a different adapter per row | `results/mixed_batch.*` |
 | `python -m benchmarks.generate_overhead` | greedy generation, unmerged adapter vs base | `results/generate_overhead.json` |
 | `python -m benchmarks.logit_lens ADAPTER` | top tokens of a saved adapter's offsets (App. E) | printed / `--out` |
+| `python -m benchmarks.model_speed` | training tokens/s of Gemma 3 270M vs SmolLM2-135M, steps 1 and 2 | `results/model_speed.*` |
 | `python -m benchmarks.vllm_serving` | vLLM plugin: 1,000 adapters; 256 requests over 100 adapters vs the base (.venv-vllm) | `results/serving.*` |
 
 Every entry point takes `--help`, and the long ones a `--quick` smoke mode that

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--precision", default="auto", help="as `lofit run --precision` (auto: bf16 where fast)"
     )
+    parser.add_argument("--max-length", type=int, default=None, help="truncate prompts (default: none)")
     parser.add_argument("--data-dir", default=None, help="benchmark data (default: LOFIT_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for model_speed.{md,json}")
     return parser.parse_args(argv)
@@ -53,7 +54,7 @@ def run_steps(
     import lofit
 
     settings = {"objective": "dpo", "epochs": 1, "batch_size": args.batch_size, "progress": False}
-    settings["precision"] = args.precision
+    settings.update(precision=args.precision, max_length=args.max_length)
     started = time.perf_counter()
     selection = lofit.select_heads(model, tokenizer, records, **settings)
     select_wall = time.perf_counter() - started

@@ -33,6 +33,7 @@ ENTRY_POINTS = (
     "logit_lens",
     "vllm_serving",
     "lm_eval_compare",
+    "model_speed",
 )
 INTERNALS = PACKAGE / "harness" / "internals.py"
 
@@ -109,6 +110,30 @@ def test_generate_overhead_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path)
     low, high = result["speed_vs_base_range"]
     assert low <= result["speed_vs_base_median"] <= high and low > 0
     assert "python -m benchmarks.generate_overhead" in result["command"]
+
+
+@pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
+def test_model_speed_on_two_tiny_models(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks import model_speed
+
+    gemma_dir = tmp_path / "tiny-gemma"
+    tiny_model("gemma3_text", 0).save_pretrained(gemma_dir)
+    tiny_tokenizer().save_pretrained(gemma_dir)
+    monkeypatch.setenv("LOFIT_DATA_DIR", str(DATA))
+    argv = ["--models", str(tiny_model_dir), str(gemma_dir), "--records", "4", "--rounds", "2"]
+    model_speed.main(
+        [*argv, "--batch-size", "2", "--precision", "bf16", "--max-length", "96", "--out", str(tmp_path)]
+    )
+    report = json.loads((tmp_path / "model_speed.json").read_text())
+    for name in (str(tiny_model_dir), str(gemma_dir)):
+        assert [len(r["select"]["steps"]) for r in report["runs"][name]] == [2, 2]  # 4 pairs, batch 2
+        assert all(report["summary"][name][step]["tokens_per_s"] > 0 for step in model_speed.STEPS)
+    speed = report["summary"]
+    expected = (
+        speed[str(gemma_dir)]["train"]["tokens_per_s"] / speed[str(tiny_model_dir)]["train"]["tokens_per_s"]
+    )
+    assert report["ratios"]["train"] == pytest.approx(expected)
+    assert "tokens/s" in (tmp_path / "model_speed.md").read_text()
 
 
 @pytest.mark.skipif(not (DATA / "truthfulqa").is_dir(), reason="benchmark data not available")
