@@ -301,6 +301,7 @@ def test_target_modules_and_gradient_checkpointing_options(
         assert metrics["settings"][step]["target_modules"] == ["self_attn.o_proj"]
         assert metrics["settings"][step]["gradient_checkpointing"] is True
     assert metrics["settings"]["eval_precision"] in ("bf16", "fp32")  # --precision auto, resolved
+    assert metrics["settings"]["select"]["method"] == "lofit"  # the sft task's default selector
     adapter_config = json.loads((out / "adapter" / "lofit_config.json").read_text())
     assert "self_attn.o_proj" in json.dumps(adapter_config)
     assert json.loads((out / "heads.json").read_text())["metadata"]["target_modules"] == ["self_attn.o_proj"]
@@ -719,3 +720,22 @@ def test_run_scores_the_base_once_and_reuses_it(  # type: ignore[no-untyped-def]
     assert runs[0]["base_cache"].startswith("stored ") and runs[1]["base_cache"].startswith("hit ")
     assert runs[1]["base"] == runs[0]["base"]
     assert runs[1]["uncertainty"]["n"] == runs[0]["uncertainty"]["n"] == 4
+
+
+def test_the_selector_is_the_task_s_default_unless_given(tmp_path: Path) -> None:
+    """TruthfulQA's default selector is the one-pass gradient-adam (validated at fold-0 scale); others L1."""
+    from types import SimpleNamespace
+
+    from lofit.cli.main import run_options
+    from lofit.cli.steps import resolve_select_method
+    from lofit.tasks.defaults import defaults_for
+
+    def chosen(task: str, *extra: str) -> str:
+        args = build_parser().parse_args(["select", "--task", task, "--out", "o", *extra])
+        data = SimpleNamespace(task=SimpleNamespace(defaults=defaults_for(task).as_dict()))
+        return resolve_select_method(run_options(args), data)  # type: ignore[arg-type]
+
+    assert chosen("truthfulqa") == "gradient-adam"
+    assert chosen("mquake") == chosen("clutrr") == chosen("sft") == "lofit"
+    assert chosen("truthfulqa", "--select-method", "lofit") == "lofit"
+    assert chosen("mquake", "--select-method", "gradient-adam") == "gradient-adam"

@@ -65,6 +65,7 @@ def test_truthfulqa_fold_sizes(tqa0: Task, tqa1: Task) -> None:
             "l1": 5e-4,
             "k": 0.03,
             "beta": 0.5,
+            "select_method": "gradient-adam",
         }
 
 

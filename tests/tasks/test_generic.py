@@ -169,6 +169,7 @@ def test_generic_sft_task(tmp_path: Path) -> None:
         "batch_size": 8,
         "l1": 1e-3,
         "k": 0.1,
+        "select_method": "lofit",
     }
     assert task.sources == {"train": str(train), "val": str(val), "test": str(train)}
 

@@ -123,7 +123,11 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument(
         "--k", type=parse_k, help="heads to tune: an int, or a fraction of all heads (default: the task's)"
     )
-    run.add_argument("--select-method", default="lofit", choices=SELECT_METHODS, help="how heads are ranked")
+    run.add_argument(
+        "--select-method",
+        choices=SELECT_METHODS,
+        help="how heads are ranked (default: the task's: gradient-adam for truthfulqa, lofit = L1 otherwise)",
+    )
     run.add_argument("--lr-select", type=float, help="learning rate of head selection (default: the task's)")
     run.add_argument("--lr-train", type=float, help="learning rate of offset training (default: the task's)")
     run.add_argument("--l1", type=float, help="L1 strength of head selection (default: the task's)")
@@ -144,7 +148,9 @@ def _add_select(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _add_training_args(select)
     select.add_argument("--out", required=True, type=Path, help="output directory")
     select.add_argument(
-        "--select-method", default="lofit", choices=SELECT_METHODS, help="how heads are ranked"
+        "--select-method",
+        choices=SELECT_METHODS,
+        help="how heads are ranked (default: the task's: gradient-adam for truthfulqa, lofit = L1 otherwise)",
     )
     select.add_argument(
         "--lr-select", type=float, help="learning rate of head selection (default: the task's)"
@@ -304,7 +310,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         data_dir=args.data_dir,
         fold=args.fold,
         k=getattr(args, "k", None),
-        select_method=getattr(args, "select_method", "lofit"),
+        select_method=getattr(args, "select_method", None),
         epochs=getattr(args, "epochs", None),
         batch_size=getattr(args, "batch_size", None),
         lr_select=getattr(args, "lr_select", None),

@@ -127,7 +127,7 @@ class RunOptions:
     data_dir: str | None = None
     fold: int = 0
     k: float | None = None
-    select_method: str = "lofit"
+    select_method: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr_select: float | None = None
@@ -216,7 +216,7 @@ class RunOptions:
     def _check_choices(self) -> None:
         for name, allowed in (
             ("precision", PRECISIONS),
-            ("select_method", SELECT_METHODS),
+            ("select_method", (None, *SELECT_METHODS)),
             ("quantization", (None, *QUANTIZATIONS)),
             ("cache_lower_layers", CACHE_LOWER_LAYERS),
         ):

@@ -22,6 +22,7 @@ from .steps import (
     evaluation_kwargs,
     guarded_output,
     resolve_k,
+    resolve_select_method,
     resolved_precision,
     run_selection,
     run_training,
@@ -133,7 +134,7 @@ def _metrics(
         "counts": {"train": len(data.train), "val": len(data.val or []), "test": len(data.test)},
         "settings": {
             "select": training_kwargs(options, data.task.defaults, "select")
-            | {"method": options.select_method},
+            | {"method": resolve_select_method(options, data)},
             "train": training_kwargs(options, data.task.defaults, "train"),
             "k": k,
             "fold": options.fold if data.task.name == "truthfulqa" else None,

@@ -113,6 +113,19 @@ def resolve_k(options: RunOptions, data: PreparedData) -> float | int:
     return options.k if options.k is not None else data.task.defaults["k"]
 
 
+def resolve_select_method(options: RunOptions, data: PreparedData) -> str:
+    """The head selector of this command: `--select-method`, else the task's default (`lofit.tasks.defaults`).
+
+    Args:
+        options: the command's options.
+        data: the prepared task data (its `task.defaults`).
+
+    Returns:
+        A selector name of `lofit.selection.selectors`.
+    """
+    return options.select_method or str(data.task.defaults.get("select_method", "lofit"))
+
+
 def resolved_precision(precision: str) -> str:
     """The concrete training precision: "auto" becomes the fastest one this machine runs.
 
@@ -209,7 +222,7 @@ def run_selection(
             model,
             tokenizer,
             data.train,
-            method=options.select_method,
+            method=resolve_select_method(options, data),
             objective=data.task.objective,
             val_data=data.val,
             output_dir=str(out / "select"),

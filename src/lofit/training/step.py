@@ -77,19 +77,21 @@ def _accumulate_gradients(
     metric_sums: dict[str, float] = {}
     for micro, real in _micro_batches(run, examples):
         longest = max(len(sequence.input_ids) for example in micro for sequence in example.sequences)
-        with accelerator.autocast(), attention_kernel(run.device, longest):
-            out = run.objective.loss(run.scorer, micro, run.device)
-        if not real:  # FSDP: a stand-in pass so that every process joins the same collectives
-            accelerator.backward(out.loss_sum * 0.0)
-            continue
-        value = float(out.loss_sum.detach())
-        if not math.isfinite(value):
-            advice = (
-                f"Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' instead of 'fp16', "
-                "or check the model and data"
-            )
-            raise _non_finite(run, state, "loss", value, epoch, advice)
-        accelerator.backward(out.loss_sum * (run.world / total_units))
+        # the same kernel in the backward: activation checkpointing recomputes the forward there
+        with attention_kernel(run.device, longest):
+            with accelerator.autocast():
+                out = run.objective.loss(run.scorer, micro, run.device)
+            if not real:  # FSDP: a stand-in pass so that every process joins the same collectives
+                accelerator.backward(out.loss_sum * 0.0)
+                continue
+            value = float(out.loss_sum.detach())
+            if not math.isfinite(value):
+                advice = (
+                    f"Lower lr (now {config.lr:g}), use precision 'fp32' or 'bf16' instead of 'fp16', "
+                    "or check the model and data"
+                )
+                raise _non_finite(run, state, "loss", value, epoch, advice)
+            accelerator.backward(out.loss_sum * (run.world / total_units))
         totals += torch.tensor([value, out.units], dtype=torch.float64)
         for key, metric in out.metric_sums.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + metric
