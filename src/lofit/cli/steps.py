@@ -110,7 +110,12 @@ def resolve_k(options: RunOptions, data: PreparedData) -> float | int:
     Returns:
         An int (heads) or a float fraction of all heads.
     """
-    return options.k if options.k is not None else data.task.defaults["k"]
+    if options.k is not None:
+        return options.k
+    k = data.task.defaults["k"]
+    if isinstance(k, str):
+        raise LofitValueError(f"the task's default k must be a number, got {k!r}")
+    return k
 
 
 def resolve_select_method(options: RunOptions, data: PreparedData) -> str:

@@ -18,12 +18,12 @@ Extraction = Literal["mquake", "clutrr", "number"]
 GENERATION_MAX_NEW_TOKENS = 16  # LoFiT's evaluate_mquake / evaluate_clutrr: greedy, 16 new tokens
 
 
-def paper_defaults(name: str) -> dict[str, float | int]:
+def paper_defaults(name: str) -> dict[str, float | int | str]:
     """The defaults of one of the paper's tasks (or any task with its own row in `lofit.tasks.defaults`)."""
     return defaults_for(name).as_dict()
 
 
-def generic_defaults(objective: str) -> dict[str, float | int]:
+def generic_defaults(objective: str) -> dict[str, float | int | str]:
     """The defaults of a task without its own row, by its training objective ("sft" or "dpo")."""
     return defaults_for(objective).as_dict()
 
@@ -39,7 +39,7 @@ class Task:
       (text after the last "A:" up to the first newline, lower-cased) or "clutrr" (text up to the first
       ".", stripped, lower-cased); None = the evaluator's plain exact match.
     - `max_new_tokens`: greedy generation length for "exact_match" (16, as LoFiT), else None.
-    - `defaults`: per-task hyperparameters (l1, lr_select, lr_train, epochs, batch_size, k, beta for DPO).
+    - `defaults`: per-task hyperparameters (l1, lr_select, lr_train, epochs, batch_size, k, beta for DPO, select_method).
     - `sources`: where each split came from; `info`: extra facts (fold, seed, sampled ids, ...).
     - `eval_options`: keyword arguments for `lofit.evaluation.evaluate` (the "mc" prompt templates).
     """
@@ -53,7 +53,7 @@ class Task:
     test: list[Record]
     extraction: Extraction | None = None
     max_new_tokens: int | None = None
-    defaults: dict[str, float | int] = field(default_factory=dict)
+    defaults: dict[str, float | int | str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     eval_options: dict[str, Any] = field(default_factory=dict)
