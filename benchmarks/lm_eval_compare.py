@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .harness.internals import atomic_write_json, atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TEMPLATES = {  # lm-eval's task templates (lm_eval/tasks/arc/arc_easy.yaml, piqa/piqa.yaml)
     "arc_easy": "Question: {question}\nAnswer:",
@@ -210,7 +212,7 @@ def write_results(out: Path, row: dict[str, Any], args: argparse.Namespace) -> N
     path = out.with_suffix(".json")
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows = [r for r in rows if r["task"] != row["task"]] + [row]
-    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    atomic_write_json(path, {"rows": rows})  # never through a symbolic link, whole or not at all
     lines = [
         f"# lofit vs lm-evaluation-harness scoring ({args.model})",
         "",
@@ -238,7 +240,7 @@ def write_results(out: Path, row: dict[str, Any], args: argparse.Namespace) -> N
             f"{[round(x, 2) for x in env['load_average']]}; batch size {env['batch_size']} for both; "
             f"{env['repeats']} rounds; versions {env['versions']}"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
