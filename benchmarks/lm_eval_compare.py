@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python -m benchmarks.lm_eval_compare --records 50 --repeats 2
     PYTHONPATH=src python -m benchmarks.lm_eval_compare --model gemma3-270m --records 50
+    PYTHONPATH=src python -m benchmarks.lm_eval_compare --precision bf16   # bf16 autocast in both
 
 Both score the same (context, continuation) strings: ARC-Easy and PIQA with lm-eval's own templates
 (`arc_easy.yaml`, `piqa.yaml`: "Question: {question}\\nAnswer:" and " {choice}"), TruthfulQA MC1 with the
@@ -13,6 +14,14 @@ pass (lofit: one question with all its options per row; lm-eval: one context + o
 CPU time and wall time of each whole call, the two scorers alternating (`--repeats` rounds; the
 median is reported), in one process on one machine. "Identical choices" counts the records where both
 pick the same option (argmax of the summed log-probs; TruthfulQA: among the MC1 options).
+
+`--precision` sets both scorers alike: fp32 (the model's own weights, no autocast) or bf16 (the fp32
+weights under `torch.autocast(bfloat16)`: lofit's `evaluation_precision(model, "bf16")`, lm-eval's
+`HFLM(..., mixed_precision_dtype="bfloat16")`). The body-token column says where a ratio comes from:
+tokens through the transformer body per scorer, without padding, counted on lm-eval's tokenisation of
+each pair. lm-eval: Σ over options of len(context + option) − 1. lofit (`lofit.evaluation.packed`): the
+prefix all questions share, once; per question the rest of what its options share, once; each option's
+own tokens.
 
 Writes benchmarks/results/lm_eval_compare[_<model>].json and .md (command, machine, versions) after every
 task, keeping the rows of other tasks from earlier runs (run the tasks one per invocation if you like).
@@ -85,6 +94,30 @@ def lofit_scores(
     return score_continuations(model, tokenizer, requests, batch_size=batch_size, progress=False)
 
 
+def body_tokens(tokenizer: Any, pairs: list[tuple[str, list[str]]]) -> dict[str, int]:
+    """Tokens each scorer runs through the transformer body (no padding, see the module docstring).
+
+    lofit: the prefix every request shares (up to the first option token), once; then per question the
+    rest of what its options share, once, and each option's own tokens.
+    """
+    from lofit.evaluation.packed import shared_length
+    from lofit.training.tokens import common_prefix_length
+
+    questions = []
+    for context, continuations in pairs:
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        encoded = [context_ids + tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
+        questions.append((len(context_ids), encoded))
+    everything = [ids for _, encoded in questions for ids in encoded]
+    prefix = min(common_prefix_length(everything), min(boundary for boundary, _ in questions))
+    counts = {"lofit": prefix, "lm_eval": 0}
+    for _, sequences in questions:
+        shared = shared_length(sequences)
+        counts["lm_eval"] += sum(len(s) - 1 for s in sequences)
+        counts["lofit"] += shared - prefix + sum(len(s) - 1 - shared for s in sequences)
+    return counts
+
+
 def lm_eval_scores(lm: Any, pairs: list[tuple[str, list[str]]]) -> list[list[float]]:
     from lm_eval.api.instance import Instance
 
@@ -121,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "truthfulqa_mc1"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="both scorers' compute precision"
+    )
+    parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads for both (default: all)"
     )
     args = parser.parse_args(argv)
@@ -131,9 +167,11 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(args.model)
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    mixed = None if args.precision == "fp32" else "bfloat16"
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, mixed_precision_dtype=mixed)
     torch.set_num_threads(args.threads)  # HFLM's set-up (accelerate) drops torch to one thread
     suffix = "" if args.model == "smollm2-135m" else f"_{Path(args.model).name.replace('.', '_')}"
+    suffix += "" if args.precision == "fp32" else f"_{args.precision}"
     out = args.out or RESULTS / f"lm_eval_compare{suffix}"
     for task in args.tasks:
         row = compare_task(task, model, tokenizer, lm, args)
@@ -147,11 +185,17 @@ def compare_task(task: str, model: Any, tokenizer: Any, lm: Any, args: argparse.
         _records, pairs, _sizes = truthfulqa_requests(args.records)
     else:
         _records, pairs = mc_requests(task, args.records)
+    from lofit.evaluation.precision import evaluation_precision
+
+    def lofit_call() -> list[list[float]]:
+        with evaluation_precision(model, args.precision):
+            return lofit_scores(model, tokenizer, pairs, args.batch_size)
+
     timings: dict[str, list[tuple[float, float]]] = {"lofit": [], "lm_eval": []}
     results: dict[str, list[list[float]]] = {}
     for _ in range(args.repeats):
         for name, call in (
-            ("lofit", lambda: lofit_scores(model, tokenizer, pairs, args.batch_size)),
+            ("lofit", lofit_call),
             ("lm_eval", lambda: lm_eval_scores(lm, pairs)),
         ):
             with torch.no_grad():
@@ -171,6 +215,7 @@ def compare_task(task: str, model: Any, tokenizer: Any, lm: Any, args: argparse.
         "records": len(pairs),
         "continuations": sum(len(c) for _, c in pairs),
         "identical_choices": identical,
+        "body_tokens": body_tokens(tokenizer, pairs),
         "max_abs_logprob_difference": max(differences),
         "cpu_s": cpu,
         "wall_s": wall,
@@ -203,6 +248,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "precision": args.precision,
     }
 
 
@@ -214,21 +260,31 @@ def write_results(out: Path, row: dict[str, Any], args: argparse.Namespace) -> N
     rows = [r for r in rows if r["task"] != row["task"]] + [row]
     atomic_write_json(path, {"rows": rows})  # never through a symbolic link, whole or not at all
     lines = [
-        f"# lofit vs lm-evaluation-harness scoring ({args.model})",
+        f"# lofit vs lm-evaluation-harness scoring ({args.model}, {args.precision} in both)",
         "",
         "Each task: both scorers on the same (context, continuation) strings in one process, alternating, "
         "median of the rounds; the ratio is lm-eval's time over lofit's (above 1: lofit faster). lofit "
         "packs all options of a question in one row (`batch_size` questions per pass), lm-eval runs "
-        "context + option per row (`batch_size` rows per pass).",
+        "context + option per row (`batch_size` rows per pass). Body tokens: tokens through the "
+        "transformer body without padding (lm-eval / lofit); lofit also runs the LM head on scored "
+        "positions only, lm-eval on every position.",
         "",
-        "| task | records | options | identical choices | max abs Δ log-prob | lofit wall s | lm-eval wall s "
-        "| lm-eval / lofit (wall) | lofit CPU s | lm-eval CPU s | lm-eval / lofit (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | records | options | identical choices | max abs Δ log-prob | body tokens lm-eval / lofit "
+        "| lofit wall s | lm-eval wall s | lm-eval / lofit (wall) | lofit CPU s | lm-eval CPU s "
+        "| lm-eval / lofit (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        tokens = r.get("body_tokens")
+        token_cell = (
+            f"{tokens['lm_eval']:,} / {tokens['lofit']:,} = {tokens['lm_eval'] / tokens['lofit']:.2f}x"
+            if tokens
+            else "—"
+        )
         lines.append(
             f"| {r['task']} | {r['records']} | {r['continuations']} | {r['identical_choices']}/{r['records']} "
-            f"| {r['max_abs_logprob_difference']:.1e} | {r['wall_s']['lofit']:.1f} | {r['wall_s']['lm_eval']:.1f} "
+            f"| {r['max_abs_logprob_difference']:.1e} | {token_cell} "
+            f"| {r['wall_s']['lofit']:.1f} | {r['wall_s']['lm_eval']:.1f} "
             f"| **{r['speedup_wall']:.2f}x** | {r['cpu_s']['lofit']:.1f} | {r['cpu_s']['lm_eval']:.1f} "
             f"| {r['speedup_cpu']:.2f}x |"
         )
