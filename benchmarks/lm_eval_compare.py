@@ -100,8 +100,7 @@ def body_tokens(tokenizer: Any, pairs: list[tuple[str, list[str]]]) -> dict[str,
     lofit: the prefix every request shares (up to the first option token), once; then per question the
     rest of what its options share, once, and each option's own tokens.
     """
-    from lofit.evaluation.packed import shared_length
-    from lofit.training.tokens import common_prefix_length
+    from .harness.internals import common_prefix_length, shared_length
 
     questions = []
     for context, continuations in pairs:
@@ -185,7 +184,7 @@ def compare_task(task: str, model: Any, tokenizer: Any, lm: Any, args: argparse.
         _records, pairs, _sizes = truthfulqa_requests(args.records)
     else:
         _records, pairs = mc_requests(task, args.records)
-    from lofit.evaluation.precision import evaluation_precision
+    from .harness.internals import evaluation_precision
 
     def lofit_call() -> list[list[float]]:
         with evaluation_precision(model, args.precision):

@@ -27,6 +27,8 @@ out, or a file-safety helper. Those names are imported here, and only here
 | `save_adapter`, `CONFIG_NAME` | `lofit.adapters.persistence` | vllm_serving: 1,000 adapter folders written without a model each |
 | `bundled_checkpoint` | `lofit.io.bundled` | vllm_serving: the bundled model's safetensors folder for vLLM |
 | `truthfulqa_mc_requests`, `load_prompt_parts` | `lofit.evaluation.truthfulqa_mc` | lm_eval_compare: the exact TruthfulQA MC requests lofit scores, handed to lm-eval too |
+| `evaluation_precision` | `lofit.evaluation.precision` | lm_eval_compare: lofit's bf16 autocast, set like lm-eval's |
+| `shared_length`, `common_prefix_length` | `lofit.evaluation.packed`, `lofit.training.tokens` | lm_eval_compare: the tokens lofit's packed scorer runs once |
 | `LofitEngine` | `lofit.integrations.vllm.engine` | vllm_serving: the engine measured (imports vLLM only when built) |
 """
 
@@ -40,6 +42,8 @@ from lofit.adapters.persistence import CONFIG_NAME, save_adapter
 from lofit.baselines.red import find_red_sites
 from lofit.baselines.repe import residual_scale
 from lofit.evaluation.logit_lens import logit_lens_markdown, offset_logit_lens
+from lofit.evaluation.packed import shared_length
+from lofit.evaluation.precision import evaluation_precision
 from lofit.evaluation.truthfulqa_mc import _requests as truthfulqa_mc_requests
 from lofit.evaluation.truthfulqa_mc import load_prompt_parts
 from lofit.integrations.vllm.engine import LofitEngine
@@ -56,6 +60,7 @@ from lofit.training.distributed import make_accelerator
 from lofit.training.losses import mean_loss
 from lofit.training.run_state import LoopState, TrainingRun
 from lofit.training.step import optimizer_step
+from lofit.training.tokens import common_prefix_length
 
 __all__ = [
     "CONFIG_NAME",
@@ -73,8 +78,10 @@ __all__ = [
     "benchmark_dir",
     "bundled_checkpoint",
     "checkpointing",
+    "common_prefix_length",
     "decoder_layers",
     "epoch_batches",
+    "evaluation_precision",
     "find_output_projections",
     "find_red_sites",
     "load_prompt_parts",
@@ -90,5 +97,6 @@ __all__ = [
     "remove_contiguous_input_hook",
     "residual_scale",
     "save_adapter",
+    "shared_length",
     "truthfulqa_mc_requests",
 ]
