@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -136,6 +137,23 @@ def lm_eval_scores(lm: Any, pairs: list[tuple[str, list[str]]]) -> list[list[flo
     return [[next(flat) for _ in continuations] for _context, continuations in pairs]
 
 
+def logprob_differences(ours: list[list[float]], theirs: list[list[float]]) -> list[float]:
+    """|a - b| per option; a non-finite log-prob on either side is refused (no metric from NaN or inf).
+
+    Example:
+        >>> logprob_differences([[-1.0, -2.0]], [[-1.5, -2.0]])
+        [0.5, 0.0]
+    """
+    values = [v for row in (*ours, *theirs) for v in row]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("a scorer returned a non-finite log-probability; no comparison is reported")
+    return [
+        abs(a - b)
+        for row_a, row_b in zip(ours, theirs, strict=True)
+        for a, b in zip(row_a, row_b, strict=True)
+    ]
+
+
 def timed(call: Any) -> tuple[Any, float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     result = call()
@@ -202,11 +220,7 @@ def compare_task(task: str, model: Any, tokenizer: Any, lm: Any, args: argparse.
             timings[name].append((cpu_s, wall_s))
     picks = {name: [argmax(s) for s in scores] for name, scores in results.items()}
     identical = sum(a == b for a, b in zip(picks["lofit"], picks["lm_eval"], strict=True))
-    differences = [
-        abs(a - b)
-        for row_a, row_b in zip(results["lofit"], results["lm_eval"], strict=True)
-        for a, b in zip(row_a, row_b, strict=True)
-    ]
+    differences = logprob_differences(results["lofit"], results["lm_eval"])
     cpu = {name: statistics.median(c for c, _ in values) for name, values in timings.items()}
     wall = {name: statistics.median(w for _, w in values) for name, values in timings.items()}
     return {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from benchmarks.lm_eval_compare import argmax, body_tokens
+import pytest
+from benchmarks.lm_eval_compare import argmax, body_tokens, logprob_differences
 
 
 class WordTokenizer:
@@ -32,3 +33,10 @@ def test_body_tokens_counts_shared_parts_once() -> None:
 
 def test_argmax_takes_the_first_maximum() -> None:
     assert argmax([1.0, 3.0, 3.0]) == 1
+
+
+def test_non_finite_log_probs_give_no_metric() -> None:
+    assert logprob_differences([[-1.0]], [[-1.25]]) == [0.25]
+    for bad in (float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="non-finite"):
+            logprob_differences([[-1.0]], [[bad]])
