@@ -11,6 +11,7 @@ import torch
 from lofit import LofitConfig, get_lofit_model
 from lofit.evaluation import ScoringRequest, score_continuations
 from lofit.evaluation import packed as packed_module
+from lofit.evaluation.bounds import NonFiniteLogitsError
 from lofit.evaluation.packed import PREFIX_SOURCE, block_mask, pack_request, score_rows
 from lofit.training.tokens import encode
 from tiny_models import tiny_model, tiny_tokenizer
@@ -209,3 +210,40 @@ def test_under_bf16_autocast_the_packed_path_runs_and_agrees_with_the_naive_scor
         naive = score_continuations(model, tokenizer, REQUESTS, scorer="naive", progress=False)
     for a, b in zip(naive, fast, strict=True):
         assert b == pytest.approx(a, abs=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_logsumexp_in_chunks_equals_a_float64_oracle(dtype):
+    """Rows in cache-sized chunks (a 49k vocabulary: several chunks) give each row's log-sum-exp as one fp64
+    reduction does, -inf entries included; a NaN in the last chunk is still caught by `target_logprobs`."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(23, 49_152, generator=generator) * 8).to(dtype)
+    logits[3, 100:200] = float("-inf")  # no target there
+    rows = packed_module._LOGSUMEXP_CHUNK_ELEMENTS // logits.shape[-1]
+    assert 1 <= rows < logits.shape[0]  # the chunked branch runs
+    wide = logits.double()
+    peak = wide.max(dim=-1).values
+    oracle = peak + (wide - peak[:, None]).exp().sum(dim=-1).log()
+    got = packed_module.row_logsumexp(logits)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), oracle, atol=1e-5, rtol=0)
+    targets = torch.arange(23) * 7
+    expected = wide.gather(-1, targets[:, None])[:, 0] - oracle
+    assert torch.allclose(
+        packed_module.target_logprobs(logits, targets).double(), expected, atol=1e-5, rtol=0
+    )
+    logits[-1, 5] = float("nan")
+    with pytest.raises(NonFiniteLogitsError):
+        packed_module.target_logprobs(logits, targets)
+
+
+def test_the_fast_scorer_with_one_row_per_logsumexp_chunk_equals_plain_forwards(monkeypatch):
+    """The scorer's log-sum-exp split to one row per chunk (as for a large vocabulary) scores as before."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(packed_module, "_LOGSUMEXP_CHUNK_ELEMENTS", 1)
+    scores = score_continuations(model, tiny_tokenizer(), REQUESTS, batch_size=2, progress=False)
+    for request, row in zip(REQUESTS, scores, strict=True):
+        for continuation, score in zip(request.continuations, row, strict=True):
+            assert score == pytest.approx(
+                float(plain_logprobs(model, request.context, continuation).sum()), abs=1e-5
+            )

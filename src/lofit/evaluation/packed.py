@@ -183,9 +183,29 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
         NonFiniteLogitsError: a row holds NaN or +inf, or the target's logit is -inf (read off the
             log-sum-exp and the target logits: n values checked, not n x vocab).
     """
-    logits = logits.float()
-    chosen = logits.gather(-1, targets[:, None])[:, 0]
-    total = torch.logsumexp(logits, dim=-1)
+    chosen = logits.gather(-1, targets[:, None])[:, 0].float()
+    total = row_logsumexp(logits)
     if not check_finite(torch.stack([chosen, total])):
         raise NonFiniteLogitsError("non-finite logits")
     return chosen - total
+
+
+# About 1 MiB of fp32 per chunk. torch's CPU logsumexp makes several passes over its input (max, subtract,
+# exp, sum); on rows that fit in cache it ran 2x (SmolLM2's 49k vocabulary) to 3.7x (Gemma 3's 262k) faster
+# than on a [290, vocab] block in one call (2-core Xeon, fp32).
+_LOGSUMEXP_CHUNK_ELEMENTS = 1 << 18
+
+
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """The fp32 log-sum-exp of each row of `logits` [n, vocab]: on CPU in chunks of rows that fit in cache
+    (the same values as `torch.logsumexp(logits.float(), -1)`), elsewhere in one call.
+
+    Example:
+        >>> logits = torch.randn(40, 50_000)
+        >>> torch.allclose(row_logsumexp(logits), torch.logsumexp(logits, dim=-1))
+        True
+    """
+    rows = max(1, _LOGSUMEXP_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    if logits.device.type != "cpu" or logits.shape[0] <= rows:
+        return torch.logsumexp(logits.float(), dim=-1)
+    return torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)])
