@@ -172,19 +172,36 @@ def score_rows(
             flat.extend(len(table) - 1 if s == PREFIX_SOURCE else r * width + s for s in sources)
             tokens.extend(targets)
             lengths.append(len(targets))
-    logits = run.logits(table[torch.tensor(flat, device=device)])
-    return list(target_logprobs(logits, torch.tensor(tokens, device=device)).split(lengths))
+    # A state that predicts a token of several continuations (the shared part's last state, a scored token
+    # the continuations share) goes through the LM head and its log-sum-exp once.
+    needed, rows_of_targets = torch.unique(torch.tensor(flat, device=device), return_inverse=True)
+    logits = run.logits(table[needed])
+    return list(target_logprobs(logits, torch.tensor(tokens, device=device), rows_of_targets).split(lengths))
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each row of `logits` [n, vocab], in fp32.
+def target_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log p(target) for each target, in fp32.
+
+    Args:
+        logits: [n, vocab].
+        targets: [m] token ids.
+        rows: [m] the row of `logits` that predicts each target; by default row i predicts target i (m = n).
 
     Raises:
         NonFiniteLogitsError: a row holds NaN or +inf, or the target's logit is -inf (read off the
-            log-sum-exp and the target logits: n values checked, not n x vocab).
+            log-sum-exp and the target logits: m values checked, not n x vocab).
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+        >>> target_logprobs(logits, torch.tensor([1, 0, 1]), rows=torch.tensor([1, 1, 0])).exp()
+        tensor([0.8808, 0.1192, 0.5000])
     """
-    chosen = logits.gather(-1, targets[:, None])[:, 0].float()
-    total = row_logsumexp(logits)
+    if rows is None:
+        rows = torch.arange(len(targets), device=targets.device)
+    chosen = logits[rows, targets].float()
+    total = row_logsumexp(logits)[rows]
     if not check_finite(torch.stack([chosen, total])):
         raise NonFiniteLogitsError("non-finite logits")
     return chosen - total
